@@ -1,0 +1,55 @@
+//! The contract between the xlb XDP programs and the xlb daemon: map names,
+//! capacities, the `#[repr(C)]` values stored in the maps, the pass/drop
+//! reasons, and the flow hash both sides must agree on.
+//!
+//! Map values hold integers and byte arrays only, so any bit pattern read
+//! from a map is a valid value.
+#![no_std]
+
+mod hash;
+mod reason;
+mod types;
+
+pub use hash::flow_hash;
+pub use reason::{Action, REASON_SLOTS, Reason};
+pub use types::*;
+
+/// Map names, as they appear in the object file and under the pin directory.
+pub mod maps {
+    pub const VIPS: &str = "VIPS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const STATS: &str = "STATS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const META: &str = "META";
+
+    /// Every map, in pin order.
+    pub const ALL: [&str; 7] = [VIPS, BACKENDS, MAGLEV, STATS, VIP_STATS, BACKEND_STATS, META];
+}
+
+/// Load-time globals of program `xlb` (set by the loader, read-only to the program).
+pub mod globals {
+    /// Maglev table size M (prime).
+    pub const TABLE_SIZE: &str = "TABLE_SIZE";
+    /// `MaglevChunk`s per table: `ceil(M / MAGLEV_LANES)`.
+    pub const TABLE_CHUNKS: &str = "TABLE_CHUNKS";
+    /// MAC address of the interface the program is attached to.
+    pub const IFACE_MAC: &str = "IFACE_MAC";
+}
+
+/// Capacity defaults and hard limits; the config may lower or raise the
+/// defaults within the limits.
+pub mod limits {
+    /// Maglev table size: the Maglev paper's M, prime.
+    pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+    /// Largest table size accepted (2^20 + 7, prime).
+    pub const MAX_TABLE_SIZE: u32 = 1_048_583;
+    pub const DEFAULT_MAX_VIPS: u32 = 64;
+    pub const MAX_VIPS: u32 = 1024;
+    /// Backend slots (one per VIP-backend pair); id 0 means "no backend".
+    pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+    pub const MAX_BACKENDS: u32 = u16::MAX as u32;
+    /// Every VIP owns two tables: one live, one being rebuilt.
+    pub const TABLES_PER_VIP: u32 = 2;
+}

@@ -1,0 +1,131 @@
+//! Map keys and values.
+
+/// Address families, as stored in `family` fields.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Forwarding modes, as stored in `VipInfo::mode`.
+pub const MODE_DR: u8 = 1;
+
+/// Backend ids index `BACKENDS`; 0 is never allocated and means "no backend".
+pub type BackendId = u16;
+pub const NO_BACKEND: BackendId = 0;
+
+/// Backend ids per `MAGLEV` element. Array map elements are padded to 8
+/// bytes, so packing four u16 ids per element uses all of them.
+pub const MAGLEV_LANES: u32 = 4;
+pub type MaglevChunk = [BackendId; MAGLEV_LANES as usize];
+
+/// `VIPS` key: what a packet must be addressed to. IPv4 addresses sit in the
+/// first four bytes of `addr`, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(size_of::<VipKey>() == 20);
+
+/// `VIPS` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index into `VIP_STATS`.
+    pub id: u32,
+    /// Live Maglev table, `0..max_vips * TABLES_PER_VIP`. Rewriting this
+    /// value is the atomic switch to a freshly built table.
+    pub table: u32,
+    /// `MODE_*`.
+    pub mode: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<VipInfo>() == 12);
+
+/// `BACKENDS` value. One entry per VIP-backend pair, so counters are per pair.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    pub addr: [u8; 16],
+    /// Next-hop MAC in DR mode.
+    pub mac: [u8; 6],
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<BackendInfo>() == 24);
+
+/// Packets and bytes (whole frames, Ethernet header included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counter>() == 16);
+
+impl core::ops::AddAssign for Counter {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
+}
+
+/// A parsed flow: the 5-tuple plus family, ports in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    #[inline(always)]
+    pub fn vip_key(&self) -> VipKey {
+        VipKey {
+            addr: self.dst,
+            port_be: self.dport_be,
+            proto: self.proto,
+            family: self.family,
+        }
+    }
+}
+
+/// Layout of the maps this build creates. Bump it whenever a map's key,
+/// value, kind or meaning changes, so a daemon never misreads pinned maps
+/// left by another version.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// `META` value (a single entry): the version stamp and the capacities the
+/// maps were created with. The data plane never reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub layout: u32,
+    pub table_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+}
+const _: () = assert!(size_of::<Meta>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made of integers and byte arrays,
+    // with explicit padding, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::BackendInfo {}
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Meta {}
+}

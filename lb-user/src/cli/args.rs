@@ -1,0 +1,107 @@
+//! The whole command line. Doc comments here are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// xlb: an XDP layer-4 load balancer.
+///
+/// xlb balances TCP and UDP flows addressed to virtual IPs (VIPs) across
+/// backends with Maglev consistent hashing, in an XDP program on the
+/// interface that receives them. In DR (direct routing) mode it rewrites
+/// the destination MAC to the chosen backend's and sends the frame back
+/// out; each backend holds the VIP on a loopback and answers clients
+/// directly.
+///
+/// Start with `xlb check --config xlb.toml`, then `xlb run --config xlb.toml`
+/// (as root), and watch it with `xlb status` from another shell.
+#[derive(Debug, Parser)]
+#[command(name = "xlb", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    /// More log detail (-v debug, -vv trace). RUST_LOG, when set, wins.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to the configured interface and keep the data plane in step
+    /// with the config file.
+    ///
+    /// Loads program `xlb`, pins it and its maps under the pin directory
+    /// (default /sys/fs/bpf/xlb/<interface>), resolves every backend's MAC
+    /// through the kernel's neighbour table, and writes the Maglev tables.
+    /// Edits to the file (or SIGHUP) apply live; a file that fails
+    /// validation is reported and the running config stays in force.
+    ///
+    /// On exit (SIGINT, SIGTERM) the program stays attached and keeps
+    /// forwarding with the last tables; a later `xlb run` adopts them
+    /// without interrupting traffic. Use --detach-on-exit or `xlb detach`
+    /// to remove it.
+    Run(RunArgs),
+    /// Validate a config file without touching the data plane.
+    Check(CheckArgs),
+    /// Show VIPs, backends, table shares and counters of a running data
+    /// plane, read from its pinned maps (works while the daemon is down).
+    Status(StatusArgs),
+    /// Detach program `xlb` and remove its pinned maps and link.
+    Detach(TargetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Config file (TOML; see the README for every field).
+    #[arg(short, long, value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// Detach the program and remove its pins when the daemon exits.
+    #[arg(long)]
+    pub detach_on_exit: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Config file to validate.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Which data plane a command is about.
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+pub struct TargetArgs {
+    /// The config file the daemon runs with (its interface and pin_dir).
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Interface name; uses the default pin directory /sys/fs/bpf/xlb/<IF>.
+    #[arg(short, long, value_name = "IF")]
+    pub interface: Option<String>,
+
+    /// Pin directory, when the config sets a non-default `pin_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}

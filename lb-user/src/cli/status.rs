@@ -1,0 +1,226 @@
+//! `xlb status`: the data plane as its pinned maps show it, labelled with
+//! what the daemon last published.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use anyhow::Context as _;
+use lb_common::{BackendId, Counter, NO_BACKEND, Reason};
+use serde::Serialize;
+
+use crate::{
+    addr,
+    cli::{args::StatusArgs, target::Target},
+    dataplane::{Geometry, KernelMaps, MapReader as _},
+    state::DaemonState,
+};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub interface: Option<String>,
+    pub pin_dir: PathBuf,
+    /// PID of the running daemon; `None` when it is not running (the data
+    /// plane keeps forwarding with the last tables).
+    pub daemon_pid: Option<u32>,
+    pub table_size: u32,
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub reasons: BTreeMap<&'static str, Traffic>,
+    pub vips: Vec<VipStatus>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl From<Counter> for Traffic {
+    fn from(c: Counter) -> Self {
+        Self { packets: c.packets, bytes: c.bytes }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct VipStatus {
+    pub name: Option<String>,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub id: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendStatus {
+    pub address: Option<IpAddr>,
+    pub id: BackendId,
+    pub weight: Option<u32>,
+    pub mac: Option<String>,
+    /// Entries in the live Maglev table, and their share of it.
+    pub slots: u32,
+    pub share: f64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let target = Target::resolve(&args.target)?;
+    let status = read(&target)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}
+
+pub fn read(target: &Target) -> anyhow::Result<Status> {
+    let maps = KernelMaps::open(&target.pin_dir).with_context(|| {
+        format!(
+            "no xlb data plane pinned at {} (is `xlb run` started?)",
+            target.pin_dir.display()
+        )
+    })?;
+    let meta = maps.meta()?;
+    let geometry = Geometry {
+        table_size: meta.table_size,
+        max_vips: meta.max_vips,
+        max_backends: meta.max_backends,
+    };
+    let labels = target.interface.as_deref().and_then(DaemonState::read);
+    let reasons = maps.reason_stats()?;
+    let mut vips = Vec::new();
+    for (key, info) in maps.vips()? {
+        let Some(address) = addr::from_bytes(key.addr, key.family) else { continue };
+        let port = u16::from_be(key.port_be);
+        let label = labels.as_ref().and_then(|l| {
+            l.vips
+                .iter()
+                .find(|v| v.address == address && v.port == port && v.protocol == key.proto)
+        });
+        let chunks = geometry.table_chunks();
+        let mut fill: BTreeMap<BackendId, u32> = BTreeMap::new();
+        for c in 0..chunks {
+            let chunk = maps.chunk(info.table * chunks + c)?;
+            for (lane, id) in chunk.iter().enumerate() {
+                if c as usize * chunk.len() + lane < geometry.table_size as usize {
+                    *fill.entry(*id).or_default() += 1;
+                }
+            }
+        }
+        let mut ids: BTreeSet<BackendId> = fill.keys().copied().filter(|&id| id != NO_BACKEND).collect();
+        ids.extend(label.iter().flat_map(|l| l.backends.iter().map(|b| b.id)));
+        let mut backends = Vec::new();
+        for id in ids {
+            let be = maps.backend(id)?;
+            let known = label.and_then(|l| l.backends.iter().find(|b| b.id == id));
+            let counter = maps.backend_stats(id)?;
+            let slots = fill.get(&id).copied().unwrap_or(0);
+            backends.push(BackendStatus {
+                address: known.map(|k| k.address).or_else(|| addr::from_bytes(be.addr, be.family)),
+                id,
+                weight: known.map(|k| k.weight),
+                mac: if slots > 0 { Some(addr::format_mac(&be.mac)) } else { known.and_then(|k| k.mac.clone()) },
+                slots,
+                share: slots as f64 / geometry.table_size as f64,
+                packets: counter.packets,
+                bytes: counter.bytes,
+            });
+        }
+        let counter = maps.vip_stats(info.id)?;
+        vips.push(VipStatus {
+            name: label.map(|l| l.name.clone()),
+            address,
+            port,
+            protocol: match key.proto {
+                lb_common::PROTO_TCP => "tcp",
+                lb_common::PROTO_UDP => "udp",
+                _ => "?",
+            },
+            id: info.id,
+            packets: counter.packets,
+            bytes: counter.bytes,
+            backends,
+        });
+    }
+    vips.sort_by(|a, b| (&a.name, a.address, a.port).cmp(&(&b.name, b.address, b.port)));
+    Ok(Status {
+        interface: target.interface.clone(),
+        pin_dir: target.pin_dir.clone(),
+        daemon_pid: labels.filter(DaemonState::daemon_alive).map(|l| l.pid),
+        table_size: geometry.table_size,
+        max_vips: geometry.max_vips,
+        max_backends: geometry.max_backends,
+        reasons: Reason::ALL
+            .iter()
+            .map(|r| (r.name(), reasons.get(*r as usize).copied().unwrap_or_default().into()))
+            .collect(),
+        vips,
+    })
+}
+
+fn render(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let iface = s.interface.as_deref().unwrap_or("?");
+    let daemon = match s.daemon_pid {
+        Some(pid) => format!("daemon running (pid {pid})"),
+        None => "daemon NOT running: forwarding continues with the last tables".to_owned(),
+    };
+    let _ = writeln!(out, "xlb on {iface} ({}) — {daemon}", s.pin_dir.display());
+    let _ = writeln!(
+        out,
+        "table size {}, capacity {} VIPs / {} backends\n",
+        s.table_size, s.max_vips, s.max_backends - 1
+    );
+    for v in &s.vips {
+        let addr = match v.address {
+            IpAddr::V6(a) => format!("[{a}]:{}", v.port),
+            a => format!("{a}:{}", v.port),
+        };
+        let _ = writeln!(
+            out,
+            "VIP {} {} {}  packets {}  bytes {}",
+            v.name.as_deref().unwrap_or("(unnamed)"),
+            v.protocol,
+            addr,
+            v.packets,
+            v.bytes
+        );
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>6} {:>17} {:>7} {:>12} {:>14}",
+            "backend", "weight", "mac", "share", "packets", "bytes"
+        );
+        for b in &v.backends {
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>6} {:>17} {:>6.2}% {:>12} {:>14}",
+                b.address.map(|a| a.to_string()).unwrap_or_else(|| format!("id {}", b.id)),
+                b.weight.map(|w| w.to_string()).unwrap_or_else(|| "?".into()),
+                b.mac.as_deref().unwrap_or("unresolved"),
+                b.share * 100.0,
+                b.packets,
+                b.bytes
+            );
+        }
+        if v.backends.is_empty() {
+            let _ = writeln!(out, "  (no backends: packets are dropped and counted as no_backend)");
+        }
+        out.push('\n');
+    }
+    if s.vips.is_empty() {
+        out.push_str("no VIPs configured\n\n");
+    }
+    let _ = writeln!(out, "{:<20} {:>12} {:>14}", "reason", "packets", "bytes");
+    for (name, c) in &s.reasons {
+        let _ = writeln!(out, "{name:<20} {:>12} {:>14}", c.packets, c.bytes);
+    }
+    out
+}

@@ -1,0 +1,44 @@
+//! Finding the data plane a command is about.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cli::args::TargetArgs, config};
+
+pub struct Target {
+    pub interface: Option<String>,
+    pub pin_dir: PathBuf,
+}
+
+impl Target {
+    /// From --config, --interface or --pin-dir; with none of them, the only
+    /// data plane under /sys/fs/bpf/xlb.
+    pub fn resolve(args: &TargetArgs) -> anyhow::Result<Target> {
+        if let Some(path) = &args.config {
+            let c = config::Config::load(path)?;
+            return Ok(Target { pin_dir: c.pin_dir(), interface: Some(c.interface) });
+        }
+        if let Some(interface) = &args.interface {
+            return Ok(Target {
+                pin_dir: config::default_pin_dir(interface),
+                interface: Some(interface.clone()),
+            });
+        }
+        if let Some(pin_dir) = &args.pin_dir {
+            return Ok(Target { pin_dir: pin_dir.clone(), interface: None });
+        }
+        let root = Path::new("/sys/fs/bpf/xlb");
+        let found: Vec<String> = std::fs::read_dir(root)
+            .with_context(|| format!("no data plane found under {} (is `xlb run` started?)", root.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(Target { pin_dir: root.join(one), interface: Some(one.clone()) }),
+            [] => bail!("no data plane found under {} (is `xlb run` started?)", root.display()),
+            many => bail!("several data planes ({}); pick one with --interface", many.join(", ")),
+        }
+    }
+}

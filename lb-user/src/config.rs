@@ -1,0 +1,323 @@
+//! The configuration file: parsing, defaults and validation.
+//!
+//! Validation is complete before anything touches the data plane, and every
+//! error names the field it is about.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use lb_common::limits;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic when the driver lacks it.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    /// Direct routing: rewrite MACs, send back out; backends own the VIP.
+    #[default]
+    Dr,
+    /// IP-in-IP tunnelling (not implemented yet; rejected at validation).
+    Tun,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interface to attach to.
+    pub interface: String,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    /// Where maps and the XDP link are pinned (default /sys/fs/bpf/xlb/<interface>).
+    pub pin_dir: Option<PathBuf>,
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+    #[serde(default = "default_max_vips")]
+    pub max_vips: u32,
+    #[serde(default = "default_max_backends")]
+    pub max_backends: u32,
+    #[serde(default, rename = "vip")]
+    pub vips: Vec<Vip>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Vip {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub forward: Forward,
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub address: IpAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// Largest backend weight; weights are relative, so this is plenty.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+fn default_table_size() -> u32 {
+    limits::DEFAULT_TABLE_SIZE
+}
+fn default_max_vips() -> u32 {
+    limits::DEFAULT_MAX_VIPS
+}
+fn default_max_backends() -> u32 {
+    limits::DEFAULT_MAX_BACKENDS
+}
+fn default_weight() -> u32 {
+    1
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate().map_err(|(field, message)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| default_pin_dir(&self.interface))
+    }
+
+    /// Returns the offending field's path and what is wrong with it.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |field: &str, message: String| Err((field.to_owned(), message));
+        if self.interface.is_empty() || self.interface.len() > 15 || self.interface.contains('/') {
+            return err(
+                "interface",
+                format!("{:?} is not a valid interface name", self.interface),
+            );
+        }
+        if !is_prime(self.table_size) || self.table_size > limits::MAX_TABLE_SIZE {
+            return err(
+                "table_size",
+                format!(
+                    "{} must be a prime no larger than {} (the default, {}, suits up to ~650 backends per VIP)",
+                    self.table_size,
+                    limits::MAX_TABLE_SIZE,
+                    limits::DEFAULT_TABLE_SIZE
+                ),
+            );
+        }
+        if !(1..=limits::MAX_VIPS).contains(&self.max_vips) {
+            return err(
+                "max_vips",
+                format!("{} is outside 1..={}", self.max_vips, limits::MAX_VIPS),
+            );
+        }
+        // Id 0 is reserved, so the largest id is max_backends - 1.
+        if !(2..=limits::MAX_BACKENDS).contains(&self.max_backends) {
+            return err(
+                "max_backends",
+                format!("{} is outside 2..={}", self.max_backends, limits::MAX_BACKENDS),
+            );
+        }
+        if self.vips.len() > self.max_vips as usize {
+            return err(
+                "vip",
+                format!(
+                    "{} VIPs configured but max_vips = {}",
+                    self.vips.len(),
+                    self.max_vips
+                ),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut keys = HashMap::new();
+        let mut backend_slots = 0usize;
+        for (i, vip) in self.vips.iter().enumerate() {
+            let at = format!("vip[{i}]");
+            if vip.name.is_empty() || vip.name.len() > 64 {
+                return err(&format!("{at}.name"), "must be 1 to 64 characters".into());
+            }
+            if !names.insert(vip.name.as_str()) {
+                return err(
+                    &format!("{at}.name"),
+                    format!("duplicate VIP name {:?}", vip.name),
+                );
+            }
+            let at = format!("vip[{i}] ({})", vip.name);
+            if vip.port == 0 {
+                return err(&format!("{at}.port"), "must be 1..=65535".into());
+            }
+            if let Some(other) = keys.insert((vip.address, vip.port, vip.protocol), &vip.name) {
+                return err(
+                    &format!("{at}.address"),
+                    format!(
+                        "duplicate VIP: {} {}:{} is also VIP {other:?}",
+                        vip.protocol, vip.address, vip.port
+                    ),
+                );
+            }
+            if vip.forward == Forward::Tun {
+                return err(
+                    &format!("{at}.forward"),
+                    "\"tun\" is not supported yet; use \"dr\"".into(),
+                );
+            }
+            let mut seen = HashSet::new();
+            for (j, backend) in vip.backends.iter().enumerate() {
+                let field = format!("{at}.backends[{j}]");
+                if backend.address.is_ipv4() != vip.address.is_ipv4() {
+                    return err(
+                        &format!("{field}.address"),
+                        format!(
+                            "{} is {} but the VIP {} is {}: DR forwards packets unchanged, so backends must be of the VIP's family",
+                            backend.address,
+                            family_name(backend.address),
+                            vip.address,
+                            family_name(vip.address)
+                        ),
+                    );
+                }
+                if !usable_unicast(backend.address) {
+                    return err(
+                        &format!("{field}.address"),
+                        format!("{} is not a unicast host address", backend.address),
+                    );
+                }
+                if !seen.insert(backend.address) {
+                    return err(
+                        &format!("{field}.address"),
+                        format!("duplicate backend {}", backend.address),
+                    );
+                }
+                if backend.weight > MAX_WEIGHT {
+                    return err(
+                        &format!("{field}.weight"),
+                        format!("{} is above the maximum of {MAX_WEIGHT}", backend.weight),
+                    );
+                }
+            }
+            // Maglev gives each backend about M/N entries; fewer than one is no balance.
+            if vip.backends.len() >= self.table_size as usize {
+                return err(
+                    &format!("{at}.backends"),
+                    format!(
+                        "{} backends need a table_size well above that (at least 100x is advised)",
+                        vip.backends.len()
+                    ),
+                );
+            }
+            backend_slots += vip.backends.len();
+        }
+        if backend_slots >= self.max_backends as usize {
+            return err(
+                "max_backends",
+                format!(
+                    "{backend_slots} VIP-backend pairs configured but max_backends = {} (one id is reserved)",
+                    self.max_backends
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+pub fn default_pin_dir(interface: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf/xlb").join(interface)
+}
+
+fn family_name(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+fn usable_unicast(addr: IpAddr) -> bool {
+    !(addr.is_unspecified() || addr.is_multicast() || addr.is_loopback())
+        && addr != IpAddr::from([255, 255, 255, 255])
+}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = n as u64;
+    (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+}

@@ -1,0 +1,13 @@
+//! xlb's control plane: configuration, Maglev, reconciliation, and the
+//! loader and maps of the XDP data plane. The `xlb` binary is a thin CLI
+//! over this library; tests drive it directly too.
+
+pub mod addr;
+pub mod cli;
+pub mod config;
+pub mod dataplane;
+pub mod loader;
+pub mod maglev;
+pub mod neigh;
+pub mod reconcile;
+pub mod state;

@@ -1,0 +1,309 @@
+//! Loading program `xlb`, pinning its maps and its XDP link, adopting what
+//! an earlier run pinned, and removing it all again.
+//!
+//! Everything lives under one pin directory per interface. A link pinned
+//! there keeps the program attached after the daemon exits; a later
+//! `xlb run` swaps its program in place through that link (no moment
+//! without a program), and `xlb detach` removes the directory.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use lb_common::{LAYOUT_VERSION, Meta, globals, maps};
+
+use crate::{
+    config,
+    dataplane::{DataplaneError, Geometry, KernelMaps},
+    neigh::Interface,
+};
+
+/// The object file with program `xlb`, built by build.rs.
+pub static XLB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+const PROGRAM: &str = "xlb";
+const LINK_PIN: &str = "link";
+/// statfs magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("cannot create pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs { path: PathBuf },
+    #[error(
+        "{path} holds maps from another xlb version or configuration ({found}; this run needs {wanted}); \
+         restore the old settings, or run `xlb detach --pin-dir {path}` to start afresh (drops live flows' state)"
+    )]
+    Incompatible {
+        path: PathBuf,
+        found: String,
+        wanted: String,
+    },
+    #[error("cannot load the XDP object")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel rejected program `xlb`")]
+    Verify(#[source] ProgramError),
+    #[error(
+        "cannot attach to {interface} in {mode} mode (does it already have another XDP program? `ip link show {interface}` tells)"
+    )]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot replace the program behind the pinned link {path}")]
+    Replace {
+        path: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot pin the XDP link at {path}")]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot use the pinned link {path}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("cannot remove {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// A loaded, attached data plane.
+pub struct Dataplane {
+    pub maps: KernelMaps,
+    /// "native" or "generic".
+    pub mode: &'static str,
+    /// Whether an earlier run's pinned state was adopted.
+    pub adopted: bool,
+    // Owns the program; the pinned link keeps it attached beyond us.
+    _ebpf: Ebpf,
+}
+
+pub fn geometry(config: &config::Config) -> Geometry {
+    Geometry {
+        table_size: config.table_size,
+        max_vips: config.max_vips,
+        max_backends: config.max_backends,
+    }
+}
+
+/// Loads and attaches program `xlb` to `iface`, adopting maps and link
+/// pinned under `pin_dir` when they are compatible.
+pub fn load(
+    iface: &Interface,
+    pin_dir: &Path,
+    geometry: Geometry,
+    mode: config::XdpMode,
+) -> Result<Dataplane, LoaderError> {
+    fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    if !on_bpffs(pin_dir) {
+        return Err(LoaderError::NotBpffs { path: pin_dir.to_owned() });
+    }
+    let adopted = check_pinned(pin_dir, geometry)?;
+
+    let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let chunks = geometry.table_chunks();
+    loader
+        .map_max_entries(maps::VIPS, geometry.max_vips)
+        .map_max_entries(maps::VIP_STATS, geometry.max_vips)
+        .map_max_entries(maps::BACKENDS, geometry.max_backends)
+        .map_max_entries(maps::BACKEND_STATS, geometry.max_backends)
+        .map_max_entries(maps::MAGLEV, geometry.maglev_entries())
+        .override_global(globals::TABLE_SIZE, &geometry.table_size, true)
+        .override_global(globals::TABLE_CHUNKS, &chunks, true)
+        .override_global(globals::IFACE_MAC, &iface.mac, true);
+    let mut ebpf = loader.load(XLB_OBJECT).map_err(LoaderError::Load)?;
+
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM)
+        .expect("the object defines program xlb")
+        .try_into()
+        .expect("program xlb is an XDP program");
+    program.load().map_err(LoaderError::Verify)?;
+
+    let link_pin = pin_dir.join(LINK_PIN);
+    let mode = attach(program, iface, &link_pin, mode)?;
+
+    let mut maps = KernelMaps::take(&mut ebpf)?;
+    maps.set_meta(&Meta {
+        layout: LAYOUT_VERSION,
+        table_size: geometry.table_size,
+        max_vips: geometry.max_vips,
+        max_backends: geometry.max_backends,
+    })?;
+    Ok(Dataplane {
+        maps,
+        mode,
+        adopted,
+        _ebpf: ebpf,
+    })
+}
+
+/// Swaps the program in through a pinned link on the same interface, or
+/// attaches afresh and pins the new link.
+fn attach(
+    program: &mut Xdp,
+    iface: &Interface,
+    link_pin: &Path,
+    mode: config::XdpMode,
+) -> Result<&'static str, LoaderError> {
+    if link_pin.exists() {
+        let pinned = PinnedLink::from_pin(link_pin).map_err(|source| LoaderError::Link {
+            path: link_pin.to_owned(),
+            source,
+        })?;
+        let fd_link = FdLink::from(pinned);
+        // The link still carries the program attached to this interface;
+        // otherwise the interface it was attached to is gone.
+        let program_id = fd_link.info().map(|i| i.program_id()).ok();
+        if program_id.is_some() && program_id == iface.xdp_prog_id {
+            let link = XdpLink::try_from(fd_link).map_err(|source| LoaderError::Link {
+                path: link_pin.to_owned(),
+                source,
+            })?;
+            program
+                .attach_to_link(link)
+                .map_err(|source| LoaderError::Replace {
+                    path: link_pin.to_owned(),
+                    source,
+                })?;
+            return Ok("existing link");
+        }
+        fs::remove_file(link_pin).map_err(|source| LoaderError::Remove {
+            path: link_pin.to_owned(),
+            source,
+        })?;
+    }
+    let attempts: &[(XdpMode, &'static str)] = match mode {
+        config::XdpMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        config::XdpMode::Native => &[(XdpMode::Driver, "native")],
+        config::XdpMode::Generic => &[(XdpMode::Skb, "generic")],
+    };
+    let mut result = Err(None);
+    for &(flags, name) in attempts {
+        match program.attach_to_if_index(iface.index, flags) {
+            Ok(id) => {
+                result = Ok((id, name));
+                break;
+            }
+            Err(source) => {
+                tracing::debug!(interface = %iface.name, mode = name, error = %source, "attach failed");
+                result = Err(Some(LoaderError::Attach {
+                    interface: iface.name.clone(),
+                    mode: name,
+                    source,
+                }));
+            }
+        }
+    }
+    let (id, name) = result.map_err(|e| e.expect("at least one attach mode is tried"))?;
+    let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| LoaderError::PinLink {
+        path: link_pin.to_owned(),
+        source,
+    };
+    let link = program.take_link(id).map_err(|e| pin_err(e.into()))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
+    fd_link.pin(link_pin).map_err(|e| pin_err(e.into()))?;
+    Ok(name)
+}
+
+/// Whether `pin_dir` already holds maps, after checking they are ones this
+/// build can use with `geometry`.
+fn check_pinned(pin_dir: &Path, geometry: Geometry) -> Result<bool, LoaderError> {
+    let any_pinned = maps::ALL.iter().any(|m| pin_dir.join(m).exists());
+    if !any_pinned {
+        return Ok(false);
+    }
+    let wanted = describe_layout(LAYOUT_VERSION, geometry);
+    let incompatible = |found: String| LoaderError::Incompatible {
+        path: pin_dir.to_owned(),
+        found,
+        wanted: wanted.clone(),
+    };
+    let meta = KernelMaps::open(pin_dir)
+        .and_then(|m| m.meta())
+        .map_err(|e| incompatible(format!("unreadable: {e}")))?;
+    let found = Geometry {
+        table_size: meta.table_size,
+        max_vips: meta.max_vips,
+        max_backends: meta.max_backends,
+    };
+    if meta.layout != LAYOUT_VERSION || found != geometry {
+        return Err(incompatible(describe_layout(meta.layout, found)));
+    }
+    Ok(true)
+}
+
+fn describe_layout(layout: u32, g: Geometry) -> String {
+    format!(
+        "layout {layout}, table_size {}, max_vips {}, max_backends {}",
+        g.table_size, g.max_vips, g.max_backends
+    )
+}
+
+fn on_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we pass; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Detaches and forgets: removes the link pin (which detaches the program)
+/// and the pinned maps. Returns whether there was anything to remove.
+pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
+    if !pin_dir.exists() {
+        return Ok(false);
+    }
+    let remove = |path: PathBuf| match fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LoaderError::Remove { path, source: e }),
+        _ => Ok(()),
+    };
+    // The link first: once it goes, packets stop reaching the program.
+    remove(pin_dir.join(LINK_PIN))?;
+    for m in maps::ALL {
+        remove(pin_dir.join(m))?;
+    }
+    fs::remove_dir(pin_dir).map_err(|source| LoaderError::Remove {
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    Ok(true)
+}

@@ -1,0 +1,42 @@
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+use xlb::cli::{
+    self,
+    args::{Cli, Command, LogFormat},
+};
+
+fn main() -> std::process::ExitCode {
+    let args = Cli::parse();
+    init_logging(args.log_format, args.verbose);
+    let result = match args.command {
+        Command::Run(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(cli::run::run(a))),
+        Command::Check(a) => cli::check(a),
+        Command::Status(a) => cli::status::status(a),
+        Command::Detach(a) => cli::detach(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xlb: error: {}", cli::run::format_error(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
