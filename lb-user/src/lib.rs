@@ -6,6 +6,7 @@ pub mod addr;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod helpers;
 pub mod loader;
 pub mod maglev;
 pub mod neigh;

@@ -30,10 +30,12 @@ use crate::{
 /// The object file with program `xlb`, built by build.rs.
 pub static XLB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-const PROGRAM: &str = "xlb";
+pub const PROGRAM: &str = "xlb";
 const LINK_PIN: &str = "link";
 /// statfs magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs lives by convention.
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -43,8 +45,10 @@ pub enum LoaderError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    #[error("{path} is not on a BPF filesystem; pin_dir must be on bpffs (see `mount -t bpf`)")]
     NotBpffs { path: PathBuf },
+    #[error("cannot mount bpffs at {BPFFS_ROOT}")]
+    Mount(#[source] std::io::Error),
     #[error(
         "{path} holds maps from another xlb version or configuration ({found}; this run needs {wanted}); \
          restore the old settings, or run `xlb detach --pin-dir {path}` to start afresh (drops live flows' state)"
@@ -122,6 +126,9 @@ pub fn load(
     geometry: Geometry,
     mode: config::XdpMode,
 ) -> Result<Dataplane, LoaderError> {
+    if pin_dir.starts_with(BPFFS_ROOT) {
+        ensure_bpffs()?;
+    }
     fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
         path: pin_dir.to_owned(),
         source,
@@ -131,12 +138,48 @@ pub fn load(
     }
     let adopted = check_pinned(pin_dir, geometry)?;
 
-    let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+    let mut ebpf = load_program(Some(pin_dir), geometry, iface.mac)?;
+    let program: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded").try_into().expect("XDP");
+
+    let link_pin = pin_dir.join(LINK_PIN);
+    let mode = attach(program, iface, &link_pin, mode)?;
+
+    let mut maps = KernelMaps::take(&mut ebpf)?;
+    maps.set_meta(&meta(geometry))?;
+    Ok(Dataplane {
+        maps,
+        mode,
+        adopted,
+        _ebpf: ebpf,
+    })
+}
+
+/// Loads program `xlb` with unpinned maps and attaches it nowhere: for
+/// BPF_PROG_TEST_RUN in tests and benchmarks. The program is
+/// `ebpf.program_mut(PROGRAM)`.
+pub fn load_detached(geometry: Geometry, iface_mac: [u8; 6]) -> Result<(Ebpf, KernelMaps), LoaderError> {
+    let mut ebpf = load_program(None, geometry, iface_mac)?;
+    let mut maps = KernelMaps::take(&mut ebpf)?;
+    maps.set_meta(&meta(geometry))?;
+    Ok((ebpf, maps))
+}
+
+/// Sizes the maps (pinned under `pin_dir` if given), sets the globals, and
+/// loads program `xlb` into the kernel.
+fn load_program(
+    pin_dir: Option<&Path>,
+    geometry: Geometry,
+    iface_mac: [u8; 6],
+) -> Result<Ebpf, LoaderError> {
+    let pins: Vec<(&str, PathBuf)> = match pin_dir {
+        Some(dir) => maps::ALL.iter().map(|m| (*m, dir.join(m))).collect(),
+        None => Vec::new(),
+    };
+    let chunks = geometry.table_chunks();
     let mut loader = EbpfLoader::new();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
-    let chunks = geometry.table_chunks();
     loader
         .map_max_entries(maps::VIPS, geometry.max_vips)
         .map_max_entries(maps::VIP_STATS, geometry.max_vips)
@@ -145,32 +188,24 @@ pub fn load(
         .map_max_entries(maps::MAGLEV, geometry.maglev_entries())
         .override_global(globals::TABLE_SIZE, &geometry.table_size, true)
         .override_global(globals::TABLE_CHUNKS, &chunks, true)
-        .override_global(globals::IFACE_MAC, &iface.mac, true);
+        .override_global(globals::IFACE_MAC, &iface_mac, true);
     let mut ebpf = loader.load(XLB_OBJECT).map_err(LoaderError::Load)?;
-
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM)
         .expect("the object defines program xlb")
         .try_into()
         .expect("program xlb is an XDP program");
     program.load().map_err(LoaderError::Verify)?;
+    Ok(ebpf)
+}
 
-    let link_pin = pin_dir.join(LINK_PIN);
-    let mode = attach(program, iface, &link_pin, mode)?;
-
-    let mut maps = KernelMaps::take(&mut ebpf)?;
-    maps.set_meta(&Meta {
+fn meta(geometry: Geometry) -> Meta {
+    Meta {
         layout: LAYOUT_VERSION,
         table_size: geometry.table_size,
         max_vips: geometry.max_vips,
         max_backends: geometry.max_backends,
-    })?;
-    Ok(Dataplane {
-        maps,
-        mode,
-        adopted,
-        _ebpf: ebpf,
-    })
+    }
 }
 
 /// Swaps the program in through a pinned link on the same interface, or
@@ -273,6 +308,23 @@ fn describe_layout(layout: u32, g: Geometry) -> String {
         "layout {layout}, table_size {}, max_vips {}, max_backends {}",
         g.table_size, g.max_vips, g.max_backends
     )
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing has (systemd usually does).
+fn ensure_bpffs() -> Result<(), LoaderError> {
+    let root = Path::new(BPFFS_ROOT);
+    if on_bpffs(root) {
+        return Ok(());
+    }
+    // SAFETY: constant NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(LoaderError::Mount(std::io::Error::last_os_error()));
+    }
+    tracing::info!("mounted bpffs at {BPFFS_ROOT}");
+    Ok(())
 }
 
 fn on_bpffs(path: &Path) -> bool {

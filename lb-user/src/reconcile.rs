@@ -62,6 +62,13 @@ pub struct VipState {
     pub backends: BTreeMap<IpAddr, BackendState>,
 }
 
+impl VipState {
+    /// The table packets are balanced with, as written to the kernel.
+    pub fn live_table(&self) -> Option<&[BackendId]> {
+        self.tables[self.live as usize].as_deref()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendState {
     pub id: BackendId,

@@ -1,1 +1,28 @@
+//! Test harness for xlb: network namespaces and the DR lab topology, the
+//! daemon as a child process, small servers and clients, and frame
+//! builders for BPF_PROG_TEST_RUN. Every resource is an RAII guard with a
+//! unique name, torn down on drop, so tests run in parallel and leave
+//! nothing behind when they fail.
 
+pub mod cmd;
+pub mod daemon;
+pub mod frames;
+pub mod lab;
+pub mod netns;
+pub mod servers;
+pub mod testrun;
+
+/// A process-unique id for names of namespaces, interfaces and files.
+pub fn unique_id() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    ((std::process::id() & 0xffff) << 8) | (n & 0xff)
+}
+
+/// Fails the test early, with a clear message, when not run as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root (BPF, network namespaces): run `cargo xtask test` as root");
+}

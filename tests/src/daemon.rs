@@ -1,0 +1,141 @@
+//! `xlb run` as a child process inside the lab's load-balancer namespace.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cmd, netns::Netns, unique_id};
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    log: PathBuf,
+    pub interface: String,
+}
+
+impl Daemon {
+    /// Writes `config` to a scratch file and starts `xlb run` in `ns`,
+    /// waiting until it reports ready.
+    pub fn start(ns: &Netns, interface: &str, config: &str) -> anyhow::Result<Daemon> {
+        let dir = std::env::temp_dir().join(format!("xlb-test-{:06x}", unique_id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut d = Daemon {
+            child: None,
+            config: dir.join("xlb.toml"),
+            log: dir.join("xlb.log"),
+            dir,
+            interface: interface.to_owned(),
+        };
+        std::fs::write(&d.config, config)?;
+        d.spawn(ns)?;
+        d.wait_for_log("xlb ready", Duration::from_secs(20))?;
+        Ok(d)
+    }
+
+    fn spawn(&mut self, ns: &Netns) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg(cmd::xlb_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start xlb")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for `needle` to appear in the log after what is there already
+    /// (or at all, for a fresh daemon).
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("xlb exited ({status}) before {needle:?}:\n{}", self.log());
+            }
+            if Instant::now() >= deadline {
+                bail!("no {needle:?} from xlb within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// `xlb status --json` for this daemon's interface.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        let bin = cmd::xlb_bin();
+        let out = cmd::run(bin.to_str().expect("utf-8 path"), &["status", "--json", "--interface", &self.interface])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// Replaces the config file (the daemon picks it up by itself).
+    pub fn rewrite_config(&self, config: &str) -> anyhow::Result<()> {
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, config)?;
+        std::fs::rename(tmp, &self.config)?;
+        Ok(())
+    }
+
+    /// SIGTERM, then wait; the program stays attached.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                    bail!("xlb ignored SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts it again in `ns` with the current config.
+    pub fn restart(&mut self, ns: &Netns) -> anyhow::Result<()> {
+        self.stop()?;
+        let mark = self.log().matches("xlb ready").count();
+        self.spawn(ns)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches("xlb ready").count() == mark {
+            if Instant::now() > deadline {
+                bail!("restarted xlb not ready:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- xlb log ---\n{}--- end of xlb log ---", self.log());
+        }
+        let bin = cmd::xlb_bin();
+        if let Err(e) = cmd::run(bin.to_str().expect("utf-8 path"), &["detach", "--interface", &self.interface]) {
+            eprintln!("teardown: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
