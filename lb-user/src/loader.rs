@@ -357,5 +357,9 @@ pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
         path: pin_dir.to_owned(),
         source,
     })?;
+    // Leave no empty /sys/fs/bpf/xlb behind; it fails harmlessly if others remain.
+    if let Some(parent) = pin_dir.parent().filter(|p| p.ends_with("xlb")) {
+        let _ = fs::remove_dir(parent);
+    }
     Ok(true)
 }

@@ -64,6 +64,10 @@ fn plug(bridge: &Netns, ns: &Netns, ifname: &str, peer: &str, v4: Ipv4Addr, v6: 
     ns.ip(&format!("addr add {v4}/24 dev {ifname}"))?;
     ns.ip(&format!("-6 addr add {v6}/64 dev {ifname} nodad"))?;
     ns.ip(&format!("link set {ifname} up"))?;
+    // veth leaves checksums to "offload" and flags the skb; XDP drops that
+    // flag, so a frame bounced by XDP_TX would reach its receiver with a
+    // bad checksum. Real NICs put finished checksums on the wire.
+    ns.exec("ethtool", &["-K", ifname, "tx", "off"])?;
     Ok(())
 }
 
