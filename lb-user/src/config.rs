@@ -21,7 +21,7 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Parse {
         path: PathBuf,
         #[source]
@@ -320,4 +320,124 @@ pub fn is_prime(n: u32) -> bool {
     }
     let n = n as u64;
     (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interface = "eth0"
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+forward = "dr"
+backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
+"#;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("xlb.toml")).map_err(|e| {
+            let mut s = e.to_string();
+            if let Some(src) = std::error::Error::source(&e) {
+                s.push_str(&format!(" {src}"));
+            }
+            s
+        })
+    }
+
+    #[test]
+    fn the_documented_example_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.interface, "eth0");
+        assert_eq!(c.table_size, 65_537);
+        assert_eq!(c.xdp_mode, XdpMode::Auto);
+        assert_eq!(c.pin_dir(), Path::new("/sys/fs/bpf/xlb/eth0"));
+        assert_eq!(c.vips[0].backends[0].weight, 1);
+        assert_eq!(c.vips[0].backends[1].weight, 2);
+    }
+
+    #[test]
+    fn every_invalid_config_is_rejected_naming_the_field() {
+        let vip = |body: &str| format!("interface = \"eth0\"\n[[vip]]\n{body}\n");
+        let base = "name = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"";
+        let cases: Vec<(&str, String, &[&str])> = vec![
+            ("unknown top-level field", format!("{GOOD}\nbogus = 1"), &["unknown field `bogus`"]),
+            ("unknown vip field", vip(&format!("{base}\ncolour = \"red\"")), &["unknown field `colour`"]),
+            (
+                "unknown backend field",
+                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\", mac = \"x\" }} ]")),
+                &["unknown field `mac`"],
+            ),
+            ("missing name", vip("address = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\""), &["missing field `name`"]),
+            ("port of the wrong type", vip(&base.replace("port = 80", "port = \"80\"")), &["port", "invalid type"]),
+            ("port out of range", vip(&base.replace("port = 80", "port = 70000")), &["port"]),
+            ("port zero", vip(&base.replace("port = 80", "port = 0")), &["vip[0] (web).port"]),
+            ("bad address", vip(&base.replace("192.0.2.10", "192.0.2.300")), &["address", "invalid IP address"]),
+            ("unknown protocol", vip(&base.replace("\"tcp\"", "\"sctp\"")), &["unknown variant `sctp`"]),
+            ("tun not yet", vip(&format!("{base}\nforward = \"tun\"")), &["vip[0] (web).forward", "not supported yet"]),
+            (
+                "family mismatch",
+                vip(&format!("{base}\nbackends = [ {{ address = \"fd00::1\" }} ]")),
+                &["vip[0] (web).backends[0].address", "IPv6", "IPv4"],
+            ),
+            (
+                "duplicate backend",
+                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\" }}, {{ address = \"10.0.0.1\" }} ]")),
+                &["backends[1].address", "duplicate backend"],
+            ),
+            (
+                "weight too large",
+                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\", weight = 10001 }} ]")),
+                &["backends[0].weight"],
+            ),
+            (
+                "negative weight",
+                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\", weight = -1 }} ]")),
+                &["weight"],
+            ),
+            (
+                "loopback backend",
+                vip(&format!("{base}\nbackends = [ {{ address = \"127.0.0.1\" }} ]")),
+                &["backends[0].address", "not a unicast host address"],
+            ),
+            ("duplicate vip name", format!("{GOOD}\n[[vip]]\n{}", base.replace("port = 80", "port = 81")), &["vip[1].name", "duplicate VIP name"]),
+            (
+                "same address, port and protocol twice",
+                format!("{GOOD}\n[[vip]]\n{}", base.replace("\"web\"", "\"web2\"")),
+                &["vip[1] (web2).address", "duplicate VIP", "also VIP \"web\""],
+            ),
+            ("table size not prime", format!("table_size = 65536\n{GOOD}"), &["table_size", "prime"]),
+            ("table size too large", format!("table_size = 2147483647\n{GOOD}"), &["table_size"]),
+            ("max_vips too small", format!("max_vips = 0\n{GOOD}"), &["max_vips"]),
+            ("more vips than max_vips", format!("max_vips = 1\n{GOOD}\n[[vip]]\n{}", base.replace("\"web\"", "\"b\"").replace("80", "81")), &["vip", "max_vips = 1"]),
+            ("backends over max_backends", format!("max_backends = 2\n{GOOD}"), &["max_backends"]),
+            ("bad interface name", GOOD.replace("eth0", "a-name-longer-than-15"), &["interface"]),
+            ("unknown xdp_mode", format!("xdp_mode = \"turbo\"\n{GOOD}"), &["unknown variant `turbo`"]),
+        ];
+        let mut failures = Vec::new();
+        for (name, text, needles) in cases {
+            match parse(&text) {
+                Ok(_) => failures.push(format!("{name}: accepted")),
+                Err(msg) => {
+                    for needle in needles {
+                        if !msg.contains(needle) {
+                            failures.push(format!("{name}: {msg:?} does not mention {needle:?}"));
+                        }
+                    }
+                    if !msg.starts_with("xlb.toml") {
+                        failures.push(format!("{name}: {msg:?} does not name the file"));
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(65_537) && is_prime(2) && is_prime(1_048_583));
+        assert!(!is_prime(65_536) && !is_prime(1) && !is_prime(0) && !is_prime(65_535));
+    }
 }

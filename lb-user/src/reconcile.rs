@@ -78,6 +78,8 @@ pub struct BackendState {
     pub slots: u32,
     /// Whether `BACKENDS[id]` is known to hold this address and MAC.
     written: bool,
+    /// False after adoption: pinned maps do not record weights.
+    weight_known: bool,
 }
 
 /// Free ids, handed out oldest-freed first.
@@ -156,6 +158,7 @@ impl Reconciler {
                             mac: Some(info.mac),
                             slots: table.iter().filter(|&&t| t == id).count() as u32,
                             written: true,
+                            weight_known: false,
                         };
                         backends.insert(addr, state);
                     }
@@ -266,14 +269,24 @@ impl Reconciler {
                     })? as BackendId;
                     maps.reset_backend_stats(id)?;
                     info!(vip = %vip.name, backend = %b.addr, weight = b.weight, "backend added");
-                    let state = BackendState { id, weight: b.weight, mac: b.mac, slots: 0, written: false };
+                    let state = BackendState {
+                        id,
+                        weight: b.weight,
+                        mac: b.mac,
+                        slots: 0,
+                        written: false,
+                        weight_known: true,
+                    };
                     vip.backends.entry(b.addr).or_insert(state)
                 }
             };
             if state.weight != b.weight {
-                info!(vip = %vip.name, backend = %b.addr, from = state.weight, to = b.weight, "backend weight changed");
+                if state.weight_known {
+                    info!(vip = %vip.name, backend = %b.addr, from = state.weight, to = b.weight, "backend weight changed");
+                }
                 state.weight = b.weight;
             }
+            state.weight_known = true;
             if state.mac != b.mac {
                 match b.mac {
                     Some(mac) => info!(vip = %vip.name, backend = %b.addr, mac = %addr::format_mac(&mac), "backend MAC resolved"),
@@ -368,5 +381,170 @@ pub fn describe(key: &VipKey) -> String {
         Some(IpAddr::V6(a)) => format!("{proto} [{a}]:{port}"),
         Some(a) => format!("{proto} {a}:{port}"),
         None => format!("{proto} ?:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{MODE_DR, PROTO_TCP};
+
+    use super::*;
+    use crate::dataplane::MemoryMaps;
+
+    const G: Geometry = Geometry { table_size: 251, max_vips: 4, max_backends: 16 };
+
+    fn vip(name: &str, last: u8, backends: &[(u8, u32)]) -> DesiredVip {
+        DesiredVip {
+            name: name.into(),
+            key: addr::vip_key(IpAddr::from([192, 0, 2, last]), 80, PROTO_TCP),
+            mode: MODE_DR,
+            backends: backends
+                .iter()
+                .map(|&(b, weight)| DesiredBackend {
+                    addr: IpAddr::from([10, 0, 0, b]),
+                    weight,
+                    mac: Some([2, 0, 0, 0, 0, b]),
+                })
+                .collect(),
+        }
+    }
+
+    /// The backend addresses each live table entry points to, per VIP.
+    fn live(maps: &MemoryMaps) -> BTreeMap<VipKey, Vec<IpAddr>> {
+        maps.vips
+            .keys()
+            .map(|k| {
+                let table = maps.live_table(k, &G).unwrap();
+                let addrs = table
+                    .iter()
+                    .map(|id| {
+                        let b = maps.backends[id];
+                        addr::from_bytes(b.addr, b.family).unwrap()
+                    })
+                    .collect();
+                (*k, addrs)
+            })
+            .collect()
+    }
+
+    fn expected(v: &DesiredVip) -> Vec<IpAddr> {
+        let names: Vec<String> = v.backends.iter().map(|b| b.addr.to_string()).collect();
+        let entries: Vec<maglev::Entry<'_>> = v
+            .backends
+            .iter()
+            .zip(&names)
+            .enumerate()
+            .map(|(i, (b, n))| maglev::Entry { identity: n, id: i as BackendId + 1, weight: b.weight })
+            .collect();
+        maglev::build(&entries, G.table_size)
+            .iter()
+            .map(|id| v.backends[*id as usize - 1].addr)
+            .collect()
+    }
+
+    #[test]
+    fn tables_match_the_desired_backends_and_unchanged_input_writes_nothing() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        let want = [vip("a", 1, &[(1, 1), (2, 1), (3, 2)]), vip("b", 2, &[(4, 1)])];
+        r.apply(&want, &mut maps).unwrap();
+        let tables = live(&maps);
+        for v in &want {
+            assert_eq!(tables[&v.key], expected(v), "VIP {}", v.name);
+        }
+        let writes = maps.chunk_writes;
+        r.apply(&want, &mut maps).unwrap();
+        assert_eq!(maps.chunk_writes, writes, "nothing changed, nothing written");
+    }
+
+    #[test]
+    fn a_change_goes_to_the_other_table_then_flips() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        r.apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap();
+        let key = vip("a", 1, &[]).key;
+        let first = maps.vips[&key];
+        let changed = vip("a", 1, &[(1, 1), (2, 1), (3, 2)]);
+        r.apply(std::slice::from_ref(&changed), &mut maps).unwrap();
+        let second = maps.vips[&key];
+        assert_eq!(first.id, second.id);
+        assert_ne!(first.table, second.table, "the new table is the other one");
+        assert_eq!(live(&maps)[&key], expected(&changed));
+        // Back again: the first table is rewritten only where it differs.
+        let before = maps.chunk_writes;
+        r.apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap();
+        assert_eq!(maps.vips[&key].table, first.table);
+        assert!(maps.chunk_writes - before < G.table_chunks() as usize / 2, "diff, not a full rewrite");
+    }
+
+    #[test]
+    fn a_failed_write_is_followed_by_a_full_resync() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        r.apply(&[vip("a", 1, &[(1, 1), (2, 1)])], &mut maps).unwrap();
+        let want = [vip("a", 1, &[(1, 1), (3, 1)])];
+        maps.fail_next_write = true;
+        assert!(r.apply(&want, &mut maps).is_err());
+        // Meanwhile someone scribbles over the maps.
+        maps.chunks.values_mut().for_each(|c| *c = [0; 4]);
+        r.apply(&want, &mut maps).unwrap();
+        assert_eq!(live(&maps)[&want[0].key], expected(&want[0]));
+    }
+
+    #[test]
+    fn removed_vips_leave_the_maps_and_ids_are_reused_last() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        r.apply(&[vip("a", 1, &[(1, 1)]), vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
+        let a_backend = r.vips()[&vip("a", 1, &[]).key].backends.values().next().unwrap().id;
+        r.apply(&[vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
+        assert_eq!(maps.vips.len(), 1);
+        r.apply(&[vip("b", 2, &[(2, 1)]), vip("c", 3, &[(5, 1)])], &mut maps).unwrap();
+        let c_backend = r.vips()[&vip("c", 3, &[]).key].backends.values().next().unwrap().id;
+        assert_ne!(c_backend, a_backend, "a just-freed id is not handed out first");
+        // A stray entry (not ours, not wanted) is removed too.
+        maps.vips.insert(vip("x", 9, &[]).key, VipInfo::default());
+        r.apply(&[vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
+        assert_eq!(maps.vips.keys().copied().collect::<Vec<_>>(), vec![vip("b", 2, &[]).key]);
+    }
+
+    #[test]
+    fn adopting_pinned_state_keeps_ids_and_tables() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        let want = [vip("a", 1, &[(1, 1), (2, 3)]), vip("b", 2, &[(3, 1)])];
+        r.apply(&want, &mut maps).unwrap();
+        let ids: Vec<(u32, u32)> = maps.vips.values().map(|v| (v.id, v.table)).collect();
+        let writes = maps.chunk_writes;
+
+        let mut adopted = Reconciler::adopt(G, &maps).unwrap();
+        adopted.apply(&want, &mut maps).unwrap();
+        assert_eq!(maps.chunk_writes, writes, "restart with the same config writes no table");
+        assert_eq!(maps.vips.values().map(|v| (v.id, v.table)).collect::<Vec<_>>(), ids);
+        assert_eq!(adopted.vips()[&want[0].key].name, "a");
+    }
+
+    #[test]
+    fn capacity_is_enforced_with_a_clear_error() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(Geometry { table_size: 251, max_vips: 1, max_backends: 3 });
+        let err = r.apply(&[vip("a", 1, &[]), vip("b", 2, &[])], &mut maps).unwrap_err();
+        assert!(err.to_string().contains("max_vips"), "{err}");
+        let mut r = Reconciler::new(Geometry { table_size: 251, max_vips: 1, max_backends: 3 });
+        let err = r.apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap_err();
+        assert!(err.to_string().contains("max_backends"), "{err}");
+    }
+
+    #[test]
+    fn unresolved_backends_stay_out_of_the_table() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        let mut want = vip("a", 1, &[(1, 1), (2, 1)]);
+        want.backends[1].mac = None;
+        r.apply(std::slice::from_ref(&want), &mut maps).unwrap();
+        assert!(live(&maps)[&want.key].iter().all(|a| *a == IpAddr::from([10, 0, 0, 1])));
+        want.backends[1].mac = Some([2, 0, 0, 0, 0, 2]);
+        r.apply(std::slice::from_ref(&want), &mut maps).unwrap();
+        assert_eq!(live(&maps)[&want.key], expected(&want));
     }
 }
