@@ -47,10 +47,9 @@ impl Reason {
     pub const fn action(self) -> Action {
         match self {
             Reason::Forwarded => Action::Tx,
-            Reason::PassNotIp
-            | Reason::PassNotVip
-            | Reason::PassFragment
-            | Reason::PassIpv6Ext => Action::Pass,
+            Reason::PassNotIp | Reason::PassNotVip | Reason::PassFragment | Reason::PassIpv6Ext => {
+                Action::Pass
+            }
             Reason::DropMalformed | Reason::DropNoBackend => Action::Drop,
         }
     }

@@ -27,8 +27,7 @@ pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(REASON_SL
 pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
 #[map(name = "BACKEND_STATS")]
-pub static BACKEND_STATS: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[unsafe(no_mangle)]
 pub static TABLE_SIZE: Global<u32> = Global::new(0);

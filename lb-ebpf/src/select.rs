@@ -13,7 +13,7 @@ pub struct Target {
 #[inline(always)]
 pub fn backend(flow: &FlowKey) -> Result<Target, Reason> {
     // SAFETY: the value is only read, and VIPS entries are replaced whole.
-    let vip = unsafe { VIPS.get(&flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
+    let vip = unsafe { VIPS.get(flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
     let slot = flow_hash(flow)
         .checked_rem(TABLE_SIZE.load())
         .ok_or(Reason::DropNoBackend)?;
@@ -23,9 +23,7 @@ pub fn backend(flow: &FlowKey) -> Result<Target, Reason> {
     if backend_id == NO_BACKEND {
         return Err(Reason::DropNoBackend);
     }
-    let backend = BACKENDS
-        .get(backend_id as u32)
-        .ok_or(Reason::DropNoBackend)?;
+    let backend = BACKENDS.get(backend_id as u32).ok_or(Reason::DropNoBackend)?;
     Ok(Target {
         vip_id: vip.id,
         backend_id,

@@ -152,11 +152,13 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        config.validate().map_err(|(field, message)| ConfigError::Invalid {
-            path: path.to_owned(),
-            field,
-            message,
-        })?;
+        config
+            .validate()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                field,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -363,20 +365,58 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
         let vip = |body: &str| format!("interface = \"eth0\"\n[[vip]]\n{body}\n");
         let base = "name = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"";
         let cases: Vec<(&str, String, &[&str])> = vec![
-            ("unknown top-level field", format!("{GOOD}\nbogus = 1"), &["unknown field `bogus`"]),
-            ("unknown vip field", vip(&format!("{base}\ncolour = \"red\"")), &["unknown field `colour`"]),
+            (
+                "unknown top-level field",
+                format!("{GOOD}\nbogus = 1"),
+                &["unknown field `bogus`"],
+            ),
+            (
+                "unknown vip field",
+                vip(&format!("{base}\ncolour = \"red\"")),
+                &["unknown field `colour`"],
+            ),
             (
                 "unknown backend field",
-                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\", mac = \"x\" }} ]")),
+                vip(&format!(
+                    "{base}\nbackends = [ {{ address = \"10.0.0.1\", mac = \"x\" }} ]"
+                )),
                 &["unknown field `mac`"],
             ),
-            ("missing name", vip("address = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\""), &["missing field `name`"]),
-            ("port of the wrong type", vip(&base.replace("port = 80", "port = \"80\"")), &["port", "invalid type"]),
-            ("port out of range", vip(&base.replace("port = 80", "port = 70000")), &["port"]),
-            ("port zero", vip(&base.replace("port = 80", "port = 0")), &["vip[0] (web).port"]),
-            ("bad address", vip(&base.replace("192.0.2.10", "192.0.2.300")), &["address", "invalid IP address"]),
-            ("unknown protocol", vip(&base.replace("\"tcp\"", "\"sctp\"")), &["unknown variant `sctp`"]),
-            ("tun not yet", vip(&format!("{base}\nforward = \"tun\"")), &["vip[0] (web).forward", "not supported yet"]),
+            (
+                "missing name",
+                vip("address = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\""),
+                &["missing field `name`"],
+            ),
+            (
+                "port of the wrong type",
+                vip(&base.replace("port = 80", "port = \"80\"")),
+                &["port", "invalid type"],
+            ),
+            (
+                "port out of range",
+                vip(&base.replace("port = 80", "port = 70000")),
+                &["port"],
+            ),
+            (
+                "port zero",
+                vip(&base.replace("port = 80", "port = 0")),
+                &["vip[0] (web).port"],
+            ),
+            (
+                "bad address",
+                vip(&base.replace("192.0.2.10", "192.0.2.300")),
+                &["address", "invalid IP address"],
+            ),
+            (
+                "unknown protocol",
+                vip(&base.replace("\"tcp\"", "\"sctp\"")),
+                &["unknown variant `sctp`"],
+            ),
+            (
+                "tun not yet",
+                vip(&format!("{base}\nforward = \"tun\"")),
+                &["vip[0] (web).forward", "not supported yet"],
+            ),
             (
                 "family mismatch",
                 vip(&format!("{base}\nbackends = [ {{ address = \"fd00::1\" }} ]")),
@@ -384,17 +424,23 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
             ),
             (
                 "duplicate backend",
-                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\" }}, {{ address = \"10.0.0.1\" }} ]")),
+                vip(&format!(
+                    "{base}\nbackends = [ {{ address = \"10.0.0.1\" }}, {{ address = \"10.0.0.1\" }} ]"
+                )),
                 &["backends[1].address", "duplicate backend"],
             ),
             (
                 "weight too large",
-                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\", weight = 10001 }} ]")),
+                vip(&format!(
+                    "{base}\nbackends = [ {{ address = \"10.0.0.1\", weight = 10001 }} ]"
+                )),
                 &["backends[0].weight"],
             ),
             (
                 "negative weight",
-                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\", weight = -1 }} ]")),
+                vip(&format!(
+                    "{base}\nbackends = [ {{ address = \"10.0.0.1\", weight = -1 }} ]"
+                )),
                 &["weight"],
             ),
             (
@@ -402,19 +448,54 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
                 vip(&format!("{base}\nbackends = [ {{ address = \"127.0.0.1\" }} ]")),
                 &["backends[0].address", "not a unicast host address"],
             ),
-            ("duplicate vip name", format!("{GOOD}\n[[vip]]\n{}", base.replace("port = 80", "port = 81")), &["vip[1].name", "duplicate VIP name"]),
+            (
+                "duplicate vip name",
+                format!("{GOOD}\n[[vip]]\n{}", base.replace("port = 80", "port = 81")),
+                &["vip[1].name", "duplicate VIP name"],
+            ),
             (
                 "same address, port and protocol twice",
                 format!("{GOOD}\n[[vip]]\n{}", base.replace("\"web\"", "\"web2\"")),
                 &["vip[1] (web2).address", "duplicate VIP", "also VIP \"web\""],
             ),
-            ("table size not prime", format!("table_size = 65536\n{GOOD}"), &["table_size", "prime"]),
-            ("table size too large", format!("table_size = 2147483647\n{GOOD}"), &["table_size"]),
-            ("max_vips too small", format!("max_vips = 0\n{GOOD}"), &["max_vips"]),
-            ("more vips than max_vips", format!("max_vips = 1\n{GOOD}\n[[vip]]\n{}", base.replace("\"web\"", "\"b\"").replace("80", "81")), &["vip", "max_vips = 1"]),
-            ("backends over max_backends", format!("max_backends = 2\n{GOOD}"), &["max_backends"]),
-            ("bad interface name", GOOD.replace("eth0", "a-name-longer-than-15"), &["interface"]),
-            ("unknown xdp_mode", format!("xdp_mode = \"turbo\"\n{GOOD}"), &["unknown variant `turbo`"]),
+            (
+                "table size not prime",
+                format!("table_size = 65536\n{GOOD}"),
+                &["table_size", "prime"],
+            ),
+            (
+                "table size too large",
+                format!("table_size = 2147483647\n{GOOD}"),
+                &["table_size"],
+            ),
+            (
+                "max_vips too small",
+                format!("max_vips = 0\n{GOOD}"),
+                &["max_vips"],
+            ),
+            (
+                "more vips than max_vips",
+                format!(
+                    "max_vips = 1\n{GOOD}\n[[vip]]\n{}",
+                    base.replace("\"web\"", "\"b\"").replace("80", "81")
+                ),
+                &["vip", "max_vips = 1"],
+            ),
+            (
+                "backends over max_backends",
+                format!("max_backends = 2\n{GOOD}"),
+                &["max_backends"],
+            ),
+            (
+                "bad interface name",
+                GOOD.replace("eth0", "a-name-longer-than-15"),
+                &["interface"],
+            ),
+            (
+                "unknown xdp_mode",
+                format!("xdp_mode = \"turbo\"\n{GOOD}"),
+                &["unknown variant `turbo`"],
+            ),
         ];
         let mut failures = Vec::new();
         for (name, text, needles) in cases {

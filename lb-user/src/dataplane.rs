@@ -12,8 +12,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
-    BackendId, BackendInfo, Counter, MAGLEV_LANES, MaglevChunk, Meta, REASON_SLOTS, VipInfo,
-    VipKey, limits::TABLES_PER_VIP, maps,
+    BackendId, BackendInfo, Counter, MAGLEV_LANES, MaglevChunk, Meta, REASON_SLOTS, VipInfo, VipKey,
+    limits::TABLES_PER_VIP, maps,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +173,9 @@ impl KernelMaps {
 
 impl MapWriter for KernelMaps {
     fn put_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
-        self.vips.insert(key, info, 0).map_err(map_err(maps::VIPS, "write"))
+        self.vips
+            .insert(key, info, 0)
+            .map_err(map_err(maps::VIPS, "write"))
     }
 
     fn delete_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
@@ -269,7 +271,12 @@ impl MemoryMaps {
         let chunks = geometry.table_chunks();
         Some(
             (0..chunks)
-                .flat_map(|c| self.chunks.get(&(info.table * chunks + c)).copied().unwrap_or_default())
+                .flat_map(|c| {
+                    self.chunks
+                        .get(&(info.table * chunks + c))
+                        .copied()
+                        .unwrap_or_default()
+                })
                 .take(geometry.table_size as usize)
                 .collect(),
         )

@@ -9,8 +9,7 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode},
 };
 
-pub static AUX_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf-aux"));
+pub static AUX_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf-aux"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum HelperError {

@@ -134,12 +134,18 @@ pub fn load(
         source,
     })?;
     if !on_bpffs(pin_dir) {
-        return Err(LoaderError::NotBpffs { path: pin_dir.to_owned() });
+        return Err(LoaderError::NotBpffs {
+            path: pin_dir.to_owned(),
+        });
     }
     let adopted = check_pinned(pin_dir, geometry)?;
 
     let mut ebpf = load_program(Some(pin_dir), geometry, iface.mac)?;
-    let program: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded").try_into().expect("XDP");
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM)
+        .expect("loaded")
+        .try_into()
+        .expect("XDP");
 
     let link_pin = pin_dir.join(LINK_PIN);
     let mode = attach(program, iface, &link_pin, mode)?;
@@ -166,11 +172,7 @@ pub fn load_detached(geometry: Geometry, iface_mac: [u8; 6]) -> Result<(Ebpf, Ke
 
 /// Sizes the maps (pinned under `pin_dir` if given), sets the globals, and
 /// loads program `xlb` into the kernel.
-fn load_program(
-    pin_dir: Option<&Path>,
-    geometry: Geometry,
-    iface_mac: [u8; 6],
-) -> Result<Ebpf, LoaderError> {
+fn load_program(pin_dir: Option<&Path>, geometry: Geometry, iface_mac: [u8; 6]) -> Result<Ebpf, LoaderError> {
     let pins: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => maps::ALL.iter().map(|m| (*m, dir.join(m))).collect(),
         None => Vec::new(),
@@ -318,7 +320,13 @@ fn ensure_bpffs() -> Result<(), LoaderError> {
     }
     // SAFETY: constant NUL-terminated strings; no data argument.
     let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(LoaderError::Mount(std::io::Error::last_os_error()));

@@ -85,14 +85,20 @@ mod tests {
     const M: u32 = 65_537;
 
     fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)).collect()
+        (0..n)
+            .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
+            .collect()
     }
 
     fn equal(names: &[String]) -> Vec<Entry<'_>> {
         names
             .iter()
             .enumerate()
-            .map(|(i, n)| Entry { identity: n, id: i as BackendId + 1, weight: 1 })
+            .map(|(i, n)| Entry {
+                identity: n,
+                id: i as BackendId + 1,
+                weight: 1,
+            })
             .collect()
     }
 

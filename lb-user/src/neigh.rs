@@ -63,13 +63,20 @@ pub fn connect() -> Result<Handle, NetError> {
 }
 
 pub async fn interface(handle: &Handle, name: &str) -> Result<Interface, NetError> {
-    let no_interface = || NetError::NoInterface { name: name.to_owned() };
+    let no_interface = || NetError::NoInterface {
+        name: name.to_owned(),
+    };
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     let link = match links.try_next().await {
         Ok(Some(link)) => link,
         // The kernel answers ENODEV for an unknown name.
         Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Err(no_interface()),
-        Err(source) => return Err(NetError::Netlink { op: "link get", source }),
+        Err(source) => {
+            return Err(NetError::Netlink {
+                op: "link get",
+                source,
+            });
+        }
     };
     let mac = link
         .attributes
@@ -78,7 +85,9 @@ pub async fn interface(handle: &Handle, name: &str) -> Result<Interface, NetErro
             LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
             _ => None,
         })
-        .ok_or_else(|| NetError::NoMac { name: name.to_owned() })?;
+        .ok_or_else(|| NetError::NoMac {
+            name: name.to_owned(),
+        })?;
     let xdp_prog_id = link.attributes.iter().find_map(|a| match a {
         LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
             LinkXdp::ProgId(id) if *id != 0 => Some(*id),
@@ -106,10 +115,7 @@ impl Neighbours {
 
     /// The MAC of every address in `wanted` that has one, soliciting those
     /// that do not (and stale ones now and then). Call it periodically.
-    pub async fn refresh(
-        &mut self,
-        wanted: &[IpAddr],
-    ) -> Result<HashMap<IpAddr, [u8; 6]>, NetError> {
+    pub async fn refresh(&mut self, wanted: &[IpAddr]) -> Result<HashMap<IpAddr, [u8; 6]>, NetError> {
         let table = self.dump().await?;
         let now = Instant::now();
         for &addr in wanted {
@@ -159,11 +165,10 @@ impl Neighbours {
     async fn dump(&self) -> Result<HashMap<IpAddr, ([u8; 6], NeighbourState)>, NetError> {
         let mut table = HashMap::new();
         let mut stream = self.handle.neighbours().get().execute();
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .map_err(|source| NetError::Netlink { op: "neighbour dump", source })?
-        {
+        while let Some(msg) = stream.try_next().await.map_err(|source| NetError::Netlink {
+            op: "neighbour dump",
+            source,
+        })? {
             if msg.header.ifindex != self.ifindex {
                 continue;
             }
@@ -198,6 +203,9 @@ impl Neighbours {
             .replace()
             .execute()
             .await
-            .map_err(|source| NetError::Netlink { op: "neighbour solicit", source })
+            .map_err(|source| NetError::Netlink {
+                op: "neighbour solicit",
+                source,
+            })
     }
 }

@@ -192,11 +192,7 @@ impl Reconciler {
 
     /// Makes the maps match `desired`. On error the next call rewrites
     /// everything, whatever failed half-way.
-    pub fn apply(
-        &mut self,
-        desired: &[DesiredVip],
-        maps: &mut impl MapWriter,
-    ) -> Result<(), ReconcileError> {
+    pub fn apply(&mut self, desired: &[DesiredVip], maps: &mut impl MapWriter) -> Result<(), ReconcileError> {
         if std::mem::take(&mut self.resync) {
             for vip in self.vips.values_mut() {
                 vip.tables = [None, None];
@@ -208,19 +204,22 @@ impl Reconciler {
         result
     }
 
-    fn apply_all(
-        &mut self,
-        desired: &[DesiredVip],
-        maps: &mut impl MapWriter,
-    ) -> Result<(), ReconcileError> {
+    fn apply_all(&mut self, desired: &[DesiredVip], maps: &mut impl MapWriter) -> Result<(), ReconcileError> {
         let wanted: BTreeSet<VipKey> = desired.iter().map(|v| v.key).collect();
-        let gone: Vec<VipKey> = self.vips.keys().filter(|k| !wanted.contains(k)).copied().collect();
+        let gone: Vec<VipKey> = self
+            .vips
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
         for key in gone {
             maps.delete_vip(&key)?;
             if let Some(vip) = self.vips.remove(&key) {
                 info!(vip = %vip.name, address = %describe(&key), "VIP removed");
                 self.vip_ids.release(vip.id);
-                vip.backends.values().for_each(|b| self.backend_ids.release(b.id as u32));
+                vip.backends
+                    .values()
+                    .for_each(|b| self.backend_ids.release(b.id as u32));
             }
         }
         for key in maps.vip_keys()? {
@@ -257,7 +256,12 @@ impl Reconciler {
         vip.name.clone_from(&want.name);
 
         let wanted: BTreeSet<IpAddr> = want.backends.iter().map(|b| b.addr).collect();
-        let leaving: Vec<IpAddr> = vip.backends.keys().filter(|a| !wanted.contains(a)).copied().collect();
+        let leaving: Vec<IpAddr> = vip
+            .backends
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
         for b in &want.backends {
             let state = match vip.backends.get_mut(&b.addr) {
                 Some(state) => state,
@@ -289,15 +293,24 @@ impl Reconciler {
             state.weight_known = true;
             if state.mac != b.mac {
                 match b.mac {
-                    Some(mac) => info!(vip = %vip.name, backend = %b.addr, mac = %addr::format_mac(&mac), "backend MAC resolved"),
-                    None => warn!(vip = %vip.name, backend = %b.addr, "backend MAC unresolved: out of the table until it resolves"),
+                    Some(mac) => {
+                        info!(vip = %vip.name, backend = %b.addr, mac = %addr::format_mac(&mac), "backend MAC resolved")
+                    }
+                    None => {
+                        warn!(vip = %vip.name, backend = %b.addr, "backend MAC unresolved: out of the table until it resolves")
+                    }
                 }
                 state.mac = b.mac;
                 state.written = false;
             }
             if !state.written {
                 let (bytes, family) = addr::to_bytes(b.addr);
-                let info = BackendInfo { addr: bytes, mac: state.mac.unwrap_or_default(), family, _pad: 0 };
+                let info = BackendInfo {
+                    addr: bytes,
+                    mac: state.mac.unwrap_or_default(),
+                    family,
+                    _pad: 0,
+                };
                 maps.put_backend(state.id, &info)?;
                 state.written = true;
             }
@@ -311,7 +324,11 @@ impl Reconciler {
             .collect();
         let entries: Vec<maglev::Entry<'_>> = names
             .iter()
-            .map(|(identity, id, weight)| maglev::Entry { identity, id: *id, weight: *weight })
+            .map(|(identity, id, weight)| maglev::Entry {
+                identity,
+                id: *id,
+                weight: *weight,
+            })
             .collect();
         let table = maglev::build(&entries, self.geometry.table_size);
 
@@ -319,8 +336,19 @@ impl Reconciler {
         if !unchanged {
             let target = 1 - vip.live;
             let previous = vip.tables[target as usize].take();
-            write_table(maps, &self.geometry, vip.id * 2 + target, &table, previous.as_deref())?;
-            let info = VipInfo { id: vip.id, table: vip.id * 2 + target, mode: want.mode, _pad: [0; 3] };
+            write_table(
+                maps,
+                &self.geometry,
+                vip.id * 2 + target,
+                &table,
+                previous.as_deref(),
+            )?;
+            let info = VipInfo {
+                id: vip.id,
+                table: vip.id * 2 + target,
+                mode: want.mode,
+                _pad: [0; 3],
+            };
             maps.put_vip(&want.key, &info)?;
             vip.tables[target as usize] = Some(table);
             vip.live = target;
@@ -391,7 +419,11 @@ mod tests {
     use super::*;
     use crate::dataplane::MemoryMaps;
 
-    const G: Geometry = Geometry { table_size: 251, max_vips: 4, max_backends: 16 };
+    const G: Geometry = Geometry {
+        table_size: 251,
+        max_vips: 4,
+        max_backends: 16,
+    };
 
     fn vip(name: &str, last: u8, backends: &[(u8, u32)]) -> DesiredVip {
         DesiredVip {
@@ -434,7 +466,11 @@ mod tests {
             .iter()
             .zip(&names)
             .enumerate()
-            .map(|(i, (b, n))| maglev::Entry { identity: n, id: i as BackendId + 1, weight: b.weight })
+            .map(|(i, (b, n))| maglev::Entry {
+                identity: n,
+                id: i as BackendId + 1,
+                weight: b.weight,
+            })
             .collect();
         maglev::build(&entries, G.table_size)
             .iter()
@@ -461,7 +497,8 @@ mod tests {
     fn a_change_goes_to_the_other_table_then_flips() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(G);
-        r.apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap();
+        r.apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps)
+            .unwrap();
         let key = vip("a", 1, &[]).key;
         let first = maps.vips[&key];
         let changed = vip("a", 1, &[(1, 1), (2, 1), (3, 2)]);
@@ -472,9 +509,13 @@ mod tests {
         assert_eq!(live(&maps)[&key], expected(&changed));
         // Back again: the first table is rewritten only where it differs.
         let before = maps.chunk_writes;
-        r.apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap();
+        r.apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps)
+            .unwrap();
         assert_eq!(maps.vips[&key].table, first.table);
-        assert!(maps.chunk_writes - before < G.table_chunks() as usize / 2, "diff, not a full rewrite");
+        assert!(
+            maps.chunk_writes - before < G.table_chunks() as usize / 2,
+            "diff, not a full rewrite"
+        );
     }
 
     #[test]
@@ -495,17 +536,32 @@ mod tests {
     fn removed_vips_leave_the_maps_and_ids_are_reused_last() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(G);
-        r.apply(&[vip("a", 1, &[(1, 1)]), vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
-        let a_backend = r.vips()[&vip("a", 1, &[]).key].backends.values().next().unwrap().id;
+        r.apply(&[vip("a", 1, &[(1, 1)]), vip("b", 2, &[(2, 1)])], &mut maps)
+            .unwrap();
+        let a_backend = r.vips()[&vip("a", 1, &[]).key]
+            .backends
+            .values()
+            .next()
+            .unwrap()
+            .id;
         r.apply(&[vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
         assert_eq!(maps.vips.len(), 1);
-        r.apply(&[vip("b", 2, &[(2, 1)]), vip("c", 3, &[(5, 1)])], &mut maps).unwrap();
-        let c_backend = r.vips()[&vip("c", 3, &[]).key].backends.values().next().unwrap().id;
+        r.apply(&[vip("b", 2, &[(2, 1)]), vip("c", 3, &[(5, 1)])], &mut maps)
+            .unwrap();
+        let c_backend = r.vips()[&vip("c", 3, &[]).key]
+            .backends
+            .values()
+            .next()
+            .unwrap()
+            .id;
         assert_ne!(c_backend, a_backend, "a just-freed id is not handed out first");
         // A stray entry (not ours, not wanted) is removed too.
         maps.vips.insert(vip("x", 9, &[]).key, VipInfo::default());
         r.apply(&[vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
-        assert_eq!(maps.vips.keys().copied().collect::<Vec<_>>(), vec![vip("b", 2, &[]).key]);
+        assert_eq!(
+            maps.vips.keys().copied().collect::<Vec<_>>(),
+            vec![vip("b", 2, &[]).key]
+        );
     }
 
     #[test]
@@ -519,19 +575,37 @@ mod tests {
 
         let mut adopted = Reconciler::adopt(G, &maps).unwrap();
         adopted.apply(&want, &mut maps).unwrap();
-        assert_eq!(maps.chunk_writes, writes, "restart with the same config writes no table");
-        assert_eq!(maps.vips.values().map(|v| (v.id, v.table)).collect::<Vec<_>>(), ids);
+        assert_eq!(
+            maps.chunk_writes, writes,
+            "restart with the same config writes no table"
+        );
+        assert_eq!(
+            maps.vips.values().map(|v| (v.id, v.table)).collect::<Vec<_>>(),
+            ids
+        );
         assert_eq!(adopted.vips()[&want[0].key].name, "a");
     }
 
     #[test]
     fn capacity_is_enforced_with_a_clear_error() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(Geometry { table_size: 251, max_vips: 1, max_backends: 3 });
-        let err = r.apply(&[vip("a", 1, &[]), vip("b", 2, &[])], &mut maps).unwrap_err();
+        let mut r = Reconciler::new(Geometry {
+            table_size: 251,
+            max_vips: 1,
+            max_backends: 3,
+        });
+        let err = r
+            .apply(&[vip("a", 1, &[]), vip("b", 2, &[])], &mut maps)
+            .unwrap_err();
         assert!(err.to_string().contains("max_vips"), "{err}");
-        let mut r = Reconciler::new(Geometry { table_size: 251, max_vips: 1, max_backends: 3 });
-        let err = r.apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap_err();
+        let mut r = Reconciler::new(Geometry {
+            table_size: 251,
+            max_vips: 1,
+            max_backends: 3,
+        });
+        let err = r
+            .apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps)
+            .unwrap_err();
         assert!(err.to_string().contains("max_backends"), "{err}");
     }
 
@@ -542,7 +616,11 @@ mod tests {
         let mut want = vip("a", 1, &[(1, 1), (2, 1)]);
         want.backends[1].mac = None;
         r.apply(std::slice::from_ref(&want), &mut maps).unwrap();
-        assert!(live(&maps)[&want.key].iter().all(|a| *a == IpAddr::from([10, 0, 0, 1])));
+        assert!(
+            live(&maps)[&want.key]
+                .iter()
+                .all(|a| *a == IpAddr::from([10, 0, 0, 1]))
+        );
         want.backends[1].mac = Some([2, 0, 0, 0, 0, 2]);
         r.apply(std::slice::from_ref(&want), &mut maps).unwrap();
         assert_eq!(live(&maps)[&want.key], expected(&want));

@@ -38,7 +38,10 @@ impl Daemon {
     }
 
     fn spawn(&mut self, ns: &Netns) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let child = Command::new("nsenter")
             .arg(format!("--net={}", ns.path().display()))
             .arg(cmd::xlb_bin())
@@ -78,7 +81,10 @@ impl Daemon {
     /// `xlb status --json` for this daemon's interface.
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
         let bin = cmd::xlb_bin();
-        let out = cmd::run(bin.to_str().expect("utf-8 path"), &["status", "--json", "--interface", &self.interface])?;
+        let out = cmd::run(
+            bin.to_str().expect("utf-8 path"),
+            &["status", "--json", "--interface", &self.interface],
+        )?;
         Ok(serde_json::from_str(&out)?)
     }
 
@@ -133,7 +139,10 @@ impl Drop for Daemon {
             eprintln!("--- xlb log ---\n{}--- end of xlb log ---", self.log());
         }
         let bin = cmd::xlb_bin();
-        if let Err(e) = cmd::run(bin.to_str().expect("utf-8 path"), &["detach", "--interface", &self.interface]) {
+        if let Err(e) = cmd::run(
+            bin.to_str().expect("utf-8 path"),
+            &["detach", "--interface", &self.interface],
+        ) {
             eprintln!("teardown: {e}");
         }
         let _ = std::fs::remove_dir_all(&self.dir);

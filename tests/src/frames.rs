@@ -21,7 +21,10 @@ pub fn eth(ether_type: u16) -> Vec<u8> {
 /// Inserts an 802.1Q tag (VLAN `vid`) after the MAC addresses.
 pub fn vlan(mut frame: Vec<u8>, vid: u16) -> Vec<u8> {
     let inner = [frame[12], frame[13]];
-    frame.splice(12..14, [0x81, 0x00, (vid >> 8) as u8, vid as u8, inner[0], inner[1]]);
+    frame.splice(
+        12..14,
+        [0x81, 0x00, (vid >> 8) as u8, vid as u8, inner[0], inner[1]],
+    );
     frame
 }
 
@@ -38,7 +41,14 @@ pub fn checksum(bytes: &[u8]) -> u16 {
 
 /// IPv4 header with `options` (a multiple of 4 bytes) and the given
 /// payload length; `frag` is the flags+offset field.
-pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, options: &[u8], payload_len: usize, frag: u16) -> Vec<u8> {
+pub fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    options: &[u8],
+    payload_len: usize,
+    frag: u16,
+) -> Vec<u8> {
     assert_eq!(options.len() % 4, 0);
     let ihl = 5 + options.len() / 4;
     let total = (ihl * 4 + payload_len) as u16;

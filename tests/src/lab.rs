@@ -46,7 +46,10 @@ pub struct Lab {
     pub lb_if: String,
 }
 
-const NO_DAD: &[&str] = &["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"];
+const NO_DAD: &[&str] = &[
+    "net.ipv6.conf.all.accept_dad=0",
+    "net.ipv6.conf.default.accept_dad=0",
+];
 
 fn host(name: &str) -> anyhow::Result<Netns> {
     let ns = Netns::new(name)?;
@@ -55,7 +58,14 @@ fn host(name: &str) -> anyhow::Result<Netns> {
 }
 
 /// Adds interface `ifname` in `ns`, its peer `peer` on the bridge, with addresses.
-fn plug(bridge: &Netns, ns: &Netns, ifname: &str, peer: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> anyhow::Result<()> {
+fn plug(
+    bridge: &Netns,
+    ns: &Netns,
+    ifname: &str,
+    peer: &str,
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+) -> anyhow::Result<()> {
     crate::cmd::ip(&format!(
         "link add {ifname} netns {} type veth peer name {peer} netns {}",
         ns.name, bridge.name
@@ -106,7 +116,14 @@ impl Lab {
         }
         // A veth delivers XDP_TX frames only to a peer running XDP.
         let pass = helpers::attach("xdp_pass", "lb", Some(&bridge.path()))?;
-        Ok(Lab { _pass: pass, backends: list, lb, client, bridge, lb_if })
+        Ok(Lab {
+            _pass: pass,
+            backends: list,
+            lb,
+            client,
+            bridge,
+            lb_if,
+        })
     }
 
     /// A config for this lab: `vips` is the TOML of the [[vip]] tables.

@@ -24,5 +24,8 @@ pub fn unique_id() -> u32 {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test needs root (BPF, network namespaces): run `cargo xtask test` as root");
+    assert_eq!(
+        euid, 0,
+        "this test needs root (BPF, network namespaces): run `cargo xtask test` as root"
+    );
 }

@@ -1,10 +1,6 @@
 //! Network namespace guards.
 
-use std::{
-    fs::File,
-    os::fd::AsRawFd as _,
-    path::PathBuf,
-};
+use std::{fs::File, os::fd::AsRawFd as _, path::PathBuf};
 
 use anyhow::Context as _;
 
@@ -19,7 +15,9 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         cmd::ip(&format!("netns add {name}"))?;
-        let ns = Netns { name: name.to_owned() };
+        let ns = Netns {
+            name: name.to_owned(),
+        };
         ns.ip("link set lo up")?;
         Ok(ns)
     }

@@ -32,7 +32,11 @@ impl Plane {
     pub fn new(geometry: Geometry) -> anyhow::Result<Plane> {
         crate::require_root();
         let (ebpf, maps) = loader::load_detached(geometry, LB_MAC)?;
-        Ok(Plane { ebpf, maps, reconciler: Reconciler::new(geometry) })
+        Ok(Plane {
+            ebpf,
+            maps,
+            reconciler: Reconciler::new(geometry),
+        })
     }
 
     pub fn apply(&mut self, desired: &[DesiredVip]) -> anyhow::Result<()> {
@@ -57,7 +61,10 @@ impl Plane {
             ..TestRunOptions::default()
         })?;
         out.truncate(result.data_size_out as usize);
-        Ok(Outcome { action: result.return_value, frame: out })
+        Ok(Outcome {
+            action: result.return_value,
+            frame: out,
+        })
     }
 
     pub fn reason(&self, reason: Reason) -> anyhow::Result<Counter> {

@@ -24,19 +24,34 @@ fn backends(addrs: &[IpAddr]) -> Vec<DesiredBackend> {
     addrs
         .iter()
         .enumerate()
-        .map(|(i, a)| DesiredBackend { addr: *a, weight: 1, mac: Some([0x02, 0, 0, 0, 1, i as u8 + 1]) })
+        .map(|(i, a)| DesiredBackend {
+            addr: *a,
+            weight: 1,
+            mac: Some([0x02, 0, 0, 0, 1, i as u8 + 1]),
+        })
         .collect()
 }
 
 fn vip(name: &str, addr: IpAddr, port: u16, proto: u8, backends: Vec<DesiredBackend>) -> DesiredVip {
-    DesiredVip { name: name.into(), key: addr::vip_key(addr, port, proto), mode: MODE_DR, backends }
+    DesiredVip {
+        name: name.into(),
+        key: addr::vip_key(addr, port, proto),
+        mode: MODE_DR,
+        backends,
+    }
 }
 
 fn plane() -> Plane {
-    let geometry = Geometry { table_size: 65_537, max_vips: 8, max_backends: 64 };
+    let geometry = Geometry {
+        table_size: 65_537,
+        max_vips: 8,
+        max_backends: 64,
+    };
     let mut plane = Plane::new(geometry).expect("load program xlb");
     let v4: Vec<IpAddr> = (11..14).map(|i| IpAddr::from([10, 0, 0, i])).collect();
-    let v6: Vec<IpAddr> = (0x11..0x14).map(|i| IpAddr::from(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))).collect();
+    let v6: Vec<IpAddr> = (0x11..0x14)
+        .map(|i| IpAddr::from(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i)))
+        .collect();
     plane
         .apply(&[
             vip("web4", VIP4.into(), 80, PROTO_TCP, backends(&v4)),
@@ -49,7 +64,13 @@ fn plane() -> Plane {
 }
 
 fn flow4(proto: u8, sport: u16, dst: Ipv4Addr, dport: u16) -> FlowKey {
-    let mut f = FlowKey { proto, family: FAMILY_V4, sport_be: sport.to_be(), dport_be: dport.to_be(), ..FlowKey::default() };
+    let mut f = FlowKey {
+        proto,
+        family: FAMILY_V4,
+        sport_be: sport.to_be(),
+        dport_be: dport.to_be(),
+        ..FlowKey::default()
+    };
     f.src[..4].copy_from_slice(&CLIENT4.octets());
     f.dst[..4].copy_from_slice(&dst.octets());
     f
@@ -87,7 +108,14 @@ fn cases() -> Vec<Case> {
     use Expect::*;
     let syn = tcp(40000, 80, TCP_SYN, b"");
     let mut with_options = eth(ETH_P_IP);
-    with_options.extend(ipv4(CLIENT4, VIP4, PROTO_TCP, &[1, 1, 1, 0, 0x44, 4, 5, 0, 1, 1, 1, 1], syn.len(), 0));
+    with_options.extend(ipv4(
+        CLIENT4,
+        VIP4,
+        PROTO_TCP,
+        &[1, 1, 1, 0, 0x44, 4, 5, 0, 1, 1, 1, 1],
+        syn.len(),
+        0,
+    ));
     with_options.extend_from_slice(&syn);
     let mut bad_ihl = tcp4(40001, VIP4, 80);
     bad_ihl[14] = 0x44;
@@ -111,10 +139,19 @@ fn cases() -> Vec<Case> {
     truncated_tcp[16..18].copy_from_slice(&30u16.to_be_bytes());
 
     vec![
-        Case { name: "ipv4 tcp syn to vip", frame: tcp4(40000, VIP4, 80), expect: Forward(flow4(PROTO_TCP, 40000, VIP4, 80)) },
+        Case {
+            name: "ipv4 tcp syn to vip",
+            frame: tcp4(40000, VIP4, 80),
+            expect: Forward(flow4(PROTO_TCP, 40000, VIP4, 80)),
+        },
         Case {
             name: "ipv4 tcp data to vip",
-            frame: v4_frame(CLIENT4, VIP4, PROTO_TCP, &tcp(40100, 80, TCP_ACK, b"GET / HTTP/1.1\r\n\r\n")),
+            frame: v4_frame(
+                CLIENT4,
+                VIP4,
+                PROTO_TCP,
+                &tcp(40100, 80, TCP_ACK, b"GET / HTTP/1.1\r\n\r\n"),
+            ),
             expect: Forward(flow4(PROTO_TCP, 40100, VIP4, 80)),
         },
         Case {
@@ -127,9 +164,21 @@ fn cases() -> Vec<Case> {
             frame: v6_frame(CLIENT6, VIP6, PROTO_TCP, &tcp(40200, 80, TCP_SYN, b"")),
             expect: Forward(flow6(PROTO_TCP, 40200, 80)),
         },
-        Case { name: "802.1q tagged ipv4 tcp to vip", frame: vlan(tcp4(40300, VIP4, 80), 42), expect: Forward(flow4(PROTO_TCP, 40300, VIP4, 80)) },
-        Case { name: "ipv4 with options (ihl 8) to vip", frame: with_options, expect: Forward(flow4(PROTO_TCP, 40000, VIP4, 80)) },
-        Case { name: "vip address, other port", frame: tcp4(40400, VIP4, 81), expect: Verdict(XDP_PASS, Reason::PassNotVip) },
+        Case {
+            name: "802.1q tagged ipv4 tcp to vip",
+            frame: vlan(tcp4(40300, VIP4, 80), 42),
+            expect: Forward(flow4(PROTO_TCP, 40300, VIP4, 80)),
+        },
+        Case {
+            name: "ipv4 with options (ihl 8) to vip",
+            frame: with_options,
+            expect: Forward(flow4(PROTO_TCP, 40000, VIP4, 80)),
+        },
+        Case {
+            name: "vip address, other port",
+            frame: tcp4(40400, VIP4, 81),
+            expect: Verdict(XDP_PASS, Reason::PassNotVip),
+        },
         Case {
             name: "udp to a tcp vip's port",
             frame: v4_frame(CLIENT4, VIP4, PROTO_UDP, &udp(5000, 80, b"x")),
@@ -140,17 +189,65 @@ fn cases() -> Vec<Case> {
             frame: v4_frame(CLIENT4, VIP4, 1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0]),
             expect: Verdict(XDP_PASS, Reason::PassNotVip),
         },
-        Case { name: "tcp to another host", frame: tcp4(40500, Ipv4Addr::new(10, 0, 0, 2), 22), expect: Verdict(XDP_PASS, Reason::PassNotVip) },
-        Case { name: "arp", frame: arp, expect: Verdict(XDP_PASS, Reason::PassNotIp) },
-        Case { name: "lldp ethertype", frame: { let mut f = eth(0x88cc); f.extend_from_slice(&[0; 46]); f }, expect: Verdict(XDP_PASS, Reason::PassNotIp) },
-        Case { name: "ipv4 ihl below 5", frame: bad_ihl, expect: Verdict(XDP_DROP, Reason::DropMalformed) },
-        Case { name: "ipv4 total length past the frame", frame: long_total, expect: Verdict(XDP_DROP, Reason::DropMalformed) },
-        Case { name: "tcp header cut short", frame: truncated_tcp, expect: Verdict(XDP_DROP, Reason::DropMalformed) },
-        Case { name: "ipv4 header cut short", frame: tcp4(40600, VIP4, 80)[..24].to_vec(), expect: Verdict(XDP_DROP, Reason::DropMalformed) },
-        Case { name: "first fragment", frame: first_fragment, expect: Verdict(XDP_PASS, Reason::PassFragment) },
-        Case { name: "later fragment", frame: later_fragment, expect: Verdict(XDP_PASS, Reason::PassFragment) },
-        Case { name: "ipv6 hop-by-hop before tcp", frame: hop_by_hop, expect: Verdict(XDP_PASS, Reason::PassIpv6Ext) },
-        Case { name: "vip without backends", frame: tcp4(40700, EMPTY_VIP4, 80), expect: Verdict(XDP_DROP, Reason::DropNoBackend) },
+        Case {
+            name: "tcp to another host",
+            frame: tcp4(40500, Ipv4Addr::new(10, 0, 0, 2), 22),
+            expect: Verdict(XDP_PASS, Reason::PassNotVip),
+        },
+        Case {
+            name: "arp",
+            frame: arp,
+            expect: Verdict(XDP_PASS, Reason::PassNotIp),
+        },
+        Case {
+            name: "lldp ethertype",
+            frame: {
+                let mut f = eth(0x88cc);
+                f.extend_from_slice(&[0; 46]);
+                f
+            },
+            expect: Verdict(XDP_PASS, Reason::PassNotIp),
+        },
+        Case {
+            name: "ipv4 ihl below 5",
+            frame: bad_ihl,
+            expect: Verdict(XDP_DROP, Reason::DropMalformed),
+        },
+        Case {
+            name: "ipv4 total length past the frame",
+            frame: long_total,
+            expect: Verdict(XDP_DROP, Reason::DropMalformed),
+        },
+        Case {
+            name: "tcp header cut short",
+            frame: truncated_tcp,
+            expect: Verdict(XDP_DROP, Reason::DropMalformed),
+        },
+        Case {
+            name: "ipv4 header cut short",
+            frame: tcp4(40600, VIP4, 80)[..24].to_vec(),
+            expect: Verdict(XDP_DROP, Reason::DropMalformed),
+        },
+        Case {
+            name: "first fragment",
+            frame: first_fragment,
+            expect: Verdict(XDP_PASS, Reason::PassFragment),
+        },
+        Case {
+            name: "later fragment",
+            frame: later_fragment,
+            expect: Verdict(XDP_PASS, Reason::PassFragment),
+        },
+        Case {
+            name: "ipv6 hop-by-hop before tcp",
+            frame: hop_by_hop,
+            expect: Verdict(XDP_PASS, Reason::PassIpv6Ext),
+        },
+        Case {
+            name: "vip without backends",
+            frame: tcp4(40700, EMPTY_VIP4, 80),
+            expect: Verdict(XDP_DROP, Reason::DropNoBackend),
+        },
     ]
 }
 
@@ -161,13 +258,27 @@ fn frames_get_the_expected_action_output_and_counters() {
     for case in cases() {
         let (reason, expected) = match &case.expect {
             Expect::Forward(flow) => {
-                let (_, mac) = plane.expected_backend(flow).expect("model has a backend for the flow");
+                let (_, mac) = plane
+                    .expected_backend(flow)
+                    .expect("model has a backend for the flow");
                 let mut out = case.frame.clone();
                 out[0..6].copy_from_slice(&mac);
                 out[6..12].copy_from_slice(&LB_MAC);
-                (Reason::Forwarded, Outcome { action: XDP_TX, frame: out })
+                (
+                    Reason::Forwarded,
+                    Outcome {
+                        action: XDP_TX,
+                        frame: out,
+                    },
+                )
             }
-            Expect::Verdict(action, reason) => (*reason, Outcome { action: *action, frame: case.frame.clone() }),
+            Expect::Verdict(action, reason) => (
+                *reason,
+                Outcome {
+                    action: *action,
+                    frame: case.frame.clone(),
+                },
+            ),
         };
         let before = plane.reason(reason).unwrap();
         let got = plane.run(&case.frame).unwrap();
@@ -176,7 +287,11 @@ fn frames_get_the_expected_action_output_and_counters() {
             failures.push(format!("{}: expected {expected:?}, got {got:?}", case.name));
         }
         if after.packets != before.packets + 1 || after.bytes != before.bytes + case.frame.len() as u64 {
-            failures.push(format!("{}: counter {} moved from {before:?} to {after:?}", case.name, reason.name()));
+            failures.push(format!(
+                "{}: counter {} moved from {before:?} to {after:?}",
+                case.name,
+                reason.name()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -190,7 +305,9 @@ fn vip_and_backend_counters_follow_forwarded_packets() {
     let mut per_backend = std::collections::BTreeMap::<u16, u64>::new();
     for sport in 1000..1300u16 {
         let frame = tcp4(sport, VIP4, 80);
-        let (id, _) = plane.expected_backend(&flow4(PROTO_TCP, sport, VIP4, 80)).unwrap();
+        let (id, _) = plane
+            .expected_backend(&flow4(PROTO_TCP, sport, VIP4, 80))
+            .unwrap();
         *per_backend.entry(id).or_default() += 1;
         assert_eq!(plane.run(&frame).unwrap().action, XDP_TX);
     }
@@ -207,14 +324,22 @@ fn vip_and_backend_counters_follow_forwarded_packets() {
 #[test]
 fn a_changed_backend_set_takes_effect_at_once() {
     let mut plane = plane();
-    let one = vec![DesiredBackend { addr: IpAddr::from([10, 0, 0, 99]), weight: 1, mac: Some([0x02, 0, 0, 0, 9, 9]) }];
-    plane.apply(&[vip("web4", VIP4.into(), 80, PROTO_TCP, one)]).unwrap();
+    let one = vec![DesiredBackend {
+        addr: IpAddr::from([10, 0, 0, 99]),
+        weight: 1,
+        mac: Some([0x02, 0, 0, 0, 9, 9]),
+    }];
+    plane
+        .apply(&[vip("web4", VIP4.into(), 80, PROTO_TCP, one)])
+        .unwrap();
     for sport in 2000..2050u16 {
         let out = plane.run(&tcp4(sport, VIP4, 80)).unwrap();
         assert_eq!(out.action, XDP_TX);
         assert_eq!(out.frame[0..6], [0x02, 0, 0, 0, 9, 9]);
     }
     // The other VIPs were removed with the change.
-    let out = plane.run(&v6_frame(CLIENT6, VIP6, PROTO_TCP, &tcp(1, 80, TCP_SYN, b""))).unwrap();
+    let out = plane
+        .run(&v6_frame(CLIENT6, VIP6, PROTO_TCP, &tcp(1, 80, TCP_SYN, b"")))
+        .unwrap();
     assert_eq!(out.action, XDP_PASS);
 }

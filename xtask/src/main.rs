@@ -1,1 +1,97 @@
-fn main(){}
+//! `cargo xtask …`: build-and-run helpers. The eBPF build itself lives in
+//! lb-user's build script; these tasks only drive cargo and the lab.
+
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build xlb (release) and run it with ARGS, e.g. `cargo xtask run -- status`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build xlb and show it balancing: namespaces with a client, xlb and
+    /// three backends; a few hundred requests; who answered; the counters.
+    Demo,
+    /// Run every test: unit, BPF_PROG_TEST_RUN and namespace end-to-end
+    /// tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. `--test dr_e2e` or `-- maglev`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Run { args } => {
+            let xlb = build_xlb("release")?;
+            let status = Command::new(&xlb).args(&args).status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Demo => {
+            require_root("the demo")?;
+            let xlb = build_xlb("release")?;
+            demo::run(&xlb)
+        }
+        Task::Test { args } => {
+            require_root("the tests")?;
+            // The end-to-end tests run the xlb binary next to their own.
+            build_xlb("dev")?;
+            cargo(&["test", "--locked"], &args)
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_owned()
+}
+
+fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace())
+        .args(args)
+        .args(extra)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Builds the `xlb` binary with `profile` and returns its path.
+fn build_xlb(profile: &str) -> anyhow::Result<PathBuf> {
+    cargo(
+        &["build", "--locked", "--package", "lb-user", "--profile", profile],
+        &[],
+    )?;
+    let dir = if profile == "dev" { "debug" } else { profile };
+    Ok(workspace().join("target").join(dir).join("xlb"))
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} need root (BPF programs, network namespaces): run as root");
+    }
+    Ok(())
+}

@@ -51,8 +51,10 @@ pub enum Command {
     /// forwarding with the last tables; a later `xlb run` adopts them
     /// without interrupting traffic. Use --detach-on-exit or `xlb detach`
     /// to remove it.
+    #[command(after_long_help = CONFIG_EXAMPLE)]
     Run(RunArgs),
     /// Validate a config file without touching the data plane.
+    #[command(after_long_help = CONFIG_EXAMPLE)]
     Check(CheckArgs),
     /// Show VIPs, backends, table shares and counters of a running data
     /// plane, read from its pinned maps (works while the daemon is down).
@@ -60,6 +62,21 @@ pub enum Command {
     /// Detach program `xlb` and remove its pinned maps and link.
     Detach(TargetArgs),
 }
+
+const CONFIG_EXAMPLE: &str = r#"A minimal config file:
+
+    interface = "eth0"            # where VIP traffic arrives
+
+    [[vip]]
+    name = "web"
+    address = "192.0.2.10"        # IPv4 or IPv6
+    port = 80
+    protocol = "tcp"              # tcp | udp
+    forward = "dr"                # backends share this L2 segment and hold the VIP on lo
+    backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
+
+Optional top-level fields: xdp_mode ("auto" | "native" | "generic"), pin_dir,
+table_size (prime, default 65537), max_vips (64), max_backends (4096)."#;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {

@@ -50,7 +50,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let mut neighbours = neigh::Neighbours::new(handle, iface.index);
-    let mut macs = neighbours.resolve(&backend_addrs(&config), INITIAL_RESOLVE).await?;
+    let mut macs = neighbours
+        .resolve(&backend_addrs(&config), INITIAL_RESOLVE)
+        .await?;
     let mut daemon = Daemon {
         args: &args,
         attach: dataplane.mode,

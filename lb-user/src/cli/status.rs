@@ -40,7 +40,10 @@ pub struct Traffic {
 
 impl From<Counter> for Traffic {
     fn from(c: Counter) -> Self {
-        Self { packets: c.packets, bytes: c.bytes }
+        Self {
+            packets: c.packets,
+            bytes: c.bytes,
+        }
     }
 }
 
@@ -97,7 +100,9 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
     let reasons = maps.reason_stats()?;
     let mut vips = Vec::new();
     for (key, info) in maps.vips()? {
-        let Some(address) = addr::from_bytes(key.addr, key.family) else { continue };
+        let Some(address) = addr::from_bytes(key.addr, key.family) else {
+            continue;
+        };
         let port = u16::from_be(key.port_be);
         let label = labels.as_ref().and_then(|l| {
             l.vips
@@ -123,10 +128,16 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
             let counter = maps.backend_stats(id)?;
             let slots = fill.get(&id).copied().unwrap_or(0);
             backends.push(BackendStatus {
-                address: known.map(|k| k.address).or_else(|| addr::from_bytes(be.addr, be.family)),
+                address: known
+                    .map(|k| k.address)
+                    .or_else(|| addr::from_bytes(be.addr, be.family)),
                 id,
                 weight: known.map(|k| k.weight),
-                mac: if slots > 0 { Some(addr::format_mac(&be.mac)) } else { known.and_then(|k| k.mac.clone()) },
+                mac: if slots > 0 {
+                    Some(addr::format_mac(&be.mac))
+                } else {
+                    known.and_then(|k| k.mac.clone())
+                },
                 slots,
                 share: slots as f64 / geometry.table_size as f64,
                 packets: counter.packets,
@@ -159,7 +170,12 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
         max_backends: geometry.max_backends,
         reasons: Reason::ALL
             .iter()
-            .map(|r| (r.name(), reasons.get(*r as usize).copied().unwrap_or_default().into()))
+            .map(|r| {
+                (
+                    r.name(),
+                    reasons.get(*r as usize).copied().unwrap_or_default().into(),
+                )
+            })
             .collect(),
         vips,
     })
@@ -177,7 +193,9 @@ fn render(s: &Status) -> String {
     let _ = writeln!(
         out,
         "table size {}, capacity {} VIPs / {} backends\n",
-        s.table_size, s.max_vips, s.max_backends - 1
+        s.table_size,
+        s.max_vips,
+        s.max_backends - 1
     );
     for v in &s.vips {
         let addr = match v.address {
@@ -202,7 +220,9 @@ fn render(s: &Status) -> String {
             let _ = writeln!(
                 out,
                 "  {:<40} {:>6} {:>17} {:>6.2}% {:>12} {:>14}",
-                b.address.map(|a| a.to_string()).unwrap_or_else(|| format!("id {}", b.id)),
+                b.address
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| format!("id {}", b.id)),
                 b.weight.map(|w| w.to_string()).unwrap_or_else(|| "?".into()),
                 b.mac.as_deref().unwrap_or("unresolved"),
                 b.share * 100.0,
@@ -211,7 +231,10 @@ fn render(s: &Status) -> String {
             );
         }
         if v.backends.is_empty() {
-            let _ = writeln!(out, "  (no backends: packets are dropped and counted as no_backend)");
+            let _ = writeln!(
+                out,
+                "  (no backends: packets are dropped and counted as no_backend)"
+            );
         }
         out.push('\n');
     }
