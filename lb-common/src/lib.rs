@@ -11,7 +11,7 @@ mod reason;
 mod types;
 
 pub use hash::flow_hash;
-pub use reason::{Action, REASON_SLOTS, Reason};
+pub use reason::{Action, EVENT_SLOTS, Event, REASON_SLOTS, Reason};
 pub use types::*;
 
 /// Map names, as they appear in the object file and under the pin directory.
@@ -23,9 +23,19 @@ pub mod maps {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const META: &str = "META";
+    pub const CONNTRACK: &str = "CONNTRACK";
 
     /// Every map, in pin order.
-    pub const ALL: [&str; 7] = [VIPS, BACKENDS, MAGLEV, STATS, VIP_STATS, BACKEND_STATS, META];
+    pub const ALL: [&str; 8] = [
+        VIPS,
+        BACKENDS,
+        MAGLEV,
+        STATS,
+        VIP_STATS,
+        BACKEND_STATS,
+        META,
+        CONNTRACK,
+    ];
 }
 
 /// Load-time globals of program `xlb` (set by the loader, read-only to the program).
@@ -36,6 +46,8 @@ pub mod globals {
     pub const TABLE_CHUNKS: &str = "TABLE_CHUNKS";
     /// MAC address of the interface the program is attached to.
     pub const IFACE_MAC: &str = "IFACE_MAC";
+    /// Connection-table inserts allowed per CPU per second (0: no limit).
+    pub const CONN_INSERT_LIMIT: &str = "CONN_INSERT_LIMIT";
 }
 
 /// Capacity defaults and hard limits; the config may lower or raise the
@@ -52,4 +64,7 @@ pub mod limits {
     pub const MAX_BACKENDS: u32 = u16::MAX as u32;
     /// Every VIP owns two tables: one live, one being rebuilt.
     pub const TABLES_PER_VIP: u32 = 2;
+    pub const DEFAULT_CONNTRACK_SIZE: u32 = 262_144;
+    pub const MAX_CONNTRACK_SIZE: u32 = 64 << 20;
+    pub const DEFAULT_CONN_INSERT_LIMIT: u64 = 100_000;
 }

@@ -1,9 +1,10 @@
 //! Why a packet got the verdict it got. Each reason is a slot in `STATS`
 //! and a label value in the metrics.
 
-/// Slots reserved in `STATS`, so reasons can be added without resizing a
-/// pinned map.
-pub const REASON_SLOTS: u32 = 32;
+/// Reason and event slots reserved in `GlobalStats`, so new ones do not
+/// change the map layout.
+pub const REASON_SLOTS: u32 = 16;
+pub const EVENT_SLOTS: u32 = 16;
 
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,3 +70,38 @@ impl Reason {
 }
 
 const _: () = assert!(Reason::ALL.len() as u32 <= REASON_SLOTS);
+
+/// Things that happen on the way to a verdict, counted beside the reasons.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A packet followed the backend recorded for its flow.
+    ConnHit = 0,
+    /// A flow got a backend from the Maglev table (new flow, or TCP SYN).
+    ConnNew = 1,
+    /// A recorded backend was gone (failed or removed); the flow was rebalanced.
+    ConnRebalanced = 2,
+    /// The connection table was not written because new flows arrived
+    /// faster than `conntrack_insert_limit` (flood guard).
+    ConnInsertSkipped = 3,
+}
+
+impl Event {
+    pub const ALL: [Event; 4] = [
+        Event::ConnHit,
+        Event::ConnNew,
+        Event::ConnRebalanced,
+        Event::ConnInsertSkipped,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Event::ConnHit => "conntrack_hit",
+            Event::ConnNew => "conntrack_new",
+            Event::ConnRebalanced => "conntrack_rebalanced",
+            Event::ConnInsertSkipped => "conntrack_insert_skipped",
+        }
+    }
+}
+
+const _: () = assert!(Event::ALL.len() as u32 <= EVENT_SLOTS);

@@ -47,7 +47,14 @@ pub struct VipInfo {
 }
 const _: () = assert!(size_of::<VipInfo>() == 12);
 
+/// `BackendInfo::flags`: in the VIP's table, so it takes new flows.
+pub const BACKEND_ACTIVE: u8 = 1;
+/// `BackendInfo::flags`: out of the table, but its established flows stay.
+pub const BACKEND_DRAINING: u8 = 2;
+
 /// `BACKENDS` value. One entry per VIP-backend pair, so counters are per pair.
+/// An entry with neither flag is unused (or a backend that failed): flows
+/// recorded for it are rebalanced.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendInfo {
@@ -55,9 +62,60 @@ pub struct BackendInfo {
     /// Next-hop MAC in DR mode.
     pub mac: [u8; 6],
     pub family: u8,
-    pub _pad: u8,
+    /// `BACKEND_*`.
+    pub flags: u8,
+    /// Changes whenever the id is given to another backend, so a connection
+    /// recorded for the id's previous owner is not sent to the new one.
+    pub generation: u32,
+    /// The VIP this backend serves (its `VipInfo::id`).
+    pub vip_id: u32,
 }
-const _: () = assert!(size_of::<BackendInfo>() == 24);
+const _: () = assert!(size_of::<BackendInfo>() == 32);
+
+impl BackendInfo {
+    /// Whether flows recorded for this backend may keep using it.
+    #[inline(always)]
+    pub fn takes_established(&self) -> bool {
+        self.flags & (BACKEND_ACTIVE | BACKEND_DRAINING) != 0
+    }
+}
+
+/// `CONNTRACK` value: the backend a flow was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntry {
+    pub backend_id: BackendId,
+    pub _pad: u16,
+    /// `BackendInfo::generation` when the flow was recorded.
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<ConnEntry>() == 8);
+
+/// `STATS` value (one per CPU): every global counter in one record, so a
+/// packet updates them with a single map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GlobalStats {
+    /// Indexed by `Reason`.
+    pub reasons: [Counter; crate::REASON_SLOTS as usize],
+    /// Indexed by `Event`.
+    pub events: [u64; crate::EVENT_SLOTS as usize],
+    /// Connection-table inserts in the current one-second window (flood guard).
+    pub window_start_ns: u64,
+    pub window_inserts: u64,
+}
+const _: () = assert!(size_of::<GlobalStats>() == 16 * 16 + 8 * 16 + 16);
+
+impl Default for GlobalStats {
+    fn default() -> Self {
+        Self {
+            reasons: [Counter::default(); crate::REASON_SLOTS as usize],
+            events: [0; crate::EVENT_SLOTS as usize],
+            window_start_ns: 0,
+            window_inserts: 0,
+        }
+    }
+}
 
 /// Packets and bytes (whole frames, Ethernet header included).
 #[repr(C)]
@@ -104,7 +162,7 @@ impl FlowKey {
 /// Layout of the maps this build creates. Bump it whenever a map's key,
 /// value, kind or meaning changes, so a daemon never misreads pinned maps
 /// left by another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// `META` value (a single entry): the version stamp and the capacities the
 /// maps were created with. The data plane never reads it.
@@ -115,8 +173,10 @@ pub struct Meta {
     pub table_size: u32,
     pub max_vips: u32,
     pub max_backends: u32,
+    pub conntrack_size: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Meta>() == 16);
+const _: () = assert!(size_of::<Meta>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -128,4 +188,6 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Meta {}
+    unsafe impl aya::Pod for super::ConnEntry {}
+    unsafe impl aya::Pod for super::GlobalStats {}
 }

@@ -9,19 +9,22 @@ mod stats;
 mod xmit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{Action, Reason};
+use lb_common::{Action, GlobalStats, Reason};
 use lb_ebpf::parse::{Frame as _, parse};
 
 use crate::ptr::Packet;
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
+    let Some(stats) = stats::globals() else {
+        return xdp_action::XDP_PASS;
+    };
     let pkt = Packet::new(&ctx);
-    let reason = match balance(&pkt) {
+    let reason = match balance(&pkt, stats) {
         Ok(()) => Reason::Forwarded,
         Err(reason) => reason,
     };
-    stats::count_reason(reason, pkt.len() as u64);
+    stats::count_reason(stats, reason, pkt.len() as u64);
     match reason.action() {
         Action::Tx => xdp_action::XDP_TX,
         Action::Pass => xdp_action::XDP_PASS,
@@ -30,9 +33,9 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn balance(pkt: &Packet) -> Result<(), Reason> {
-    let flow = parse(pkt)?;
-    let target = select::backend(&flow)?;
+fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<(), Reason> {
+    let parsed = parse(pkt)?;
+    let target = select::backend(&parsed, stats)?;
     xmit::to_backend_l2(pkt, target.backend)?;
     let bytes = pkt.len() as u64;
     stats::count_vip(target.vip_id, bytes);

@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     Global,
+    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, Counter, MaglevChunk, Meta, REASON_SLOTS, VipInfo, VipKey,
-    limits::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS},
+    BackendInfo, ConnEntry, Counter, FlowKey, GlobalStats, MaglevChunk, Meta, VipInfo, VipKey,
+    limits::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS},
 };
 
 #[map(name = "VIPS")]
@@ -20,14 +21,25 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(DEFAULT_MAX_BA
 #[map(name = "MAGLEV")]
 pub static MAGLEV: Array<MaglevChunk> = Array::with_max_entries(1, 0);
 
+/// Flow → backend. One hash table, with an LRU list per CPU (no lock shared
+/// between CPUs on eviction); a flow seen on another CPU still hits.
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// One `GlobalStats` per CPU, at index 0.
 #[map(name = "STATS")]
-pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);
+pub static STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "VIP_STATS")]
 pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
 #[map(name = "BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Version stamp and capacities, for userspace only (see `lb_common::Meta`).
+#[map(name = "META")]
+pub static META: Array<Meta> = Array::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 pub static TABLE_SIZE: Global<u32> = Global::new(0);
@@ -38,6 +50,5 @@ pub static TABLE_CHUNKS: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static IFACE_MAC: Global<[u8; 6]> = Global::new([0; 6]);
 
-/// Version stamp and capacities, for userspace only (see `lb_common::Meta`).
-#[map(name = "META")]
-pub static META: Array<Meta> = Array::with_max_entries(1, 0);
+#[unsafe(no_mangle)]
+pub static CONN_INSERT_LIMIT: Global<u64> = Global::new(0);

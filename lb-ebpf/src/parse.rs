@@ -9,6 +9,26 @@
 use core::mem::size_of;
 
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+
+/// TCP flag bits (byte 13 of the TCP header).
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// What the balancer needs from a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub flow: FlowKey,
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+impl Parsed {
+    /// A TCP SYN without ACK: a client opening a new connection.
+    #[inline(always)]
+    pub fn opens_connection(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -34,11 +54,19 @@ pub trait Frame {
     }
 }
 
-/// Ports are the first four bytes of both TCP and UDP headers.
+/// The start of TCP and UDP headers: ports, and for TCP the flags at 13.
 #[repr(C)]
 struct Ports {
     src: [u8; 2],
     dst: [u8; 2],
+}
+
+#[repr(C)]
+struct TcpStart {
+    ports: Ports,
+    seq_ack: [u8; 8],
+    offset: u8,
+    flags: u8,
 }
 
 #[inline(always)]
@@ -48,7 +76,7 @@ fn load<T, F: Frame>(f: &F, off: usize) -> Result<&T, Reason> {
 
 /// Parses the frame into its flow, or says why it is not balanceable.
 #[inline(always)]
-pub fn parse<F: Frame>(f: &F) -> Result<FlowKey, Reason> {
+pub fn parse<F: Frame>(f: &F) -> Result<Parsed, Reason> {
     let eth: &EthHdr = load(f, 0)?;
     let mut off = size_of::<EthHdr>();
     let mut ether_type = u16::from_be(eth.ether_type);
@@ -65,7 +93,7 @@ pub fn parse<F: Frame>(f: &F) -> Result<FlowKey, Reason> {
 }
 
 #[inline(always)]
-fn parse_v4<F: Frame>(f: &F, off: usize) -> Result<FlowKey, Reason> {
+fn parse_v4<F: Frame>(f: &F, off: usize) -> Result<Parsed, Reason> {
     let ip: &Ipv4Hdr = load(f, off)?;
     if ip.vihl >> 4 != 4 {
         return Err(Reason::DropMalformed);
@@ -91,7 +119,7 @@ fn parse_v4<F: Frame>(f: &F, off: usize) -> Result<FlowKey, Reason> {
 }
 
 #[inline(always)]
-fn parse_v6<F: Frame>(f: &F, off: usize) -> Result<FlowKey, Reason> {
+fn parse_v6<F: Frame>(f: &F, off: usize) -> Result<Parsed, Reason> {
     let ip: &Ipv6Hdr = load(f, off)?;
     if ip.vcf[0] >> 4 != 6 {
         return Err(Reason::DropMalformed);
@@ -116,20 +144,29 @@ fn parse_v6<F: Frame>(f: &F, off: usize) -> Result<FlowKey, Reason> {
     }
 }
 
-/// Fills in the ports of a TCP or UDP flow whose transport header starts at
-/// `l4` and whose IP packet ends at `end`.
+/// Fills in the ports (and TCP flags) of a TCP or UDP flow whose transport
+/// header starts at `l4` and whose IP packet ends at `end`.
 #[inline(always)]
-fn ports<F: Frame>(f: &F, l4: usize, end: usize, mut flow: FlowKey) -> Result<FlowKey, Reason> {
-    let min_len = match flow.proto {
-        PROTO_TCP => 20,
-        PROTO_UDP => 8,
+fn ports<F: Frame>(f: &F, l4: usize, end: usize, mut flow: FlowKey) -> Result<Parsed, Reason> {
+    let (ports, tcp_flags) = match flow.proto {
+        PROTO_TCP => {
+            let tcp: &TcpStart = load(f, l4)?;
+            // Data offset in 32-bit words; less than 5 is no TCP header.
+            let hdr_len = (tcp.offset >> 4) as usize * 4;
+            if hdr_len < 20 || l4 + hdr_len > end {
+                return Err(Reason::DropMalformed);
+            }
+            (&tcp.ports, tcp.flags)
+        }
+        PROTO_UDP => {
+            if l4 + 8 > end {
+                return Err(Reason::DropMalformed);
+            }
+            (load::<Ports, F>(f, l4)?, 0)
+        }
         _ => return Err(Reason::PassNotVip),
     };
-    if l4 + min_len > end {
-        return Err(Reason::DropMalformed);
-    }
-    let p: &Ports = load(f, l4)?;
-    flow.sport_be = u16::from_ne_bytes(p.src);
-    flow.dport_be = u16::from_ne_bytes(p.dst);
-    Ok(flow)
+    flow.sport_be = u16::from_ne_bytes(ports.src);
+    flow.dport_be = u16::from_ne_bytes(ports.dst);
+    Ok(Parsed { flow, tcp_flags })
 }

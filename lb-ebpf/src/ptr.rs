@@ -2,12 +2,13 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
 use lb_ebpf::parse::Frame;
 
-/// The frame of an `XdpContext`. Holds `data`/`data_end` as read at
-/// construction; rebuild it after any head or tail adjustment.
+/// The frame of an `XdpContext`. Rebuild it after any head or tail
+/// adjustment.
 pub struct Packet {
+    ctx: *mut xdp_md,
     start: usize,
     end: usize,
 }
@@ -16,6 +17,7 @@ impl Packet {
     #[inline(always)]
     pub fn new(ctx: &XdpContext) -> Self {
         Self {
+            ctx: ctx.ctx,
             start: ctx.data(),
             end: ctx.data_end(),
         }
@@ -24,7 +26,13 @@ impl Packet {
     /// A mutable pointer to the `T` at `off`, if all of it lies inside the frame.
     #[inline(always)]
     pub fn at_mut<T>(&self, off: usize) -> Option<*mut T> {
-        if self.start + off + size_of::<T>() > self.end {
+        // data_end is read afresh (volatile) for every check. Otherwise LLVM
+        // may fold `start + off + n > end` into `off + n > end - start`,
+        // a comparison of plain numbers from which the verifier learns
+        // nothing about the pointer, and the load is rejected.
+        // SAFETY: ctx is the program's context pointer, valid while it runs.
+        let end = unsafe { core::ptr::read_volatile(&(*self.ctx).data_end) } as usize;
+        if self.start + off + size_of::<T>() > end {
             return None;
         }
         Some((self.start + off) as *mut T)

@@ -1,8 +1,17 @@
-//! Which backend gets a flow: VIP lookup, then the VIP's live Maglev table.
+//! Which backend gets a flow: the VIP, then the connection table, then the
+//! VIP's live Maglev table.
 
-use lb_common::{BackendId, BackendInfo, FlowKey, MAGLEV_LANES, NO_BACKEND, Reason, flow_hash};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{
+    BackendId, BackendInfo, ConnEntry, Event, FlowKey, GlobalStats, MAGLEV_LANES, NO_BACKEND, Reason,
+    VipInfo, flow_hash,
+};
+use lb_ebpf::parse::Parsed;
 
-use crate::maps::{BACKENDS, MAGLEV, TABLE_CHUNKS, TABLE_SIZE, VIPS};
+use crate::{
+    maps::{BACKENDS, CONN_INSERT_LIMIT, CONNTRACK, MAGLEV, TABLE_CHUNKS, TABLE_SIZE, VIPS},
+    stats::count_event,
+};
 
 pub struct Target {
     pub vip_id: u32,
@@ -11,9 +20,46 @@ pub struct Target {
 }
 
 #[inline(always)]
-pub fn backend(flow: &FlowKey) -> Result<Target, Reason> {
+pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     // SAFETY: the value is only read, and VIPS entries are replaced whole.
-    let vip = unsafe { VIPS.get(flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
+    let vip = unsafe { VIPS.get(p.flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
+    // A SYN opens a new connection: it always gets a fresh choice.
+    if !p.opens_connection() {
+        // SAFETY: read-only use of the entry.
+        if let Some(entry) = unsafe { CONNTRACK.get(&p.flow) } {
+            if let Some(backend) = recorded(vip, entry) {
+                count_event(stats, Event::ConnHit);
+                return Ok(Target {
+                    vip_id: vip.id,
+                    backend_id: entry.backend_id,
+                    backend,
+                });
+            }
+            count_event(stats, Event::ConnRebalanced);
+        }
+    }
+    let (backend_id, backend) = maglev(vip, &p.flow)?;
+    record(&p.flow, backend_id, backend.generation, stats);
+    count_event(stats, Event::ConnNew);
+    Ok(Target {
+        vip_id: vip.id,
+        backend_id,
+        backend,
+    })
+}
+
+/// The recorded backend, if it still serves this VIP and takes
+/// established flows (active or draining).
+#[inline(always)]
+fn recorded(vip: &VipInfo, entry: &ConnEntry) -> Option<&'static BackendInfo> {
+    let backend = BACKENDS.get(entry.backend_id as u32)?;
+    let valid =
+        backend.generation == entry.generation && backend.vip_id == vip.id && backend.takes_established();
+    valid.then_some(backend)
+}
+
+#[inline(always)]
+fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendInfo), Reason> {
     let slot = flow_hash(flow)
         .checked_rem(TABLE_SIZE.load())
         .ok_or(Reason::DropNoBackend)?;
@@ -24,9 +70,36 @@ pub fn backend(flow: &FlowKey) -> Result<Target, Reason> {
         return Err(Reason::DropNoBackend);
     }
     let backend = BACKENDS.get(backend_id as u32).ok_or(Reason::DropNoBackend)?;
-    Ok(Target {
-        vip_id: vip.id,
+    Ok((backend_id, backend))
+}
+
+/// Records the flow's backend, unless new flows arrive on this CPU faster
+/// than the configured limit: a flood of new flows must not push
+/// established ones out of the LRU. Unrecorded flows still land on the same
+/// backend while the table does not change.
+#[inline(always)]
+fn record(flow: &FlowKey, backend_id: BackendId, generation: u32, stats: &mut GlobalStats) {
+    let limit = CONN_INSERT_LIMIT.load();
+    if limit != 0 {
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now.wrapping_sub(stats.window_start_ns) >= 1_000_000_000 {
+            stats.window_start_ns = now;
+            stats.window_inserts = 0;
+        }
+        if stats.window_inserts >= limit {
+            count_event(stats, Event::ConnInsertSkipped);
+            return;
+        }
+        stats.window_inserts += 1;
+    }
+    let entry = ConnEntry {
         backend_id,
-        backend,
-    })
+        _pad: 0,
+        generation,
+    };
+    // A full table evicts its least recently used entry; failure is not
+    // possible for an LRU map short of memory pressure, and then the flow
+    // still has its Maglev backend.
+    let _ = CONNTRACK.insert(flow, &entry, 0);
 }

@@ -95,6 +95,16 @@ pub struct Config {
     pub max_vips: u32,
     #[serde(default = "default_max_backends")]
     pub max_backends: u32,
+    /// Connection table entries (flows remembered across table changes).
+    #[serde(default = "default_conntrack_size")]
+    pub conntrack_size: u32,
+    /// New flows recorded per CPU per second before the flood guard stops
+    /// recording (0: no limit).
+    #[serde(default = "default_conntrack_insert_limit")]
+    pub conntrack_insert_limit: u64,
+    /// Seconds a removed backend keeps its established flows.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: u64,
     #[serde(default, rename = "vip")]
     pub vips: Vec<Vip>,
 }
@@ -131,6 +141,15 @@ fn default_max_vips() -> u32 {
 }
 fn default_max_backends() -> u32 {
     limits::DEFAULT_MAX_BACKENDS
+}
+fn default_conntrack_size() -> u32 {
+    limits::DEFAULT_CONNTRACK_SIZE
+}
+fn default_conntrack_insert_limit() -> u64 {
+    limits::DEFAULT_CONN_INSERT_LIMIT
+}
+fn default_drain_timeout() -> u64 {
+    30
 }
 fn default_weight() -> u32 {
     1
@@ -200,6 +219,19 @@ impl Config {
                 "max_backends",
                 format!("{} is outside 2..={}", self.max_backends, limits::MAX_BACKENDS),
             );
+        }
+        if !(1024..=limits::MAX_CONNTRACK_SIZE).contains(&self.conntrack_size) {
+            return err(
+                "conntrack_size",
+                format!(
+                    "{} is outside 1024..={}",
+                    self.conntrack_size,
+                    limits::MAX_CONNTRACK_SIZE
+                ),
+            );
+        }
+        if self.drain_timeout > 86_400 {
+            return err("drain_timeout", format!("{} s is over a day", self.drain_timeout));
         }
         if self.vips.len() > self.max_vips as usize {
             return err(

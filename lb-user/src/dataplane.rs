@@ -12,8 +12,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
-    BackendId, BackendInfo, Counter, MAGLEV_LANES, MaglevChunk, Meta, REASON_SLOTS, VipInfo, VipKey,
-    limits::TABLES_PER_VIP, maps,
+    BackendId, BackendInfo, ConnEntry, Counter, FlowKey, GlobalStats, MAGLEV_LANES, MaglevChunk, Meta,
+    VipInfo, VipKey, limits::TABLES_PER_VIP, maps,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,7 @@ pub struct Geometry {
     pub table_size: u32,
     pub max_vips: u32,
     pub max_backends: u32,
+    pub conntrack_size: u32,
 }
 
 impl Geometry {
@@ -58,6 +59,26 @@ impl Geometry {
     /// Entries of the `MAGLEV` map.
     pub fn maglev_entries(&self) -> u32 {
         self.max_vips * TABLES_PER_VIP * self.table_chunks()
+    }
+
+    pub fn meta(&self) -> Meta {
+        Meta {
+            layout: lb_common::LAYOUT_VERSION,
+            table_size: self.table_size,
+            max_vips: self.max_vips,
+            max_backends: self.max_backends,
+            conntrack_size: self.conntrack_size,
+            _pad: 0,
+        }
+    }
+
+    pub fn from_meta(meta: &Meta) -> Self {
+        Self {
+            table_size: meta.table_size,
+            max_vips: meta.max_vips,
+            max_backends: meta.max_backends,
+            conntrack_size: meta.conntrack_size,
+        }
     }
 }
 
@@ -78,6 +99,8 @@ pub trait MapWriter {
 pub trait MapReader {
     fn vips(&self) -> Result<Vec<(VipKey, VipInfo)>, DataplaneError>;
     fn backend(&self, id: BackendId) -> Result<BackendInfo, DataplaneError>;
+    /// Every backend entry in use (non-zero flags or generation).
+    fn backends(&self) -> Result<Vec<(BackendId, BackendInfo)>, DataplaneError>;
     fn chunk(&self, index: u32) -> Result<MaglevChunk, DataplaneError>;
 }
 
@@ -85,7 +108,8 @@ pub struct KernelMaps {
     vips: HashMap<MapData, VipKey, VipInfo>,
     backends: Array<MapData, BackendInfo>,
     maglev: Array<MapData, MaglevChunk>,
-    stats: PerCpuArray<MapData, Counter>,
+    stats: PerCpuArray<MapData, GlobalStats>,
+    conntrack: HashMap<MapData, FlowKey, ConnEntry>,
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     meta: Array<MapData, Meta>,
@@ -122,6 +146,7 @@ impl KernelMaps {
             backends: typed!(maps::BACKENDS),
             maglev: typed!(maps::MAGLEV),
             stats: typed!(maps::STATS),
+            conntrack: typed!(maps::CONNTRACK),
             vip_stats: typed!(maps::VIP_STATS),
             backend_stats: typed!(maps::BACKEND_STATS),
             meta: typed!(maps::META),
@@ -150,11 +175,25 @@ impl KernelMaps {
         Ok(total)
     }
 
-    /// Global counters, one per reason slot.
-    pub fn reason_stats(&self) -> Result<Vec<Counter>, DataplaneError> {
-        (0..REASON_SLOTS)
-            .map(|i| Self::sum(&self.stats, maps::STATS, i))
-            .collect()
+    /// Global counters summed over CPUs (the flood-guard fields are not
+    /// meaningful summed).
+    pub fn global_stats(&self) -> Result<GlobalStats, DataplaneError> {
+        let values = self.stats.get(&0, 0).map_err(map_err(maps::STATS, "read"))?;
+        let mut total = GlobalStats::default();
+        for v in values.iter() {
+            for (t, c) in total.reasons.iter_mut().zip(&v.reasons) {
+                *t += *c;
+            }
+            for (t, c) in total.events.iter_mut().zip(&v.events) {
+                *t += *c;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Entries in the connection table (walks it: O(entries)).
+    pub fn conntrack_entries(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
     }
 
     pub fn vip_stats(&self, id: u32) -> Result<Counter, DataplaneError> {
@@ -231,6 +270,17 @@ impl MapReader for KernelMaps {
         self.backends
             .get(&(id as u32), 0)
             .map_err(map_err(maps::BACKENDS, "read"))
+    }
+
+    fn backends(&self) -> Result<Vec<(BackendId, BackendInfo)>, DataplaneError> {
+        let mut used = Vec::new();
+        for (id, info) in self.backends.iter().enumerate() {
+            let info = info.map_err(map_err(maps::BACKENDS, "read"))?;
+            if info != BackendInfo::default() {
+                used.push((id as BackendId, info));
+            }
+        }
+        Ok(used)
     }
 
     fn chunk(&self, index: u32) -> Result<MaglevChunk, DataplaneError> {
@@ -331,6 +381,10 @@ impl MapReader for MemoryMaps {
 
     fn backend(&self, id: BackendId) -> Result<BackendInfo, DataplaneError> {
         Ok(self.backends.get(&id).copied().unwrap_or_default())
+    }
+
+    fn backends(&self) -> Result<Vec<(BackendId, BackendInfo)>, DataplaneError> {
+        Ok(self.backends.iter().map(|(id, b)| (*id, *b)).collect())
     }
 
     fn chunk(&self, index: u32) -> Result<MaglevChunk, DataplaneError> {

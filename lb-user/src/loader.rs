@@ -19,7 +19,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{LAYOUT_VERSION, Meta, globals, maps};
+use lb_common::{LAYOUT_VERSION, globals, maps};
 
 use crate::{
     config,
@@ -110,11 +110,27 @@ pub struct Dataplane {
     _ebpf: Ebpf,
 }
 
-pub fn geometry(config: &config::Config) -> Geometry {
+/// What program `xlb` is loaded with; changing any of it needs a restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Params {
+    pub geometry: Geometry,
+    /// Connection-table inserts per CPU per second; 0 for no limit.
+    pub conn_insert_limit: u64,
+}
+
+pub fn params(config: &config::Config) -> Params {
+    Params {
+        geometry: geometry(config),
+        conn_insert_limit: config.conntrack_insert_limit,
+    }
+}
+
+fn geometry(config: &config::Config) -> Geometry {
     Geometry {
         table_size: config.table_size,
         max_vips: config.max_vips,
         max_backends: config.max_backends,
+        conntrack_size: config.conntrack_size,
     }
 }
 
@@ -123,9 +139,10 @@ pub fn geometry(config: &config::Config) -> Geometry {
 pub fn load(
     iface: &Interface,
     pin_dir: &Path,
-    geometry: Geometry,
+    params: Params,
     mode: config::XdpMode,
 ) -> Result<Dataplane, LoaderError> {
+    let geometry = params.geometry;
     if pin_dir.starts_with(BPFFS_ROOT) {
         ensure_bpffs()?;
     }
@@ -140,7 +157,7 @@ pub fn load(
     }
     let adopted = check_pinned(pin_dir, geometry)?;
 
-    let mut ebpf = load_program(Some(pin_dir), geometry, iface.mac)?;
+    let mut ebpf = load_program(Some(pin_dir), params, iface.mac)?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM)
         .expect("loaded")
@@ -151,7 +168,7 @@ pub fn load(
     let mode = attach(program, iface, &link_pin, mode)?;
 
     let mut maps = KernelMaps::take(&mut ebpf)?;
-    maps.set_meta(&meta(geometry))?;
+    maps.set_meta(&geometry.meta())?;
     Ok(Dataplane {
         maps,
         mode,
@@ -163,16 +180,20 @@ pub fn load(
 /// Loads program `xlb` with unpinned maps and attaches it nowhere: for
 /// BPF_PROG_TEST_RUN in tests and benchmarks. The program is
 /// `ebpf.program_mut(PROGRAM)`.
-pub fn load_detached(geometry: Geometry, iface_mac: [u8; 6]) -> Result<(Ebpf, KernelMaps), LoaderError> {
-    let mut ebpf = load_program(None, geometry, iface_mac)?;
+pub fn load_detached(params: Params, iface_mac: [u8; 6]) -> Result<(Ebpf, KernelMaps), LoaderError> {
+    let mut ebpf = load_program(None, params, iface_mac)?;
     let mut maps = KernelMaps::take(&mut ebpf)?;
-    maps.set_meta(&meta(geometry))?;
+    maps.set_meta(&params.geometry.meta())?;
     Ok((ebpf, maps))
 }
 
 /// Sizes the maps (pinned under `pin_dir` if given), sets the globals, and
 /// loads program `xlb` into the kernel.
-fn load_program(pin_dir: Option<&Path>, geometry: Geometry, iface_mac: [u8; 6]) -> Result<Ebpf, LoaderError> {
+fn load_program(pin_dir: Option<&Path>, params: Params, iface_mac: [u8; 6]) -> Result<Ebpf, LoaderError> {
+    let Params {
+        geometry,
+        conn_insert_limit,
+    } = params;
     let pins: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => maps::ALL.iter().map(|m| (*m, dir.join(m))).collect(),
         None => Vec::new(),
@@ -188,9 +209,11 @@ fn load_program(pin_dir: Option<&Path>, geometry: Geometry, iface_mac: [u8; 6]) 
         .map_max_entries(maps::BACKENDS, geometry.max_backends)
         .map_max_entries(maps::BACKEND_STATS, geometry.max_backends)
         .map_max_entries(maps::MAGLEV, geometry.maglev_entries())
+        .map_max_entries(maps::CONNTRACK, geometry.conntrack_size)
         .override_global(globals::TABLE_SIZE, &geometry.table_size, true)
         .override_global(globals::TABLE_CHUNKS, &chunks, true)
-        .override_global(globals::IFACE_MAC, &iface_mac, true);
+        .override_global(globals::IFACE_MAC, &iface_mac, true)
+        .override_global(globals::CONN_INSERT_LIMIT, &conn_insert_limit, true);
     let mut ebpf = loader.load(XLB_OBJECT).map_err(LoaderError::Load)?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM)
@@ -199,15 +222,6 @@ fn load_program(pin_dir: Option<&Path>, geometry: Geometry, iface_mac: [u8; 6]) 
         .expect("program xlb is an XDP program");
     program.load().map_err(LoaderError::Verify)?;
     Ok(ebpf)
-}
-
-fn meta(geometry: Geometry) -> Meta {
-    Meta {
-        layout: LAYOUT_VERSION,
-        table_size: geometry.table_size,
-        max_vips: geometry.max_vips,
-        max_backends: geometry.max_backends,
-    }
 }
 
 /// Swaps the program in through a pinned link on the same interface, or
@@ -294,11 +308,7 @@ fn check_pinned(pin_dir: &Path, geometry: Geometry) -> Result<bool, LoaderError>
     let meta = KernelMaps::open(pin_dir)
         .and_then(|m| m.meta())
         .map_err(|e| incompatible(format!("unreadable: {e}")))?;
-    let found = Geometry {
-        table_size: meta.table_size,
-        max_vips: meta.max_vips,
-        max_backends: meta.max_backends,
-    };
+    let found = Geometry::from_meta(&meta);
     if meta.layout != LAYOUT_VERSION || found != geometry {
         return Err(incompatible(describe_layout(meta.layout, found)));
     }
@@ -307,8 +317,8 @@ fn check_pinned(pin_dir: &Path, geometry: Geometry) -> Result<bool, LoaderError>
 
 fn describe_layout(layout: u32, g: Geometry) -> String {
     format!(
-        "layout {layout}, table_size {}, max_vips {}, max_backends {}",
-        g.table_size, g.max_vips, g.max_backends
+        "layout {layout}, table_size {}, max_vips {}, max_backends {}, conntrack_size {}",
+        g.table_size, g.max_vips, g.max_backends, g.conntrack_size
     )
 }
 

@@ -3,16 +3,25 @@
 //! The reconciler's memory is the single source of truth; the maps are a
 //! projection of it. A changed VIP gets its new Maglev table written into
 //! the slot packets are not using, then one write of the VIP entry switches
-//! to it, so no packet ever sees a half-written table. Backend ids freed by
-//! a change are reused last (FIFO), so a packet still holding the old table
-//! cannot reach a backend that took over a just-freed id.
+//! to it, so no packet ever sees a half-written table.
+//!
+//! Backends leave gently. Weight 0 drains a backend: no new flows, but
+//! flows the connection table recorded for it stay. A backend removed from
+//! the desired state drains for `drain_timeout`, then its id is freed and
+//! its recorded flows are rebalanced. Freed ids are handed out again last
+//! (FIFO) and with a new generation, so neither a packet holding an old
+//! table nor an old connection entry can reach the id's next owner.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
-use lb_common::{BackendId, BackendInfo, MAGLEV_LANES, MaglevChunk, NO_BACKEND, VipInfo, VipKey};
+use lb_common::{
+    BACKEND_ACTIVE, BACKEND_DRAINING, BackendId, BackendInfo, MAGLEV_LANES, MaglevChunk, NO_BACKEND, VipInfo,
+    VipKey,
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -33,7 +42,14 @@ pub enum ReconcileError {
     },
 }
 
-/// A VIP as configuration or discovery wants it.
+/// What configuration or discovery wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub vips: Vec<DesiredVip>,
+    /// How long a removed backend keeps its established flows.
+    pub drain_timeout: Duration,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredVip {
     pub name: String,
@@ -45,6 +61,7 @@ pub struct DesiredVip {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredBackend {
     pub addr: IpAddr,
+    /// 0 drains the backend.
     pub weight: u32,
     /// Next-hop MAC; a backend without one stays out of the table.
     pub mac: Option<[u8; 6]>,
@@ -69,17 +86,41 @@ impl VipState {
     }
 }
 
+/// Where a backend stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Wanted, with weight and MAC: in the table.
+    Active,
+    /// Wanted, but weight 0 or no MAC yet: out of the table; established
+    /// flows stay.
+    Idle,
+    /// No longer wanted: out of the table until `until`, then freed.
+    Leaving { until: Instant },
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendState {
     pub id: BackendId,
+    pub generation: u32,
     pub weight: u32,
     pub mac: Option<[u8; 6]>,
+    pub role: Role,
     /// Table entries this backend holds in the live table.
     pub slots: u32,
-    /// Whether `BACKENDS[id]` is known to hold this address and MAC.
-    written: bool,
+    /// What `BACKENDS[id]` is known to hold; `None` when unknown.
+    written: Option<BackendInfo>,
     /// False after adoption: pinned maps do not record weights.
     weight_known: bool,
+}
+
+impl BackendState {
+    fn flags(&self) -> u8 {
+        match self.role {
+            Role::Active => BACKEND_ACTIVE,
+            Role::Idle | Role::Leaving { .. } if self.mac.is_some() => BACKEND_DRAINING,
+            _ => 0,
+        }
+    }
 }
 
 /// Free ids, handed out oldest-freed first.
@@ -110,6 +151,7 @@ pub struct Reconciler {
     vips: BTreeMap<VipKey, VipState>,
     vip_ids: IdPool,
     backend_ids: IdPool,
+    next_generation: u32,
     /// A write failed: the maps' contents are unknown, rewrite everything.
     resync: bool,
 }
@@ -121,17 +163,19 @@ impl Reconciler {
             vips: BTreeMap::new(),
             vip_ids: IdPool::new(0..geometry.max_vips),
             backend_ids: IdPool::new(1..geometry.max_backends),
+            next_generation: 1,
             resync: false,
         }
     }
 
     /// Starts from what pinned maps hold, so a restarted daemon keeps every
-    /// VIP's id, live table and backend ids: the next `apply` then changes
-    /// only what differs. Entries that do not add up are left for `apply`
-    /// to replace.
+    /// VIP's id and live table and every backend's id and generation: the
+    /// next `apply` changes only what differs, and recorded connections stay
+    /// valid. Entries that do not add up are left for `apply` to replace.
     pub fn adopt(geometry: Geometry, maps: &impl MapReader) -> Result<Self, ReconcileError> {
         let mut r = Self::new(geometry);
         let chunks = geometry.table_chunks();
+        let mut by_id = BTreeMap::new();
         for (key, vip) in maps.vips()? {
             let live = vip.table.wrapping_sub(vip.id * 2);
             if live > 1 || !r.vip_ids.reserve(vip.id) {
@@ -143,41 +187,61 @@ impl Reconciler {
                 table.extend_from_slice(&maps.chunk(vip.table * chunks + c)?);
             }
             table.truncate(geometry.table_size as usize);
-            let mut backends = BTreeMap::new();
-            for &id in table.iter().collect::<BTreeSet<_>>() {
-                if id == NO_BACKEND {
-                    continue;
-                }
-                let info = maps.backend(id)?;
-                let addr = addr::from_bytes(info.addr, info.family);
-                match addr {
-                    Some(addr) if r.backend_ids.reserve(id as u32) => {
-                        let state = BackendState {
-                            id,
-                            weight: 0,
-                            mac: Some(info.mac),
-                            slots: table.iter().filter(|&&t| t == id).count() as u32,
-                            written: true,
-                            weight_known: false,
-                        };
-                        backends.insert(addr, state);
-                    }
-                    _ => warn!(vip = %describe(&key), id, "pinned backend entry is inconsistent"),
-                }
-            }
             let mut tables = [None, None];
             tables[live as usize] = Some(table);
-            r.vips.insert(
-                key,
-                VipState {
-                    name: String::new(),
-                    id: vip.id,
-                    mode: vip.mode,
-                    live,
-                    tables,
-                    backends,
-                },
-            );
+            let state = VipState {
+                name: String::new(),
+                id: vip.id,
+                mode: vip.mode,
+                live,
+                tables,
+                backends: BTreeMap::new(),
+            };
+            by_id.insert(vip.id, key);
+            r.vips.insert(key, state);
+        }
+        for (id, info) in maps.backends()? {
+            r.next_generation = r.next_generation.max(info.generation.wrapping_add(1));
+            if info.flags == 0 {
+                continue;
+            }
+            let vip = by_id.get(&info.vip_id).and_then(|k| r.vips.get_mut(k));
+            let addr = addr::from_bytes(info.addr, info.family);
+            let (Some(vip), Some(addr)) = (vip, addr) else {
+                continue;
+            };
+            if !r.backend_ids.reserve(id as u32) || vip.backends.contains_key(&addr) {
+                warn!(vip = %vip.name, id, "pinned backend entry is inconsistent");
+                continue;
+            }
+            let slots = vip
+                .live_table()
+                .map_or(0, |t| t.iter().filter(|&&t| t == id).count() as u32);
+            let role = if info.flags & BACKEND_ACTIVE != 0 {
+                Role::Active
+            } else {
+                Role::Idle
+            };
+            let state = BackendState {
+                id,
+                generation: info.generation,
+                weight: 0,
+                mac: Some(info.mac),
+                role,
+                slots,
+                written: Some(info),
+                weight_known: false,
+            };
+            vip.backends.insert(addr, state);
+        }
+        // Every table entry must name an adopted backend, or the table is rebuilt.
+        for vip in r.vips.values_mut() {
+            let ids: BTreeSet<BackendId> = vip.backends.values().map(|b| b.id).collect();
+            if let Some(t) = vip.live_table()
+                && t.iter().any(|id| *id != NO_BACKEND && !ids.contains(id))
+            {
+                vip.tables = [None, None];
+            }
         }
         Ok(r)
     }
@@ -190,22 +254,44 @@ impl Reconciler {
         self.geometry
     }
 
-    /// Makes the maps match `desired`. On error the next call rewrites
-    /// everything, whatever failed half-way.
-    pub fn apply(&mut self, desired: &[DesiredVip], maps: &mut impl MapWriter) -> Result<(), ReconcileError> {
+    /// When the next leaving backend is due to be freed.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.vips
+            .values()
+            .flat_map(|v| v.backends.values())
+            .filter_map(|b| match b.role {
+                Role::Leaving { until } => Some(until),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Makes the maps match `desired` as of `now`. On error the next call
+    /// rewrites everything, whatever failed half-way.
+    pub fn apply(
+        &mut self,
+        desired: &Desired,
+        now: Instant,
+        maps: &mut impl MapWriter,
+    ) -> Result<(), ReconcileError> {
         if std::mem::take(&mut self.resync) {
             for vip in self.vips.values_mut() {
                 vip.tables = [None, None];
-                vip.backends.values_mut().for_each(|b| b.written = false);
+                vip.backends.values_mut().for_each(|b| b.written = None);
             }
         }
-        let result = self.apply_all(desired, maps);
+        let result = self.apply_all(desired, now, maps);
         self.resync = result.is_err();
         result
     }
 
-    fn apply_all(&mut self, desired: &[DesiredVip], maps: &mut impl MapWriter) -> Result<(), ReconcileError> {
-        let wanted: BTreeSet<VipKey> = desired.iter().map(|v| v.key).collect();
+    fn apply_all(
+        &mut self,
+        desired: &Desired,
+        now: Instant,
+        maps: &mut impl MapWriter,
+    ) -> Result<(), ReconcileError> {
+        let wanted: BTreeSet<VipKey> = desired.vips.iter().map(|v| v.key).collect();
         let gone: Vec<VipKey> = self
             .vips
             .keys()
@@ -217,9 +303,10 @@ impl Reconciler {
             if let Some(vip) = self.vips.remove(&key) {
                 info!(vip = %vip.name, address = %describe(&key), "VIP removed");
                 self.vip_ids.release(vip.id);
-                vip.backends
-                    .values()
-                    .for_each(|b| self.backend_ids.release(b.id as u32));
+                for b in vip.backends.values() {
+                    free_backend(maps, b)?;
+                    self.backend_ids.release(b.id as u32);
+                }
             }
         }
         for key in maps.vip_keys()? {
@@ -227,13 +314,19 @@ impl Reconciler {
                 maps.delete_vip(&key)?;
             }
         }
-        for vip in desired {
-            self.apply_vip(vip, maps)?;
+        for vip in &desired.vips {
+            self.apply_vip(vip, desired.drain_timeout, now, maps)?;
         }
         Ok(())
     }
 
-    fn apply_vip(&mut self, want: &DesiredVip, maps: &mut impl MapWriter) -> Result<(), ReconcileError> {
+    fn apply_vip(
+        &mut self,
+        want: &DesiredVip,
+        drain_timeout: Duration,
+        now: Instant,
+        maps: &mut impl MapWriter,
+    ) -> Result<(), ReconcileError> {
         if !self.vips.contains_key(&want.key) {
             let id = self.vip_ids.take().ok_or(ReconcileError::Capacity {
                 what: "VIP",
@@ -255,13 +348,16 @@ impl Reconciler {
         let vip = self.vips.get_mut(&want.key).expect("inserted above");
         vip.name.clone_from(&want.name);
 
+        // Roles first: who is wanted, who is leaving.
         let wanted: BTreeSet<IpAddr> = want.backends.iter().map(|b| b.addr).collect();
-        let leaving: Vec<IpAddr> = vip
-            .backends
-            .keys()
-            .filter(|a| !wanted.contains(a))
-            .copied()
-            .collect();
+        for (addr, state) in vip.backends.iter_mut() {
+            if !wanted.contains(addr) && !matches!(state.role, Role::Leaving { .. }) {
+                info!(vip = %vip.name, backend = %addr, timeout = ?drain_timeout, "backend removed; draining");
+                state.role = Role::Leaving {
+                    until: now + drain_timeout,
+                };
+            }
+        }
         for b in &want.backends {
             let state = match vip.backends.get_mut(&b.addr) {
                 Some(state) => state,
@@ -275,12 +371,15 @@ impl Reconciler {
                     info!(vip = %vip.name, backend = %b.addr, weight = b.weight, "backend added");
                     let state = BackendState {
                         id,
+                        generation: self.next_generation,
                         weight: b.weight,
                         mac: b.mac,
+                        role: Role::Idle,
                         slots: 0,
-                        written: false,
+                        written: None,
                         weight_known: true,
                     };
+                    self.next_generation = self.next_generation.wrapping_add(1);
                     vip.backends.entry(b.addr).or_insert(state)
                 }
             };
@@ -301,25 +400,33 @@ impl Reconciler {
                     }
                 }
                 state.mac = b.mac;
-                state.written = false;
             }
-            if !state.written {
-                let (bytes, family) = addr::to_bytes(b.addr);
-                let info = BackendInfo {
-                    addr: bytes,
-                    mac: state.mac.unwrap_or_default(),
-                    family,
-                    _pad: 0,
-                };
-                maps.put_backend(state.id, &info)?;
-                state.written = true;
+            let role = if b.weight > 0 && b.mac.is_some() {
+                Role::Active
+            } else {
+                Role::Idle
+            };
+            if role != state.role {
+                if matches!(state.role, Role::Leaving { .. }) {
+                    info!(vip = %vip.name, backend = %b.addr, "backend back before its drain ended");
+                } else if state.role == Role::Active && b.weight == 0 {
+                    info!(vip = %vip.name, backend = %b.addr, "backend draining (weight 0)");
+                }
+                state.role = role;
+            }
+        }
+
+        // Entries for joining backends go in before any table names them.
+        for (addr, state) in vip.backends.iter_mut() {
+            if state.role == Role::Active {
+                write_backend(maps, vip.id, *addr, state)?;
             }
         }
 
         let names: Vec<(String, BackendId, u32)> = vip
             .backends
             .iter()
-            .filter(|(a, b)| wanted.contains(a) && b.mac.is_some())
+            .filter(|(_, b)| b.role == Role::Active)
             .map(|(a, b)| (a.to_string(), b.id, b.weight))
             .collect();
         let entries: Vec<maglev::Entry<'_>> = names
@@ -354,25 +461,69 @@ impl Reconciler {
             vip.live = target;
             vip.mode = want.mode;
         }
-        for state in vip.backends.values_mut() {
-            state.slots = 0;
-        }
+        let mut by_id: BTreeMap<BackendId, u32> = BTreeMap::new();
         if let Some(live) = &vip.tables[vip.live as usize] {
-            let mut by_id: BTreeMap<BackendId, u32> = BTreeMap::new();
             live.iter().for_each(|id| *by_id.entry(*id).or_default() += 1);
-            for state in vip.backends.values_mut() {
-                state.slots = by_id.get(&state.id).copied().unwrap_or(0);
+        }
+        for state in vip.backends.values_mut() {
+            state.slots = by_id.get(&state.id).copied().unwrap_or(0);
+        }
+
+        // Now that no table names them: draining flags, and leavers whose
+        // time is up lose their id (their recorded flows rebalance).
+        let mut expired = Vec::new();
+        for (addr, state) in vip.backends.iter_mut() {
+            match state.role {
+                Role::Active => {}
+                Role::Idle => write_backend(maps, vip.id, *addr, state)?,
+                Role::Leaving { until } if until <= now => expired.push(*addr),
+                Role::Leaving { .. } => write_backend(maps, vip.id, *addr, state)?,
             }
         }
-        // Only now that no table refers to them may leaving backends' ids go.
-        for a in leaving {
-            if let Some(state) = vip.backends.remove(&a) {
-                info!(vip = %vip.name, backend = %a, "backend removed");
+        for addr in expired {
+            if let Some(state) = vip.backends.remove(&addr) {
+                free_backend(maps, &state)?;
+                info!(vip = %vip.name, backend = %addr, "backend drained and freed");
                 self.backend_ids.release(state.id as u32);
             }
         }
         Ok(())
     }
+}
+
+/// Writes `BACKENDS[id]` if it does not hold this backend's current state.
+fn write_backend(
+    maps: &mut impl MapWriter,
+    vip_id: u32,
+    addr: IpAddr,
+    state: &mut BackendState,
+) -> Result<(), DataplaneError> {
+    let (bytes, family) = addr::to_bytes(addr);
+    let info = BackendInfo {
+        addr: bytes,
+        mac: state.mac.unwrap_or_default(),
+        family,
+        flags: state.flags(),
+        generation: state.generation,
+        vip_id,
+    };
+    if state.written != Some(info) {
+        state.written = None;
+        maps.put_backend(state.id, &info)?;
+        state.written = Some(info);
+    }
+    Ok(())
+}
+
+/// Marks `BACKENDS[id]` unused: flows recorded for it rebalance.
+fn free_backend(maps: &mut impl MapWriter, state: &BackendState) -> Result<(), DataplaneError> {
+    maps.put_backend(
+        state.id,
+        &BackendInfo {
+            generation: state.generation,
+            ..BackendInfo::default()
+        },
+    )
 }
 
 /// Writes `table` as table number `index`, skipping chunks that already
@@ -423,6 +574,7 @@ mod tests {
         table_size: 251,
         max_vips: 4,
         max_backends: 16,
+        conntrack_size: 1024,
     };
 
     fn vip(name: &str, last: u8, backends: &[(u8, u32)]) -> DesiredVip {
@@ -439,6 +591,15 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// Applies `vips` now, freeing removed backends at once.
+    fn apply(r: &mut Reconciler, vips: &[DesiredVip], maps: &mut MemoryMaps) -> Result<(), ReconcileError> {
+        let desired = Desired {
+            vips: vips.to_vec(),
+            drain_timeout: Duration::ZERO,
+        };
+        r.apply(&desired, Instant::now(), maps)
     }
 
     /// The backend addresses each live table entry points to, per VIP.
@@ -460,9 +621,9 @@ mod tests {
     }
 
     fn expected(v: &DesiredVip) -> Vec<IpAddr> {
-        let names: Vec<String> = v.backends.iter().map(|b| b.addr.to_string()).collect();
-        let entries: Vec<maglev::Entry<'_>> = v
-            .backends
+        let live: Vec<&DesiredBackend> = v.backends.iter().filter(|b| b.weight > 0).collect();
+        let names: Vec<String> = live.iter().map(|b| b.addr.to_string()).collect();
+        let entries: Vec<maglev::Entry<'_>> = live
             .iter()
             .zip(&names)
             .enumerate()
@@ -474,8 +635,18 @@ mod tests {
             .collect();
         maglev::build(&entries, G.table_size)
             .iter()
-            .map(|id| v.backends[*id as usize - 1].addr)
+            .map(|id| live[*id as usize - 1].addr)
             .collect()
+    }
+
+    fn backend<'m>(
+        maps: &'m MemoryMaps,
+        r: &Reconciler,
+        v: &DesiredVip,
+        last: u8,
+    ) -> Option<&'m BackendInfo> {
+        let state = r.vips()[&v.key].backends.get(&IpAddr::from([10, 0, 0, last]))?;
+        maps.backends.get(&state.id)
     }
 
     #[test]
@@ -483,13 +654,13 @@ mod tests {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(G);
         let want = [vip("a", 1, &[(1, 1), (2, 1), (3, 2)]), vip("b", 2, &[(4, 1)])];
-        r.apply(&want, &mut maps).unwrap();
+        apply(&mut r, &want, &mut maps).unwrap();
         let tables = live(&maps);
         for v in &want {
             assert_eq!(tables[&v.key], expected(v), "VIP {}", v.name);
         }
         let writes = maps.chunk_writes;
-        r.apply(&want, &mut maps).unwrap();
+        apply(&mut r, &want, &mut maps).unwrap();
         assert_eq!(maps.chunk_writes, writes, "nothing changed, nothing written");
     }
 
@@ -497,20 +668,18 @@ mod tests {
     fn a_change_goes_to_the_other_table_then_flips() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(G);
-        r.apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps)
-            .unwrap();
+        apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap();
         let key = vip("a", 1, &[]).key;
         let first = maps.vips[&key];
         let changed = vip("a", 1, &[(1, 1), (2, 1), (3, 2)]);
-        r.apply(std::slice::from_ref(&changed), &mut maps).unwrap();
+        apply(&mut r, std::slice::from_ref(&changed), &mut maps).unwrap();
         let second = maps.vips[&key];
         assert_eq!(first.id, second.id);
         assert_ne!(first.table, second.table, "the new table is the other one");
         assert_eq!(live(&maps)[&key], expected(&changed));
         // Back again: the first table is rewritten only where it differs.
         let before = maps.chunk_writes;
-        r.apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps)
-            .unwrap();
+        apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap();
         assert_eq!(maps.vips[&key].table, first.table);
         assert!(
             maps.chunk_writes - before < G.table_chunks() as usize / 2,
@@ -522,32 +691,46 @@ mod tests {
     fn a_failed_write_is_followed_by_a_full_resync() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(G);
-        r.apply(&[vip("a", 1, &[(1, 1), (2, 1)])], &mut maps).unwrap();
+        apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1)])], &mut maps).unwrap();
         let want = [vip("a", 1, &[(1, 1), (3, 1)])];
         maps.fail_next_write = true;
-        assert!(r.apply(&want, &mut maps).is_err());
+        assert!(apply(&mut r, &want, &mut maps).is_err());
         // Meanwhile someone scribbles over the maps.
         maps.chunks.values_mut().for_each(|c| *c = [0; 4]);
-        r.apply(&want, &mut maps).unwrap();
+        maps.backends.values_mut().for_each(|b| b.flags = 0);
+        apply(&mut r, &want, &mut maps).unwrap();
         assert_eq!(live(&maps)[&want[0].key], expected(&want[0]));
+        assert_eq!(backend(&maps, &r, &want[0], 3).unwrap().flags, BACKEND_ACTIVE);
     }
 
     #[test]
     fn removed_vips_leave_the_maps_and_ids_are_reused_last() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(G);
-        r.apply(&[vip("a", 1, &[(1, 1)]), vip("b", 2, &[(2, 1)])], &mut maps)
-            .unwrap();
+        apply(
+            &mut r,
+            &[vip("a", 1, &[(1, 1)]), vip("b", 2, &[(2, 1)])],
+            &mut maps,
+        )
+        .unwrap();
         let a_backend = r.vips()[&vip("a", 1, &[]).key]
             .backends
             .values()
             .next()
             .unwrap()
             .id;
-        r.apply(&[vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
+        apply(&mut r, &[vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
         assert_eq!(maps.vips.len(), 1);
-        r.apply(&[vip("b", 2, &[(2, 1)]), vip("c", 3, &[(5, 1)])], &mut maps)
-            .unwrap();
+        assert_eq!(
+            maps.backends[&a_backend].flags, 0,
+            "its backend no longer takes flows"
+        );
+        apply(
+            &mut r,
+            &[vip("b", 2, &[(2, 1)]), vip("c", 3, &[(5, 1)])],
+            &mut maps,
+        )
+        .unwrap();
         let c_backend = r.vips()[&vip("c", 3, &[]).key]
             .backends
             .values()
@@ -557,7 +740,7 @@ mod tests {
         assert_ne!(c_backend, a_backend, "a just-freed id is not handed out first");
         // A stray entry (not ours, not wanted) is removed too.
         maps.vips.insert(vip("x", 9, &[]).key, VipInfo::default());
-        r.apply(&[vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
+        apply(&mut r, &[vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
         assert_eq!(
             maps.vips.keys().copied().collect::<Vec<_>>(),
             vec![vip("b", 2, &[]).key]
@@ -565,47 +748,127 @@ mod tests {
     }
 
     #[test]
-    fn adopting_pinned_state_keeps_ids_and_tables() {
+    fn weight_zero_drains_and_removal_drains_until_the_timeout() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(G);
-        let want = [vip("a", 1, &[(1, 1), (2, 3)]), vip("b", 2, &[(3, 1)])];
-        r.apply(&want, &mut maps).unwrap();
-        let ids: Vec<(u32, u32)> = maps.vips.values().map(|v| (v.id, v.table)).collect();
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(30);
+        let at = |r: &mut Reconciler, maps: &mut MemoryMaps, vips: &[DesiredVip], t: Instant| {
+            r.apply(
+                &Desired {
+                    vips: vips.to_vec(),
+                    drain_timeout: timeout,
+                },
+                t,
+                maps,
+            )
+            .unwrap()
+        };
+        let all = vip("a", 1, &[(1, 1), (2, 1), (3, 1)]);
+        at(&mut r, &mut maps, std::slice::from_ref(&all), t0);
+
+        let drained = vip("a", 1, &[(1, 1), (2, 0), (3, 1)]);
+        at(&mut r, &mut maps, std::slice::from_ref(&drained), t0);
+        assert_eq!(
+            live(&maps)[&all.key],
+            expected(&drained),
+            "weight 0: out of the table"
+        );
+        assert_eq!(backend(&maps, &r, &all, 2).unwrap().flags, BACKEND_DRAINING);
+
+        let removed = vip("a", 1, &[(1, 1), (2, 0)]);
+        at(&mut r, &mut maps, std::slice::from_ref(&removed), t0);
+        let gone = *backend(&maps, &r, &all, 3).unwrap();
+        assert_eq!(gone.flags, BACKEND_DRAINING, "removed: draining");
+        assert_eq!(r.next_deadline(), Some(t0 + timeout));
+
+        at(&mut r, &mut maps, std::slice::from_ref(&removed), t0 + timeout);
+        assert!(
+            r.vips()[&all.key]
+                .backends
+                .get(&IpAddr::from([10, 0, 0, 3]))
+                .is_none()
+        );
+        let id = maps
+            .backends
+            .iter()
+            .find(|(_, b)| b.generation == gone.generation)
+            .map(|(id, _)| *id)
+            .unwrap();
+        assert_eq!(maps.backends[&id].flags, 0, "freed after the timeout");
+        assert_eq!(r.next_deadline(), None);
+
+        // Coming back before the timeout keeps id and generation (flows stay valid).
+        at(&mut r, &mut maps, &[vip("a", 1, &[(1, 1)])], t0);
+        let before = *backend(&maps, &r, &all, 2).unwrap();
+        at(
+            &mut r,
+            &mut maps,
+            &[vip("a", 1, &[(1, 1), (2, 1)])],
+            t0 + Duration::from_secs(1),
+        );
+        let after = *backend(&maps, &r, &all, 2).unwrap();
+        assert_eq!(
+            (before.generation, after.flags),
+            (after.generation, BACKEND_ACTIVE)
+        );
+    }
+
+    #[test]
+    fn a_reused_id_gets_a_new_generation() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(Geometry { max_backends: 3, ..G });
+        apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1)])], &mut maps).unwrap();
+        let old: BTreeMap<BackendId, u32> = maps.backends.iter().map(|(id, b)| (*id, b.generation)).collect();
+        apply(&mut r, &[vip("a", 1, &[])], &mut maps).unwrap();
+        apply(&mut r, &[vip("a", 1, &[(3, 1), (4, 1)])], &mut maps).unwrap();
+        assert_eq!(maps.backends.len(), 2, "the same two ids, reused");
+        for (id, b) in &maps.backends {
+            assert_ne!(
+                Some(&b.generation),
+                old.get(id),
+                "id {id} reused with its old generation"
+            );
+        }
+    }
+
+    #[test]
+    fn adopting_pinned_state_keeps_ids_generations_tables_and_drains() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        let want = [vip("a", 1, &[(1, 1), (2, 3), (3, 0)]), vip("b", 2, &[(4, 1)])];
+        apply(&mut r, &want, &mut maps).unwrap();
+        let vips: Vec<(u32, u32)> = maps.vips.values().map(|v| (v.id, v.table)).collect();
+        let backends = maps.backends.clone();
         let writes = maps.chunk_writes;
 
         let mut adopted = Reconciler::adopt(G, &maps).unwrap();
-        adopted.apply(&want, &mut maps).unwrap();
+        apply(&mut adopted, &want, &mut maps).unwrap();
         assert_eq!(
             maps.chunk_writes, writes,
             "restart with the same config writes no table"
         );
         assert_eq!(
             maps.vips.values().map(|v| (v.id, v.table)).collect::<Vec<_>>(),
-            ids
+            vips
         );
+        assert_eq!(maps.backends, backends, "same ids, generations and flags");
         assert_eq!(adopted.vips()[&want[0].key].name, "a");
     }
 
     #[test]
     fn capacity_is_enforced_with_a_clear_error() {
         let mut maps = MemoryMaps::default();
-        let mut r = Reconciler::new(Geometry {
-            table_size: 251,
+        let small = Geometry {
             max_vips: 1,
             max_backends: 3,
-        });
-        let err = r
-            .apply(&[vip("a", 1, &[]), vip("b", 2, &[])], &mut maps)
-            .unwrap_err();
+            ..G
+        };
+        let mut r = Reconciler::new(small);
+        let err = apply(&mut r, &[vip("a", 1, &[]), vip("b", 2, &[])], &mut maps).unwrap_err();
         assert!(err.to_string().contains("max_vips"), "{err}");
-        let mut r = Reconciler::new(Geometry {
-            table_size: 251,
-            max_vips: 1,
-            max_backends: 3,
-        });
-        let err = r
-            .apply(&[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps)
-            .unwrap_err();
+        let mut r = Reconciler::new(small);
+        let err = apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap_err();
         assert!(err.to_string().contains("max_backends"), "{err}");
     }
 
@@ -615,14 +878,15 @@ mod tests {
         let mut r = Reconciler::new(G);
         let mut want = vip("a", 1, &[(1, 1), (2, 1)]);
         want.backends[1].mac = None;
-        r.apply(std::slice::from_ref(&want), &mut maps).unwrap();
+        apply(&mut r, std::slice::from_ref(&want), &mut maps).unwrap();
         assert!(
             live(&maps)[&want.key]
                 .iter()
                 .all(|a| *a == IpAddr::from([10, 0, 0, 1]))
         );
+        assert_eq!(backend(&maps, &r, &want, 2).unwrap().flags, 0);
         want.backends[1].mac = Some([2, 0, 0, 0, 0, 2]);
-        r.apply(std::slice::from_ref(&want), &mut maps).unwrap();
+        apply(&mut r, std::slice::from_ref(&want), &mut maps).unwrap();
         assert_eq!(live(&maps)[&want.key], expected(&want));
     }
 }

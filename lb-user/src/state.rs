@@ -10,7 +10,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{addr, reconcile::Reconciler};
+use crate::{
+    addr,
+    reconcile::{Reconciler, Role},
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DaemonState {
@@ -38,6 +41,8 @@ pub struct BackendLabel {
     pub id: u16,
     pub weight: u32,
     pub mac: Option<String>,
+    /// See `cli::status::BackendStatus::state`.
+    pub role: String,
 }
 
 pub fn path(interface: &str) -> PathBuf {
@@ -63,6 +68,12 @@ impl DaemonState {
                             id: b.id,
                             weight: b.weight,
                             mac: b.mac.as_ref().map(addr::format_mac),
+                            role: match b.role {
+                                Role::Active => "active".into(),
+                                Role::Idle if b.mac.is_none() => "unresolved".into(),
+                                Role::Idle => "draining".into(),
+                                Role::Leaving { .. } => "leaving".into(),
+                            },
                         })
                         .collect(),
                 })

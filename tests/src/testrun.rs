@@ -1,12 +1,17 @@
 //! Program `xlb` loaded without attaching, fed frames through
 //! BPF_PROG_TEST_RUN, its maps written by the real reconciler.
 
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
 use aya::{Ebpf, TestRun as _, TestRunOptions, programs::Xdp};
-use lb_common::{BackendId, Counter, FlowKey, Reason, flow_hash};
+use lb_common::{BackendId, Counter, Event, FlowKey, Reason, flow_hash};
 use xlb::{
-    dataplane::{Geometry, KernelMaps},
-    loader,
-    reconcile::{DesiredVip, Reconciler},
+    dataplane::KernelMaps,
+    loader::{self, Params},
+    reconcile::{Desired, DesiredBackend, DesiredVip, Reconciler},
 };
 
 use crate::frames::LB_MAC;
@@ -29,19 +34,34 @@ pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
 impl Plane {
-    pub fn new(geometry: Geometry) -> anyhow::Result<Plane> {
+    pub fn new(params: Params) -> anyhow::Result<Plane> {
         crate::require_root();
-        let (ebpf, maps) = loader::load_detached(geometry, LB_MAC)?;
+        let (ebpf, maps) = loader::load_detached(params, LB_MAC)?;
         Ok(Plane {
             ebpf,
             maps,
-            reconciler: Reconciler::new(geometry),
+            reconciler: Reconciler::new(params.geometry),
         })
     }
 
-    pub fn apply(&mut self, desired: &[DesiredVip]) -> anyhow::Result<()> {
-        self.reconciler.apply(desired, &mut self.maps)?;
+    /// Applies `vips` at `now`; removed backends drain for `drain_timeout`.
+    pub fn apply_at(
+        &mut self,
+        vips: &[DesiredVip],
+        drain_timeout: Duration,
+        now: Instant,
+    ) -> anyhow::Result<()> {
+        let desired = Desired {
+            vips: vips.to_vec(),
+            drain_timeout,
+        };
+        self.reconciler.apply(&desired, now, &mut self.maps)?;
         Ok(())
+    }
+
+    /// Applies `vips`; removed backends are freed at once.
+    pub fn apply(&mut self, vips: &[DesiredVip]) -> anyhow::Result<()> {
+        self.apply_at(vips, Duration::ZERO, Instant::now())
     }
 
     fn program(&self) -> &Xdp {
@@ -68,16 +88,42 @@ impl Plane {
     }
 
     pub fn reason(&self, reason: Reason) -> anyhow::Result<Counter> {
-        Ok(self.maps.reason_stats()?[reason as usize])
+        Ok(self.maps.global_stats()?.reasons[reason as usize])
+    }
+
+    pub fn event(&self, event: Event) -> anyhow::Result<u64> {
+        Ok(self.maps.global_stats()?.events[event as usize])
     }
 
     /// The backend the control plane's model says `flow` goes to.
     pub fn expected_backend(&self, flow: &FlowKey) -> Option<(BackendId, [u8; 6])> {
         let vip = self.reconciler.vips().get(&flow.vip_key())?;
         let table = vip.live_table()?;
-        let geometry: Geometry = self.reconciler.geometry();
+        let geometry = self.reconciler.geometry();
         let id = table[(flow_hash(flow) % geometry.table_size) as usize];
         let backend = vip.backends.values().find(|b| b.id == id)?;
         Some((id, backend.mac?))
+    }
+}
+
+/// A backend with address `addr` and MAC 02:00:00:00:01:`tag`.
+pub fn backend(addr: IpAddr, weight: u32, tag: u8) -> DesiredBackend {
+    DesiredBackend {
+        addr,
+        weight,
+        mac: Some(backend_mac(tag)),
+    }
+}
+
+pub fn backend_mac(tag: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 1, tag]
+}
+
+pub fn dr_vip(name: &str, addr: IpAddr, port: u16, proto: u8, backends: Vec<DesiredBackend>) -> DesiredVip {
+    DesiredVip {
+        name: name.into(),
+        key: xlb::addr::vip_key(addr, port, proto),
+        mode: lb_common::MODE_DR,
+        backends,
     }
 }

@@ -3,15 +3,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, MODE_DR, PROTO_TCP, PROTO_UDP, Reason};
-use xlb::{
-    addr,
-    dataplane::Geometry,
-    reconcile::{DesiredBackend, DesiredVip},
-};
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use xlb::{addr, dataplane::Geometry, loader::Params, reconcile::DesiredBackend};
 use xlb_tests::{
     frames::*,
-    testrun::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX},
+    testrun::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip as vip},
 };
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -24,21 +20,8 @@ fn backends(addrs: &[IpAddr]) -> Vec<DesiredBackend> {
     addrs
         .iter()
         .enumerate()
-        .map(|(i, a)| DesiredBackend {
-            addr: *a,
-            weight: 1,
-            mac: Some([0x02, 0, 0, 0, 1, i as u8 + 1]),
-        })
+        .map(|(i, a)| backend(*a, 1, i as u8 + 1))
         .collect()
-}
-
-fn vip(name: &str, addr: IpAddr, port: u16, proto: u8, backends: Vec<DesiredBackend>) -> DesiredVip {
-    DesiredVip {
-        name: name.into(),
-        key: addr::vip_key(addr, port, proto),
-        mode: MODE_DR,
-        backends,
-    }
 }
 
 fn plane() -> Plane {
@@ -46,8 +29,13 @@ fn plane() -> Plane {
         table_size: 65_537,
         max_vips: 8,
         max_backends: 64,
+        conntrack_size: 4096,
     };
-    let mut plane = Plane::new(geometry).expect("load program xlb");
+    let mut plane = Plane::new(Params {
+        geometry,
+        conn_insert_limit: 0,
+    })
+    .expect("load program xlb");
     let v4: Vec<IpAddr> = (11..14).map(|i| IpAddr::from([10, 0, 0, i])).collect();
     let v6: Vec<IpAddr> = (0x11..0x14)
         .map(|i| IpAddr::from(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i)))

@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     path::Path,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -17,7 +17,7 @@ use crate::{
     config::Config,
     dataplane::KernelMaps,
     loader, neigh,
-    reconcile::{DesiredBackend, DesiredVip, Reconciler},
+    reconcile::{Desired, DesiredBackend, DesiredVip, Reconciler},
     state::DaemonState,
 };
 
@@ -34,12 +34,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("{}: field `interface`", args.config.display()))?;
     let pin_dir = config.pin_dir();
-    let geometry = loader::geometry(&config);
-    let mut dataplane = loader::load(&iface, &pin_dir, geometry, config.xdp_mode)?;
+    let params = loader::params(&config);
+    let mut dataplane = loader::load(&iface, &pin_dir, params, config.xdp_mode)?;
     let mut reconciler = if dataplane.adopted {
-        Reconciler::adopt(geometry, &dataplane.maps).context("cannot read the pinned state")?
+        Reconciler::adopt(params.geometry, &dataplane.maps).context("cannot read the pinned state")?
     } else {
-        Reconciler::new(geometry)
+        Reconciler::new(params.geometry)
     };
     info!(
         interface = %iface.name,
@@ -94,6 +94,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(_) => {}
             Err(e) => warn!(error = %format_error(&e), "neighbour refresh failed"),
         }
+        if daemon
+            .reconciler
+            .next_deadline()
+            .is_some_and(|d| d <= Instant::now())
+        {
+            daemon.pending = true;
+        }
         if daemon.pending {
             daemon.apply(&config, &macs);
         }
@@ -121,7 +128,10 @@ struct Daemon<'a> {
 
 impl Daemon<'_> {
     fn apply(&mut self, config: &Config, macs: &HashMap<IpAddr, [u8; 6]>) {
-        match self.reconciler.apply(&desired(config, macs), self.maps) {
+        match self
+            .reconciler
+            .apply(&desired(config, macs), Instant::now(), self.maps)
+        {
             Ok(()) => self.pending = false,
             Err(e) => error!(error = %format_error(&e), "map update failed; retrying with a full resync"),
         }
@@ -147,11 +157,12 @@ impl Daemon<'_> {
                 return None;
             }
         };
-        let fixed = |c: &Config| (c.interface.clone(), c.pin_dir(), c.xdp_mode, loader::geometry(c));
+        let fixed = |c: &Config| (c.interface.clone(), c.pin_dir(), c.xdp_mode, loader::params(c));
         if fixed(&new) != fixed(current) {
             error!(
-                "config rejected: interface, pin_dir, xdp_mode, table_size, max_vips and max_backends \
-                 apply only at start; restart xlb to change them (the running config stays in force)"
+                "config rejected: interface, pin_dir, xdp_mode, table_size, max_vips, max_backends, \
+                 conntrack_size and conntrack_insert_limit apply only at start; restart xlb to change \
+                 them (the running config stays in force)"
             );
             return None;
         }
@@ -162,8 +173,8 @@ impl Daemon<'_> {
     }
 }
 
-fn desired(config: &Config, macs: &HashMap<IpAddr, [u8; 6]>) -> Vec<DesiredVip> {
-    config
+fn desired(config: &Config, macs: &HashMap<IpAddr, [u8; 6]>) -> Desired {
+    let vips = config
         .vips
         .iter()
         .map(|v| DesiredVip {
@@ -180,7 +191,11 @@ fn desired(config: &Config, macs: &HashMap<IpAddr, [u8; 6]>) -> Vec<DesiredVip> 
                 })
                 .collect(),
         })
-        .collect()
+        .collect();
+    Desired {
+        vips,
+        drain_timeout: Duration::from_secs(config.drain_timeout),
+    }
 }
 
 fn backend_addrs(config: &Config) -> Vec<IpAddr> {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_common::{BackendId, Counter, NO_BACKEND, Reason};
+use lb_common::{BACKEND_ACTIVE, BACKEND_DRAINING, BackendId, Counter, Event, NO_BACKEND, Reason};
 use serde::Serialize;
 
 use crate::{
@@ -29,6 +29,9 @@ pub struct Status {
     pub max_vips: u32,
     pub max_backends: u32,
     pub reasons: BTreeMap<&'static str, Traffic>,
+    pub events: BTreeMap<&'static str, u64>,
+    pub conntrack_entries: usize,
+    pub conntrack_size: u32,
     pub vips: Vec<VipStatus>,
 }
 
@@ -63,6 +66,9 @@ pub struct VipStatus {
 pub struct BackendStatus {
     pub address: Option<IpAddr>,
     pub id: BackendId,
+    /// "active" (takes new flows), "draining" (keeps established flows),
+    /// "leaving" (removed, draining until its timeout), "unresolved" (no MAC).
+    pub state: String,
     pub weight: Option<u32>,
     pub mac: Option<String>,
     /// Entries in the live Maglev table, and their share of it.
@@ -90,14 +96,10 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
             target.pin_dir.display()
         )
     })?;
-    let meta = maps.meta()?;
-    let geometry = Geometry {
-        table_size: meta.table_size,
-        max_vips: meta.max_vips,
-        max_backends: meta.max_backends,
-    };
+    let geometry = Geometry::from_meta(&maps.meta()?);
     let labels = target.interface.as_deref().and_then(DaemonState::read);
-    let reasons = maps.reason_stats()?;
+    let globals = maps.global_stats()?;
+    let in_use = maps.backends()?;
     let mut vips = Vec::new();
     for (key, info) in maps.vips()? {
         let Some(address) = addr::from_bytes(key.addr, key.family) else {
@@ -121,17 +123,31 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
         }
         let mut ids: BTreeSet<BackendId> = fill.keys().copied().filter(|&id| id != NO_BACKEND).collect();
         ids.extend(label.iter().flat_map(|l| l.backends.iter().map(|b| b.id)));
+        ids.extend(
+            in_use
+                .iter()
+                .filter(|(_, b)| b.vip_id == info.id && b.flags != 0)
+                .map(|(id, _)| *id),
+        );
         let mut backends = Vec::new();
         for id in ids {
             let be = maps.backend(id)?;
             let known = label.and_then(|l| l.backends.iter().find(|b| b.id == id));
             let counter = maps.backend_stats(id)?;
             let slots = fill.get(&id).copied().unwrap_or(0);
+            let state = if be.flags & BACKEND_ACTIVE != 0 {
+                "active"
+            } else if be.flags & BACKEND_DRAINING != 0 {
+                "draining"
+            } else {
+                "inactive"
+            };
             backends.push(BackendStatus {
                 address: known
                     .map(|k| k.address)
                     .or_else(|| addr::from_bytes(be.addr, be.family)),
                 id,
+                state: known.map_or_else(|| state.to_owned(), |k| k.role.clone()),
                 weight: known.map(|k| k.weight),
                 mac: if slots > 0 {
                     Some(addr::format_mac(&be.mac))
@@ -170,13 +186,14 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
         max_backends: geometry.max_backends,
         reasons: Reason::ALL
             .iter()
-            .map(|r| {
-                (
-                    r.name(),
-                    reasons.get(*r as usize).copied().unwrap_or_default().into(),
-                )
-            })
+            .map(|r| (r.name(), globals.reasons[*r as usize].into()))
             .collect(),
+        events: Event::ALL
+            .iter()
+            .map(|e| (e.name(), globals.events[*e as usize]))
+            .collect(),
+        conntrack_entries: maps.conntrack_entries(),
+        conntrack_size: geometry.conntrack_size,
         vips,
     })
 }
@@ -192,10 +209,12 @@ fn render(s: &Status) -> String {
     let _ = writeln!(out, "xlb on {iface} ({}) — {daemon}", s.pin_dir.display());
     let _ = writeln!(
         out,
-        "table size {}, capacity {} VIPs / {} backends\n",
+        "table size {}, capacity {} VIPs / {} backends, connection table {} of {} entries\n",
         s.table_size,
         s.max_vips,
-        s.max_backends - 1
+        s.max_backends - 1,
+        s.conntrack_entries,
+        s.conntrack_size
     );
     for v in &s.vips {
         let addr = match v.address {
@@ -213,16 +232,17 @@ fn render(s: &Status) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<40} {:>6} {:>17} {:>7} {:>12} {:>14}",
-            "backend", "weight", "mac", "share", "packets", "bytes"
+            "  {:<40} {:<10} {:>6} {:>17} {:>7} {:>12} {:>14}",
+            "backend", "state", "weight", "mac", "share", "packets", "bytes"
         );
         for b in &v.backends {
             let _ = writeln!(
                 out,
-                "  {:<40} {:>6} {:>17} {:>6.2}% {:>12} {:>14}",
+                "  {:<40} {:<10} {:>6} {:>17} {:>6.2}% {:>12} {:>14}",
                 b.address
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| format!("id {}", b.id)),
+                b.state,
                 b.weight.map(|w| w.to_string()).unwrap_or_else(|| "?".into()),
                 b.mac.as_deref().unwrap_or("unresolved"),
                 b.share * 100.0,
@@ -241,9 +261,14 @@ fn render(s: &Status) -> String {
     if s.vips.is_empty() {
         out.push_str("no VIPs configured\n\n");
     }
-    let _ = writeln!(out, "{:<20} {:>12} {:>14}", "reason", "packets", "bytes");
+    let _ = writeln!(out, "{:<26} {:>12} {:>14}", "reason", "packets", "bytes");
     for (name, c) in &s.reasons {
-        let _ = writeln!(out, "{name:<20} {:>12} {:>14}", c.packets, c.bytes);
+        let _ = writeln!(out, "{name:<26} {:>12} {:>14}", c.packets, c.bytes);
+    }
+    out.push('\n');
+    let _ = writeln!(out, "{:<26} {:>12}", "event", "count");
+    for (name, n) in &s.events {
+        let _ = writeln!(out, "{name:<26} {n:>12}");
     }
     out
 }
