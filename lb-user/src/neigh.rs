@@ -155,7 +155,6 @@ impl Neighbours {
             if macs.len() == wanted.len() || Instant::now() >= deadline {
                 return Ok(macs);
             }
-            // Re-solicit on the next round only if the entry vanished.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

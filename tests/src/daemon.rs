@@ -96,6 +96,28 @@ impl Daemon {
         Ok(())
     }
 
+    /// Replaces the config and sends SIGHUP; returns once the daemon says
+    /// it applied it.
+    pub fn apply_config(&mut self, config: &str) -> anyhow::Result<()> {
+        let applied = self.log().matches("config applied").count();
+        let rejected = self.log().matches("config rejected").count();
+        self.rewrite_config(config)?;
+        let pid = self.child.as_ref().context("daemon not running")?.id();
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log().matches("config applied").count() == applied {
+            if self.log().matches("config rejected").count() > rejected {
+                bail!("config rejected:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("config not applied within 10 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// SIGTERM, then wait; the program stays attached.
     pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {

@@ -24,6 +24,8 @@ use crate::{
 /// How long start-up waits for backends' MACs before going on without the
 /// missing ones (they join the table as soon as they resolve).
 const INITIAL_RESOLVE: Duration = Duration::from_secs(3);
+/// How long a reload waits for new backends' MACs.
+const RELOAD_RESOLVE: Duration = Duration::from_secs(1);
 /// Config file and neighbour table polling interval.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -82,11 +84,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        let mut reloaded = false;
         if reload && let Some(new) = daemon.reload(&config) {
             config = new;
             daemon.pending = true;
+            reloaded = true;
         }
-        match neighbours.refresh(&backend_addrs(&config)).await {
+        // After a reload, give new backends a moment to resolve so they
+        // join with the change rather than a tick later.
+        let patience = if reloaded { RELOAD_RESOLVE } else { Duration::ZERO };
+        match neighbours.resolve(&backend_addrs(&config), patience).await {
             Ok(now) if now != macs => {
                 macs = now;
                 daemon.pending = true;
@@ -103,6 +110,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         if daemon.pending {
             daemon.apply(&config, &macs);
+        }
+        if reloaded && !daemon.pending {
+            info!(vips = config.vips.len(), "config applied");
         }
     }
 
