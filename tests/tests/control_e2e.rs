@@ -100,7 +100,11 @@ fn config_edits_apply_live_and_a_broken_edit_keeps_the_old_config() {
             "backends = [ { address = \"10.0.0.11\" }, { address = \"10.0.0.13\" } ]",
         )))
         .unwrap();
-    eventually(|| spread(&lab, 60) == ["be1", "be3"], &daemon, "be2 still gets new connections");
+    eventually(
+        || spread(&lab, 60) == ["be1", "be3"],
+        &daemon,
+        "be2 still gets new connections",
+    );
     assert_eq!(spread(&lab, 90), ["be1", "be3"]);
 
     daemon.rewrite_config("interface = [ this is not toml").unwrap();
