@@ -5,12 +5,5 @@ use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
     let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-ebpf");
-    aya_build::build_ebpf(
-        [Package {
-            name: "lb-ebpf",
-            root_dir,
-            ..Package::default()
-        }],
-        Toolchain::default(),
-    )
+    aya_build::build_ebpf([Package { name: "lb-ebpf", root_dir, ..Package::default() }], Toolchain::default())
 }

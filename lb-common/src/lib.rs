@@ -25,17 +25,13 @@ pub mod maps {
     pub const META: &str = "META";
     pub const CONNTRACK: &str = "CONNTRACK";
 
-    /// Every map, in pin order.
-    pub const ALL: [&str; 8] = [
-        VIPS,
-        BACKENDS,
-        MAGLEV,
-        STATS,
-        VIP_STATS,
-        BACKEND_STATS,
-        META,
-        CONNTRACK,
-    ];
+    /// Program `xlb_decap`'s maps.
+    pub const DECAP_VIPS: &str = "DECAP_VIPS";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
+    pub const DECAP_ALL: [&str; 2] = [DECAP_VIPS, DECAP_STATS];
+
+    /// Every map of program `xlb`, in pin order.
+    pub const ALL: [&str; 8] = [VIPS, BACKENDS, MAGLEV, STATS, VIP_STATS, BACKEND_STATS, META, CONNTRACK];
 }
 
 /// Load-time globals of program `xlb` (set by the loader, read-only to the program).
@@ -48,6 +44,9 @@ pub mod globals {
     pub const IFACE_MAC: &str = "IFACE_MAC";
     /// Connection-table inserts allowed per CPU per second (0: no limit).
     pub const CONN_INSERT_LIMIT: &str = "CONN_INSERT_LIMIT";
+    /// TUN mode's outer source addresses ([u8; 4] and [u8; 16]).
+    pub const TUN_SRC_V4: &str = "TUN_SRC_V4";
+    pub const TUN_SRC_V6: &str = "TUN_SRC_V6";
 }
 
 /// Capacity defaults and hard limits; the config may lower or raise the

@@ -23,6 +23,18 @@ pub enum Reason {
     DropMalformed = 5,
     /// Addressed to a VIP that has no usable backend.
     DropNoBackend = 6,
+    /// TUN: the next hop toward the backend has no neighbour entry yet. The
+    /// encapsulated packet goes to the kernel, which resolves and forwards it.
+    PassNoNeigh = 7,
+    /// TUN: no route to the backend (or one out of another interface); the
+    /// original packet goes to the kernel.
+    PassNoRoute = 8,
+    /// TUN: too big once encapsulated; an ICMP "fragmentation needed" /
+    /// "packet too big" went back to the client.
+    IcmpTooBig = 9,
+    /// TUN: too big once encapsulated, and no ICMP error could be built
+    /// (IPv4 options, or the client forbids it).
+    DropTooBig = 10,
 }
 
 /// What the program does with a packet for a given reason.
@@ -34,7 +46,7 @@ pub enum Action {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Forwarded,
         Reason::PassNotIp,
         Reason::PassNotVip,
@@ -42,16 +54,23 @@ impl Reason {
         Reason::PassIpv6Ext,
         Reason::DropMalformed,
         Reason::DropNoBackend,
+        Reason::PassNoNeigh,
+        Reason::PassNoRoute,
+        Reason::IcmpTooBig,
+        Reason::DropTooBig,
     ];
 
     #[inline(always)]
     pub const fn action(self) -> Action {
         match self {
-            Reason::Forwarded => Action::Tx,
-            Reason::PassNotIp | Reason::PassNotVip | Reason::PassFragment | Reason::PassIpv6Ext => {
-                Action::Pass
-            }
-            Reason::DropMalformed | Reason::DropNoBackend => Action::Drop,
+            Reason::Forwarded | Reason::IcmpTooBig => Action::Tx,
+            Reason::PassNotIp
+            | Reason::PassNotVip
+            | Reason::PassFragment
+            | Reason::PassIpv6Ext
+            | Reason::PassNoNeigh
+            | Reason::PassNoRoute => Action::Pass,
+            Reason::DropMalformed | Reason::DropNoBackend | Reason::DropTooBig => Action::Drop,
         }
     }
 
@@ -65,11 +84,17 @@ impl Reason {
             Reason::PassIpv6Ext => "ipv6_ext_header",
             Reason::DropMalformed => "malformed",
             Reason::DropNoBackend => "no_backend",
+            Reason::PassNoNeigh => "tun_no_neighbour",
+            Reason::PassNoRoute => "tun_no_route",
+            Reason::IcmpTooBig => "tun_icmp_too_big",
+            Reason::DropTooBig => "tun_too_big",
         }
     }
 }
 
 const _: () = assert!(Reason::ALL.len() as u32 <= REASON_SLOTS);
+// Powers of two, so the data plane can mask an index into range.
+const _: () = assert!(REASON_SLOTS.is_power_of_two() && EVENT_SLOTS.is_power_of_two());
 
 /// Things that happen on the way to a verdict, counted beside the reasons.
 #[repr(u32)]
@@ -87,12 +112,8 @@ pub enum Event {
 }
 
 impl Event {
-    pub const ALL: [Event; 4] = [
-        Event::ConnHit,
-        Event::ConnNew,
-        Event::ConnRebalanced,
-        Event::ConnInsertSkipped,
-    ];
+    pub const ALL: [Event; 4] =
+        [Event::ConnHit, Event::ConnNew, Event::ConnRebalanced, Event::ConnInsertSkipped];
 
     pub const fn name(self) -> &'static str {
         match self {

@@ -10,6 +10,12 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Forwarding modes, as stored in `VipInfo::mode`.
 pub const MODE_DR: u8 = 1;
+/// IP-in-IP (IPv4 VIPs) or IPv6-in-IPv6 (IPv6 VIPs) to the backend.
+pub const MODE_TUN: u8 = 2;
+
+/// Bytes TUN mode adds in front of the inner IP packet.
+pub const TUN_OVERHEAD_V4: u16 = 20;
+pub const TUN_OVERHEAD_V6: u16 = 40;
 
 /// Backend ids index `BACKENDS`; 0 is never allocated and means "no backend".
 pub type BackendId = u16;
@@ -150,12 +156,7 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 impl FlowKey {
     #[inline(always)]
     pub fn vip_key(&self) -> VipKey {
-        VipKey {
-            addr: self.dst,
-            port_be: self.dport_be,
-            proto: self.proto,
-            family: self.family,
-        }
+        VipKey { addr: self.dst, port_be: self.dport_be, proto: self.proto, family: self.family }
     }
 }
 
@@ -178,6 +179,23 @@ pub struct Meta {
 }
 const _: () = assert!(size_of::<Meta>() == 24);
 
+/// `DECAP_VIPS` key (program `xlb_decap`): an address this host serves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecapKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<DecapKey>() == 20);
+
+/// `DECAP_STATS` slots (per-CPU counters of program `xlb_decap`).
+pub const DECAP_DONE: u32 = 0;
+pub const DECAP_PASSED: u32 = 1;
+/// Tunnelled, but to an address not in `DECAP_VIPS`: left as is.
+pub const DECAP_NOT_OURS: u32 = 2;
+pub const DECAP_SLOTS: u32 = 4;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], made of integers and byte arrays,
@@ -190,4 +208,5 @@ mod pod {
     unsafe impl aya::Pod for super::Meta {}
     unsafe impl aya::Pod for super::ConnEntry {}
     unsafe impl aya::Pod for super::GlobalStats {}
+    unsafe impl aya::Pod for super::DecapKey {}
 }

@@ -1,6 +1,9 @@
-//! The target-independent part of xlb's data plane: frame parsing. It is
-//! compiled into the XDP program and, unchanged, for the host, where tests
-//! and fuzzers drive it with plain byte slices.
+//! Code shared by xlb's XDP programs. `parse` is target-independent: it is
+//! compiled into the programs and, unchanged, for the host, where tests
+//! and fuzzers drive it with plain byte slices. `ptr` is packet access for
+//! the BPF target.
 #![no_std]
 
 pub mod parse;
+#[cfg(target_arch = "bpf")]
+pub mod ptr;

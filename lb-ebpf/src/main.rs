@@ -2,17 +2,21 @@
 #![no_std]
 #![no_main]
 
+mod csum;
+mod encap;
+mod icmp;
 mod maps;
-mod ptr;
 mod select;
 mod stats;
 mod xmit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{Action, GlobalStats, Reason};
-use lb_ebpf::parse::{Frame as _, parse};
+use lb_common::{Action, GlobalStats, MODE_TUN, Reason};
+use lb_ebpf::parse::{Frame as _, Parsed, parse};
 
-use crate::ptr::Packet;
+use lb_ebpf::ptr::Packet;
+
+use crate::xmit::Tun;
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
@@ -21,8 +25,7 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     };
     let pkt = Packet::new(&ctx);
     let reason = match balance(&pkt, stats) {
-        Ok(()) => Reason::Forwarded,
-        Err(reason) => reason,
+        Ok(reason) | Err(reason) => reason,
     };
     stats::count_reason(stats, reason, pkt.len() as u64);
     match reason.action() {
@@ -32,14 +35,37 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The verdict for a packet: forwarded (or handed to the kernel on its way
+/// to a backend) in `Ok`, anything else in `Err`.
+///
+/// Parsing, backend selection, TUN encapsulation and ICMP errors run as
+/// separate BPF functions, each with its own stack frame: inlined into one,
+/// they would not fit the 512-byte stack.
 #[inline(always)]
-fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<(), Reason> {
-    let parsed = parse(pkt)?;
+fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
+    let mut parsed = Parsed::default();
+    parse_into(pkt, &mut parsed)?;
     let target = select::backend(&parsed, stats)?;
-    xmit::to_backend_l2(pkt, target.backend)?;
+    // Counted before encapsulation: the frame as it arrived.
     let bytes = pkt.len() as u64;
+    let reason = if target.mode == MODE_TUN {
+        match xmit::to_backend_tun(pkt, &parsed, target.backend) {
+            Tun::Sent(reason) => reason,
+            Tun::TooBig { mtu } => return Err(icmp::too_big(&pkt.reload(), &parsed, mtu as usize)),
+            Tun::Failed(reason) => return Err(reason),
+        }
+    } else {
+        xmit::to_backend_l2(pkt, target.backend)?;
+        Reason::Forwarded
+    };
     stats::count_vip(target.vip_id, bytes);
     stats::count_backend(target.backend_id, bytes);
+    Ok(reason)
+}
+
+#[inline(never)]
+fn parse_into(pkt: &Packet, out: &mut Parsed) -> Result<(), Reason> {
+    *out = parse(pkt)?;
     Ok(())
 }
 

@@ -52,3 +52,9 @@ pub static IFACE_MAC: Global<[u8; 6]> = Global::new([0; 6]);
 
 #[unsafe(no_mangle)]
 pub static CONN_INSERT_LIMIT: Global<u64> = Global::new(0);
+
+#[unsafe(no_mangle)]
+pub static TUN_SRC_V4: Global<[u8; 4]> = Global::new([0; 4]);
+
+#[unsafe(no_mangle)]
+pub static TUN_SRC_V6: Global<[u8; 16]> = Global::new([0; 16]);

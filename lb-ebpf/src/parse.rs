@@ -15,11 +15,15 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 
 /// What the balancer needs from a frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Parsed {
     pub flow: FlowKey,
     /// TCP flags; 0 for UDP.
     pub tcp_flags: u8,
+    /// Where the IP header starts (after Ethernet and any VLAN tag).
+    pub l3_off: usize,
+    /// Length of the IP packet (header included), from the IP header.
+    pub l3_len: usize,
 }
 
 impl Parsed {
@@ -108,14 +112,10 @@ fn parse_v4<F: Frame>(f: &F, off: usize) -> Result<Parsed, Reason> {
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         return Err(Reason::PassFragment);
     }
-    let mut flow = FlowKey {
-        proto: ip.proto,
-        family: FAMILY_V4,
-        ..FlowKey::default()
-    };
+    let mut flow = FlowKey { proto: ip.proto, family: FAMILY_V4, ..FlowKey::default() };
     flow.src[..4].copy_from_slice(&ip.src_addr);
     flow.dst[..4].copy_from_slice(&ip.dst_addr);
-    ports(f, off + hdr_len, off + tot_len, flow)
+    ports(f, off, off + hdr_len, off + tot_len, flow)
 }
 
 #[inline(always)]
@@ -140,14 +140,14 @@ fn parse_v6<F: Frame>(f: &F, off: usize) -> Result<Parsed, Reason> {
         // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6.
         0 | 43 | 60 | 51 | 135 | 139 | 140 => Err(Reason::PassIpv6Ext),
         44 => Err(Reason::PassFragment),
-        _ => ports(f, l4, end, flow),
+        _ => ports(f, off, l4, end, flow),
     }
 }
 
-/// Fills in the ports (and TCP flags) of a TCP or UDP flow whose transport
-/// header starts at `l4` and whose IP packet ends at `end`.
+/// Fills in the ports (and TCP flags) of a TCP or UDP flow whose IP packet
+/// spans `l3_off..end` and whose transport header starts at `l4`.
 #[inline(always)]
-fn ports<F: Frame>(f: &F, l4: usize, end: usize, mut flow: FlowKey) -> Result<Parsed, Reason> {
+fn ports<F: Frame>(f: &F, l3_off: usize, l4: usize, end: usize, mut flow: FlowKey) -> Result<Parsed, Reason> {
     let (ports, tcp_flags) = match flow.proto {
         PROTO_TCP => {
             let tcp: &TcpStart = load(f, l4)?;
@@ -168,5 +168,5 @@ fn ports<F: Frame>(f: &F, l4: usize, end: usize, mut flow: FlowKey) -> Result<Pa
     };
     flow.sport_be = u16::from_ne_bytes(ports.src);
     flow.dport_be = u16::from_ne_bytes(ports.dst);
-    Ok(Parsed { flow, tcp_flags })
+    Ok(Parsed { flow, tcp_flags, l3_off, l3_len: end - l3_off })
 }

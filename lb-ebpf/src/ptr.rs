@@ -2,11 +2,16 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
-use lb_ebpf::parse::Frame;
+use crate::parse::Frame;
+use aya_ebpf::{
+    bindings::xdp_md,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::Reason;
 
-/// The frame of an `XdpContext`. Rebuild it after any head or tail
-/// adjustment.
+/// The frame of an `XdpContext`. Resizing returns a new `Packet`: pointers
+/// from before a resize are invalid.
 pub struct Packet {
     ctx: *mut xdp_md,
     start: usize,
@@ -16,11 +21,25 @@ pub struct Packet {
 impl Packet {
     #[inline(always)]
     pub fn new(ctx: &XdpContext) -> Self {
-        Self {
-            ctx: ctx.ctx,
-            start: ctx.data(),
-            end: ctx.data_end(),
+        Self::from_raw(ctx.ctx)
+    }
+
+    #[inline(always)]
+    fn from_raw(ctx: *mut xdp_md) -> Self {
+        // SAFETY: ctx is the program's context pointer, valid while it runs.
+        unsafe {
+            let start = core::ptr::read_volatile(&(*ctx).data) as usize;
+            let end = core::ptr::read_volatile(&(*ctx).data_end) as usize;
+            Self { ctx, start, end }
         }
+    }
+
+    /// The same frame, its pointers read afresh. After a call into a BPF
+    /// function that could resize the packet the verifier forgets every
+    /// packet pointer the caller held, even if nothing was resized.
+    #[inline(always)]
+    pub fn reload(&self) -> Packet {
+        Self::from_raw(self.ctx)
     }
 
     /// A mutable pointer to the `T` at `off`, if all of it lies inside the frame.
@@ -36,6 +55,45 @@ impl Packet {
             return None;
         }
         Some((self.start + off) as *mut T)
+    }
+
+    /// Copies `value` to `off`.
+    #[inline(always)]
+    pub fn write<T: Copy>(&self, off: usize, value: T) -> Result<(), Reason> {
+        let p = self.at_mut::<T>(off).ok_or(Reason::DropMalformed)?;
+        // SAFETY: in bounds; T is plain bytes (headers), unaligned write.
+        unsafe { core::ptr::write_unaligned(p, value) };
+        Ok(())
+    }
+
+    /// Grows (negative `delta`) or shrinks the frame at its start.
+    #[inline(always)]
+    pub fn adjust_head(&self, delta: i32) -> Result<Packet, Reason> {
+        // SAFETY: the helper checks its arguments.
+        if unsafe { bpf_xdp_adjust_head(self.ctx, delta) } != 0 {
+            return Err(Reason::DropMalformed);
+        }
+        Ok(Self::from_raw(self.ctx))
+    }
+
+    /// Grows (positive `delta`) or shrinks the frame at its end.
+    #[inline(always)]
+    pub fn adjust_tail(&self, delta: i32) -> Result<Packet, Reason> {
+        // SAFETY: the helper checks its arguments.
+        if unsafe { bpf_xdp_adjust_tail(self.ctx, delta) } != 0 {
+            return Err(Reason::DropMalformed);
+        }
+        Ok(Self::from_raw(self.ctx))
+    }
+
+    pub fn ctx(&self) -> *mut xdp_md {
+        self.ctx
+    }
+
+    #[inline(always)]
+    pub fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: as in from_raw.
+        unsafe { (*self.ctx).ingress_ifindex }
     }
 }
 

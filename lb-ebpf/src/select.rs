@@ -15,25 +15,28 @@ use crate::{
 
 pub struct Target {
     pub vip_id: u32,
+    /// `MODE_*` of the VIP.
+    pub mode: u8,
     pub backend_id: BackendId,
     pub backend: &'static BackendInfo,
 }
 
-#[inline(always)]
+#[inline(never)]
 pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     // SAFETY: the value is only read, and VIPS entries are replaced whole.
     let vip = unsafe { VIPS.get(p.flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
     // A SYN opens a new connection: it always gets a fresh choice.
     if !p.opens_connection() {
         // SAFETY: read-only use of the entry.
-        if let Some(entry) = unsafe { CONNTRACK.get(&p.flow) } {
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "a borrow avoids copying the 40-byte key"
+        )]
+        let entry = unsafe { CONNTRACK.get(&p.flow) };
+        if let Some(entry) = entry {
             if let Some(backend) = recorded(vip, entry) {
                 count_event(stats, Event::ConnHit);
-                return Ok(Target {
-                    vip_id: vip.id,
-                    backend_id: entry.backend_id,
-                    backend,
-                });
+                return Ok(Target { vip_id: vip.id, mode: vip.mode, backend_id: entry.backend_id, backend });
             }
             count_event(stats, Event::ConnRebalanced);
         }
@@ -41,11 +44,7 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     let (backend_id, backend) = maglev(vip, &p.flow)?;
     record(&p.flow, backend_id, backend.generation, stats);
     count_event(stats, Event::ConnNew);
-    Ok(Target {
-        vip_id: vip.id,
-        backend_id,
-        backend,
-    })
+    Ok(Target { vip_id: vip.id, mode: vip.mode, backend_id, backend })
 }
 
 /// The recorded backend, if it still serves this VIP and takes
@@ -60,9 +59,7 @@ fn recorded(vip: &VipInfo, entry: &ConnEntry) -> Option<&'static BackendInfo> {
 
 #[inline(always)]
 fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendInfo), Reason> {
-    let slot = flow_hash(flow)
-        .checked_rem(TABLE_SIZE.load())
-        .ok_or(Reason::DropNoBackend)?;
+    let slot = flow_hash(flow).checked_rem(TABLE_SIZE.load()).ok_or(Reason::DropNoBackend)?;
     let chunk = vip.table * TABLE_CHUNKS.load() + slot / MAGLEV_LANES;
     let lanes = MAGLEV.get(chunk).ok_or(Reason::DropNoBackend)?;
     let backend_id = lanes[(slot % MAGLEV_LANES) as usize];
@@ -93,13 +90,9 @@ fn record(flow: &FlowKey, backend_id: BackendId, generation: u32, stats: &mut Gl
         }
         stats.window_inserts += 1;
     }
-    let entry = ConnEntry {
-        backend_id,
-        _pad: 0,
-        generation,
-    };
+    let entry = ConnEntry { backend_id, _pad: 0, generation };
     // A full table evicts its least recently used entry; failure is not
     // possible for an LRU map short of memory pressure, and then the flow
     // still has its Maglev backend.
-    let _ = CONNTRACK.insert(flow, &entry, 0);
+    let _ = CONNTRACK.insert(flow, entry, 0);
 }

@@ -1,9 +1,32 @@
-//! Writing the frame back out.
+//! Sending the frame on: DR rewrites MACs; TUN wraps the IP packet in an
+//! outer header toward the backend, with the next hop from the kernel's FIB.
 
-use lb_common::{BackendInfo, Reason};
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup as FibParams,
+    },
+    helpers::bpf_fib_lookup,
+};
+use lb_common::{BackendInfo, FAMILY_V4, Reason};
+use lb_ebpf::{
+    parse::{Frame as _, Parsed},
+    ptr::Packet,
+};
 use network_types::eth::EthHdr;
 
-use crate::{maps::IFACE_MAC, ptr::Packet};
+use crate::{
+    encap,
+    maps::{IFACE_MAC, TUN_SRC_V4, TUN_SRC_V6},
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 
 /// DR: same frame, addressed to the backend's MAC from ours.
 #[inline(always)]
@@ -15,4 +38,111 @@ pub fn to_backend_l2(pkt: &Packet, backend: &BackendInfo) -> Result<(), Reason> 
         (*eth).src_addr = IFACE_MAC.load();
     }
     Ok(())
+}
+
+/// What became of a packet for a TUN VIP.
+pub enum Tun {
+    /// Encapsulated, and sent (`Forwarded`) or handed to the kernel, which
+    /// resolves the next hop and forwards it (`PassNoNeigh`).
+    Sent(Reason),
+    /// Too big once encapsulated: `mtu` is the largest inner packet that fits.
+    TooBig { mtu: u32 },
+    /// Left as it was (`PassNoRoute`, `DropMalformed`).
+    Failed(Reason),
+}
+
+/// TUN: wraps the IP packet for `backend` and sends it to the next hop.
+#[inline(never)]
+pub fn to_backend_tun(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Tun {
+    match encapsulate(pkt, p, backend) {
+        Ok(tun) => tun,
+        Err(reason) => Tun::Failed(reason),
+    }
+}
+
+#[inline(always)]
+fn encapsulate(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Result<Tun, Reason> {
+    let v4 = p.flow.family == FAMILY_V4;
+    let overhead = if v4 { lb_common::TUN_OVERHEAD_V4 } else { lb_common::TUN_OVERHEAD_V6 } as usize;
+    let inner_len = p.l3_len;
+    let ingress = pkt.ingress_ifindex();
+
+    // SAFETY: plain-data struct; all zeroes is its documented initial state.
+    let mut fib: FibParams = unsafe { zeroed() };
+    fib.ifindex = ingress;
+    fib.__bindgen_anon_1.tot_len = (inner_len + overhead) as u16;
+    if v4 {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(TUN_SRC_V4.load());
+        fib.__bindgen_anon_4.ipv4_dst =
+            u32::from_ne_bytes([backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]]);
+    } else {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = words(&TUN_SRC_V6.load());
+        fib.__bindgen_anon_4.ipv6_dst = words(&backend.addr);
+    }
+    // SAFETY: fib is a valid, correctly sized parameter block.
+    let rc = unsafe {
+        bpf_fib_lookup(pkt.ctx().cast(), &mut fib, size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT)
+    } as u32;
+    let verdict = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS if fib.ifindex == ingress => Reason::Forwarded,
+        BPF_FIB_LKUP_RET_NO_NEIGH if fib.ifindex == ingress => Reason::PassNoNeigh,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: the kernel wrote mtu_result for this return code.
+            let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
+            return Ok(Tun::TooBig { mtu: mtu.saturating_sub(overhead as u32) });
+        }
+        _ => return Err(Reason::PassNoRoute),
+    };
+    let (dst_mac, src_mac) = match verdict {
+        Reason::Forwarded => (fib.dmac, fib.smac),
+        // For the kernel: addressed to us, or it would not route the packet.
+        _ => (IFACE_MAC.load(), IFACE_MAC.load()),
+    };
+
+    // Inner header fields the outer one copies, and some flow entropy.
+    let first: [u8; 2] = *pkt.at(p.l3_off).ok_or(Reason::DropMalformed)?;
+    let s = &p.flow.src;
+    let client =
+        u32::from_ne_bytes([s[0], s[1], s[2], s[3]]) ^ u32::from_ne_bytes([s[12], s[13], s[14], s[15]]);
+    let entropy = (client ^ (p.flow.sport_be as u32) << 16).wrapping_mul(0x9e37_79b1) >> 12;
+
+    // Room for the outer header; a VLAN tag, if any, is dropped.
+    let grow = (ETH_HLEN + overhead) as i32 - p.l3_off as i32;
+    let pkt = pkt.adjust_head(-grow)?;
+    let eth_type = if v4 { ETH_P_IP } else { ETH_P_IPV6 };
+    pkt.write(0, eth(dst_mac, src_mac, eth_type))?;
+    if v4 {
+        let src = TUN_SRC_V4.load();
+        let dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+        pkt.write(ETH_HLEN, encap::ipv4_outer(src, dst, inner_len as u16, first[1], entropy as u16))?;
+    } else {
+        let tc = (first[0] << 4) | (first[1] >> 4);
+        pkt.write(
+            ETH_HLEN,
+            encap::ipv6_outer(&TUN_SRC_V6.load(), &backend.addr, inner_len as u16, tc, entropy),
+        )?;
+    }
+    Ok(Tun::Sent(verdict))
+}
+
+/// An Ethernet header as bytes.
+#[inline(always)]
+pub fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16) -> [u8; 14] {
+    let t = ether_type.to_be_bytes();
+    [
+        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], src[0], src[1], src[2], src[3], src[4], src[5], t[0],
+        t[1],
+    ]
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
 }

@@ -27,17 +27,9 @@ pub fn from_bytes(bytes: [u8; 16], family: u8) -> Option<IpAddr> {
 
 pub fn vip_key(addr: IpAddr, port: u16, proto: u8) -> VipKey {
     let (addr, family) = to_bytes(addr);
-    VipKey {
-        addr,
-        port_be: port.to_be(),
-        proto,
-        family,
-    }
+    VipKey { addr, port_be: port.to_be(), proto, family }
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }

@@ -28,11 +28,7 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     #[error("{path}: {field}: {message}")]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        message: String,
-    },
+    Invalid { path: PathBuf, field: String, message: String },
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -76,7 +72,8 @@ pub enum Forward {
     /// Direct routing: rewrite MACs, send back out; backends own the VIP.
     #[default]
     Dr,
-    /// IP-in-IP tunnelling (not implemented yet; rejected at validation).
+    /// IP-in-IP / IPv6-in-IPv6 to the backend, which may sit anywhere
+    /// routable and runs `xlb decap`.
     Tun,
 }
 
@@ -105,6 +102,10 @@ pub struct Config {
     /// Seconds a removed backend keeps its established flows.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: u64,
+    /// Outer source address of TUN-mode packets (default: the interface's
+    /// first global address of that family).
+    pub tun_source_v4: Option<IpAddr>,
+    pub tun_source_v6: Option<IpAddr>,
     #[serde(default, rename = "vip")]
     pub vips: Vec<Vip>,
 }
@@ -158,43 +159,32 @@ fn default_weight() -> u32 {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let config: Config =
+            toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config.validate().map_err(|(field, message)| ConfigError::Invalid {
             path: path.to_owned(),
-            source,
+            field,
+            message,
         })?;
-        config
-            .validate()
-            .map_err(|(field, message)| ConfigError::Invalid {
-                path: path.to_owned(),
-                field,
-                message,
-            })?;
         Ok(config)
     }
 
     pub fn pin_dir(&self) -> PathBuf {
-        self.pin_dir
-            .clone()
-            .unwrap_or_else(|| default_pin_dir(&self.interface))
+        self.pin_dir.clone().unwrap_or_else(|| default_pin_dir(&self.interface))
     }
 
     /// Returns the offending field's path and what is wrong with it.
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |field: &str, message: String| Err((field.to_owned(), message));
         if self.interface.is_empty() || self.interface.len() > 15 || self.interface.contains('/') {
-            return err(
-                "interface",
-                format!("{:?} is not a valid interface name", self.interface),
-            );
+            return err("interface", format!("{:?} is not a valid interface name", self.interface));
         }
         if !is_prime(self.table_size) || self.table_size > limits::MAX_TABLE_SIZE {
             return err(
@@ -208,10 +198,7 @@ impl Config {
             );
         }
         if !(1..=limits::MAX_VIPS).contains(&self.max_vips) {
-            return err(
-                "max_vips",
-                format!("{} is outside 1..={}", self.max_vips, limits::MAX_VIPS),
-            );
+            return err("max_vips", format!("{} is outside 1..={}", self.max_vips, limits::MAX_VIPS));
         }
         // Id 0 is reserved, so the largest id is max_backends - 1.
         if !(2..=limits::MAX_BACKENDS).contains(&self.max_backends) {
@@ -223,24 +210,22 @@ impl Config {
         if !(1024..=limits::MAX_CONNTRACK_SIZE).contains(&self.conntrack_size) {
             return err(
                 "conntrack_size",
-                format!(
-                    "{} is outside 1024..={}",
-                    self.conntrack_size,
-                    limits::MAX_CONNTRACK_SIZE
-                ),
+                format!("{} is outside 1024..={}", self.conntrack_size, limits::MAX_CONNTRACK_SIZE),
             );
         }
         if self.drain_timeout > 86_400 {
             return err("drain_timeout", format!("{} s is over a day", self.drain_timeout));
         }
+        if self.tun_source_v4.is_some_and(|a| !a.is_ipv4()) {
+            return err("tun_source_v4", "not an IPv4 address".into());
+        }
+        if self.tun_source_v6.is_some_and(|a| !a.is_ipv6()) {
+            return err("tun_source_v6", "not an IPv6 address".into());
+        }
         if self.vips.len() > self.max_vips as usize {
             return err(
                 "vip",
-                format!(
-                    "{} VIPs configured but max_vips = {}",
-                    self.vips.len(),
-                    self.max_vips
-                ),
+                format!("{} VIPs configured but max_vips = {}", self.vips.len(), self.max_vips),
             );
         }
         let mut names = HashSet::new();
@@ -252,10 +237,7 @@ impl Config {
                 return err(&format!("{at}.name"), "must be 1 to 64 characters".into());
             }
             if !names.insert(vip.name.as_str()) {
-                return err(
-                    &format!("{at}.name"),
-                    format!("duplicate VIP name {:?}", vip.name),
-                );
+                return err(&format!("{at}.name"), format!("duplicate VIP name {:?}", vip.name));
             }
             let at = format!("vip[{i}] ({})", vip.name);
             if vip.port == 0 {
@@ -270,12 +252,6 @@ impl Config {
                     ),
                 );
             }
-            if vip.forward == Forward::Tun {
-                return err(
-                    &format!("{at}.forward"),
-                    "\"tun\" is not supported yet; use \"dr\"".into(),
-                );
-            }
             let mut seen = HashSet::new();
             for (j, backend) in vip.backends.iter().enumerate() {
                 let field = format!("{at}.backends[{j}]");
@@ -283,7 +259,7 @@ impl Config {
                     return err(
                         &format!("{field}.address"),
                         format!(
-                            "{} is {} but the VIP {} is {}: DR forwards packets unchanged, so backends must be of the VIP's family",
+                            "{} is {} but the VIP {} is {}: backends must be of the VIP's family (DR forwards packets unchanged; TUN wraps IPv4 in IPv4 and IPv6 in IPv6)",
                             backend.address,
                             family_name(backend.address),
                             vip.address,
@@ -397,21 +373,11 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
         let vip = |body: &str| format!("interface = \"eth0\"\n[[vip]]\n{body}\n");
         let base = "name = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"";
         let cases: Vec<(&str, String, &[&str])> = vec![
-            (
-                "unknown top-level field",
-                format!("{GOOD}\nbogus = 1"),
-                &["unknown field `bogus`"],
-            ),
-            (
-                "unknown vip field",
-                vip(&format!("{base}\ncolour = \"red\"")),
-                &["unknown field `colour`"],
-            ),
+            ("unknown top-level field", format!("{GOOD}\nbogus = 1"), &["unknown field `bogus`"]),
+            ("unknown vip field", vip(&format!("{base}\ncolour = \"red\"")), &["unknown field `colour`"]),
             (
                 "unknown backend field",
-                vip(&format!(
-                    "{base}\nbackends = [ {{ address = \"10.0.0.1\", mac = \"x\" }} ]"
-                )),
+                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\", mac = \"x\" }} ]")),
                 &["unknown field `mac`"],
             ),
             (
@@ -424,30 +390,18 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
                 vip(&base.replace("port = 80", "port = \"80\"")),
                 &["port", "invalid type"],
             ),
-            (
-                "port out of range",
-                vip(&base.replace("port = 80", "port = 70000")),
-                &["port"],
-            ),
-            (
-                "port zero",
-                vip(&base.replace("port = 80", "port = 0")),
-                &["vip[0] (web).port"],
-            ),
+            ("port out of range", vip(&base.replace("port = 80", "port = 70000")), &["port"]),
+            ("port zero", vip(&base.replace("port = 80", "port = 0")), &["vip[0] (web).port"]),
             (
                 "bad address",
                 vip(&base.replace("192.0.2.10", "192.0.2.300")),
                 &["address", "invalid IP address"],
             ),
+            ("unknown protocol", vip(&base.replace("\"tcp\"", "\"sctp\"")), &["unknown variant `sctp`"]),
             (
-                "unknown protocol",
-                vip(&base.replace("\"tcp\"", "\"sctp\"")),
-                &["unknown variant `sctp`"],
-            ),
-            (
-                "tun not yet",
-                vip(&format!("{base}\nforward = \"tun\"")),
-                &["vip[0] (web).forward", "not supported yet"],
+                "tun source of the wrong family",
+                format!("tun_source_v4 = \"fd00::1\"\n{GOOD}"),
+                &["tun_source_v4", "not an IPv4 address"],
             ),
             (
                 "family mismatch",
@@ -463,16 +417,12 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
             ),
             (
                 "weight too large",
-                vip(&format!(
-                    "{base}\nbackends = [ {{ address = \"10.0.0.1\", weight = 10001 }} ]"
-                )),
+                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\", weight = 10001 }} ]")),
                 &["backends[0].weight"],
             ),
             (
                 "negative weight",
-                vip(&format!(
-                    "{base}\nbackends = [ {{ address = \"10.0.0.1\", weight = -1 }} ]"
-                )),
+                vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\", weight = -1 }} ]")),
                 &["weight"],
             ),
             (
@@ -490,21 +440,9 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
                 format!("{GOOD}\n[[vip]]\n{}", base.replace("\"web\"", "\"web2\"")),
                 &["vip[1] (web2).address", "duplicate VIP", "also VIP \"web\""],
             ),
-            (
-                "table size not prime",
-                format!("table_size = 65536\n{GOOD}"),
-                &["table_size", "prime"],
-            ),
-            (
-                "table size too large",
-                format!("table_size = 2147483647\n{GOOD}"),
-                &["table_size"],
-            ),
-            (
-                "max_vips too small",
-                format!("max_vips = 0\n{GOOD}"),
-                &["max_vips"],
-            ),
+            ("table size not prime", format!("table_size = 65536\n{GOOD}"), &["table_size", "prime"]),
+            ("table size too large", format!("table_size = 2147483647\n{GOOD}"), &["table_size"]),
+            ("max_vips too small", format!("max_vips = 0\n{GOOD}"), &["max_vips"]),
             (
                 "more vips than max_vips",
                 format!(
@@ -513,21 +451,9 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
                 ),
                 &["vip", "max_vips = 1"],
             ),
-            (
-                "backends over max_backends",
-                format!("max_backends = 2\n{GOOD}"),
-                &["max_backends"],
-            ),
-            (
-                "bad interface name",
-                GOOD.replace("eth0", "a-name-longer-than-15"),
-                &["interface"],
-            ),
-            (
-                "unknown xdp_mode",
-                format!("xdp_mode = \"turbo\"\n{GOOD}"),
-                &["unknown variant `turbo`"],
-            ),
+            ("backends over max_backends", format!("max_backends = 2\n{GOOD}"), &["max_backends"]),
+            ("bad interface name", GOOD.replace("eth0", "a-name-longer-than-15"), &["interface"]),
+            ("unknown xdp_mode", format!("xdp_mode = \"turbo\"\n{GOOD}"), &["unknown variant `turbo`"]),
         ];
         let mut failures = Vec::new();
         for (name, text, needles) in cases {

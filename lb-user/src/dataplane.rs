@@ -212,9 +212,7 @@ impl KernelMaps {
 
 impl MapWriter for KernelMaps {
     fn put_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
-        self.vips
-            .insert(key, info, 0)
-            .map_err(map_err(maps::VIPS, "write"))
+        self.vips.insert(key, info, 0).map_err(map_err(maps::VIPS, "write"))
     }
 
     fn delete_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
@@ -225,51 +223,35 @@ impl MapWriter for KernelMaps {
     }
 
     fn vip_keys(&self) -> Result<Vec<VipKey>, DataplaneError> {
-        self.vips
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(maps::VIPS, "iterate"))
+        self.vips.keys().collect::<Result<_, _>>().map_err(map_err(maps::VIPS, "iterate"))
     }
 
     fn put_backend(&mut self, id: BackendId, info: &BackendInfo) -> Result<(), DataplaneError> {
-        self.backends
-            .set(id as u32, info, 0)
-            .map_err(map_err(maps::BACKENDS, "write"))
+        self.backends.set(id as u32, info, 0).map_err(map_err(maps::BACKENDS, "write"))
     }
 
     fn put_chunk(&mut self, index: u32, chunk: &MaglevChunk) -> Result<(), DataplaneError> {
-        self.maglev
-            .set(index, chunk, 0)
-            .map_err(map_err(maps::MAGLEV, "write"))
+        self.maglev.set(index, chunk, 0).map_err(map_err(maps::MAGLEV, "write"))
     }
 
     fn reset_vip_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
         let zeroes = self.zeroes()?;
-        self.vip_stats
-            .set(id, zeroes, 0)
-            .map_err(map_err(maps::VIP_STATS, "write"))
+        self.vip_stats.set(id, zeroes, 0).map_err(map_err(maps::VIP_STATS, "write"))
     }
 
     fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError> {
         let zeroes = self.zeroes()?;
-        self.backend_stats
-            .set(id as u32, zeroes, 0)
-            .map_err(map_err(maps::BACKEND_STATS, "write"))
+        self.backend_stats.set(id as u32, zeroes, 0).map_err(map_err(maps::BACKEND_STATS, "write"))
     }
 }
 
 impl MapReader for KernelMaps {
     fn vips(&self) -> Result<Vec<(VipKey, VipInfo)>, DataplaneError> {
-        self.vips
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(maps::VIPS, "iterate"))
+        self.vips.iter().collect::<Result<_, _>>().map_err(map_err(maps::VIPS, "iterate"))
     }
 
     fn backend(&self, id: BackendId) -> Result<BackendInfo, DataplaneError> {
-        self.backends
-            .get(&(id as u32), 0)
-            .map_err(map_err(maps::BACKENDS, "read"))
+        self.backends.get(&(id as u32), 0).map_err(map_err(maps::BACKENDS, "read"))
     }
 
     fn backends(&self) -> Result<Vec<(BackendId, BackendInfo)>, DataplaneError> {
@@ -306,11 +288,7 @@ pub struct MemoryMaps {
 impl MemoryMaps {
     fn write(&mut self, map: &'static str) -> Result<(), DataplaneError> {
         if std::mem::take(&mut self.fail_next_write) {
-            return Err(DataplaneError::Map {
-                map,
-                op: "write",
-                source: MapError::KeyNotFound,
-            });
+            return Err(DataplaneError::Map { map, op: "write", source: MapError::KeyNotFound });
         }
         Ok(())
     }
@@ -321,12 +299,7 @@ impl MemoryMaps {
         let chunks = geometry.table_chunks();
         Some(
             (0..chunks)
-                .flat_map(|c| {
-                    self.chunks
-                        .get(&(info.table * chunks + c))
-                        .copied()
-                        .unwrap_or_default()
-                })
+                .flat_map(|c| self.chunks.get(&(info.table * chunks + c)).copied().unwrap_or_default())
                 .take(geometry.table_size as usize)
                 .collect(),
         )

@@ -40,11 +40,7 @@ pub fn load(program: &str) -> Result<Ebpf, HelperError> {
         .program_mut(program)
         .and_then(|p| p.try_into().ok())
         .ok_or_else(|| HelperError::NoProgram(program.to_owned()))?;
-    prog.load().map_err(|source| HelperError::Program {
-        program: program.to_owned(),
-        op: "load",
-        source,
-    })?;
+    prog.load().map_err(|source| HelperError::Program { program: program.to_owned(), op: "load", source })?;
     Ok(ebpf)
 }
 
@@ -62,12 +58,11 @@ pub fn attach(program: &str, interface: &str, netns: Option<&Path>) -> Result<At
             .program_mut(program)
             .and_then(|p| p.try_into().ok())
             .ok_or_else(|| HelperError::NoProgram(program.to_owned()))?;
-        prog.attach(interface, XdpMode::Driver)
-            .map_err(|source| HelperError::Program {
-                program: program.to_owned(),
-                op: "attach",
-                source,
-            })?;
+        prog.attach(interface, XdpMode::Driver).map_err(|source| HelperError::Program {
+            program: program.to_owned(),
+            op: "attach",
+            source,
+        })?;
         Ok(Attached { _ebpf: ebpf })
     };
     let Some(netns) = netns else { return work() };
@@ -75,10 +70,7 @@ pub fn attach(program: &str, interface: &str, netns: Option<&Path>) -> Result<At
     // a scratch thread there; the attachment outlives the thread.
     std::thread::scope(|s| {
         s.spawn(|| {
-            let netns_err = |source| HelperError::Netns {
-                path: netns.display().to_string(),
-                source,
-            };
+            let netns_err = |source| HelperError::Netns { path: netns.display().to_string(), source };
             let file = File::open(netns).map_err(netns_err)?;
             // SAFETY: setns on a valid namespace fd affects only this thread.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {

@@ -5,7 +5,9 @@
 pub mod addr;
 pub mod cli;
 pub mod config;
+pub mod consul;
 pub mod dataplane;
+pub mod decap;
 pub mod helpers;
 pub mod loader;
 pub mod maglev;

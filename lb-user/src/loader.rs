@@ -8,6 +8,7 @@
 
 use std::{
     fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -53,11 +54,7 @@ pub enum LoaderError {
         "{path} holds maps from another xlb version or configuration ({found}; this run needs {wanted}); \
          restore the old settings, or run `xlb detach --pin-dir {path}` to start afresh (drops live flows' state)"
     )]
-    Incompatible {
-        path: PathBuf,
-        found: String,
-        wanted: String,
-    },
+    Incompatible { path: PathBuf, found: String, wanted: String },
     #[error("cannot load the XDP object")]
     Load(#[source] aya::EbpfError),
     #[error("the kernel rejected program `xlb`")]
@@ -116,16 +113,33 @@ pub struct Params {
     pub geometry: Geometry,
     /// Connection-table inserts per CPU per second; 0 for no limit.
     pub conn_insert_limit: u64,
+    /// TUN mode's outer source addresses (unspecified when unused).
+    pub tun_source_v4: Ipv4Addr,
+    pub tun_source_v6: Ipv6Addr,
 }
 
-pub fn params(config: &config::Config) -> Params {
-    Params {
-        geometry: geometry(config),
-        conn_insert_limit: config.conntrack_insert_limit,
+impl Params {
+    /// Parameters for `config`, with TUN sources from the config or else
+    /// the interface's addresses.
+    pub fn new(config: &config::Config, iface_v4: Option<Ipv4Addr>, iface_v6: Option<Ipv6Addr>) -> Self {
+        let v4 = match config.tun_source_v4 {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => iface_v4,
+        };
+        let v6 = match config.tun_source_v6 {
+            Some(IpAddr::V6(a)) => Some(a),
+            _ => iface_v6,
+        };
+        Params {
+            geometry: geometry(config),
+            conn_insert_limit: config.conntrack_insert_limit,
+            tun_source_v4: v4.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            tun_source_v6: v6.unwrap_or(Ipv6Addr::UNSPECIFIED),
+        }
     }
 }
 
-fn geometry(config: &config::Config) -> Geometry {
+pub fn geometry(config: &config::Config) -> Geometry {
     Geometry {
         table_size: config.table_size,
         max_vips: config.max_vips,
@@ -143,38 +157,18 @@ pub fn load(
     mode: config::XdpMode,
 ) -> Result<Dataplane, LoaderError> {
     let geometry = params.geometry;
-    if pin_dir.starts_with(BPFFS_ROOT) {
-        ensure_bpffs()?;
-    }
-    fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir {
-        path: pin_dir.to_owned(),
-        source,
-    })?;
-    if !on_bpffs(pin_dir) {
-        return Err(LoaderError::NotBpffs {
-            path: pin_dir.to_owned(),
-        });
-    }
+    prepare_pin_dir(pin_dir)?;
     let adopted = check_pinned(pin_dir, geometry)?;
 
     let mut ebpf = load_program(Some(pin_dir), params, iface.mac)?;
-    let program: &mut Xdp = ebpf
-        .program_mut(PROGRAM)
-        .expect("loaded")
-        .try_into()
-        .expect("XDP");
+    let program: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded").try_into().expect("XDP");
 
     let link_pin = pin_dir.join(LINK_PIN);
     let mode = attach(program, iface, &link_pin, mode)?;
 
     let mut maps = KernelMaps::take(&mut ebpf)?;
     maps.set_meta(&geometry.meta())?;
-    Ok(Dataplane {
-        maps,
-        mode,
-        adopted,
-        _ebpf: ebpf,
-    })
+    Ok(Dataplane { maps, mode, adopted, _ebpf: ebpf })
 }
 
 /// Loads program `xlb` with unpinned maps and attaches it nowhere: for
@@ -190,10 +184,8 @@ pub fn load_detached(params: Params, iface_mac: [u8; 6]) -> Result<(Ebpf, Kernel
 /// Sizes the maps (pinned under `pin_dir` if given), sets the globals, and
 /// loads program `xlb` into the kernel.
 fn load_program(pin_dir: Option<&Path>, params: Params, iface_mac: [u8; 6]) -> Result<Ebpf, LoaderError> {
-    let Params {
-        geometry,
-        conn_insert_limit,
-    } = params;
+    let Params { geometry, conn_insert_limit, tun_source_v4, tun_source_v6 } = params;
+    let (tun_v4, tun_v6) = (tun_source_v4.octets(), tun_source_v6.octets());
     let pins: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => maps::ALL.iter().map(|m| (*m, dir.join(m))).collect(),
         None => Vec::new(),
@@ -213,7 +205,9 @@ fn load_program(pin_dir: Option<&Path>, params: Params, iface_mac: [u8; 6]) -> R
         .override_global(globals::TABLE_SIZE, &geometry.table_size, true)
         .override_global(globals::TABLE_CHUNKS, &chunks, true)
         .override_global(globals::IFACE_MAC, &iface_mac, true)
-        .override_global(globals::CONN_INSERT_LIMIT, &conn_insert_limit, true);
+        .override_global(globals::CONN_INSERT_LIMIT, &conn_insert_limit, true)
+        .override_global(globals::TUN_SRC_V4, &tun_v4, true)
+        .override_global(globals::TUN_SRC_V6, &tun_v6, true);
     let mut ebpf = loader.load(XLB_OBJECT).map_err(LoaderError::Load)?;
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM)
@@ -226,38 +220,29 @@ fn load_program(pin_dir: Option<&Path>, params: Params, iface_mac: [u8; 6]) -> R
 
 /// Swaps the program in through a pinned link on the same interface, or
 /// attaches afresh and pins the new link.
-fn attach(
+pub(crate) fn attach(
     program: &mut Xdp,
     iface: &Interface,
     link_pin: &Path,
     mode: config::XdpMode,
 ) -> Result<&'static str, LoaderError> {
     if link_pin.exists() {
-        let pinned = PinnedLink::from_pin(link_pin).map_err(|source| LoaderError::Link {
-            path: link_pin.to_owned(),
-            source,
-        })?;
+        let pinned = PinnedLink::from_pin(link_pin)
+            .map_err(|source| LoaderError::Link { path: link_pin.to_owned(), source })?;
         let fd_link = FdLink::from(pinned);
         // The link still carries the program attached to this interface;
         // otherwise the interface it was attached to is gone.
         let program_id = fd_link.info().map(|i| i.program_id()).ok();
         if program_id.is_some() && program_id == iface.xdp_prog_id {
-            let link = XdpLink::try_from(fd_link).map_err(|source| LoaderError::Link {
-                path: link_pin.to_owned(),
-                source,
-            })?;
+            let link = XdpLink::try_from(fd_link)
+                .map_err(|source| LoaderError::Link { path: link_pin.to_owned(), source })?;
             program
                 .attach_to_link(link)
-                .map_err(|source| LoaderError::Replace {
-                    path: link_pin.to_owned(),
-                    source,
-                })?;
+                .map_err(|source| LoaderError::Replace { path: link_pin.to_owned(), source })?;
             return Ok("existing link");
         }
-        fs::remove_file(link_pin).map_err(|source| LoaderError::Remove {
-            path: link_pin.to_owned(),
-            source,
-        })?;
+        fs::remove_file(link_pin)
+            .map_err(|source| LoaderError::Remove { path: link_pin.to_owned(), source })?;
     }
     let attempts: &[(XdpMode, &'static str)] = match mode {
         config::XdpMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
@@ -273,11 +258,7 @@ fn attach(
             }
             Err(source) => {
                 tracing::debug!(interface = %iface.name, mode = name, error = %source, "attach failed");
-                result = Err(Some(LoaderError::Attach {
-                    interface: iface.name.clone(),
-                    mode: name,
-                    source,
-                }));
+                result = Err(Some(LoaderError::Attach { interface: iface.name.clone(), mode: name, source }));
             }
         }
     }
@@ -300,11 +281,8 @@ fn check_pinned(pin_dir: &Path, geometry: Geometry) -> Result<bool, LoaderError>
         return Ok(false);
     }
     let wanted = describe_layout(LAYOUT_VERSION, geometry);
-    let incompatible = |found: String| LoaderError::Incompatible {
-        path: pin_dir.to_owned(),
-        found,
-        wanted: wanted.clone(),
-    };
+    let incompatible =
+        |found: String| LoaderError::Incompatible { path: pin_dir.to_owned(), found, wanted: wanted.clone() };
     let meta = KernelMaps::open(pin_dir)
         .and_then(|m| m.meta())
         .map_err(|e| incompatible(format!("unreadable: {e}")))?;
@@ -330,13 +308,7 @@ fn ensure_bpffs() -> Result<(), LoaderError> {
     }
     // SAFETY: constant NUL-terminated strings; no data argument.
     let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            c"/sys/fs/bpf".as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
+        libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
     };
     if rc != 0 {
         return Err(LoaderError::Mount(std::io::Error::last_os_error()));
@@ -356,9 +328,26 @@ fn on_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Detaches and forgets: removes the link pin (which detaches the program)
-/// and the pinned maps. Returns whether there was anything to remove.
+/// Creates `pin_dir` on bpffs (mounting bpffs at /sys/fs/bpf if needed).
+pub(crate) fn prepare_pin_dir(pin_dir: &Path) -> Result<(), LoaderError> {
+    if pin_dir.starts_with(BPFFS_ROOT) {
+        ensure_bpffs()?;
+    }
+    fs::create_dir_all(pin_dir).map_err(|source| LoaderError::PinDir { path: pin_dir.to_owned(), source })?;
+    if !on_bpffs(pin_dir) {
+        return Err(LoaderError::NotBpffs { path: pin_dir.to_owned() });
+    }
+    Ok(())
+}
+
+/// Detaches and forgets program `xlb`: see `remove_pins`.
 pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
+    remove_pins(pin_dir, &maps::ALL)
+}
+
+/// Removes the link pin (which detaches the program) and the pinned `maps`
+/// under `pin_dir`. Returns whether there was anything to remove.
+pub(crate) fn remove_pins(pin_dir: &Path, maps: &[&str]) -> Result<bool, LoaderError> {
     if !pin_dir.exists() {
         return Ok(false);
     }
@@ -368,15 +357,13 @@ pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
     };
     // The link first: once it goes, packets stop reaching the program.
     remove(pin_dir.join(LINK_PIN))?;
-    for m in maps::ALL {
+    for m in maps {
         remove(pin_dir.join(m))?;
     }
-    fs::remove_dir(pin_dir).map_err(|source| LoaderError::Remove {
-        path: pin_dir.to_owned(),
-        source,
-    })?;
-    // Leave no empty /sys/fs/bpf/xlb behind; it fails harmlessly if others remain.
-    if let Some(parent) = pin_dir.parent().filter(|p| p.ends_with("xlb")) {
+    fs::remove_dir(pin_dir).map_err(|source| LoaderError::Remove { path: pin_dir.to_owned(), source })?;
+    // Leave no empty /sys/fs/bpf/xlb* behind; it fails harmlessly if others remain.
+    let ours = |p: &&Path| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("xlb"));
+    if let Some(parent) = pin_dir.parent().filter(ours) {
         let _ = fs::remove_dir(parent);
     }
     Ok(true)

@@ -64,9 +64,7 @@ pub fn build(entries: &[Entry<'_>], m: u32) -> Vec<BackendId> {
 
 /// 64-bit FNV-1a: fixed forever, so tables agree across versions and nodes.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// SplitMix64 finalizer: spreads FNV's weak low bits.
@@ -85,20 +83,14 @@ mod tests {
     const M: u32 = 65_537;
 
     fn names(n: usize) -> Vec<String> {
-        (0..n)
-            .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
-            .collect()
+        (0..n).map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)).collect()
     }
 
     fn equal(names: &[String]) -> Vec<Entry<'_>> {
         names
             .iter()
             .enumerate()
-            .map(|(i, n)| Entry {
-                identity: n,
-                id: i as BackendId + 1,
-                weight: 1,
-            })
+            .map(|(i, n)| Entry { identity: n, id: i as BackendId + 1, weight: 1 })
             .collect()
     }
 
@@ -143,15 +135,8 @@ mod tests {
             let removed = all[n / 2].id;
             let rest: Vec<_> = all.iter().copied().filter(|e| e.id != removed).collect();
             let after = build(&rest, M);
-            let moved = before
-                .iter()
-                .zip(&after)
-                .filter(|(b, a)| **b != removed && b != a)
-                .count();
-            assert!(
-                (moved as f64) < 0.01 * M as f64,
-                "n={n}: {moved} slots of surviving backends moved"
-            );
+            let moved = before.iter().zip(&after).filter(|(b, a)| **b != removed && b != a).count();
+            assert!((moved as f64) < 0.01 * M as f64, "n={n}: {moved} slots of surviving backends moved");
             assert_eq!(build(&all, M), before, "adding it back restores the table");
         }
     }
@@ -168,12 +153,7 @@ mod tests {
         for e in &entries {
             let fair = M as f64 * e.weight as f64 / total as f64;
             let off = (c[&e.id] as f64 - fair).abs() / fair;
-            assert!(
-                off <= 0.01,
-                "weight {} got {} entries, fair {fair:.0}",
-                e.weight,
-                c[&e.id]
-            );
+            assert!(off <= 0.01, "weight {} got {} entries, fair {fair:.0}", e.weight, c[&e.id]);
         }
     }
 

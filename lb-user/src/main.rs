@@ -9,14 +9,11 @@ fn main() -> std::process::ExitCode {
     let args = Cli::parse();
     init_logging(args.log_format, args.verbose);
     let result = match args.command {
-        Command::Run(a) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(cli::run::run(a))),
+        Command::Run(a) => runtime().and_then(|rt| rt.block_on(cli::run::run(a))),
         Command::Check(a) => cli::check(a),
         Command::Status(a) => cli::status::status(a),
         Command::Detach(a) => cli::detach(a),
+        Command::Decap(c) => runtime().and_then(|rt| rt.block_on(cli::decap(c))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -25,6 +22,10 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 fn init_logging(format: LogFormat, verbose: u8) {

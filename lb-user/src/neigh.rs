@@ -8,14 +8,17 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
+    AddressFamily,
+    address::{AddressAttribute, AddressScope},
     link::{LinkAttribute, LinkXdp},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteMessage},
 };
 use rtnetlink::Handle;
 
@@ -63,19 +66,14 @@ pub fn connect() -> Result<Handle, NetError> {
 }
 
 pub async fn interface(handle: &Handle, name: &str) -> Result<Interface, NetError> {
-    let no_interface = || NetError::NoInterface {
-        name: name.to_owned(),
-    };
+    let no_interface = || NetError::NoInterface { name: name.to_owned() };
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     let link = match links.try_next().await {
         Ok(Some(link)) => link,
         // The kernel answers ENODEV for an unknown name.
         Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Err(no_interface()),
         Err(source) => {
-            return Err(NetError::Netlink {
-                op: "link get",
-                source,
-            });
+            return Err(NetError::Netlink { op: "link get", source });
         }
     };
     let mac = link
@@ -85,9 +83,7 @@ pub async fn interface(handle: &Handle, name: &str) -> Result<Interface, NetErro
             LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
             _ => None,
         })
-        .ok_or_else(|| NetError::NoMac {
-            name: name.to_owned(),
-        })?;
+        .ok_or_else(|| NetError::NoMac { name: name.to_owned() })?;
     let xdp_prog_id = link.attributes.iter().find_map(|a| match a {
         LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
             LinkXdp::ProgId(id) if *id != 0 => Some(*id),
@@ -95,22 +91,12 @@ pub async fn interface(handle: &Handle, name: &str) -> Result<Interface, NetErro
         }),
         _ => None,
     });
-    Ok(Interface {
-        name: name.to_owned(),
-        index: link.header.index,
-        mac,
-        xdp_prog_id,
-    })
+    Ok(Interface { name: name.to_owned(), index: link.header.index, mac, xdp_prog_id })
 }
 
 impl Neighbours {
     pub fn new(handle: Handle, ifindex: u32) -> Self {
-        Self {
-            handle,
-            ifindex,
-            known: HashMap::new(),
-            solicited: HashMap::new(),
-        }
+        Self { handle, ifindex, known: HashMap::new(), solicited: HashMap::new() }
     }
 
     /// The MAC of every address in `wanted` that has one, soliciting those
@@ -126,10 +112,9 @@ impl Neighbours {
             let due = match entry {
                 None => true,
                 Some((_, state)) => match state {
-                    NeighbourState::Stale => self
-                        .solicited
-                        .get(&addr)
-                        .is_none_or(|t| now - *t >= REPROBE_STALE),
+                    NeighbourState::Stale => {
+                        self.solicited.get(&addr).is_none_or(|t| now - *t >= REPROBE_STALE)
+                    }
                     _ => false,
                 },
             };
@@ -164,10 +149,9 @@ impl Neighbours {
     async fn dump(&self) -> Result<HashMap<IpAddr, ([u8; 6], NeighbourState)>, NetError> {
         let mut table = HashMap::new();
         let mut stream = self.handle.neighbours().get().execute();
-        while let Some(msg) = stream.try_next().await.map_err(|source| NetError::Netlink {
-            op: "neighbour dump",
-            source,
-        })? {
+        while let Some(msg) =
+            stream.try_next().await.map_err(|source| NetError::Netlink { op: "neighbour dump", source })?
+        {
             if msg.header.ifindex != self.ifindex {
                 continue;
             }
@@ -202,9 +186,63 @@ impl Neighbours {
             .replace()
             .execute()
             .await
-            .map_err(|source| NetError::Netlink {
-                op: "neighbour solicit",
-                source,
-            })
+            .map_err(|source| NetError::Netlink { op: "neighbour solicit", source })
     }
+}
+
+/// The first global IPv4 and IPv6 address of interface `index`.
+pub async fn addresses(
+    handle: &Handle,
+    index: u32,
+) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), NetError> {
+    let mut stream = handle.address().get().set_link_index_filter(index).execute();
+    let (mut v4, mut v6) = (None, None);
+    while let Some(msg) =
+        stream.try_next().await.map_err(|source| NetError::Netlink { op: "address dump", source })?
+    {
+        if msg.header.scope != AddressScope::Universe {
+            continue;
+        }
+        for attr in &msg.attributes {
+            match attr {
+                AddressAttribute::Local(IpAddr::V4(a)) | AddressAttribute::Address(IpAddr::V4(a)) => {
+                    v4 = v4.or(Some(*a))
+                }
+                AddressAttribute::Address(IpAddr::V6(a)) => v6 = v6.or(Some(*a)),
+                _ => {}
+            }
+        }
+    }
+    Ok((v4, v6))
+}
+
+/// The neighbour packets to `dest` go to (the gateway, or `dest` itself
+/// when on-link) and the interface they leave by; `None` without a route.
+pub async fn next_hop(handle: &Handle, dest: IpAddr) -> Result<Option<(IpAddr, u32)>, NetError> {
+    let mut msg = RouteMessage::default();
+    let (family, len, addr) = match dest {
+        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+    };
+    msg.header.address_family = family;
+    msg.header.destination_prefix_length = len;
+    msg.attributes.push(RouteAttribute::Destination(addr));
+    let mut stream = handle.route().get(msg).execute();
+    let route = match stream.try_next().await {
+        Ok(Some(route)) => route,
+        // ENETUNREACH and friends: no route.
+        Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
+        Err(source) => return Err(NetError::Netlink { op: "route get", source }),
+    };
+    let mut hop = dest;
+    let mut oif = None;
+    for attr in &route.attributes {
+        match attr {
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => hop = IpAddr::V4(*a),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => hop = IpAddr::V6(*a),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    Ok(oif.map(|oif| (hop, oif)))
 }

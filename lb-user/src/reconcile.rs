@@ -35,11 +35,7 @@ pub enum ReconcileError {
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
     #[error("no free {what} id: all {max} are in use (raise {setting} and restart)")]
-    Capacity {
-        what: &'static str,
-        max: u32,
-        setting: &'static str,
-    },
+    Capacity { what: &'static str, max: u32, setting: &'static str },
 }
 
 /// What configuration or discovery wants.
@@ -214,14 +210,8 @@ impl Reconciler {
                 warn!(vip = %vip.name, id, "pinned backend entry is inconsistent");
                 continue;
             }
-            let slots = vip
-                .live_table()
-                .map_or(0, |t| t.iter().filter(|&&t| t == id).count() as u32);
-            let role = if info.flags & BACKEND_ACTIVE != 0 {
-                Role::Active
-            } else {
-                Role::Idle
-            };
+            let slots = vip.live_table().map_or(0, |t| t.iter().filter(|&&t| t == id).count() as u32);
+            let role = if info.flags & BACKEND_ACTIVE != 0 { Role::Active } else { Role::Idle };
             let state = BackendState {
                 id,
                 generation: info.generation,
@@ -292,12 +282,7 @@ impl Reconciler {
         maps: &mut impl MapWriter,
     ) -> Result<(), ReconcileError> {
         let wanted: BTreeSet<VipKey> = desired.vips.iter().map(|v| v.key).collect();
-        let gone: Vec<VipKey> = self
-            .vips
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .copied()
-            .collect();
+        let gone: Vec<VipKey> = self.vips.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for key in gone {
             maps.delete_vip(&key)?;
             if let Some(vip) = self.vips.remove(&key) {
@@ -353,9 +338,7 @@ impl Reconciler {
         for (addr, state) in vip.backends.iter_mut() {
             if !wanted.contains(addr) && !matches!(state.role, Role::Leaving { .. }) {
                 info!(vip = %vip.name, backend = %addr, timeout = ?drain_timeout, "backend removed; draining");
-                state.role = Role::Leaving {
-                    until: now + drain_timeout,
-                };
+                state.role = Role::Leaving { until: now + drain_timeout };
             }
         }
         for b in &want.backends {
@@ -401,11 +384,7 @@ impl Reconciler {
                 }
                 state.mac = b.mac;
             }
-            let role = if b.weight > 0 && b.mac.is_some() {
-                Role::Active
-            } else {
-                Role::Idle
-            };
+            let role = if b.weight > 0 && b.mac.is_some() { Role::Active } else { Role::Idle };
             if role != state.role {
                 if matches!(state.role, Role::Leaving { .. }) {
                     info!(vip = %vip.name, backend = %b.addr, "backend back before its drain ended");
@@ -431,11 +410,7 @@ impl Reconciler {
             .collect();
         let entries: Vec<maglev::Entry<'_>> = names
             .iter()
-            .map(|(identity, id, weight)| maglev::Entry {
-                identity,
-                id: *id,
-                weight: *weight,
-            })
+            .map(|(identity, id, weight)| maglev::Entry { identity, id: *id, weight: *weight })
             .collect();
         let table = maglev::build(&entries, self.geometry.table_size);
 
@@ -443,19 +418,8 @@ impl Reconciler {
         if !unchanged {
             let target = 1 - vip.live;
             let previous = vip.tables[target as usize].take();
-            write_table(
-                maps,
-                &self.geometry,
-                vip.id * 2 + target,
-                &table,
-                previous.as_deref(),
-            )?;
-            let info = VipInfo {
-                id: vip.id,
-                table: vip.id * 2 + target,
-                mode: want.mode,
-                _pad: [0; 3],
-            };
+            write_table(maps, &self.geometry, vip.id * 2 + target, &table, previous.as_deref())?;
+            let info = VipInfo { id: vip.id, table: vip.id * 2 + target, mode: want.mode, _pad: [0; 3] };
             maps.put_vip(&want.key, &info)?;
             vip.tables[target as usize] = Some(table);
             vip.live = target;
@@ -517,13 +481,7 @@ fn write_backend(
 
 /// Marks `BACKENDS[id]` unused: flows recorded for it rebalance.
 fn free_backend(maps: &mut impl MapWriter, state: &BackendState) -> Result<(), DataplaneError> {
-    maps.put_backend(
-        state.id,
-        &BackendInfo {
-            generation: state.generation,
-            ..BackendInfo::default()
-        },
-    )
+    maps.put_backend(state.id, &BackendInfo { generation: state.generation, ..BackendInfo::default() })
 }
 
 /// Writes `table` as table number `index`, skipping chunks that already
@@ -570,12 +528,7 @@ mod tests {
     use super::*;
     use crate::dataplane::MemoryMaps;
 
-    const G: Geometry = Geometry {
-        table_size: 251,
-        max_vips: 4,
-        max_backends: 16,
-        conntrack_size: 1024,
-    };
+    const G: Geometry = Geometry { table_size: 251, max_vips: 4, max_backends: 16, conntrack_size: 1024 };
 
     fn vip(name: &str, last: u8, backends: &[(u8, u32)]) -> DesiredVip {
         DesiredVip {
@@ -595,10 +548,7 @@ mod tests {
 
     /// Applies `vips` now, freeing removed backends at once.
     fn apply(r: &mut Reconciler, vips: &[DesiredVip], maps: &mut MemoryMaps) -> Result<(), ReconcileError> {
-        let desired = Desired {
-            vips: vips.to_vec(),
-            drain_timeout: Duration::ZERO,
-        };
+        let desired = Desired { vips: vips.to_vec(), drain_timeout: Duration::ZERO };
         r.apply(&desired, Instant::now(), maps)
     }
 
@@ -627,16 +577,9 @@ mod tests {
             .iter()
             .zip(&names)
             .enumerate()
-            .map(|(i, (b, n))| maglev::Entry {
-                identity: n,
-                id: i as BackendId + 1,
-                weight: b.weight,
-            })
+            .map(|(i, (b, n))| maglev::Entry { identity: n, id: i as BackendId + 1, weight: b.weight })
             .collect();
-        maglev::build(&entries, G.table_size)
-            .iter()
-            .map(|id| live[*id as usize - 1].addr)
-            .collect()
+        maglev::build(&entries, G.table_size).iter().map(|id| live[*id as usize - 1].addr).collect()
     }
 
     fn backend<'m>(
@@ -681,10 +624,7 @@ mod tests {
         let before = maps.chunk_writes;
         apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap();
         assert_eq!(maps.vips[&key].table, first.table);
-        assert!(
-            maps.chunk_writes - before < G.table_chunks() as usize / 2,
-            "diff, not a full rewrite"
-        );
+        assert!(maps.chunk_writes - before < G.table_chunks() as usize / 2, "diff, not a full rewrite");
     }
 
     #[test]
@@ -707,44 +647,18 @@ mod tests {
     fn removed_vips_leave_the_maps_and_ids_are_reused_last() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(G);
-        apply(
-            &mut r,
-            &[vip("a", 1, &[(1, 1)]), vip("b", 2, &[(2, 1)])],
-            &mut maps,
-        )
-        .unwrap();
-        let a_backend = r.vips()[&vip("a", 1, &[]).key]
-            .backends
-            .values()
-            .next()
-            .unwrap()
-            .id;
+        apply(&mut r, &[vip("a", 1, &[(1, 1)]), vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
+        let a_backend = r.vips()[&vip("a", 1, &[]).key].backends.values().next().unwrap().id;
         apply(&mut r, &[vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
         assert_eq!(maps.vips.len(), 1);
-        assert_eq!(
-            maps.backends[&a_backend].flags, 0,
-            "its backend no longer takes flows"
-        );
-        apply(
-            &mut r,
-            &[vip("b", 2, &[(2, 1)]), vip("c", 3, &[(5, 1)])],
-            &mut maps,
-        )
-        .unwrap();
-        let c_backend = r.vips()[&vip("c", 3, &[]).key]
-            .backends
-            .values()
-            .next()
-            .unwrap()
-            .id;
+        assert_eq!(maps.backends[&a_backend].flags, 0, "its backend no longer takes flows");
+        apply(&mut r, &[vip("b", 2, &[(2, 1)]), vip("c", 3, &[(5, 1)])], &mut maps).unwrap();
+        let c_backend = r.vips()[&vip("c", 3, &[]).key].backends.values().next().unwrap().id;
         assert_ne!(c_backend, a_backend, "a just-freed id is not handed out first");
         // A stray entry (not ours, not wanted) is removed too.
         maps.vips.insert(vip("x", 9, &[]).key, VipInfo::default());
         apply(&mut r, &[vip("b", 2, &[(2, 1)])], &mut maps).unwrap();
-        assert_eq!(
-            maps.vips.keys().copied().collect::<Vec<_>>(),
-            vec![vip("b", 2, &[]).key]
-        );
+        assert_eq!(maps.vips.keys().copied().collect::<Vec<_>>(), vec![vip("b", 2, &[]).key]);
     }
 
     #[test]
@@ -754,26 +668,14 @@ mod tests {
         let t0 = Instant::now();
         let timeout = Duration::from_secs(30);
         let at = |r: &mut Reconciler, maps: &mut MemoryMaps, vips: &[DesiredVip], t: Instant| {
-            r.apply(
-                &Desired {
-                    vips: vips.to_vec(),
-                    drain_timeout: timeout,
-                },
-                t,
-                maps,
-            )
-            .unwrap()
+            r.apply(&Desired { vips: vips.to_vec(), drain_timeout: timeout }, t, maps).unwrap()
         };
         let all = vip("a", 1, &[(1, 1), (2, 1), (3, 1)]);
         at(&mut r, &mut maps, std::slice::from_ref(&all), t0);
 
         let drained = vip("a", 1, &[(1, 1), (2, 0), (3, 1)]);
         at(&mut r, &mut maps, std::slice::from_ref(&drained), t0);
-        assert_eq!(
-            live(&maps)[&all.key],
-            expected(&drained),
-            "weight 0: out of the table"
-        );
+        assert_eq!(live(&maps)[&all.key], expected(&drained), "weight 0: out of the table");
         assert_eq!(backend(&maps, &r, &all, 2).unwrap().flags, BACKEND_DRAINING);
 
         let removed = vip("a", 1, &[(1, 1), (2, 0)]);
@@ -783,35 +685,18 @@ mod tests {
         assert_eq!(r.next_deadline(), Some(t0 + timeout));
 
         at(&mut r, &mut maps, std::slice::from_ref(&removed), t0 + timeout);
-        assert!(
-            r.vips()[&all.key]
-                .backends
-                .get(&IpAddr::from([10, 0, 0, 3]))
-                .is_none()
-        );
-        let id = maps
-            .backends
-            .iter()
-            .find(|(_, b)| b.generation == gone.generation)
-            .map(|(id, _)| *id)
-            .unwrap();
+        assert!(!r.vips()[&all.key].backends.contains_key(&IpAddr::from([10, 0, 0, 3])));
+        let id =
+            maps.backends.iter().find(|(_, b)| b.generation == gone.generation).map(|(id, _)| *id).unwrap();
         assert_eq!(maps.backends[&id].flags, 0, "freed after the timeout");
         assert_eq!(r.next_deadline(), None);
 
         // Coming back before the timeout keeps id and generation (flows stay valid).
         at(&mut r, &mut maps, &[vip("a", 1, &[(1, 1)])], t0);
         let before = *backend(&maps, &r, &all, 2).unwrap();
-        at(
-            &mut r,
-            &mut maps,
-            &[vip("a", 1, &[(1, 1), (2, 1)])],
-            t0 + Duration::from_secs(1),
-        );
+        at(&mut r, &mut maps, &[vip("a", 1, &[(1, 1), (2, 1)])], t0 + Duration::from_secs(1));
         let after = *backend(&maps, &r, &all, 2).unwrap();
-        assert_eq!(
-            (before.generation, after.flags),
-            (after.generation, BACKEND_ACTIVE)
-        );
+        assert_eq!((before.generation, after.flags), (after.generation, BACKEND_ACTIVE));
     }
 
     #[test]
@@ -824,11 +709,7 @@ mod tests {
         apply(&mut r, &[vip("a", 1, &[(3, 1), (4, 1)])], &mut maps).unwrap();
         assert_eq!(maps.backends.len(), 2, "the same two ids, reused");
         for (id, b) in &maps.backends {
-            assert_ne!(
-                Some(&b.generation),
-                old.get(id),
-                "id {id} reused with its old generation"
-            );
+            assert_ne!(Some(&b.generation), old.get(id), "id {id} reused with its old generation");
         }
     }
 
@@ -844,14 +725,8 @@ mod tests {
 
         let mut adopted = Reconciler::adopt(G, &maps).unwrap();
         apply(&mut adopted, &want, &mut maps).unwrap();
-        assert_eq!(
-            maps.chunk_writes, writes,
-            "restart with the same config writes no table"
-        );
-        assert_eq!(
-            maps.vips.values().map(|v| (v.id, v.table)).collect::<Vec<_>>(),
-            vips
-        );
+        assert_eq!(maps.chunk_writes, writes, "restart with the same config writes no table");
+        assert_eq!(maps.vips.values().map(|v| (v.id, v.table)).collect::<Vec<_>>(), vips);
         assert_eq!(maps.backends, backends, "same ids, generations and flags");
         assert_eq!(adopted.vips()[&want[0].key].name, "a");
     }
@@ -859,11 +734,7 @@ mod tests {
     #[test]
     fn capacity_is_enforced_with_a_clear_error() {
         let mut maps = MemoryMaps::default();
-        let small = Geometry {
-            max_vips: 1,
-            max_backends: 3,
-            ..G
-        };
+        let small = Geometry { max_vips: 1, max_backends: 3, ..G };
         let mut r = Reconciler::new(small);
         let err = apply(&mut r, &[vip("a", 1, &[]), vip("b", 2, &[])], &mut maps).unwrap_err();
         assert!(err.to_string().contains("max_vips"), "{err}");
@@ -879,11 +750,7 @@ mod tests {
         let mut want = vip("a", 1, &[(1, 1), (2, 1)]);
         want.backends[1].mac = None;
         apply(&mut r, std::slice::from_ref(&want), &mut maps).unwrap();
-        assert!(
-            live(&maps)[&want.key]
-                .iter()
-                .all(|a| *a == IpAddr::from([10, 0, 0, 1]))
-        );
+        assert!(live(&maps)[&want.key].iter().all(|a| *a == IpAddr::from([10, 0, 0, 1])));
         assert_eq!(backend(&maps, &r, &want, 2).unwrap().flags, 0);
         want.backends[1].mac = Some([2, 0, 0, 0, 0, 2]);
         apply(&mut r, std::slice::from_ref(&want), &mut maps).unwrap();

@@ -104,11 +104,7 @@ impl DaemonState {
     /// Whether the process that wrote this is still an xlb.
     pub fn daemon_alive(&self) -> bool {
         std::fs::read(format!("/proc/{}/cmdline", self.pid))
-            .map(|c| {
-                c.split(|&b| b == 0)
-                    .next()
-                    .is_some_and(|argv0| argv0.ends_with(b"xlb"))
-            })
+            .map(|c| c.split(|&b| b == 0).next().is_some_and(|argv0| argv0.ends_with(b"xlb")))
             .unwrap_or(false)
     }
 }

@@ -6,10 +6,7 @@ use anyhow::{Context as _, bail};
 
 /// Runs `program args…`, returning stdout; fails with stderr on a non-zero exit.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
     if !out.status.success() {
         bail!(
             "`{program} {}` failed ({}): {}",
@@ -39,10 +36,6 @@ pub fn xlb_bin() -> std::path::PathBuf {
         .and_then(|deps| deps.parent())
         .map(|profile| profile.join("xlb"))
         .expect("test executable lives in target/<profile>/deps");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo xtask test` does)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} not found: build it first (`cargo xtask test` does)", bin.display());
     bin
 }

@@ -38,10 +38,7 @@ impl Daemon {
     }
 
     fn spawn(&mut self, ns: &Netns) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new("nsenter")
             .arg(format!("--net={}", ns.path().display()))
             .arg(cmd::xlb_bin())
@@ -161,10 +158,9 @@ impl Drop for Daemon {
             eprintln!("--- xlb log ---\n{}--- end of xlb log ---", self.log());
         }
         let bin = cmd::xlb_bin();
-        if let Err(e) = cmd::run(
-            bin.to_str().expect("utf-8 path"),
-            &["detach", "--interface", &self.interface],
-        ) {
+        if let Err(e) =
+            cmd::run(bin.to_str().expect("utf-8 path"), &["detach", "--interface", &self.interface])
+        {
             eprintln!("teardown: {e}");
         }
         let _ = std::fs::remove_dir_all(&self.dir);

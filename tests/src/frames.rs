@@ -21,18 +21,13 @@ pub fn eth(ether_type: u16) -> Vec<u8> {
 /// Inserts an 802.1Q tag (VLAN `vid`) after the MAC addresses.
 pub fn vlan(mut frame: Vec<u8>, vid: u16) -> Vec<u8> {
     let inner = [frame[12], frame[13]];
-    frame.splice(
-        12..14,
-        [0x81, 0x00, (vid >> 8) as u8, vid as u8, inner[0], inner[1]],
-    );
+    frame.splice(12..14, [0x81, 0x00, (vid >> 8) as u8, vid as u8, inner[0], inner[1]]);
     frame
 }
 
 pub fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
-        .sum();
+    let mut sum: u32 =
+        bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

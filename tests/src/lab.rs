@@ -46,10 +46,7 @@ pub struct Lab {
     pub lb_if: String,
 }
 
-const NO_DAD: &[&str] = &[
-    "net.ipv6.conf.all.accept_dad=0",
-    "net.ipv6.conf.default.accept_dad=0",
-];
+const NO_DAD: &[&str] = &["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"];
 
 fn host(name: &str) -> anyhow::Result<Netns> {
     let ns = Netns::new(name)?;
@@ -103,10 +100,7 @@ impl Lab {
         for i in 0..backends {
             let name = format!("be{}", i + 1);
             let ns = host(&format!("{prefix}-{name}"))?;
-            ns.sysctl(&[
-                "net.ipv4.conf.all.arp_ignore=1",
-                "net.ipv4.conf.all.arp_announce=2",
-            ])?;
+            ns.sysctl(&["net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"])?;
             let v4 = Ipv4Addr::new(10, 0, 0, 11 + i as u8);
             let v6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x11 + i as u16);
             plug(&bridge, &ns, "eth0", &name, v4, v6)?;
@@ -116,14 +110,7 @@ impl Lab {
         }
         // A veth delivers XDP_TX frames only to a peer running XDP.
         let pass = helpers::attach("xdp_pass", "lb", Some(&bridge.path()))?;
-        Ok(Lab {
-            _pass: pass,
-            backends: list,
-            lb,
-            client,
-            bridge,
-            lb_if,
-        })
+        Ok(Lab { _pass: pass, backends: list, lb, client, bridge, lb_if })
     }
 
     /// A config for this lab: `vips` is the TOML of the [[vip]] tables.
@@ -133,11 +120,8 @@ impl Lab {
 
     /// `backends = [ … ]` listing every backend of the given family.
     pub fn backend_list(&self, v6: bool) -> String {
-        let items: Vec<String> = self
-            .backends
-            .iter()
-            .map(|b| format!("{{ address = \"{}\" }}", b.addr(v6)))
-            .collect();
+        let items: Vec<String> =
+            self.backends.iter().map(|b| format!("{{ address = \"{}\" }}", b.addr(v6))).collect();
         format!("backends = [ {} ]", items.join(", "))
     }
 }

@@ -5,6 +5,7 @@
 //! nothing behind when they fail.
 
 pub mod cmd;
+pub mod consul_fake;
 pub mod daemon;
 pub mod frames;
 pub mod lab;
@@ -24,8 +25,5 @@ pub fn unique_id() -> u32 {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "this test needs root (BPF, network namespaces): run `cargo xtask test` as root"
-    );
+    assert_eq!(euid, 0, "this test needs root (BPF, network namespaces): run `cargo xtask test` as root");
 }

@@ -15,9 +15,7 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> anyhow::Result<Self> {
         cmd::ip(&format!("netns add {name}"))?;
-        let ns = Netns {
-            name: name.to_owned(),
-        };
+        let ns = Netns { name: name.to_owned() };
         ns.ip("link set lo up")?;
         Ok(ns)
     }

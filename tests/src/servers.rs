@@ -32,8 +32,7 @@ pub fn start(backends: &[Backend], tcp_port: u16, udp_port: u16) -> NameServers 
             (tcp, udp)
         });
         tcp.set_nonblocking(true).expect("nonblocking");
-        udp.set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("timeout");
+        udp.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
         let name = b.name.clone();
         let flag = stop.clone();
         threads.push(std::thread::spawn(move || serve_tcp(tcp, name, flag)));
@@ -75,11 +74,7 @@ fn answer_lines(conn: TcpStream, name: &str, stop: &AtomicBool) {
                 }
                 line.clear();
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
             Err(_) => return,
         }
     }

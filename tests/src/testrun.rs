@@ -2,14 +2,14 @@
 //! BPF_PROG_TEST_RUN, its maps written by the real reconciler.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
 use aya::{Ebpf, TestRun as _, TestRunOptions, programs::Xdp};
 use lb_common::{BackendId, Counter, Event, FlowKey, Reason, flow_hash};
 use xlb::{
-    dataplane::KernelMaps,
+    dataplane::{Geometry, KernelMaps},
     loader::{self, Params},
     reconcile::{Desired, DesiredBackend, DesiredVip, Reconciler},
 };
@@ -37,11 +37,7 @@ impl Plane {
     pub fn new(params: Params) -> anyhow::Result<Plane> {
         crate::require_root();
         let (ebpf, maps) = loader::load_detached(params, LB_MAC)?;
-        Ok(Plane {
-            ebpf,
-            maps,
-            reconciler: Reconciler::new(params.geometry),
-        })
+        Ok(Plane { ebpf, maps, reconciler: Reconciler::new(params.geometry) })
     }
 
     /// Applies `vips` at `now`; removed backends drain for `drain_timeout`.
@@ -51,10 +47,7 @@ impl Plane {
         drain_timeout: Duration,
         now: Instant,
     ) -> anyhow::Result<()> {
-        let desired = Desired {
-            vips: vips.to_vec(),
-            drain_timeout,
-        };
+        let desired = Desired { vips: vips.to_vec(), drain_timeout };
         self.reconciler.apply(&desired, now, &mut self.maps)?;
         Ok(())
     }
@@ -65,26 +58,29 @@ impl Plane {
     }
 
     fn program(&self) -> &Xdp {
-        self.ebpf
-            .program(loader::PROGRAM)
-            .expect("program xlb")
-            .try_into()
-            .expect("XDP program")
+        self.ebpf.program(loader::PROGRAM).expect("program xlb").try_into().expect("XDP program")
     }
 
     /// Runs one frame through the program.
     pub fn run(&self, frame: &[u8]) -> anyhow::Result<Outcome> {
+        self.run_on(frame, 0)
+    }
+
+    /// Runs one frame as if received on interface `ifindex` of the calling
+    /// thread's network namespace (0: none), so FIB lookups see its routes.
+    pub fn run_on(&self, frame: &[u8], ifindex: u32) -> anyhow::Result<Outcome> {
         let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> =
+            [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
         let result = self.program().test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: (ifindex != 0).then_some(ctx.as_slice()),
             ..TestRunOptions::default()
         })?;
         out.truncate(result.data_size_out as usize);
-        Ok(Outcome {
-            action: result.return_value,
-            frame: out,
-        })
+        Ok(Outcome { action: result.return_value, frame: out })
     }
 
     pub fn reason(&self, reason: Reason) -> anyhow::Result<Counter> {
@@ -106,13 +102,19 @@ impl Plane {
     }
 }
 
+/// Parameters with no flood guard and no TUN sources.
+pub fn params(geometry: Geometry) -> Params {
+    Params {
+        geometry,
+        conn_insert_limit: 0,
+        tun_source_v4: Ipv4Addr::UNSPECIFIED,
+        tun_source_v6: Ipv6Addr::UNSPECIFIED,
+    }
+}
+
 /// A backend with address `addr` and MAC 02:00:00:00:01:`tag`.
 pub fn backend(addr: IpAddr, weight: u32, tag: u8) -> DesiredBackend {
-    DesiredBackend {
-        addr,
-        weight,
-        mac: Some(backend_mac(tag)),
-    }
+    DesiredBackend { addr, weight, mac: Some(backend_mac(tag)) }
 }
 
 pub fn backend_mac(tag: u8) -> [u8; 6] {

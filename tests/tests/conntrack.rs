@@ -12,32 +12,20 @@ use lb_common::{Event, PROTO_TCP, PROTO_UDP};
 use xlb::{dataplane::Geometry, loader::Params, reconcile::DesiredVip};
 use xlb_tests::{
     frames::*,
-    testrun::{Plane, XDP_TX, backend, backend_mac, dr_vip},
+    testrun::{Plane, XDP_TX, backend, backend_mac, dr_vip, params},
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 
 fn plane(conn_insert_limit: u64) -> Plane {
-    let geometry = Geometry {
-        table_size: 251,
-        max_vips: 4,
-        max_backends: 32,
-        conntrack_size: 4096,
-    };
-    Plane::new(Params {
-        geometry,
-        conn_insert_limit,
-    })
-    .expect("load program xlb")
+    let geometry = Geometry { table_size: 251, max_vips: 4, max_backends: 32, conntrack_size: 4096 };
+    Plane::new(Params { conn_insert_limit, ..params(geometry) }).expect("load program xlb")
 }
 
 /// Backends 10.0.0.1..=n (MAC tag = last byte) with the given weights.
 fn web(weights: &[(u8, u32)]) -> DesiredVip {
-    let backends = weights
-        .iter()
-        .map(|&(b, w)| backend(IpAddr::from([10, 0, 0, b]), w, b))
-        .collect();
+    let backends = weights.iter().map(|&(b, w)| backend(IpAddr::from([10, 0, 0, b]), w, b)).collect();
     dr_vip("web", VIP.into(), 80, PROTO_TCP, backends)
 }
 
@@ -77,23 +65,11 @@ fn established_flows_stay_across_table_changes_and_syns_choose_afresh() {
     plane.apply(std::slice::from_ref(&after)).unwrap();
     let hits = plane.event(Event::ConnHit).unwrap();
     for _ in 0..10 {
-        assert_eq!(
-            sent_to(&plane, &tcp_frame(port, TCP_ACK)),
-            1,
-            "established flow stays"
-        );
+        assert_eq!(sent_to(&plane, &tcp_frame(port, TCP_ACK)), 1, "established flow stays");
     }
     assert_eq!(plane.event(Event::ConnHit).unwrap(), hits + 10);
-    assert_eq!(
-        sent_to(&plane, &tcp_frame(port, TCP_SYN)),
-        3,
-        "a new connection follows the new table"
-    );
-    assert_eq!(
-        sent_to(&plane, &tcp_frame(port, TCP_ACK)),
-        3,
-        "and is recorded there"
-    );
+    assert_eq!(sent_to(&plane, &tcp_frame(port, TCP_SYN)), 3, "a new connection follows the new table");
+    assert_eq!(sent_to(&plane, &tcp_frame(port, TCP_ACK)), 3, "and is recorded there");
 }
 
 #[test]
@@ -108,33 +84,21 @@ fn udp_flows_are_recorded_too() {
     plane.apply(&[udp_vip(&after)]).unwrap();
     let again: Vec<u8> = (2000..2100).map(|p| sent_to(&plane, &frame(p))).collect();
     assert_eq!(first, again, "every UDP flow keeps its backend");
-    assert!(
-        (3000..3100).any(|p| sent_to(&plane, &frame(p)) == 3),
-        "new flows reach the new backend"
-    );
+    assert!((3000..3100).any(|p| sent_to(&plane, &frame(p)) == 3), "new flows reach the new backend");
 }
 
 #[test]
 fn draining_keeps_established_flows_and_takes_no_new_ones() {
     let mut plane = plane(0);
     plane.apply(&[web(&[(1, 1), (2, 1), (3, 1)])]).unwrap();
-    let on_two: Vec<u16> = (1024..2024)
-        .filter(|&p| sent_to(&plane, &tcp_frame(p, TCP_SYN)) == 2)
-        .collect();
+    let on_two: Vec<u16> = (1024..2024).filter(|&p| sent_to(&plane, &tcp_frame(p, TCP_SYN)) == 2).collect();
     assert!(on_two.len() > 200);
 
     plane.apply(&[web(&[(1, 1), (2, 0), (3, 1)])]).unwrap();
     for &p in &on_two {
-        assert_eq!(
-            sent_to(&plane, &tcp_frame(p, TCP_ACK)),
-            2,
-            "port {p}: drained backend keeps its flow"
-        );
+        assert_eq!(sent_to(&plane, &tcp_frame(p, TCP_ACK)), 2, "port {p}: drained backend keeps its flow");
     }
-    assert!(
-        (5000..6000).all(|p| sent_to(&plane, &tcp_frame(p, TCP_SYN)) != 2),
-        "no new flow goes to it"
-    );
+    assert!((5000..6000).all(|p| sent_to(&plane, &tcp_frame(p, TCP_SYN)) != 2), "no new flow goes to it");
 }
 
 #[test]
@@ -143,30 +107,15 @@ fn a_removed_backend_drains_until_its_timeout_then_flows_rebalance() {
     let t0 = Instant::now();
     let timeout = Duration::from_secs(30);
     plane.apply_at(&[web(&[(1, 1), (2, 1)])], timeout, t0).unwrap();
-    let on_two: Vec<u16> = (1024..1224)
-        .filter(|&p| sent_to(&plane, &tcp_frame(p, TCP_SYN)) == 2)
-        .collect();
+    let on_two: Vec<u16> = (1024..1224).filter(|&p| sent_to(&plane, &tcp_frame(p, TCP_SYN)) == 2).collect();
 
     plane.apply_at(&[web(&[(1, 1)])], timeout, t0).unwrap();
-    assert!(
-        on_two
-            .iter()
-            .all(|&p| sent_to(&plane, &tcp_frame(p, TCP_ACK)) == 2),
-        "still draining"
-    );
+    assert!(on_two.iter().all(|&p| sent_to(&plane, &tcp_frame(p, TCP_ACK)) == 2), "still draining");
 
     plane.apply_at(&[web(&[(1, 1)])], timeout, t0 + timeout).unwrap();
     let rebalanced = plane.event(Event::ConnRebalanced).unwrap();
-    assert!(
-        on_two
-            .iter()
-            .all(|&p| sent_to(&plane, &tcp_frame(p, TCP_ACK)) == 1),
-        "moved to the survivor"
-    );
-    assert_eq!(
-        plane.event(Event::ConnRebalanced).unwrap(),
-        rebalanced + on_two.len() as u64
-    );
+    assert!(on_two.iter().all(|&p| sent_to(&plane, &tcp_frame(p, TCP_ACK)) == 1), "moved to the survivor");
+    assert_eq!(plane.event(Event::ConnRebalanced).unwrap(), rebalanced + on_two.len() as u64);
 }
 
 #[test]
@@ -176,15 +125,7 @@ fn the_flood_guard_stops_recording_new_flows_beyond_the_limit() {
     for p in 1024..1044 {
         sent_to(&plane, &tcp_frame(p, TCP_SYN));
     }
-    assert_eq!(
-        plane.event(Event::ConnNew).unwrap(),
-        20,
-        "every SYN still gets a backend"
-    );
+    assert_eq!(plane.event(Event::ConnNew).unwrap(), 20, "every SYN still gets a backend");
     assert_eq!(plane.event(Event::ConnInsertSkipped).unwrap(), 15);
-    assert_eq!(
-        plane.maps.conntrack_entries(),
-        5,
-        "established entries are not pushed out"
-    );
+    assert_eq!(plane.maps.conntrack_entries(), 5, "established entries are not pushed out");
 }

@@ -19,10 +19,7 @@ fn web(backends: &str) -> String {
 }
 
 fn spread(lab: &Lab, n: usize) -> Vec<String> {
-    let counts = lab
-        .client
-        .run(|| tcp_spread(SocketAddr::from((VIP4, 80)), n))
-        .expect("requests succeed");
+    let counts = lab.client.run(|| tcp_spread(SocketAddr::from((VIP4, 80)), n)).expect("requests succeed");
     counts.into_keys().collect()
 }
 
@@ -47,10 +44,7 @@ fn run_once(lab: &Lab, config: &str) -> (Option<i32>, String) {
         .output()
         .unwrap();
     let _ = std::fs::remove_file(&path);
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -60,10 +54,7 @@ fn bad_configs_exit_non_zero_and_leave_the_data_plane_alone() {
     let daemon = Daemon::start(&lab.lb, &lab.lb_if, &lab.config(&web(&lab.backend_list(false)))).unwrap();
     let before = daemon.status().unwrap()["vips"].clone();
 
-    let unknown_field = format!(
-        "{}\ncolour = \"red\"\n",
-        lab.config(&web(&lab.backend_list(false)))
-    );
+    let unknown_field = format!("{}\ncolour = \"red\"\n", lab.config(&web(&lab.backend_list(false))));
     let (code, err) = run_once(&lab, &unknown_field);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("unknown field `colour`"), "{err}");
@@ -72,10 +63,7 @@ fn bad_configs_exit_non_zero_and_leave_the_data_plane_alone() {
         web(&lab.backend_list(false)).replace("[[vip]]", "interface = \"nosuch0\"\n[[vip]]");
     let (code, err) = run_once(&lab, &missing_interface);
     assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.contains("field `interface`") && err.contains("\"nosuch0\" not found"),
-        "{err}"
-    );
+    assert!(err.contains("field `interface`") && err.contains("\"nosuch0\" not found"), "{err}");
 
     let family_mismatch = lab.config(&web("backends = [ { address = \"fd00::11\" } ]"));
     let (code, err) = run_once(&lab, &family_mismatch);
@@ -96,26 +84,18 @@ fn config_edits_apply_live_and_a_broken_edit_keeps_the_old_config() {
     assert_eq!(spread(&lab, 90), ["be1", "be2", "be3"]);
 
     daemon
-        .rewrite_config(&lab.config(&web(
-            "backends = [ { address = \"10.0.0.11\" }, { address = \"10.0.0.13\" } ]",
-        )))
+        .rewrite_config(
+            &lab.config(&web("backends = [ { address = \"10.0.0.11\" }, { address = \"10.0.0.13\" } ]")),
+        )
         .unwrap();
-    eventually(
-        || spread(&lab, 60) == ["be1", "be3"],
-        &daemon,
-        "be2 still gets new connections",
-    );
+    eventually(|| spread(&lab, 60) == ["be1", "be3"], &daemon, "be2 still gets new connections");
     assert_eq!(spread(&lab, 90), ["be1", "be3"]);
 
     daemon.rewrite_config("interface = [ this is not toml").unwrap();
-    daemon
-        .wait_for_log("config rejected", Duration::from_secs(5))
-        .unwrap();
+    daemon.wait_for_log("config rejected", Duration::from_secs(5)).unwrap();
     assert_eq!(spread(&lab, 90), ["be1", "be3"], "the old config stays in force");
 
-    daemon
-        .rewrite_config(&lab.config(&web(&lab.backend_list(false))))
-        .unwrap();
+    daemon.rewrite_config(&lab.config(&web(&lab.backend_list(false)))).unwrap();
     eventually(|| spread(&lab, 60).len() == 3, &daemon, "be2 never came back");
 }
 
@@ -127,26 +107,15 @@ fn forwarding_survives_the_daemon_and_a_restart_adopts_it() {
     let table = daemon.status().unwrap()["vips"][0]["backends"].clone();
 
     daemon.stop().unwrap();
-    assert_eq!(
-        spread(&lab, 60),
-        ["be1", "be2", "be3"],
-        "forwarding continues without the daemon"
-    );
-    assert!(
-        daemon.status().unwrap()["daemon_pid"].is_null(),
-        "status says the daemon is down"
-    );
+    assert_eq!(spread(&lab, 60), ["be1", "be2", "be3"], "forwarding continues without the daemon");
+    assert!(daemon.status().unwrap()["daemon_pid"].is_null(), "status says the daemon is down");
 
     daemon.restart(&lab.lb).unwrap();
     assert!(daemon.log().contains("adopted=true"), "{}", daemon.log());
     let status = daemon.status().unwrap();
     let after = &status["vips"][0]["backends"];
     for (a, b) in after.as_array().unwrap().iter().zip(table.as_array().unwrap()) {
-        assert_eq!(
-            (&a["id"], &a["slots"]),
-            (&b["id"], &b["slots"]),
-            "same ids and table after the restart"
-        );
+        assert_eq!((&a["id"], &a["slots"]), (&b["id"], &b["slots"]), "same ids and table after the restart");
     }
     assert_eq!(spread(&lab, 60), ["be1", "be2", "be3"]);
 }

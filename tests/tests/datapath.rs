@@ -4,10 +4,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
-use xlb::{addr, dataplane::Geometry, loader::Params, reconcile::DesiredBackend};
+use xlb::{addr, dataplane::Geometry, reconcile::DesiredBackend};
 use xlb_tests::{
     frames::*,
-    testrun::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip as vip},
+    testrun::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip as vip, params},
 };
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -17,29 +17,15 @@ const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 
 fn backends(addrs: &[IpAddr]) -> Vec<DesiredBackend> {
-    addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| backend(*a, 1, i as u8 + 1))
-        .collect()
+    addrs.iter().enumerate().map(|(i, a)| backend(*a, 1, i as u8 + 1)).collect()
 }
 
 fn plane() -> Plane {
-    let geometry = Geometry {
-        table_size: 65_537,
-        max_vips: 8,
-        max_backends: 64,
-        conntrack_size: 4096,
-    };
-    let mut plane = Plane::new(Params {
-        geometry,
-        conn_insert_limit: 0,
-    })
-    .expect("load program xlb");
+    let geometry = Geometry { table_size: 65_537, max_vips: 8, max_backends: 64, conntrack_size: 4096 };
+    let mut plane = Plane::new(params(geometry)).expect("load program xlb");
     let v4: Vec<IpAddr> = (11..14).map(|i| IpAddr::from([10, 0, 0, i])).collect();
-    let v6: Vec<IpAddr> = (0x11..0x14)
-        .map(|i| IpAddr::from(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i)))
-        .collect();
+    let v6: Vec<IpAddr> =
+        (0x11..0x14).map(|i| IpAddr::from(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))).collect();
     plane
         .apply(&[
             vip("web4", VIP4.into(), 80, PROTO_TCP, backends(&v4)),
@@ -134,12 +120,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "ipv4 tcp data to vip",
-            frame: v4_frame(
-                CLIENT4,
-                VIP4,
-                PROTO_TCP,
-                &tcp(40100, 80, TCP_ACK, b"GET / HTTP/1.1\r\n\r\n"),
-            ),
+            frame: v4_frame(CLIENT4, VIP4, PROTO_TCP, &tcp(40100, 80, TCP_ACK, b"GET / HTTP/1.1\r\n\r\n")),
             expect: Forward(flow4(PROTO_TCP, 40100, VIP4, 80)),
         },
         Case {
@@ -182,11 +163,7 @@ fn cases() -> Vec<Case> {
             frame: tcp4(40500, Ipv4Addr::new(10, 0, 0, 2), 22),
             expect: Verdict(XDP_PASS, Reason::PassNotVip),
         },
-        Case {
-            name: "arp",
-            frame: arp,
-            expect: Verdict(XDP_PASS, Reason::PassNotIp),
-        },
+        Case { name: "arp", frame: arp, expect: Verdict(XDP_PASS, Reason::PassNotIp) },
         Case {
             name: "lldp ethertype",
             frame: {
@@ -196,11 +173,7 @@ fn cases() -> Vec<Case> {
             },
             expect: Verdict(XDP_PASS, Reason::PassNotIp),
         },
-        Case {
-            name: "ipv4 ihl below 5",
-            frame: bad_ihl,
-            expect: Verdict(XDP_DROP, Reason::DropMalformed),
-        },
+        Case { name: "ipv4 ihl below 5", frame: bad_ihl, expect: Verdict(XDP_DROP, Reason::DropMalformed) },
         Case {
             name: "ipv4 total length past the frame",
             frame: long_total,
@@ -246,27 +219,15 @@ fn frames_get_the_expected_action_output_and_counters() {
     for case in cases() {
         let (reason, expected) = match &case.expect {
             Expect::Forward(flow) => {
-                let (_, mac) = plane
-                    .expected_backend(flow)
-                    .expect("model has a backend for the flow");
+                let (_, mac) = plane.expected_backend(flow).expect("model has a backend for the flow");
                 let mut out = case.frame.clone();
                 out[0..6].copy_from_slice(&mac);
                 out[6..12].copy_from_slice(&LB_MAC);
-                (
-                    Reason::Forwarded,
-                    Outcome {
-                        action: XDP_TX,
-                        frame: out,
-                    },
-                )
+                (Reason::Forwarded, Outcome { action: XDP_TX, frame: out })
             }
-            Expect::Verdict(action, reason) => (
-                *reason,
-                Outcome {
-                    action: *action,
-                    frame: case.frame.clone(),
-                },
-            ),
+            Expect::Verdict(action, reason) => {
+                (*reason, Outcome { action: *action, frame: case.frame.clone() })
+            }
         };
         let before = plane.reason(reason).unwrap();
         let got = plane.run(&case.frame).unwrap();
@@ -293,9 +254,7 @@ fn vip_and_backend_counters_follow_forwarded_packets() {
     let mut per_backend = std::collections::BTreeMap::<u16, u64>::new();
     for sport in 1000..1300u16 {
         let frame = tcp4(sport, VIP4, 80);
-        let (id, _) = plane
-            .expected_backend(&flow4(PROTO_TCP, sport, VIP4, 80))
-            .unwrap();
+        let (id, _) = plane.expected_backend(&flow4(PROTO_TCP, sport, VIP4, 80)).unwrap();
         *per_backend.entry(id).or_default() += 1;
         assert_eq!(plane.run(&frame).unwrap().action, XDP_TX);
     }
@@ -317,17 +276,13 @@ fn a_changed_backend_set_takes_effect_at_once() {
         weight: 1,
         mac: Some([0x02, 0, 0, 0, 9, 9]),
     }];
-    plane
-        .apply(&[vip("web4", VIP4.into(), 80, PROTO_TCP, one)])
-        .unwrap();
+    plane.apply(&[vip("web4", VIP4.into(), 80, PROTO_TCP, one)]).unwrap();
     for sport in 2000..2050u16 {
         let out = plane.run(&tcp4(sport, VIP4, 80)).unwrap();
         assert_eq!(out.action, XDP_TX);
         assert_eq!(out.frame[0..6], [0x02, 0, 0, 0, 9, 9]);
     }
     // The other VIPs were removed with the change.
-    let out = plane
-        .run(&v6_frame(CLIENT6, VIP6, PROTO_TCP, &tcp(1, 80, TCP_SYN, b"")))
-        .unwrap();
+    let out = plane.run(&v6_frame(CLIENT6, VIP6, PROTO_TCP, &tcp(1, 80, TCP_SYN, b""))).unwrap();
     assert_eq!(out.action, XDP_PASS);
 }

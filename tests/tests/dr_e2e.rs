@@ -47,10 +47,7 @@ fn assert_fair(counts: &BTreeMap<String, usize>, backends: usize, total: usize) 
     assert_eq!(counts.len(), backends, "every backend answers: {counts:?}");
     for (name, n) in counts {
         let off = (*n as f64 - fair).abs() / fair;
-        assert!(
-            off <= 0.25,
-            "{name} answered {n} of {total} (fair share {fair:.0}): {counts:?}"
-        );
+        assert!(off <= 0.25, "{name} answered {n} of {total} (fair share {fair:.0}): {counts:?}");
     }
 }
 
@@ -71,30 +68,17 @@ fn tcp_connections_over_ipv4_and_ipv6_complete_and_spread_fairly() {
 
     const N: usize = 600;
     for (name, addr) in [("web4", IpAddr::from(VIP4)), ("web6", IpAddr::from(VIP6))] {
-        let counts = lab
-            .client
-            .run(|| tcp_spread(SocketAddr::new(addr, 80), N))
-            .unwrap();
+        let counts = lab.client.run(|| tcp_spread(SocketAddr::new(addr, 80), N)).unwrap();
         assert_fair(&counts, 3, N);
 
         // Every connection went through xlb: SYN, ACK, data, FIN at least.
         let status = daemon.status().unwrap();
         let v = vip(&status, name);
         let packets = v["packets"].as_u64().unwrap();
-        assert!(
-            packets >= 4 * N as u64,
-            "{name}: {packets} packets for {N} connections"
-        );
-        let per_backend: u64 = v["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["packets"].as_u64().unwrap())
-            .sum();
-        assert_eq!(
-            per_backend, packets,
-            "{name}: backend counters add up to the VIP's"
-        );
+        assert!(packets >= 4 * N as u64, "{name}: {packets} packets for {N} connections");
+        let per_backend: u64 =
+            v["backends"].as_array().unwrap().iter().map(|b| b["packets"].as_u64().unwrap()).sum();
+        assert_eq!(per_backend, packets, "{name}: backend counters add up to the VIP's");
     }
 }
 
@@ -115,9 +99,7 @@ fn udp_counters_agree_with_what_was_sent() {
             s.send_to(PAYLOAD, (VIP4, 53)).unwrap();
             let mut buf = [0u8; 64];
             let n = s.recv(&mut buf).expect("answer from a backend");
-            *answers
-                .entry(String::from_utf8_lossy(&buf[..n]).into_owned())
-                .or_default() += 1;
+            *answers.entry(String::from_utf8_lossy(&buf[..n]).into_owned()).or_default() += 1;
         }
         answers
     });
@@ -129,17 +111,9 @@ fn udp_counters_agree_with_what_was_sent() {
     assert_eq!(v["bytes"], N as u64 * frame);
     for b in v["backends"].as_array().unwrap() {
         let addr: IpAddr = b["address"].as_str().unwrap().parse().unwrap();
-        let name = &lab
-            .backends
-            .iter()
-            .find(|be| IpAddr::from(be.v4) == addr)
-            .unwrap()
-            .name;
+        let name = &lab.backends.iter().find(|be| IpAddr::from(be.v4) == addr).unwrap().name;
         let answered = answers.get(name).copied().unwrap_or(0);
-        assert_eq!(
-            b["packets"], answered,
-            "{name}: datagrams forwarded = answers received"
-        );
+        assert_eq!(b["packets"], answered, "{name}: datagrams forwarded = answers received");
         assert_eq!(b["bytes"], answered * frame);
     }
     assert!(status["reasons"]["forwarded"]["packets"].as_u64().unwrap() >= N as u64);
@@ -150,9 +124,7 @@ fn the_load_balancer_host_keeps_working() {
     let lab = Lab::new(2).unwrap();
     let _servers = servers::start(&lab.backends, 80, 53);
     let daemon = Daemon::start(&lab.lb, &lab.lb_if, &lab.config(&web_vips(&lab))).unwrap();
-    let before = daemon.status().unwrap()["reasons"]["not_vip"]["packets"]
-        .as_u64()
-        .unwrap();
+    let before = daemon.status().unwrap()["reasons"]["not_vip"]["packets"].as_u64().unwrap();
 
     lab.client
         .exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", &LB4.to_string()])
@@ -169,9 +141,7 @@ fn the_load_balancer_host_keeps_working() {
     server.join().unwrap();
     assert_eq!(answer, "lb-host");
 
-    let after = daemon.status().unwrap()["reasons"]["not_vip"]["packets"]
-        .as_u64()
-        .unwrap();
+    let after = daemon.status().unwrap()["reasons"]["not_vip"]["packets"].as_u64().unwrap();
     // 3 echo requests + the TCP exchange (at least SYN, ACK, data, ACK, FIN).
     assert!(after >= before + 3 + 4, "not_vip went from {before} to {after}");
 }

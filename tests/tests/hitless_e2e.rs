@@ -77,9 +77,7 @@ fn config(lab: &Lab, backends: &[(u8, u32)]) -> String {
 }
 
 fn new_connections(lab: &Lab, n: usize) -> BTreeMap<String, usize> {
-    lab.client
-        .run(|| tcp_spread(SocketAddr::from((VIP4, 80)), n))
-        .expect("new connections succeed")
+    lab.client.run(|| tcp_spread(SocketAddr::from((VIP4, 80)), n)).expect("new connections succeed")
 }
 
 #[test]
@@ -91,49 +89,30 @@ fn long_lived_connections_survive_every_kind_of_change() {
     let mut talks: Vec<Conversation> = (0..LONG_LIVED).map(|_| converse(&lab, &stop)).collect();
 
     // Add be4: new connections reach all four.
-    daemon
-        .apply_config(&config(&lab, &[(1, 1), (2, 1), (3, 1), (4, 1)]))
-        .unwrap();
+    daemon.apply_config(&config(&lab, &[(1, 1), (2, 1), (3, 1), (4, 1)])).unwrap();
     assert_eq!(new_connections(&lab, 120).len(), 4, "be4 joined");
     talks.extend((0..8).map(|_| converse(&lab, &stop)));
 
     // Remove be1: no new connection reaches it; its old ones drain.
-    daemon
-        .apply_config(&config(&lab, &[(2, 1), (3, 1), (4, 1)]))
-        .unwrap();
+    daemon.apply_config(&config(&lab, &[(2, 1), (3, 1), (4, 1)])).unwrap();
     let spread = new_connections(&lab, 120);
-    assert!(
-        !spread.contains_key("be1"),
-        "removed be1 took new connections: {spread:?}"
-    );
+    assert!(!spread.contains_key("be1"), "removed be1 took new connections: {spread:?}");
 
     // Weights 3:1:1.
-    daemon
-        .apply_config(&config(&lab, &[(2, 3), (3, 1), (4, 1)]))
-        .unwrap();
+    daemon.apply_config(&config(&lab, &[(2, 3), (3, 1), (4, 1)])).unwrap();
     let spread = new_connections(&lab, 400);
     let share = spread.get("be2").copied().unwrap_or(0) as f64 / 400.0;
-    assert!(
-        (0.5..=0.7).contains(&share),
-        "be2 at weight 3 of 5 got {share:.2}: {spread:?}"
-    );
+    assert!((0.5..=0.7).contains(&share), "be2 at weight 3 of 5 got {share:.2}: {spread:?}");
 
     // Drain be3 (weight 0): no new connections, old ones stay.
-    daemon
-        .apply_config(&config(&lab, &[(2, 3), (3, 0), (4, 1)]))
-        .unwrap();
+    daemon.apply_config(&config(&lab, &[(2, 3), (3, 0), (4, 1)])).unwrap();
     let spread = new_connections(&lab, 120);
-    assert!(
-        !spread.contains_key("be3"),
-        "drained be3 took new connections: {spread:?}"
-    );
+    assert!(!spread.contains_key("be3"), "drained be3 took new connections: {spread:?}");
 
     // Fifty table swaps in a row under traffic.
     for i in 0..50 {
         let w = 1 + i % 2;
-        daemon
-            .apply_config(&config(&lab, &[(2, 3), (3, 0), (4, w)]))
-            .unwrap();
+        daemon.apply_config(&config(&lab, &[(2, 3), (3, 0), (4, w)])).unwrap();
     }
     let swaps = daemon.log().matches("backend weight changed").count();
     assert!(swaps >= 50, "{swaps} weight changes logged");

@@ -29,10 +29,7 @@ pub fn run(xlb: &Path) -> anyhow::Result<()> {
     println!("  client  10.0.0.1  fd00::1   routes the VIPs via the load balancer");
     println!("  xlb     {LB4}  fd00::2   XDP program on {}", lab.lb_if);
     for b in &lab.backends {
-        println!(
-            "  {}     {} {}  answers every request with its name",
-            b.name, b.v4, b.v6
-        );
+        println!("  {}     {} {}  answers every request with its name", b.name, b.v4, b.v6);
     }
 
     let config = lab.config(&format!(
@@ -56,16 +53,11 @@ pub fn run(xlb: &Path) -> anyhow::Result<()> {
     }
 
     println!("`xlb status` (read from the pinned maps):\n");
-    let status = Command::new(xlb)
-        .args(["status", "--interface", &daemon.interface])
-        .output()?;
+    let status = Command::new(xlb).args(["status", "--interface", &daemon.interface]).output()?;
     println!("{}", indent(&String::from_utf8_lossy(&status.stdout)));
     drop(daemon);
     drop(lab);
-    println!(
-        "Done in {:.1} s; namespaces and pinned maps removed.",
-        started.elapsed().as_secs_f64()
-    );
+    println!("Done in {:.1} s; namespaces and pinned maps removed.", started.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -59,10 +59,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is in the workspace")
-        .to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_owned()
 }
 
 fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
@@ -80,10 +77,7 @@ fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
 
 /// Builds the `xlb` binary with `profile` and returns its path.
 fn build_xlb(profile: &str) -> anyhow::Result<PathBuf> {
-    cargo(
-        &["build", "--locked", "--package", "lb-user", "--profile", profile],
-        &[],
-    )?;
+    cargo(&["build", "--locked", "--package", "lb-user", "--profile", profile], &[])?;
     let dir = if profile == "dev" { "debug" } else { profile };
     Ok(workspace().join("target").join(dir).join("xlb"))
 }

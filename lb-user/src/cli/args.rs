@@ -61,6 +61,60 @@ pub enum Command {
     Status(StatusArgs),
     /// Detach program `xlb` and remove its pinned maps and link.
     Detach(TargetArgs),
+    /// The backend side of TUN mode: program `xlb_decap` strips the outer
+    /// header of tunnelled packets for this host's VIPs and passes the inner
+    /// packet to the kernel. Run on every backend of a `forward = "tun"`
+    /// VIP (which also holds the VIP on a loopback, as in DR mode).
+    #[command(subcommand)]
+    Decap(DecapCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DecapCommand {
+    /// Attach xlb_decap to an interface (or update its VIP list). It stays
+    /// attached after the command exits.
+    Attach(DecapAttachArgs),
+    /// Show xlb_decap's VIPs and counters.
+    Status(DecapTargetArgs),
+    /// Detach xlb_decap and remove its pins.
+    Detach(DecapTargetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DecapTargetArgs {
+    /// Interface xlb_decap is attached to.
+    #[arg(short, long, value_name = "IF")]
+    pub interface: String,
+
+    /// Pin directory (default /sys/fs/bpf/xlb-decap/<IF>).
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+
+    /// Print JSON (status only).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DecapAttachArgs {
+    #[command(flatten)]
+    pub target: DecapTargetArgs,
+
+    /// A VIP served by this host; repeat for several. The list replaces
+    /// the previous one.
+    #[arg(long = "vip", value_name = "ADDR", required = true)]
+    pub vips: Vec<std::net::IpAddr>,
+
+    /// XDP attach mode: auto (native, else generic), native or generic.
+    #[arg(long, value_enum, default_value_t = DecapXdpMode::Auto)]
+    pub xdp_mode: DecapXdpMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DecapXdpMode {
+    Auto,
+    Native,
+    Generic,
 }
 
 const CONFIG_EXAMPLE: &str = r#"A minimal config file:

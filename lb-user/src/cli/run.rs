@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 use crate::{
     addr,
     cli::args::RunArgs,
-    config::Config,
+    config::{Config, Forward},
     dataplane::KernelMaps,
     loader, neigh,
     reconcile::{Desired, DesiredBackend, DesiredVip, Reconciler},
@@ -36,7 +36,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("{}: field `interface`", args.config.display()))?;
     let pin_dir = config.pin_dir();
-    let params = loader::params(&config);
+    let (iface_v4, iface_v6) = neigh::addresses(&handle, iface.index).await?;
+    let params = loader::Params::new(&config, iface_v4, iface_v6);
+    check_tun_sources(&config, &params)?;
     let mut dataplane = loader::load(&iface, &pin_dir, params, config.xdp_mode)?;
     let mut reconciler = if dataplane.adopted {
         Reconciler::adopt(params.geometry, &dataplane.maps).context("cannot read the pinned state")?
@@ -51,10 +53,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "program xlb attached"
     );
 
-    let mut neighbours = neigh::Neighbours::new(handle, iface.index);
-    let mut macs = neighbours
-        .resolve(&backend_addrs(&config), INITIAL_RESOLVE)
-        .await?;
+    let mut neighbours = neigh::Neighbours::new(handle.clone(), iface.index);
+    let mut targets = neighbour_targets(&handle, &config, iface.index).await?;
+    let mut macs = neighbours.resolve(&targets, INITIAL_RESOLVE).await?;
     let mut daemon = Daemon {
         args: &args,
         attach: dataplane.mode,
@@ -85,7 +86,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
         let mut reloaded = false;
-        if reload && let Some(new) = daemon.reload(&config) {
+        if reload && let Some(new) = daemon.reload(&config, &params) {
             config = new;
             daemon.pending = true;
             reloaded = true;
@@ -93,7 +94,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         // After a reload, give new backends a moment to resolve so they
         // join with the change rather than a tick later.
         let patience = if reloaded { RELOAD_RESOLVE } else { Duration::ZERO };
-        match neighbours.resolve(&backend_addrs(&config), patience).await {
+        match neighbour_targets(&handle, &config, iface.index).await {
+            Ok(t) => targets = t,
+            Err(e) => warn!(error = %format_error(&e), "route lookup failed"),
+        }
+        match neighbours.resolve(&targets, patience).await {
             Ok(now) if now != macs => {
                 macs = now;
                 daemon.pending = true;
@@ -101,11 +106,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(_) => {}
             Err(e) => warn!(error = %format_error(&e), "neighbour refresh failed"),
         }
-        if daemon
-            .reconciler
-            .next_deadline()
-            .is_some_and(|d| d <= Instant::now())
-        {
+        if daemon.reconciler.next_deadline().is_some_and(|d| d <= Instant::now()) {
             daemon.pending = true;
         }
         if daemon.pending {
@@ -138,10 +139,7 @@ struct Daemon<'a> {
 
 impl Daemon<'_> {
     fn apply(&mut self, config: &Config, macs: &HashMap<IpAddr, [u8; 6]>) {
-        match self
-            .reconciler
-            .apply(&desired(config, macs), Instant::now(), self.maps)
-        {
+        match self.reconciler.apply(&desired(config, macs), Instant::now(), self.maps) {
             Ok(()) => self.pending = false,
             Err(e) => error!(error = %format_error(&e), "map update failed; retrying with a full resync"),
         }
@@ -159,7 +157,7 @@ impl Daemon<'_> {
     }
 
     /// The new config, if it is valid and can be applied live.
-    fn reload(&self, current: &Config) -> Option<Config> {
+    fn reload(&self, current: &Config, params: &loader::Params) -> Option<Config> {
         let new = match Config::load(&self.args.config) {
             Ok(new) => new,
             Err(e) => {
@@ -167,13 +165,20 @@ impl Daemon<'_> {
                 return None;
             }
         };
-        let fixed = |c: &Config| (c.interface.clone(), c.pin_dir(), c.xdp_mode, loader::params(c));
+        let fixed = |c: &Config| {
+            let limits = (loader::geometry(c), c.conntrack_insert_limit);
+            (c.interface.clone(), c.pin_dir(), c.xdp_mode, limits, c.tun_source_v4, c.tun_source_v6)
+        };
         if fixed(&new) != fixed(current) {
             error!(
                 "config rejected: interface, pin_dir, xdp_mode, table_size, max_vips, max_backends, \
-                 conntrack_size and conntrack_insert_limit apply only at start; restart xlb to change \
-                 them (the running config stays in force)"
+                 conntrack_size, conntrack_insert_limit and tun_source_* apply only at start; restart \
+                 xlb to change them (the running config stays in force)"
             );
+            return None;
+        }
+        if let Err(e) = check_tun_sources(&new, params) {
+            error!(error = %e, "config rejected; the running config stays in force");
             return None;
         }
         if new != *current {
@@ -187,36 +192,70 @@ fn desired(config: &Config, macs: &HashMap<IpAddr, [u8; 6]>) -> Desired {
     let vips = config
         .vips
         .iter()
-        .map(|v| DesiredVip {
-            name: v.name.clone(),
-            key: addr::vip_key(v.address, v.port, v.protocol.number()),
-            mode: lb_common::MODE_DR,
-            backends: v
-                .backends
-                .iter()
-                .map(|b| DesiredBackend {
-                    addr: b.address,
-                    weight: b.weight,
-                    mac: macs.get(&b.address).copied(),
-                })
-                .collect(),
+        .map(|v| {
+            let tun = v.forward == Forward::Tun;
+            DesiredVip {
+                name: v.name.clone(),
+                key: addr::vip_key(v.address, v.port, v.protocol.number()),
+                mode: if tun { lb_common::MODE_TUN } else { lb_common::MODE_DR },
+                backends: v
+                    .backends
+                    .iter()
+                    .map(|b| DesiredBackend {
+                        addr: b.address,
+                        weight: b.weight,
+                        // TUN packets go to the next hop the data plane's
+                        // FIB lookup finds: nothing to resolve per backend.
+                        mac: if tun { Some([0; 6]) } else { macs.get(&b.address).copied() },
+                    })
+                    .collect(),
+            }
         })
         .collect();
-    Desired {
-        vips,
-        drain_timeout: Duration::from_secs(config.drain_timeout),
-    }
+    Desired { vips, drain_timeout: Duration::from_secs(config.drain_timeout) }
 }
 
-fn backend_addrs(config: &Config) -> Vec<IpAddr> {
-    let mut addrs: Vec<IpAddr> = config
-        .vips
-        .iter()
-        .flat_map(|v| v.backends.iter().map(|b| b.address))
-        .collect();
-    addrs.sort();
-    addrs.dedup();
-    addrs
+/// Addresses whose neighbour entries xlb keeps fresh: DR backends, and the
+/// next hops toward TUN backends (so the data plane's FIB lookups find
+/// them resolved).
+async fn neighbour_targets(
+    handle: &rtnetlink::Handle,
+    config: &Config,
+    ifindex: u32,
+) -> Result<Vec<IpAddr>, neigh::NetError> {
+    let mut targets = Vec::new();
+    for vip in &config.vips {
+        for b in &vip.backends {
+            if vip.forward == Forward::Dr {
+                targets.push(b.address);
+            } else if let Some((hop, oif)) = neigh::next_hop(handle, b.address).await?
+                && oif == ifindex
+            {
+                targets.push(hop);
+            }
+        }
+    }
+    targets.sort();
+    targets.dedup();
+    Ok(targets)
+}
+
+/// TUN VIPs need an outer source address of their family.
+fn check_tun_sources(config: &Config, params: &loader::Params) -> anyhow::Result<()> {
+    for v in config.vips.iter().filter(|v| v.forward == Forward::Tun) {
+        let missing = match v.address {
+            IpAddr::V4(_) => params.tun_source_v4.is_unspecified().then_some("tun_source_v4"),
+            IpAddr::V6(_) => params.tun_source_v6.is_unspecified().then_some("tun_source_v6"),
+        };
+        if let Some(field) = missing {
+            anyhow::bail!(
+                "VIP {:?} uses forward = \"tun\" but {} has no global address of its family; set {field}",
+                v.name,
+                config.interface
+            );
+        }
+    }
+    Ok(())
 }
 
 fn mtime(path: &Path) -> Option<SystemTime> {

@@ -43,10 +43,7 @@ pub struct Traffic {
 
 impl From<Counter> for Traffic {
     fn from(c: Counter) -> Self {
-        Self {
-            packets: c.packets,
-            bytes: c.bytes,
-        }
+        Self { packets: c.packets, bytes: c.bytes }
     }
 }
 
@@ -56,6 +53,8 @@ pub struct VipStatus {
     pub address: IpAddr,
     pub port: u16,
     pub protocol: &'static str,
+    /// "dr" or "tun".
+    pub forward: &'static str,
     pub id: u32,
     pub packets: u64,
     pub bytes: u64,
@@ -91,10 +90,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
 
 pub fn read(target: &Target) -> anyhow::Result<Status> {
     let maps = KernelMaps::open(&target.pin_dir).with_context(|| {
-        format!(
-            "no xlb data plane pinned at {} (is `xlb run` started?)",
-            target.pin_dir.display()
-        )
+        format!("no xlb data plane pinned at {} (is `xlb run` started?)", target.pin_dir.display())
     })?;
     let geometry = Geometry::from_meta(&maps.meta()?);
     let labels = target.interface.as_deref().and_then(DaemonState::read);
@@ -107,11 +103,10 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
         };
         let port = u16::from_be(key.port_be);
         let label = labels.as_ref().and_then(|l| {
-            l.vips
-                .iter()
-                .find(|v| v.address == address && v.port == port && v.protocol == key.proto)
+            l.vips.iter().find(|v| v.address == address && v.port == port && v.protocol == key.proto)
         });
         let chunks = geometry.table_chunks();
+        let tun = info.mode == lb_common::MODE_TUN;
         let mut fill: BTreeMap<BackendId, u32> = BTreeMap::new();
         for c in 0..chunks {
             let chunk = maps.chunk(info.table * chunks + c)?;
@@ -123,12 +118,7 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
         }
         let mut ids: BTreeSet<BackendId> = fill.keys().copied().filter(|&id| id != NO_BACKEND).collect();
         ids.extend(label.iter().flat_map(|l| l.backends.iter().map(|b| b.id)));
-        ids.extend(
-            in_use
-                .iter()
-                .filter(|(_, b)| b.vip_id == info.id && b.flags != 0)
-                .map(|(id, _)| *id),
-        );
+        ids.extend(in_use.iter().filter(|(_, b)| b.vip_id == info.id && b.flags != 0).map(|(id, _)| *id));
         let mut backends = Vec::new();
         for id in ids {
             let be = maps.backend(id)?;
@@ -143,13 +133,13 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
                 "inactive"
             };
             backends.push(BackendStatus {
-                address: known
-                    .map(|k| k.address)
-                    .or_else(|| addr::from_bytes(be.addr, be.family)),
+                address: known.map(|k| k.address).or_else(|| addr::from_bytes(be.addr, be.family)),
                 id,
                 state: known.map_or_else(|| state.to_owned(), |k| k.role.clone()),
                 weight: known.map(|k| k.weight),
-                mac: if slots > 0 {
+                mac: if tun {
+                    None
+                } else if slots > 0 {
                     Some(addr::format_mac(&be.mac))
                 } else {
                     known.and_then(|k| k.mac.clone())
@@ -170,6 +160,7 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
                 lb_common::PROTO_UDP => "udp",
                 _ => "?",
             },
+            forward: if tun { "tun" } else { "dr" },
             id: info.id,
             packets: counter.packets,
             bytes: counter.bytes,
@@ -184,14 +175,8 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
         table_size: geometry.table_size,
         max_vips: geometry.max_vips,
         max_backends: geometry.max_backends,
-        reasons: Reason::ALL
-            .iter()
-            .map(|r| (r.name(), globals.reasons[*r as usize].into()))
-            .collect(),
-        events: Event::ALL
-            .iter()
-            .map(|e| (e.name(), globals.events[*e as usize]))
-            .collect(),
+        reasons: Reason::ALL.iter().map(|r| (r.name(), globals.reasons[*r as usize].into())).collect(),
+        events: Event::ALL.iter().map(|e| (e.name(), globals.events[*e as usize])).collect(),
         conntrack_entries: maps.conntrack_entries(),
         conntrack_size: geometry.conntrack_size,
         vips,
@@ -223,10 +208,11 @@ fn render(s: &Status) -> String {
         };
         let _ = writeln!(
             out,
-            "VIP {} {} {}  packets {}  bytes {}",
+            "VIP {} {} {} ({})  packets {}  bytes {}",
             v.name.as_deref().unwrap_or("(unnamed)"),
             v.protocol,
             addr,
+            v.forward,
             v.packets,
             v.bytes
         );
@@ -239,22 +225,17 @@ fn render(s: &Status) -> String {
             let _ = writeln!(
                 out,
                 "  {:<40} {:<10} {:>6} {:>17} {:>6.2}% {:>12} {:>14}",
-                b.address
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| format!("id {}", b.id)),
+                b.address.map(|a| a.to_string()).unwrap_or_else(|| format!("id {}", b.id)),
                 b.state,
                 b.weight.map(|w| w.to_string()).unwrap_or_else(|| "?".into()),
-                b.mac.as_deref().unwrap_or("unresolved"),
+                b.mac.as_deref().unwrap_or(if v.forward == "tun" { "-" } else { "unresolved" }),
                 b.share * 100.0,
                 b.packets,
                 b.bytes
             );
         }
         if v.backends.is_empty() {
-            let _ = writeln!(
-                out,
-                "  (no backends: packets are dropped and counted as no_backend)"
-            );
+            let _ = writeln!(out, "  (no backends: packets are dropped and counted as no_backend)");
         }
         out.push('\n');
     }

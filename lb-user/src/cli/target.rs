@@ -17,10 +17,7 @@ impl Target {
     pub fn resolve(args: &TargetArgs) -> anyhow::Result<Target> {
         if let Some(path) = &args.config {
             let c = config::Config::load(path)?;
-            return Ok(Target {
-                pin_dir: c.pin_dir(),
-                interface: Some(c.interface),
-            });
+            return Ok(Target { pin_dir: c.pin_dir(), interface: Some(c.interface) });
         }
         if let Some(interface) = &args.interface {
             return Ok(Target {
@@ -29,36 +26,19 @@ impl Target {
             });
         }
         if let Some(pin_dir) = &args.pin_dir {
-            return Ok(Target {
-                pin_dir: pin_dir.clone(),
-                interface: None,
-            });
+            return Ok(Target { pin_dir: pin_dir.clone(), interface: None });
         }
         let root = Path::new("/sys/fs/bpf/xlb");
         let found: Vec<String> = std::fs::read_dir(root)
-            .with_context(|| {
-                format!(
-                    "no data plane found under {} (is `xlb run` started?)",
-                    root.display()
-                )
-            })?
+            .with_context(|| format!("no data plane found under {} (is `xlb run` started?)", root.display()))?
             .filter_map(|e| e.ok())
             .filter(|e| e.path().is_dir())
             .filter_map(|e| e.file_name().into_string().ok())
             .collect();
         match found.as_slice() {
-            [one] => Ok(Target {
-                pin_dir: root.join(one),
-                interface: Some(one.clone()),
-            }),
-            [] => bail!(
-                "no data plane found under {} (is `xlb run` started?)",
-                root.display()
-            ),
-            many => bail!(
-                "several data planes ({}); pick one with --interface",
-                many.join(", ")
-            ),
+            [one] => Ok(Target { pin_dir: root.join(one), interface: Some(one.clone()) }),
+            [] => bail!("no data plane found under {} (is `xlb run` started?)", root.display()),
+            many => bail!("several data planes ({}); pick one with --interface", many.join(", ")),
         }
     }
 }

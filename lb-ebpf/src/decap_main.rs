@@ -1,0 +1,85 @@
+//! Program `xlb_decap`, for backends of TUN-mode VIPs: strips the outer
+//! IPv4 (protocol 4) or IPv6 (next header 41) header from packets whose
+//! inner destination is one of this host's VIPs, and passes the inner
+//! packet to the kernel. Everything else passes untouched.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{HashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_SLOTS, DecapKey, FAMILY_V4, FAMILY_V6};
+use lb_ebpf::{parse::Frame as _, ptr::Packet};
+
+#[map(name = "DECAP_VIPS")]
+static DECAP_VIPS: HashMap<DecapKey, u8> = HashMap::with_max_entries(1024, 0);
+
+#[map(name = "DECAP_STATS")]
+static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECAP_SLOTS, 0);
+
+const ETH_HLEN: usize = 14;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+
+#[xdp]
+pub fn xlb_decap(ctx: XdpContext) -> u32 {
+    let slot = decap(&Packet::new(&ctx));
+    if let Some(c) = DECAP_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *c += 1 };
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Decapsulates if the packet is ours; returns the counter slot.
+#[inline(always)]
+fn decap(pkt: &Packet) -> u32 {
+    let Some(&[t0, t1]) = pkt.at::<[u8; 2]>(12) else { return DECAP_PASSED };
+    let (outer_len, inner_dst, family) = match u16::from_be_bytes([t0, t1]) {
+        0x0800 => {
+            let Some(ip) = pkt.at::<[u8; 20]>(ETH_HLEN) else { return DECAP_PASSED };
+            // Our outer headers never carry options.
+            if ip[0] != 0x45 || ip[9] != IPPROTO_IPIP {
+                return DECAP_PASSED;
+            }
+            let Some(dst) = pkt.at::<[u8; 4]>(ETH_HLEN + 20 + 16) else { return DECAP_PASSED };
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(dst);
+            (20, addr, FAMILY_V4)
+        }
+        0x86dd => {
+            let Some(ip) = pkt.at::<[u8; 40]>(ETH_HLEN) else { return DECAP_PASSED };
+            if ip[0] >> 4 != 6 || ip[6] != IPPROTO_IPV6 {
+                return DECAP_PASSED;
+            }
+            let Some(dst) = pkt.at::<[u8; 16]>(ETH_HLEN + 40 + 24) else { return DECAP_PASSED };
+            (40, *dst, FAMILY_V6)
+        }
+        _ => return DECAP_PASSED,
+    };
+    let key = DecapKey { addr: inner_dst, family, _pad: [0; 3] };
+    // SAFETY: read-only lookup.
+    if unsafe { DECAP_VIPS.get(key) }.is_none() {
+        return DECAP_NOT_OURS;
+    }
+    // Move the Ethernet header up against the inner packet, then drop the
+    // bytes in front of it.
+    let Some(eth) = pkt.at::<[u8; ETH_HLEN]>(0).copied() else { return DECAP_PASSED };
+    if pkt.write(outer_len, eth).is_err() || pkt.adjust_head(outer_len as i32).is_err() {
+        return DECAP_PASSED;
+    }
+    DECAP_DONE
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,94 @@
+//! ICMP "fragmentation needed" (IPv4) and "packet too big" (IPv6) back to
+//! a client whose packet would exceed the MTU once encapsulated. The frame
+//! is rewritten in place into the error message and bounced (XDP_TX);
+//! checksums are summed straight from the packet.
+
+use lb_common::{FAMILY_V4, Reason};
+use lb_ebpf::{
+    parse::{Frame as _, Parsed},
+    ptr::Packet,
+};
+
+use crate::{csum, maps::IFACE_MAC, xmit::eth};
+
+const ETH_HLEN: usize = 14;
+/// IPv4 header plus 8 bytes of the original datagram (RFC 792).
+const QUOTE_V4: usize = 28;
+/// IPv6 header plus 8 bytes; RFC 4443 allows more, the ports are enough.
+const QUOTE_V6: usize = 48;
+const IPV6_MIN_MTU: usize = 1280;
+
+/// Turns the packet into an ICMP error reporting `mtu` as the largest
+/// inner packet that fits; `Reason::DropTooBig` where that is not allowed.
+#[inline(never)]
+pub fn too_big(pkt: &Packet, p: &Parsed, mtu: usize) -> Reason {
+    let built = if p.flow.family == FAMILY_V4 { v4(pkt, p, mtu) } else { v6(pkt, p, mtu) };
+    match built {
+        Some(()) => Reason::IcmpTooBig,
+        None => Reason::DropTooBig,
+    }
+}
+
+#[inline(always)]
+fn v4(pkt: &Packet, p: &Parsed, mtu: usize) -> Option<()> {
+    const IP: usize = ETH_HLEN;
+    const ICMP: usize = IP + 20;
+    let client_mac: [u8; 6] = *pkt.at(6)?;
+    let head: [u8; 8] = *pkt.at(p.l3_off)?;
+    // Only for DF packets (others the client lets routers fragment), and
+    // without IP options so the quoted header is a fixed size.
+    if head[0] != 0x45 || head[6] & 0x40 == 0 || p.l3_len < QUOTE_V4 {
+        return None;
+    }
+    let pkt = pkt.adjust_head(-((ICMP + 8) as i32 - p.l3_off as i32)).ok()?;
+    let pkt = pkt.adjust_tail((ICMP + 8 + QUOTE_V4) as i32 - pkt.len() as i32).ok()?;
+    // The quoted header's addresses, swapped, address the reply.
+    let quoted = ICMP + 8;
+    let client: [u8; 4] = *pkt.at(quoted + 12)?;
+    let vip: [u8; 4] = *pkt.at(quoted + 16)?;
+
+    pkt.write(0, eth(client_mac, IFACE_MAC.load(), 0x0800)).ok()?;
+    let total = ((20 + 8 + QUOTE_V4) as u16).to_be_bytes();
+    let mut ip = [
+        0x45, 0, total[0], total[1], 0, 0, 0, 0, 64, 1, 0, 0, vip[0], vip[1], vip[2], vip[3], client[0],
+        client[1], client[2], client[3],
+    ];
+    let c = csum::finish(csum::add(0, &ip)).to_be_bytes();
+    ip[10] = c[0];
+    ip[11] = c[1];
+    pkt.write(IP, ip).ok()?;
+    let mtu = (mtu.min(0xffff) as u16).to_be_bytes();
+    pkt.write(ICMP, [3u8, 4, 0, 0, 0, 0, mtu[0], mtu[1]]).ok()?;
+    let sum = csum::packet_sum::<{ 8 + QUOTE_V4 }>(&pkt, ICMP)?;
+    pkt.write(ICMP + 2, csum::fold_native(sum)).ok()
+}
+
+#[inline(always)]
+fn v6(pkt: &Packet, p: &Parsed, mtu: usize) -> Option<()> {
+    const IP: usize = ETH_HLEN;
+    const ICMP: usize = IP + 40;
+    let client_mac: [u8; 6] = *pkt.at(6)?;
+    if p.l3_len < QUOTE_V6 {
+        return None;
+    }
+    let pkt = pkt.adjust_head(-((ICMP + 8) as i32 - p.l3_off as i32)).ok()?;
+    let pkt = pkt.adjust_tail((ICMP + 8 + QUOTE_V6) as i32 - pkt.len() as i32).ok()?;
+    let quoted = ICMP + 8;
+    let client: [u8; 16] = *pkt.at(quoted + 8)?;
+    let vip: [u8; 16] = *pkt.at(quoted + 24)?;
+
+    pkt.write(0, eth(client_mac, IFACE_MAC.load(), 0x86dd)).ok()?;
+    let len = ((8 + QUOTE_V6) as u16).to_be_bytes();
+    pkt.write(IP, [0x60u8, 0, 0, 0, len[0], len[1], 58, 64]).ok()?;
+    pkt.write(IP + 8, vip).ok()?;
+    pkt.write(IP + 24, client).ok()?;
+    let mtu = (mtu.max(IPV6_MIN_MTU) as u32).to_be_bytes();
+    pkt.write(ICMP, [2u8, 0, 0, 0, mtu[0], mtu[1], mtu[2], mtu[3]]).ok()?;
+    // Pseudo-header: both addresses (already in place), then the
+    // upper-layer length and next header as 32-bit big-endian words.
+    let pseudo = csum::packet_sum::<32>(&pkt, IP + 8)?
+        + u32::from_ne_bytes([0, 0, len[0], len[1]]) as u64
+        + u32::from_ne_bytes([0, 0, 0, 58]) as u64;
+    let sum = csum::packet_sum::<{ 8 + QUOTE_V6 }>(&pkt, ICMP)? + pseudo;
+    pkt.write(ICMP + 2, csum::fold_native(sum)).ok()
+}

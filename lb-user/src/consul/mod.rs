@@ -1,0 +1,406 @@
+//! Consul service discovery: a VIP's backends from the instances of a
+//! Consul service.
+//!
+//! [`Client::fetch`] runs one query of Consul's health endpoint,
+//! `GET /v1/health/service/<service>`, blocking or not. [`watch`] keeps one
+//! blocking query at a time open for a service and sends an [`Update`] when
+//! the set of instances changes or a query fails. The client speaks Consul's
+//! documented HTTP API, so it works unchanged against a real agent;
+//! `xlb-tests` has an in-process fake of that API to test it against.
+//!
+//! Where each rule lives:
+//! - which instances count (health, warning state): [`WarningPolicy`];
+//! - how an entry becomes an [`Instance`] (address, weight, duplicates,
+//!   caps): [`Instance`] and [`Problem`];
+//! - blocking-query index rules, rate limit and back-off: [`watch_with`].
+
+mod client;
+mod entries;
+mod watch;
+
+use std::{fmt, net::IpAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+pub use client::{Client, Snapshot};
+pub use watch::{WatchOptions, watch, watch_with};
+
+/// The agent Consul's own tools use when nothing says otherwise.
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8500";
+
+/// Instances accepted per service; past it the first ones by (node, id)
+/// are kept and the rest reported ([`Problem::TooMany`]).
+pub const MAX_INSTANCES: usize = 10_000;
+
+/// Service meta key whose value (a decimal u32) replaces the weight Consul
+/// gives the instance.
+pub const WEIGHT_META_KEY: &str = "xlb-weight";
+
+/// How to reach Consul. The config file embeds it as `[consul]`; fields
+/// left out can come from Consul's usual environment variables through
+/// [`ConsulSettings::apply_env`].
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulSettings {
+    /// The agent: `host:port` (plain HTTP, as Consul's tools read
+    /// `CONSUL_HTTP_ADDR`), `http://host:port` or `https://host:port`.
+    /// Default: [`DEFAULT_ADDRESS`].
+    pub address: Option<String>,
+    /// ACL token, sent as `X-Consul-Token`.
+    pub token: Option<String>,
+    /// File holding the ACL token; read again before every request, so a
+    /// rotated token is picked up. Exclusive with `token`.
+    pub token_file: Option<PathBuf>,
+    /// Datacenter to query (`dc`); default: the agent's own.
+    pub datacenter: Option<String>,
+    /// PEM CA bundle to verify the agent's certificate with, instead of the
+    /// system trust store. Needs an `https://` address.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS, with `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// What to do with instances whose worst check is `warning`.
+    #[serde(default)]
+    pub warning: WarningPolicy,
+}
+
+impl fmt::Debug for ConsulSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsulSettings")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("datacenter", &self.datacenter)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .field("warning", &self.warning)
+            .finish()
+    }
+}
+
+impl ConsulSettings {
+    /// Fills the fields the config left out from the process environment,
+    /// the way Consul's own tools read it: `CONSUL_HTTP_ADDR` (with
+    /// `CONSUL_HTTP_SSL=true` meaning https for an address without a
+    /// scheme), `CONSUL_HTTP_TOKEN`, then `CONSUL_HTTP_TOKEN_FILE` (only
+    /// when the config names neither a token nor a token file),
+    /// `CONSUL_CACERT`, `CONSUL_CLIENT_CERT`, `CONSUL_CLIENT_KEY`. The config
+    /// file wins over the environment; empty variables count as unset.
+    pub fn apply_env(&mut self) {
+        self.apply_env_from(|name| std::env::var(name).ok());
+    }
+
+    /// [`ConsulSettings::apply_env`] with another source of variables.
+    pub fn apply_env_from(&mut self, var: impl Fn(&str) -> Option<String>) {
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        if self.address.is_none() {
+            self.address = var("CONSUL_HTTP_ADDR").map(|address| {
+                let ssl = var("CONSUL_HTTP_SSL").is_some_and(|v| go_bool_true(&v));
+                if ssl && !address.contains("://") { format!("https://{address}") } else { address }
+            });
+        }
+        if self.token.is_none() && self.token_file.is_none() {
+            self.token = var("CONSUL_HTTP_TOKEN");
+            if self.token.is_none() {
+                self.token_file = var("CONSUL_HTTP_TOKEN_FILE").map(PathBuf::from);
+            }
+        }
+        if self.ca_file.is_none() {
+            self.ca_file = var("CONSUL_CACERT").map(PathBuf::from);
+        }
+        if self.client_cert.is_none() {
+            self.client_cert = var("CONSUL_CLIENT_CERT").map(PathBuf::from);
+        }
+        if self.client_key.is_none() {
+            self.client_key = var("CONSUL_CLIENT_KEY").map(PathBuf::from);
+        }
+    }
+}
+
+/// The values Go's `strconv.ParseBool` reads as true, which is how Consul
+/// reads `CONSUL_HTTP_SSL`.
+fn go_bool_true(value: &str) -> bool {
+    matches!(value.trim(), "1" | "t" | "T" | "true" | "TRUE" | "True")
+}
+
+/// What to do with an instance whose worst check is `warning` (none
+/// critical).
+///
+/// Consul's `?passing` filter returns "only nodes with all checks in the
+/// `passing` state" (health endpoint docs), so it drops warning instances
+/// along with critical ones. [`WarningPolicy::Keep`] therefore queries
+/// without `passing` and filters on the client: an instance is kept unless
+/// one of its checks (node checks such as `serfHealth` included) is
+/// critical, and a kept warning instance gets its `Weights.Warning` weight,
+/// the way Consul's DNS interface treats warning instances by default.
+/// [`WarningPolicy::Exclude`] lets the server filter with `?passing` (and
+/// filters again, so the rule does not depend on the server).
+///
+/// Keep is the default: a warning check (an HTTP check answering 429, a
+/// check an operator set to warning to shed load) means "degraded", and
+/// Consul's `Weights.Warning` exists to turn such an instance down rather
+/// than off. Taking every backend out because all of them are slow would
+/// turn an overload into an outage.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum WarningPolicy {
+    /// Warning instances stay backends, with their warning weight.
+    #[default]
+    Keep,
+    /// Only instances with every check passing are backends.
+    Exclude,
+}
+
+/// One Consul service to follow. The config file embeds it per VIP.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceQuery {
+    /// Service name.
+    pub service: String,
+    /// Only instances carrying this tag (Consul's `tag` parameter).
+    pub tag: Option<String>,
+}
+
+impl fmt::Display for ServiceQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.tag {
+            Some(tag) => write!(f, "{}[tag={tag}]", self.service),
+            None => f.write_str(&self.service),
+        }
+    }
+}
+
+/// A healthy (or, by [`WarningPolicy::Keep`], degraded) instance of a
+/// service, ready to be a backend.
+///
+/// From a health entry: `address` is `Service.Address`, or `Node.Address`
+/// when that is empty (Consul's documented fallback); an address that is
+/// not an IP (a hostname) skips the instance. `weight` is
+/// `Service.Weights.Passing`, or `Weights.Warning` for a warning instance
+/// (1 when Consul sends no weights), replaced by the service meta key
+/// [`WEIGHT_META_KEY`] in either state when that holds a valid u32; it is
+/// clamped to `0..=`[`MAX_WEIGHT`](crate::config::MAX_WEIGHT), and 0 means
+/// drain, as in the config file. Two instances with the same address (the
+/// backend's identity in xlb) are one backend: the passing one wins over a
+/// warning one, then the higher weight, then the first by (node, id).
+/// Everything skipped or changed is reported as a [`Problem`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Instance {
+    /// `Node.Node`: with `id`, the instance's identity in Consul.
+    pub node: String,
+    /// `Service.ID`.
+    pub id: String,
+    pub address: IpAddr,
+    /// `Service.Port` (unused by DR forwarding, which keeps the port).
+    pub port: u16,
+    pub weight: u32,
+    /// Its worst check is `warning`.
+    pub warning: bool,
+}
+
+/// Something in Consul's answer that did not make it into the instance list
+/// as it stood. [`watch`] logs each once, when it appears.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Problem {
+    /// Neither `Service.Address` nor `Node.Address` is an IP address.
+    BadAddress { instance: String, address: String },
+    /// `Service.Port` is outside 0–65535.
+    BadPort { instance: String, port: i64 },
+    /// The weight meta key is not a u32; Consul's weight was used.
+    BadWeightMeta { instance: String, value: String },
+    /// The weight was outside 0–[`MAX_WEIGHT`](crate::config::MAX_WEIGHT).
+    WeightClamped { instance: String, weight: i64, clamped: u32 },
+    /// Another instance has the same address; only `kept` is a backend.
+    Duplicate { address: IpAddr, kept: String, dropped: String },
+    /// More than [`MAX_INSTANCES`]; the first `kept` by (node, id) are used.
+    TooMany { total: usize, kept: usize },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::BadAddress { instance, address } => {
+                write!(f, "instance {instance}: address {address:?} is not an IP address; skipped")
+            }
+            Problem::BadPort { instance, port } => {
+                write!(f, "instance {instance}: port {port} is out of range; skipped")
+            }
+            Problem::BadWeightMeta { instance, value } => write!(
+                f,
+                "instance {instance}: meta {WEIGHT_META_KEY}={value:?} is not a whole number; \
+                 using Consul's weight"
+            ),
+            Problem::WeightClamped { instance, weight, clamped } => {
+                write!(f, "instance {instance}: weight {weight} is out of range; using {clamped}")
+            }
+            Problem::Duplicate { address, kept, dropped } => {
+                write!(f, "instances {kept} and {dropped} share address {address}; using {kept}")
+            }
+            Problem::TooMany { total, kept } => {
+                write!(f, "{total} instances; using the first {kept} by node and id")
+            }
+        }
+    }
+}
+
+/// What [`watch`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// The instances now (sorted by node, then id). Sent for the first
+    /// answer, for every change, and for the first answer after failures.
+    Instances { query: ServiceQuery, instances: Vec<Instance>, index: u64 },
+    /// A query failed; the last instances sent still stand. The next
+    /// attempt is `retry_in` from now.
+    Failed { query: ServiceQuery, error: String, consecutive_failures: u32, retry_in: Duration },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    #[error("consul address {address:?}: {reason}")]
+    Address { address: String, reason: String },
+    #[error("consul: set either token or token_file, not both")]
+    TokenConflict,
+    #[error("consul token from {origin} is not a valid HTTP header value")]
+    TokenInvalid { origin: String },
+    #[error("consul token file {path} is empty")]
+    TokenFileEmpty { path: PathBuf },
+    #[error("cannot read consul {what} {path}")]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("consul {what} {path} holds no usable PEM data")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Option<reqwest::Error>,
+    },
+    #[error("consul ca_file, client_cert and client_key need an https:// address, not {address:?}")]
+    TlsNeedsHttps { address: String },
+    #[error("consul client_cert and client_key must be set together")]
+    ClientCertIncomplete,
+    #[error("cannot build the consul HTTP client")]
+    Build(#[source] reqwest::Error),
+    #[error("consul service name is empty")]
+    EmptyService,
+    #[error("GET {url}")]
+    Request {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("GET {url}: HTTP {status}: {body}")]
+    Status { url: String, status: u16, body: String },
+    #[error("GET {url}: no valid X-Consul-Index header (got {value:?})")]
+    Index { url: String, value: Option<String> },
+    #[error(
+        "GET {url}: the ACL token may not read every instance (X-Consul-Results-Filtered-By-ACLs); \
+         it needs service:read on the service and node:read on its nodes"
+    )]
+    FilteredByAcl { url: String },
+    #[error("GET {url}: unexpected response body")]
+    Decode {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// An error and its sources on one line, for [`Update::Failed`] and logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        // Some errors repeat their source in their own message.
+        if !text.ends_with(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn env_fills_only_what_the_config_left_out() {
+        let mut s = ConsulSettings::default();
+        s.apply_env_from(env(&[
+            ("CONSUL_HTTP_ADDR", "10.0.0.1:8500"),
+            ("CONSUL_HTTP_TOKEN", "t0k"),
+            ("CONSUL_CACERT", "/ca.pem"),
+        ]));
+        assert_eq!(s.address.as_deref(), Some("10.0.0.1:8500"));
+        assert_eq!(s.token.as_deref(), Some("t0k"));
+        assert_eq!(s.ca_file, Some(PathBuf::from("/ca.pem")));
+
+        let mut s = ConsulSettings {
+            address: Some("https://consul:8501".into()),
+            token_file: Some("/run/token".into()),
+            ..Default::default()
+        };
+        s.apply_env_from(env(&[("CONSUL_HTTP_ADDR", "10.0.0.1:8500"), ("CONSUL_HTTP_TOKEN", "t0k")]));
+        assert_eq!(s.address.as_deref(), Some("https://consul:8501"));
+        assert_eq!(s.token, None, "a configured token file wins over the env token");
+    }
+
+    #[test]
+    fn env_ssl_and_token_file_and_empty_values() {
+        let mut s = ConsulSettings::default();
+        s.apply_env_from(env(&[
+            ("CONSUL_HTTP_ADDR", "consul:8501"),
+            ("CONSUL_HTTP_SSL", "true"),
+            ("CONSUL_HTTP_TOKEN", " "),
+            ("CONSUL_HTTP_TOKEN_FILE", "/run/t"),
+        ]));
+        assert_eq!(s.address.as_deref(), Some("https://consul:8501"));
+        assert_eq!(s.token, None);
+        assert_eq!(s.token_file, Some(PathBuf::from("/run/t")));
+    }
+
+    #[test]
+    fn settings_parse_and_reject_unknown_fields() {
+        let s: ConsulSettings = toml::from_str(
+            "address = \"127.0.0.1:8500\"\ntoken = \"x\"\ndatacenter = \"dc2\"\nwarning = \"exclude\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.warning, WarningPolicy::Exclude);
+        assert_eq!(s.datacenter.as_deref(), Some("dc2"));
+        assert!(toml::from_str::<ConsulSettings>("adress = \"x\"").is_err());
+        assert!(toml::from_str::<ServiceQuery>("service = \"web\"\ntags = \"x\"").is_err());
+        let q: ServiceQuery = toml::from_str("service = \"web\"\ntag = \"blue\"").unwrap();
+        assert_eq!(q.to_string(), "web[tag=blue]");
+    }
+
+    #[test]
+    fn debug_redacts_the_token() {
+        let s = ConsulSettings { token: Some("secret-token".into()), ..Default::default() };
+        let text = format!("{s:?}");
+        assert!(!text.contains("secret-token"), "{text}");
+        assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn error_chain_joins_sources() {
+        let e = ConsulError::ReadFile {
+            what: "token file",
+            path: "/nope".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        };
+        assert_eq!(error_chain(&e), "cannot read consul token file /nope: gone");
+    }
+}

@@ -1,0 +1,302 @@
+//! The blocking-query loop and its pure parts: index rules, rate limit,
+//! back-off.
+
+use std::{
+    hash::{BuildHasher, RandomState},
+    time::Duration,
+};
+
+use tokio::{sync::mpsc, time::Instant};
+
+use super::{Client, Instance, Problem, ServiceQuery, Update, error_chain};
+
+/// How [`watch_with`] paces its queries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchOptions {
+    /// `wait` of each blocking query. Under a minute so that proxies and
+    /// firewalls with 60 s idle timeouts between xlb and Consul do not cut
+    /// a held query.
+    pub wait: Duration,
+    /// Queries allowed back to back before the rate limit applies.
+    pub rate_burst: u32,
+    /// Past the burst, at most one query per `rate_interval`.
+    pub rate_interval: Duration,
+    /// Back-off after the first failure; it doubles per failure...
+    pub backoff_base: Duration,
+    /// ...up to this.
+    pub backoff_cap: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            wait: Duration::from_secs(55),
+            rate_burst: 2,
+            rate_interval: Duration::from_secs(1),
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(30),
+        }
+    }
+}
+
+/// [`watch_with`] with [`WatchOptions::default`].
+pub async fn watch(client: Client, query: ServiceQuery, updates: mpsc::Sender<Update>) {
+    watch_with(client, query, WatchOptions::default(), updates).await;
+}
+
+/// Follows `query` until `updates` is closed, one blocking query at a
+/// time, and sends an [`Update`]: `Instances` for the first answer, for
+/// each answer whose instances differ from the last ones sent, and for the
+/// first answer after failures (so a consumer that marked the source stale
+/// sees it recover); `Failed` for each failed query. After a failure the
+/// last instances sent still stand.
+///
+/// The rules, after Consul's "Blocking Queries" page
+/// (<https://developer.hashicorp.com/consul/api-docs/features/blocking>):
+/// - **Index goes backwards** (snapshot restore, agent reset): the next
+///   query uses index 0, a non-blocking read that restarts the loop
+///   (`next_index`). The answer that went backwards is current data, and
+///   is used.
+/// - **Index 0 or missing**: after handling an answer the index is at least
+///   1, which "is always safe" and blocks; a missing or non-numeric
+///   `X-Consul-Index` is a failed query (a proxy stripping it would
+///   otherwise turn the loop into polling).
+/// - **Same index**: the wait ran out with no change; nothing is sent, as
+///   nothing changed (instances are compared anyway, since an answer is no
+///   guarantee of a change either way).
+/// - **Index jumps forward**: taken as it is. The index is a raft index,
+///   which every write in the cluster advances, so a large step between two
+///   answers is normal and there is no bound to check it against. A wrong,
+///   too-high index only makes one query wait out `wait`; the lower index
+///   that comes back then resets the loop by the first rule.
+/// - **Rate limit**: a token bucket (GCRA) with a burst of `rate_burst`
+///   and one query per `rate_interval` after it, as the page recommends
+///   over a sleep per iteration: changes are delivered at once when rare,
+///   and a server answering instantly (churn, or a bug) gets one query per
+///   interval. The page's example is 15 s; the default here is 1 s, since
+///   a load balancer that learns late that backends failed keeps sending
+///   them traffic, and one query per second per service is little load.
+/// - **Errors**: back-off from `backoff_base`, doubling per consecutive
+///   failure up to `backoff_cap`, with jitter (`backoff`), on top of the
+///   rate limit. The query after a failure does not block (index 0), so
+///   the answer that shows Consul is back comes at once, not when the
+///   service next changes or `wait` runs out.
+/// - **wait**: sent as set; Consul itself adds up to wait/16 of jitter to
+///   spread wake-ups, so the client adds none.
+///
+/// Problems in Consul's answer ([`Problem`]) are logged once, when they
+/// first appear, not on every query.
+pub async fn watch_with(
+    client: Client,
+    query: ServiceQuery,
+    options: WatchOptions,
+    updates: mpsc::Sender<Update>,
+) {
+    let mut limiter = RateLimiter::new(options.rate_burst, options.rate_interval);
+    let mut index = 0;
+    let mut sent: Option<Vec<Instance>> = None;
+    let mut failures = 0_u32;
+    let mut reported: Vec<Problem> = Vec::new();
+    loop {
+        let send_at = limiter.acquire(Instant::now());
+        let fetched = tokio::select! {
+            biased;
+            () = updates.closed() => return,
+            fetched = async {
+                tokio::time::sleep_until(send_at).await;
+                client.fetch(&query, index, options.wait).await
+            } => fetched,
+        };
+        let (update, retry_in) = match fetched {
+            Ok(snapshot) => {
+                index = next_index(index, snapshot.index);
+                for problem in new_problems(&reported, &snapshot.problems) {
+                    tracing::warn!(service = %query, "consul: {problem}");
+                }
+                reported = snapshot.problems;
+                let recovered = failures > 0;
+                failures = 0;
+                if !recovered && sent.as_ref() == Some(&snapshot.instances) {
+                    continue;
+                }
+                tracing::debug!(service = %query, index = snapshot.index, count = snapshot.instances.len(), "consul: instances");
+                sent = Some(snapshot.instances.clone());
+                (
+                    Update::Instances {
+                        query: query.clone(),
+                        instances: snapshot.instances,
+                        index: snapshot.index,
+                    },
+                    None,
+                )
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                index = 0;
+                let retry_in = backoff(failures, options.backoff_base, options.backoff_cap, random());
+                let error = error_chain(&error);
+                tracing::warn!(service = %query, failures, ?retry_in, "consul: {error}");
+                let update =
+                    Update::Failed { query: query.clone(), error, consecutive_failures: failures, retry_in };
+                (update, Some(retry_in))
+            }
+        };
+        if updates.send(update).await.is_err() {
+            return;
+        }
+        if let Some(delay) = retry_in {
+            tokio::select! {
+                biased;
+                () = updates.closed() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// The index for the next query, given the one the last query used and the
+/// one that came back.
+pub(crate) fn next_index(previous: u64, returned: u64) -> u64 {
+    if returned < previous { 0 } else { returned.max(1) }
+}
+
+/// The delay before retry number `failures` (1 for the first): a ceiling
+/// of `base × 2^(failures−1)`, at most `cap`, and a delay drawn from the
+/// upper half of it (`random` picks where), so that watchers that failed
+/// together do not retry together, while the delay still grows.
+pub(crate) fn backoff(failures: u32, base: Duration, cap: Duration, random: u64) -> Duration {
+    let factor = 1_u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX);
+    let ceiling = base.saturating_mul(factor).min(cap);
+    let floor = ceiling / 2;
+    let span = u64::try_from((ceiling - floor).as_nanos()).unwrap_or(u64::MAX);
+    floor + Duration::from_nanos(random % span.saturating_add(1))
+}
+
+fn random() -> u64 {
+    // std's RandomState is seeded randomly per process and steps per use.
+    RandomState::new().hash_one(0_u8)
+}
+
+/// Problems in `new` that were not in `old`.
+pub(crate) fn new_problems<'a>(old: &[Problem], new: &'a [Problem]) -> Vec<&'a Problem> {
+    new.iter().filter(|p| !old.contains(p)).collect()
+}
+
+/// GCRA, the token bucket as a single time: `burst` queries may go back to
+/// back, then one per `interval`.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    interval: Duration,
+    tolerance: Duration,
+    /// Theoretical arrival time of the next query at the steady rate.
+    tat: Option<Instant>,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(burst: u32, interval: Duration) -> Self {
+        RateLimiter { interval, tolerance: interval.saturating_mul(burst.max(1) - 1), tat: None }
+    }
+
+    /// When a query wanted at `now` may go; counts it as sent then.
+    pub(crate) fn acquire(&mut self, now: Instant) -> Instant {
+        let tat = self.tat.unwrap_or(now);
+        let send_at = tat.checked_sub(self.tolerance).map_or(now, |earliest| earliest.max(now));
+        self.tat = Some(tat.max(send_at) + self.interval);
+        send_at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_goes_backwards_resets_to_zero() {
+        assert_eq!(next_index(100, 99), 0);
+        assert_eq!(next_index(100, 1), 0);
+        // After the reset the next answer is taken as it is.
+        assert_eq!(next_index(0, 7), 7);
+    }
+
+    #[test]
+    fn index_zero_becomes_one() {
+        assert_eq!(next_index(0, 0), 1);
+        assert_eq!(next_index(1, 0), 0, "backwards first; the answer after it becomes 1");
+    }
+
+    #[test]
+    fn same_or_higher_index_is_kept() {
+        assert_eq!(next_index(42, 42), 42);
+        assert_eq!(next_index(42, 43), 43);
+        assert_eq!(next_index(42, u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn backoff_doubles_from_base_to_cap_within_jitter_bounds() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(30);
+        for (failures, ceiling_ms) in
+            [(1, 100), (2, 200), (3, 400), (4, 800), (9, 25_600), (10, 30_000), (50, 30_000)]
+        {
+            let ceiling = Duration::from_millis(ceiling_ms);
+            assert_eq!(backoff(failures, base, cap, 0), ceiling / 2, "failures {failures}");
+            let span = u64::try_from((ceiling - ceiling / 2).as_nanos()).unwrap();
+            assert_eq!(backoff(failures, base, cap, span), ceiling, "failures {failures}");
+            for random in [1, 12_345, 987_654_321_012, u64::MAX] {
+                let d = backoff(failures, base, cap, random);
+                assert!(d >= ceiling / 2 && d <= ceiling, "failures {failures}: {d:?}");
+            }
+        }
+        assert_eq!(backoff(u32::MAX, base, cap, 0), cap / 2);
+        assert_eq!(backoff(0, base, cap, 0), base / 2, "0 failures is treated as the first");
+    }
+
+    #[test]
+    fn backoff_jitter_spreads() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(30);
+        let delays: std::collections::HashSet<_> = (0..20).map(|_| backoff(5, base, cap, random())).collect();
+        assert!(delays.len() > 10, "{delays:?}");
+    }
+
+    #[test]
+    fn rate_limiter_allows_a_burst_then_one_per_interval() {
+        let start = Instant::now();
+        let t = |ms: u64| start + Duration::from_millis(ms);
+        let mut limiter = RateLimiter::new(2, Duration::from_millis(1000));
+        assert_eq!(limiter.acquire(t(0)), t(0));
+        assert_eq!(limiter.acquire(t(0)), t(0));
+        assert_eq!(limiter.acquire(t(0)), t(1000));
+        assert_eq!(limiter.acquire(t(1000)), t(2000));
+        // A blocking query that took a long while: the burst is back.
+        assert_eq!(limiter.acquire(t(60_000)), t(60_000));
+        assert_eq!(limiter.acquire(t(60_001)), t(60_001));
+        assert_eq!(limiter.acquire(t(60_002)), t(61_000));
+    }
+
+    #[test]
+    fn rate_limiter_steady_rate_over_many_requests() {
+        let start = Instant::now();
+        let mut limiter = RateLimiter::new(2, Duration::from_millis(100));
+        let mut now = start;
+        for _ in 0..50 {
+            now = limiter.acquire(now);
+        }
+        // 2 free, 48 at 100 ms each.
+        assert_eq!(now - start, Duration::from_millis(4800));
+        let mut single = RateLimiter::new(0, Duration::from_millis(100));
+        assert_eq!(single.acquire(start), start);
+        assert_eq!(single.acquire(start), start + Duration::from_millis(100));
+    }
+
+    #[test]
+    fn problems_are_reported_once_per_appearance() {
+        let a = Problem::TooMany { total: 5, kept: 3 };
+        let b = Problem::BadPort { instance: "n/x".into(), port: -1 };
+        assert_eq!(new_problems(&[], std::slice::from_ref(&a)), [&a]);
+        assert!(new_problems(std::slice::from_ref(&a), std::slice::from_ref(&a)).is_empty());
+        assert_eq!(new_problems(std::slice::from_ref(&a), &[a.clone(), b.clone()]), [&b]);
+        // Gone, then back: reported again.
+        assert_eq!(new_problems(&[], std::slice::from_ref(&a)), [&a]);
+    }
+}

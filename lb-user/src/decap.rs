@@ -1,0 +1,134 @@
+//! Program `xlb_decap` for the backends of TUN-mode VIPs: attach it, keep
+//! its set of VIP addresses, read its counters, detach it. Like program
+//! `xlb`, it is pinned (under /sys/fs/bpf/xlb-decap/<interface>) and keeps
+//! working after the command exits.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::Xdp,
+};
+use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DecapKey, maps};
+use serde::Serialize;
+
+use crate::{
+    addr, config,
+    loader::{self, LoaderError},
+    neigh::Interface,
+};
+
+pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf-decap"));
+
+const PROGRAM: &str = "xlb_decap";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecapError {
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error("map {map}: {op} failed")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("no xlb_decap pinned at {path} (run `xlb decap attach` first)")]
+    NotAttached { path: PathBuf },
+}
+
+fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> DecapError {
+    move |source| DecapError::Map { map, op, source }
+}
+
+pub fn default_pin_dir(interface: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf/xlb-decap").join(interface)
+}
+
+fn key(a: IpAddr) -> DecapKey {
+    let (addr, family) = addr::to_bytes(a);
+    DecapKey { addr, family, _pad: [0; 3] }
+}
+
+/// Attaches `xlb_decap` to `iface` (or swaps it in through the pinned link)
+/// and makes its VIP set exactly `vips`. Returns how it is attached.
+pub fn attach(
+    iface: &Interface,
+    pin_dir: &Path,
+    vips: &[IpAddr],
+    mode: config::XdpMode,
+) -> Result<&'static str, DecapError> {
+    loader::prepare_pin_dir(pin_dir)?;
+    let pins: Vec<(&str, PathBuf)> = maps::DECAP_ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+    let mut ebpf_loader = EbpfLoader::new();
+    for (name, path) in &pins {
+        ebpf_loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = ebpf_loader.load(DECAP_OBJECT).map_err(LoaderError::Load)?;
+    let program: &mut Xdp =
+        ebpf.program_mut(PROGRAM).expect("object defines xlb_decap").try_into().expect("XDP");
+    program.load().map_err(LoaderError::Verify)?;
+    let how = loader::attach(program, iface, &pin_dir.join("link"), mode)?;
+
+    let map = ebpf.take_map(maps::DECAP_VIPS).expect("object defines DECAP_VIPS");
+    let mut set: HashMap<MapData, DecapKey, u8> =
+        map.try_into().map_err(map_err(maps::DECAP_VIPS, "open"))?;
+    let wanted: Vec<DecapKey> = vips.iter().map(|a| key(*a)).collect();
+    let present: Vec<DecapKey> =
+        set.keys().collect::<Result<_, _>>().map_err(map_err(maps::DECAP_VIPS, "iterate"))?;
+    for k in wanted.iter() {
+        set.insert(k, 1, 0).map_err(map_err(maps::DECAP_VIPS, "write"))?;
+    }
+    for k in present.iter().filter(|k| !wanted.contains(k)) {
+        set.remove(k).map_err(map_err(maps::DECAP_VIPS, "delete"))?;
+    }
+    Ok(how)
+}
+
+/// Counters and VIPs of an attached `xlb_decap`.
+#[derive(Debug, Serialize)]
+pub struct DecapStatus {
+    pub pin_dir: PathBuf,
+    pub vips: Vec<IpAddr>,
+    /// Packets decapsulated for one of `vips` and passed on.
+    pub decapsulated: u64,
+    /// Tunnelled packets for other addresses, left as they were.
+    pub not_ours: u64,
+    /// Everything else (not tunnelled), passed untouched.
+    pub passed: u64,
+}
+
+pub fn status(pin_dir: &Path) -> Result<DecapStatus, DecapError> {
+    let open = |name: &str| {
+        MapData::from_pin(pin_dir.join(name))
+            .and_then(Map::from_map_data)
+            .map_err(|_| DecapError::NotAttached { path: pin_dir.to_owned() })
+    };
+    let set: HashMap<MapData, DecapKey, u8> =
+        open(maps::DECAP_VIPS)?.try_into().map_err(map_err(maps::DECAP_VIPS, "open"))?;
+    let stats: PerCpuArray<MapData, u64> =
+        open(maps::DECAP_STATS)?.try_into().map_err(map_err(maps::DECAP_STATS, "open"))?;
+    let count = |slot: u32| -> Result<u64, DecapError> {
+        let values = stats.get(&slot, 0).map_err(map_err(maps::DECAP_STATS, "read"))?;
+        Ok(values.iter().sum())
+    };
+    let mut vips: Vec<IpAddr> =
+        set.keys().filter_map(Result::ok).filter_map(|k| addr::from_bytes(k.addr, k.family)).collect();
+    vips.sort();
+    Ok(DecapStatus {
+        pin_dir: pin_dir.to_owned(),
+        vips,
+        decapsulated: count(DECAP_DONE)?,
+        not_ours: count(DECAP_NOT_OURS)?,
+        passed: count(DECAP_PASSED)?,
+    })
+}
+
+/// Detaches `xlb_decap` and removes its pins.
+pub fn detach(pin_dir: &Path) -> Result<bool, DecapError> {
+    Ok(loader::remove_pins(pin_dir, &maps::DECAP_ALL)?)
+}

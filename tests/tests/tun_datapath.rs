@@ -1,0 +1,277 @@
+//! TUN mode through BPF_PROG_TEST_RUN, run as if received on an interface
+//! of a scratch namespace whose routes and neighbours the FIB lookup sees:
+//! exact outer headers for IPv4-in-IPv4 and IPv6-in-IPv6, the fallbacks
+//! (no neighbour, no route), and the ICMP errors for too-big packets.
+//! Needs root.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, MODE_TUN, PROTO_TCP, Reason};
+use xlb::{dataplane::Geometry, loader::Params, reconcile::DesiredVip};
+use xlb_tests::{
+    frames::*,
+    netns::Netns,
+    testrun::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip, params},
+    unique_id,
+};
+
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
+const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const VIP4_NO_NEIGH: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+const VIP4_NO_ROUTE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 12);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const LB4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const LB6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 2);
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xfe, 0xfe];
+const MTU: usize = 1500;
+
+/// A namespace with interface t0 (10.1.0.2, fd01::2, MTU 1500, forwarding) and routes:
+/// 10.2.0.0/24 and fd02::/64 via a router with a known MAC; 10.3.0.0/24 via
+/// one whose MAC is unknown; nothing else.
+struct FibNet {
+    ns: Netns,
+    ifindex: u32,
+    mac: [u8; 6],
+}
+
+fn fib_net() -> FibNet {
+    xlb_tests::require_root();
+    let ns = Netns::new(&format!("xt{:06x}-fib", unique_id())).unwrap();
+    ns.sysctl(&["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]).unwrap();
+    for cmd in [
+        "link add t0 mtu 1500 type veth peer name t1",
+        "link set t0 up",
+        "link set t1 up",
+        "addr add 10.1.0.2/24 dev t0",
+        "-6 addr add fd01::2/64 dev t0 nodad",
+        "route add 10.2.0.0/24 via 10.1.0.254",
+        "route add 10.3.0.0/24 via 10.1.0.253",
+        "-6 route add fd02::/64 via fd01::fe",
+        "neigh add 10.1.0.254 lladdr 02:00:00:00:fe:fe nud permanent dev t0",
+        "-6 neigh add fd01::fe lladdr 02:00:00:00:fe:fe nud permanent dev t0",
+    ] {
+        ns.ip(cmd).unwrap();
+    }
+    // The FIB helper answers only for interfaces that forward.
+    ns.sysctl(&["net.ipv4.conf.t0.forwarding=1", "net.ipv6.conf.t0.forwarding=1"]).unwrap();
+    let link: serde_json::Value = serde_json::from_str(&ns.ip("-j link show t0").unwrap()).unwrap();
+    let ifindex = link[0]["ifindex"].as_u64().unwrap() as u32;
+    let mac_text = link[0]["address"].as_str().unwrap();
+    let mut mac = [0u8; 6];
+    for (m, part) in mac.iter_mut().zip(mac_text.split(':')) {
+        *m = u8::from_str_radix(part, 16).unwrap();
+    }
+    FibNet { ns, ifindex, mac }
+}
+
+fn tun_vip(name: &str, vip: IpAddr, backends: &[IpAddr]) -> DesiredVip {
+    let list = backends.iter().enumerate().map(|(i, a)| backend(*a, 1, i as u8 + 1)).collect();
+    DesiredVip { mode: MODE_TUN, ..dr_vip(name, vip, 80, PROTO_TCP, list) }
+}
+
+fn plane() -> Plane {
+    let geometry = Geometry { table_size: 251, max_vips: 8, max_backends: 32, conntrack_size: 1024 };
+    let mut plane =
+        Plane::new(Params { tun_source_v4: LB4, tun_source_v6: LB6, ..params(geometry) }).unwrap();
+    let v4 = |c: u8, d: u8| IpAddr::from([10, c, 0, d]);
+    let v6 = |d: u16| IpAddr::from(Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, d));
+    plane
+        .apply(&[
+            tun_vip("tun4", VIP4.into(), &[v4(2, 11), v4(2, 12)]),
+            tun_vip("tun6", VIP6.into(), &[v6(0x11), v6(0x12)]),
+            tun_vip("no-neigh", VIP4_NO_NEIGH.into(), &[v4(3, 11)]),
+            tun_vip("no-route", VIP4_NO_ROUTE.into(), &[IpAddr::from([10, 9, 9, 9])]),
+        ])
+        .unwrap();
+    plane
+}
+
+fn flow4(dst: Ipv4Addr, sport: u16) -> FlowKey {
+    let mut f = FlowKey {
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        sport_be: sport.to_be(),
+        dport_be: 80u16.to_be(),
+        ..FlowKey::default()
+    };
+    f.src[..4].copy_from_slice(&CLIENT4.octets());
+    f.dst[..4].copy_from_slice(&dst.octets());
+    f
+}
+
+/// An IPv4 TCP frame of exactly `ip_len` IP bytes, with DF as given.
+fn tcp4(dst: Ipv4Addr, sport: u16, ip_len: usize, df: bool) -> Vec<u8> {
+    let seg = tcp(sport, 80, TCP_ACK, &vec![0x61; ip_len - 40]);
+    let mut f = eth(ETH_P_IP);
+    f.extend(ipv4(CLIENT4, dst, PROTO_TCP, &[], seg.len(), if df { 0x4000 } else { 0 }));
+    f.extend(seg);
+    f
+}
+
+fn tcp6(sport: u16, ip_len: usize) -> Vec<u8> {
+    v6_frame(CLIENT6, VIP6, PROTO_TCP, &tcp(sport, 80, TCP_ACK, &vec![0x62; ip_len - 60]))
+}
+
+fn backend_addr(plane: &Plane, flow: &FlowKey) -> IpAddr {
+    let (id, _) = plane.expected_backend(flow).unwrap();
+    let vip = &plane.reconciler.vips()[&flow.vip_key()];
+    *vip.backends.iter().find(|(_, b)| b.id == id).unwrap().0
+}
+
+/// The outer IPv4 header xlb must write, with the ID it chose.
+fn outer4(dst: IpAddr, inner: &[u8], id: [u8; 2]) -> Vec<u8> {
+    let IpAddr::V4(dst) = dst else { panic!("v4 backend") };
+    let total = ((inner.len() + 20) as u16).to_be_bytes();
+    let mut h = vec![0x45, inner[1], total[0], total[1], id[0], id[1], 0x40, 0, 64, 4, 0, 0];
+    h.extend(LB4.octets());
+    h.extend(dst.octets());
+    let c = checksum(&h).to_be_bytes();
+    h[10..12].copy_from_slice(&c);
+    h
+}
+
+fn run(net: &FibNet, plane: &Plane, frame: &[u8]) -> Outcome {
+    net.ns.run(|| plane.run_on(frame, net.ifindex)).unwrap()
+}
+
+#[test]
+fn ipv4_in_ipv4_has_the_exact_outer_header_and_the_inner_packet_untouched() {
+    let (net, plane) = (fib_net(), plane());
+    for (sport, tagged) in [(40000, false), (40001, false), (40002, true)] {
+        let plain = tcp4(VIP4, sport, 100, true);
+        let frame = if tagged { vlan(plain.clone(), 7) } else { plain.clone() };
+        let before = plane.reason(Reason::Forwarded).unwrap();
+        let out = run(&net, &plane, &frame);
+        assert_eq!(out.action, XDP_TX, "sport {sport}");
+        let inner = &plain[14..];
+        let mut expected = ROUTER_MAC.to_vec();
+        expected.extend(net.mac);
+        expected.extend([0x08, 0x00]);
+        expected.extend(outer4(
+            backend_addr(&plane, &flow4(VIP4, sport)),
+            inner,
+            [out.frame[18], out.frame[19]],
+        ));
+        expected.extend(inner);
+        assert_eq!(out.frame, expected, "sport {sport}, tagged {tagged}");
+        assert_eq!(checksum(&out.frame[14..34]), 0, "outer checksum verifies");
+        assert_eq!(plane.reason(Reason::Forwarded).unwrap().packets, before.packets + 1);
+    }
+}
+
+#[test]
+fn ipv6_in_ipv6_has_the_exact_outer_header_and_the_inner_packet_untouched() {
+    let (net, plane) = (fib_net(), plane());
+    let mut labels = std::collections::BTreeSet::new();
+    for sport in 41000..41020 {
+        let frame = tcp6(sport, 120);
+        let out = run(&net, &plane, &frame);
+        assert_eq!(out.action, XDP_TX);
+        let flow = FlowKey {
+            src: CLIENT6.octets(),
+            dst: VIP6.octets(),
+            proto: PROTO_TCP,
+            family: FAMILY_V6,
+            sport_be: sport.to_be(),
+            dport_be: 80u16.to_be(),
+            ..FlowKey::default()
+        };
+        let IpAddr::V6(backend) = backend_addr(&plane, &flow) else { panic!("v6 backend") };
+        let inner = &frame[14..];
+        let got = &out.frame;
+        assert_eq!(got[..6], ROUTER_MAC);
+        assert_eq!(got[6..12], net.mac);
+        assert_eq!(got[12..14], [0x86, 0xdd]);
+        assert_eq!(got[14] >> 4, 6, "version");
+        assert_eq!((got[14] & 0x0f, got[15] >> 4), (0, 0), "traffic class copied (0)");
+        assert_eq!(got[18..20], (inner.len() as u16).to_be_bytes(), "payload length");
+        assert_eq!((got[20], got[21]), (41, 64), "next header 41, hop limit 64");
+        assert_eq!(got[22..38], LB6.octets());
+        assert_eq!(got[38..54], backend.octets());
+        assert_eq!(&got[54..], inner);
+        labels.insert(u32::from_be_bytes([0, got[15] & 0x0f, got[16], got[17]]));
+    }
+    assert!(labels.len() > 10, "flow labels carry entropy: {labels:?}");
+}
+
+#[test]
+fn a_next_hop_without_neighbour_passes_the_encapsulated_packet_to_the_kernel() {
+    let (net, plane) = (fib_net(), plane());
+    let frame = tcp4(VIP4_NO_NEIGH, 42000, 100, true);
+    let before = plane.reason(Reason::PassNoNeigh).unwrap();
+    let out = run(&net, &plane, &frame);
+    assert_eq!(out.action, XDP_PASS);
+    assert_eq!(plane.reason(Reason::PassNoNeigh).unwrap().packets, before.packets + 1);
+    assert_eq!(out.frame[..12], [LB_MAC, LB_MAC].concat(), "addressed to the host itself");
+    assert_eq!(out.frame[14 + 9], 4, "encapsulated");
+    assert_eq!(out.frame[14 + 16..14 + 20], [10, 3, 0, 11]);
+    assert_eq!(&out.frame[34..], &frame[14..]);
+}
+
+#[test]
+fn no_route_passes_the_original_packet() {
+    let (net, plane) = (fib_net(), plane());
+    let frame = tcp4(VIP4_NO_ROUTE, 43000, 100, true);
+    let out = run(&net, &plane, &frame);
+    assert_eq!(out, Outcome { action: XDP_PASS, frame: frame.clone() });
+    assert_eq!(plane.reason(Reason::PassNoRoute).unwrap().packets, 1);
+}
+
+#[test]
+fn too_big_once_encapsulated_gets_icmp_fragmentation_needed() {
+    let (net, plane) = (fib_net(), plane());
+    let fits = tcp4(VIP4, 44000, MTU - 20, true);
+    assert_eq!(run(&net, &plane, &fits).action, XDP_TX, "exactly the MTU once wrapped");
+
+    let frame = tcp4(VIP4, 44001, MTU - 19, true);
+    let out = run(&net, &plane, &frame);
+    assert_eq!(out.action, XDP_TX, "bounced to the client");
+    assert_eq!(plane.reason(Reason::IcmpTooBig).unwrap().packets, 1);
+    let f = &out.frame;
+    assert_eq!(f.len(), 14 + 20 + 8 + 28);
+    assert_eq!(f[..6], CLIENT_MAC);
+    assert_eq!(f[6..12], LB_MAC);
+    assert_eq!(f[12..14], [0x08, 0x00]);
+    assert_eq!(f[14], 0x45);
+    assert_eq!(f[16..18], 56u16.to_be_bytes());
+    assert_eq!((f[22], f[23]), (64, 1), "TTL 64, protocol ICMP");
+    assert_eq!(f[26..30], VIP4.octets(), "from the VIP");
+    assert_eq!(f[30..34], CLIENT4.octets(), "to the client");
+    assert_eq!(checksum(&f[14..34]), 0, "IP checksum verifies");
+    assert_eq!((f[34], f[35]), (3, 4), "destination unreachable, fragmentation needed");
+    assert_eq!(f[40..42], ((MTU - 20) as u16).to_be_bytes(), "next-hop MTU leaves room for the outer header");
+    assert_eq!(f[42..70], frame[14..42], "quotes the IP header and 8 bytes");
+    assert_eq!(checksum(&f[34..]), 0, "ICMP checksum verifies");
+
+    let no_df = tcp4(VIP4, 44002, MTU - 19, false);
+    let out = run(&net, &plane, &no_df);
+    assert_eq!(out.action, XDP_DROP, "no ICMP for packets that allow fragmentation");
+    assert_eq!(plane.reason(Reason::DropTooBig).unwrap().packets, 1);
+}
+
+#[test]
+fn too_big_ipv6_gets_icmpv6_packet_too_big() {
+    let (net, plane) = (fib_net(), plane());
+    assert_eq!(run(&net, &plane, &tcp6(45000, MTU - 40)).action, XDP_TX);
+    let frame = tcp6(45001, MTU - 39);
+    let out = run(&net, &plane, &frame);
+    assert_eq!(out.action, XDP_TX);
+    let f = &out.frame;
+    assert_eq!(f.len(), 14 + 40 + 8 + 48);
+    assert_eq!(f[..6], CLIENT_MAC);
+    assert_eq!(f[12..14], [0x86, 0xdd]);
+    assert_eq!(f[18..20], 56u16.to_be_bytes());
+    assert_eq!((f[20], f[21]), (58, 64));
+    assert_eq!(f[22..38], VIP6.octets());
+    assert_eq!(f[38..54], CLIENT6.octets());
+    assert_eq!((f[54], f[55]), (2, 0), "packet too big");
+    assert_eq!(f[58..62], ((MTU - 40) as u32).to_be_bytes());
+    assert_eq!(f[62..], frame[14..62]);
+    // Checksum over the pseudo-header and the ICMPv6 message.
+    let mut pseudo = f[22..54].to_vec();
+    pseudo.extend(56u32.to_be_bytes());
+    pseudo.extend([0, 0, 0, 58]);
+    pseudo.extend(&f[54..]);
+    assert_eq!(checksum(&pseudo), 0, "ICMPv6 checksum verifies");
+}
