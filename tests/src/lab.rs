@@ -48,14 +48,22 @@ pub struct Lab {
 
 const NO_DAD: &[&str] = &["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"];
 
-fn host(name: &str) -> anyhow::Result<Netns> {
+pub(crate) fn host(name: &str) -> anyhow::Result<Netns> {
     let ns = Netns::new(name)?;
     ns.sysctl(NO_DAD)?;
     Ok(ns)
 }
 
+/// A namespace holding bridge br0: one L2 segment.
+pub(crate) fn segment(name: &str) -> anyhow::Result<Netns> {
+    let bridge = host(name)?;
+    bridge.ip("link add br0 type bridge stp_state 0 mcast_snooping 0")?;
+    bridge.ip("link set br0 up")?;
+    Ok(bridge)
+}
+
 /// Adds interface `ifname` in `ns`, its peer `peer` on the bridge, with addresses.
-fn plug(
+pub(crate) fn plug(
     bridge: &Netns,
     ns: &Netns,
     ifname: &str,
@@ -83,9 +91,7 @@ impl Lab {
         crate::require_root();
         let id = unique_id();
         let prefix = format!("xt{id:06x}");
-        let bridge = host(&format!("{prefix}-br"))?;
-        bridge.ip("link add br0 type bridge stp_state 0 mcast_snooping 0")?;
-        bridge.ip("link set br0 up")?;
+        let bridge = segment(&format!("{prefix}-br"))?;
 
         let client = host(&format!("{prefix}-cl"))?;
         plug(&bridge, &client, "eth0", "cl", CLIENT4, "fd00::1".parse()?)?;

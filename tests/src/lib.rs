@@ -4,6 +4,7 @@
 //! unique name, torn down on drop, so tests run in parallel and leave
 //! nothing behind when they fail.
 
+pub mod capture;
 pub mod cmd;
 pub mod consul_fake;
 pub mod daemon;
@@ -12,6 +13,7 @@ pub mod lab;
 pub mod netns;
 pub mod servers;
 pub mod testrun;
+pub mod tun_lab;
 
 /// A process-unique id for names of namespaces, interfaces and files.
 pub fn unique_id() -> u32 {

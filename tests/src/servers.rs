@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use crate::lab::Backend;
+use crate::{lab::Backend, netns::Netns};
 
 /// On each backend: a TCP server answering every line with the backend's
 /// name, and a UDP server answering every datagram with it. Both listen on
@@ -23,20 +23,25 @@ pub struct NameServers {
 }
 
 pub fn start(backends: &[Backend], tcp_port: u16, udp_port: u16) -> NameServers {
+    let hosts: Vec<(&Netns, &str)> = backends.iter().map(|b| (&b.ns, b.name.as_str())).collect();
+    start_in(&hosts, tcp_port, udp_port)
+}
+
+/// Name servers in each (namespace, name) of `hosts`.
+pub fn start_in(hosts: &[(&Netns, &str)], tcp_port: u16, udp_port: u16) -> NameServers {
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
-    for b in backends {
-        let (tcp, udp) = b.ns.run(|| {
+    for (ns, name) in hosts {
+        let (tcp, udp) = ns.run(|| {
             let tcp = TcpListener::bind(("::", tcp_port)).expect("bind tcp");
             let udp = UdpSocket::bind(("::", udp_port)).expect("bind udp");
             (tcp, udp)
         });
         tcp.set_nonblocking(true).expect("nonblocking");
         udp.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
-        let name = b.name.clone();
-        let flag = stop.clone();
-        threads.push(std::thread::spawn(move || serve_tcp(tcp, name, flag)));
-        let name = b.name.clone();
+        let (tcp_name, flag) = (name.to_string(), stop.clone());
+        threads.push(std::thread::spawn(move || serve_tcp(tcp, tcp_name, flag)));
+        let name = name.to_string();
         let flag = stop.clone();
         threads.push(std::thread::spawn(move || serve_udp(udp, name, flag)));
     }

@@ -38,7 +38,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pin_dir = config.pin_dir();
     let (iface_v4, iface_v6) = neigh::addresses(&handle, iface.index).await?;
     let params = loader::Params::new(&config, iface_v4, iface_v6);
-    check_tun_sources(&config, &params)?;
+    check_tun(&config, &params)?;
     let mut dataplane = loader::load(&iface, &pin_dir, params, config.xdp_mode)?;
     let mut reconciler = if dataplane.adopted {
         Reconciler::adopt(params.geometry, &dataplane.maps).context("cannot read the pinned state")?
@@ -177,7 +177,7 @@ impl Daemon<'_> {
             );
             return None;
         }
-        if let Err(e) = check_tun_sources(&new, params) {
+        if let Err(e) = check_tun(&new, params) {
             error!(error = %e, "config rejected; the running config stays in force");
             return None;
         }
@@ -240,18 +240,46 @@ async fn neighbour_targets(
     Ok(targets)
 }
 
-/// TUN VIPs need an outer source address of their family.
-fn check_tun_sources(config: &Config, params: &loader::Params) -> anyhow::Result<()> {
+/// TUN VIPs need an outer source address of their family, and IP
+/// forwarding on the interface: the kernel's FIB helper answers only for
+/// interfaces that forward, and the kernel forwards what xlb hands it while
+/// a next hop resolves.
+fn check_tun(config: &Config, params: &loader::Params) -> anyhow::Result<()> {
     for v in config.vips.iter().filter(|v| v.forward == Forward::Tun) {
-        let missing = match v.address {
-            IpAddr::V4(_) => params.tun_source_v4.is_unspecified().then_some("tun_source_v4"),
-            IpAddr::V6(_) => params.tun_source_v6.is_unspecified().then_some("tun_source_v6"),
+        let (missing, family) = match v.address {
+            IpAddr::V4(_) => (params.tun_source_v4.is_unspecified().then_some("tun_source_v4"), "ipv4"),
+            IpAddr::V6(_) => (params.tun_source_v6.is_unspecified().then_some("tun_source_v6"), "ipv6"),
         };
         if let Some(field) = missing {
             anyhow::bail!(
                 "VIP {:?} uses forward = \"tun\" but {} has no global address of its family; set {field}",
                 v.name,
                 config.interface
+            );
+        }
+        let key = format!("net.{family}.conf.{}.forwarding", config.interface);
+        let path = format!("/proc/sys/net/{family}/conf/{}/forwarding", config.interface);
+        if std::fs::read_to_string(&path).map(|s| s.trim() == "1").ok() != Some(true) {
+            anyhow::bail!(
+                "VIP {:?} uses forward = \"tun\", which needs IP forwarding on {}: `sysctl -w {key}=1`",
+                v.name,
+                config.interface
+            );
+        }
+        // While a next hop resolves, xlb hands tunnelled packets to the
+        // kernel, which forwards them only with these settings.
+        let (key, path) = match family {
+            "ipv4" => (
+                format!("net.ipv4.conf.{}.accept_local", config.interface),
+                format!("/proc/sys/net/ipv4/conf/{}/accept_local", config.interface),
+            ),
+            _ => ("net.ipv6.conf.all.forwarding".to_owned(), "/proc/sys/net/ipv6/conf/all/forwarding".to_owned()),
+        };
+        if std::fs::read_to_string(&path).map(|s| s.trim() == "1").ok() != Some(true) {
+            warn!(
+                vip = %v.name,
+                "{key} is off: packets to a next hop without a neighbour entry are lost until xlb \
+                 resolves it (about a second); set {key}=1 to let the kernel deliver them"
             );
         }
     }

@@ -1,0 +1,138 @@
+//! The TUN lab: backends on another subnet, behind a router.
+//!
+//! ```text
+//!   segment 1 (10.1.0.0/24, fd01::/64)      segment 2 (10.2.0.0/24, fd02::/64)
+//!   client .1  ─┐                        ┌─ be1 .11  (VIPs on lo, xlb_decap)
+//!   lb     .2  ─┤── router .254 / .254 ──┤  …
+//!                                         └─
+//! ```
+//! The client routes the VIPs via the load balancer; the load balancer
+//! reaches segment 2 via the router; backends answer the client directly
+//! through the router, never through the load balancer.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use xlb::helpers;
+
+use crate::{
+    cmd,
+    lab::{VIP4, VIP6, host, plug, segment},
+    netns::Netns,
+    unique_id,
+};
+
+pub const LB4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+pub const LB6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 2);
+
+pub struct TunBackend {
+    pub ns: Netns,
+    pub name: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    /// Unique: every backend's interface is called eth0, but pins are global.
+    pin_dir: String,
+}
+
+impl TunBackend {
+    /// `xlb decap status --json` of this backend.
+    pub fn decap_status(&self) -> anyhow::Result<serde_json::Value> {
+        let out = self.xlb(&["decap", "status", "--interface", "eth0", "--pin-dir", &self.pin_dir, "--json"])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    fn xlb(&self, args: &[&str]) -> anyhow::Result<String> {
+        let bin = cmd::xlb_bin();
+        let mut all = vec![format!("--net={}", self.ns.path().display()), bin.display().to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        cmd::run("nsenter", &all)
+    }
+}
+
+/// Fields drop in order: helper program, backends (detaching xlb_decap),
+/// then the namespaces.
+pub struct TunLab {
+    _pass: helpers::Attached,
+    pub backends: Vec<TunBackend>,
+    pub lb: Netns,
+    pub client: Netns,
+    pub router: Netns,
+    pub seg1: Netns,
+    pub seg2: Netns,
+    pub lb_if: String,
+}
+
+impl TunLab {
+    pub fn new(backends: usize) -> anyhow::Result<TunLab> {
+        crate::require_root();
+        let prefix = format!("xt{:06x}", unique_id());
+        let seg1 = segment(&format!("{prefix}-s1"))?;
+        let seg2 = segment(&format!("{prefix}-s2"))?;
+
+        let router = host(&format!("{prefix}-rt"))?;
+        plug(&seg1, &router, "lan1", "rt", Ipv4Addr::new(10, 1, 0, 254), "fd01::fe".parse()?)?;
+        plug(&seg2, &router, "lan2", "rt", Ipv4Addr::new(10, 2, 0, 254), "fd02::fe".parse()?)?;
+        router.sysctl(&["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+
+        let client = host(&format!("{prefix}-cl"))?;
+        plug(&seg1, &client, "eth0", "cl", Ipv4Addr::new(10, 1, 0, 1), "fd01::1".parse()?)?;
+        client.ip(&format!("route add {VIP4}/32 via {LB4}"))?;
+        client.ip(&format!("-6 route add {VIP6}/128 via {LB6}"))?;
+        client.ip("route add 10.2.0.0/24 via 10.1.0.254")?;
+        client.ip("-6 route add fd02::/64 via fd01::fe")?;
+
+        let lb_if = format!("xl{:06x}", unique_id());
+        let lb = host(&format!("{prefix}-lb"))?;
+        plug(&seg1, &lb, &lb_if, "lb", LB4, LB6)?;
+        lb.ip("route add 10.2.0.0/24 via 10.1.0.254")?;
+        lb.ip("-6 route add fd02::/64 via fd01::fe")?;
+        // TUN mode's FIB lookups need forwarding on the interface; the
+        // kernel forwards what xlb hands it while a next hop resolves only
+        // with IPv6 forwarding on and IPv4 accepting its own source address.
+        lb.sysctl(&[
+            &format!("net.ipv4.conf.{lb_if}.forwarding=1"),
+            &format!("net.ipv4.conf.{lb_if}.accept_local=1"),
+            "net.ipv6.conf.all.forwarding=1",
+        ])?;
+
+        let mut list = Vec::new();
+        for i in 0..backends {
+            let name = format!("be{}", i + 1);
+            let ns = host(&format!("{prefix}-{name}"))?;
+            let v4 = Ipv4Addr::new(10, 2, 0, 11 + i as u8);
+            let v6 = Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, 0x11 + i as u16);
+            plug(&seg2, &ns, "eth0", &name, v4, v6)?;
+            ns.ip("route add default via 10.2.0.254")?;
+            ns.ip("-6 route add default via fd02::fe")?;
+            ns.ip(&format!("addr add {VIP4}/32 dev lo"))?;
+            ns.ip(&format!("-6 addr add {VIP6}/128 dev lo nodad"))?;
+            let pin_dir = format!("/sys/fs/bpf/xlb-decap/{}", ns.name);
+            let backend = TunBackend { ns, name, v4, v6, pin_dir };
+            let (vip4, vip6) = (VIP4.to_string(), VIP6.to_string());
+            backend.xlb(&["decap", "attach", "-i", "eth0", "--pin-dir", &backend.pin_dir, "--vip", &vip4, "--vip", &vip6])?;
+            list.push(backend);
+        }
+        let pass = helpers::attach("xdp_pass", "lb", Some(&seg1.path()))?;
+        Ok(TunLab { _pass: pass, backends: list, lb, client, router, seg1, seg2, lb_if })
+    }
+
+    pub fn backend_list(&self, v6: bool) -> String {
+        let items: Vec<String> = self
+            .backends
+            .iter()
+            .map(|b| {
+                let a: IpAddr = if v6 { b.v6.into() } else { b.v4.into() };
+                format!("{{ address = \"{a}\" }}")
+            })
+            .collect();
+        format!("backends = [ {} ]", items.join(", "))
+    }
+}
+
+impl Drop for TunBackend {
+    fn drop(&mut self) {
+        if let Err(e) = self.xlb(&["decap", "detach", "--interface", "eth0", "--pin-dir", &self.pin_dir]) {
+            eprintln!("teardown: {e}");
+        }
+    }
+}
