@@ -11,6 +11,8 @@ use std::{
 };
 
 use lb_common::limits;
+
+use crate::consul::{ConsulSettings, ServiceQuery};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +108,8 @@ pub struct Config {
     /// first global address of that family).
     pub tun_source_v4: Option<IpAddr>,
     pub tun_source_v6: Option<IpAddr>,
+    /// How to reach Consul, for VIPs with a `consul` service.
+    pub consul: Option<ConsulSettings>,
     #[serde(default, rename = "vip")]
     pub vips: Vec<Vip>,
 }
@@ -121,6 +125,8 @@ pub struct Vip {
     pub forward: Forward,
     #[serde(default)]
     pub backends: Vec<Backend>,
+    /// Take the backends from this Consul service instead of `backends`.
+    pub consul: Option<ServiceQuery>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -251,6 +257,17 @@ impl Config {
                         vip.protocol, vip.address, vip.port
                     ),
                 );
+            }
+            if let Some(query) = &vip.consul {
+                if !vip.backends.is_empty() {
+                    return err(
+                        &format!("{at}.consul"),
+                        "a VIP takes its backends from `backends` or from `consul`, not both".into(),
+                    );
+                }
+                if query.service.is_empty() {
+                    return err(&format!("{at}.consul.service"), "must not be empty".into());
+                }
             }
             let mut seen = HashSet::new();
             for (j, backend) in vip.backends.iter().enumerate() {

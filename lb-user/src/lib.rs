@@ -8,6 +8,8 @@ pub mod config;
 pub mod consul;
 pub mod dataplane;
 pub mod decap;
+pub mod desired;
+pub mod discovery;
 pub mod helpers;
 pub mod loader;
 pub mod maglev;

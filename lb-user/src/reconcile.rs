@@ -52,6 +52,21 @@ pub struct DesiredVip {
     pub key: VipKey,
     pub mode: u8,
     pub backends: Vec<DesiredBackend>,
+    /// How backends missing from `backends` leave.
+    pub leave: Leave,
+    /// The backend list is not known yet (discovery has not answered): an
+    /// existing VIP keeps what it has, a new one starts without backends.
+    pub hold: bool,
+}
+
+/// How a backend that is no longer wanted leaves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Leave {
+    /// Drains for `Desired::drain_timeout` (it was removed on purpose).
+    #[default]
+    Drain,
+    /// Goes at once and its flows rebalance (it failed its health check).
+    AtOnce,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -300,7 +315,17 @@ impl Reconciler {
             }
         }
         for vip in &desired.vips {
-            self.apply_vip(vip, desired.drain_timeout, now, maps)?;
+            if vip.hold
+                && let Some(state) = self.vips.get_mut(&vip.key)
+            {
+                state.name.clone_from(&vip.name);
+                continue;
+            }
+            let drain = match vip.leave {
+                Leave::Drain => desired.drain_timeout,
+                Leave::AtOnce => Duration::ZERO,
+            };
+            self.apply_vip(vip, drain, now, maps)?;
         }
         Ok(())
     }
@@ -337,7 +362,11 @@ impl Reconciler {
         let wanted: BTreeSet<IpAddr> = want.backends.iter().map(|b| b.addr).collect();
         for (addr, state) in vip.backends.iter_mut() {
             if !wanted.contains(addr) && !matches!(state.role, Role::Leaving { .. }) {
-                info!(vip = %vip.name, backend = %addr, timeout = ?drain_timeout, "backend removed; draining");
+                if drain_timeout.is_zero() {
+                    info!(vip = %vip.name, backend = %addr, "backend removed");
+                } else {
+                    info!(vip = %vip.name, backend = %addr, timeout = ?drain_timeout, "backend removed; draining");
+                }
                 state.role = Role::Leaving { until: now + drain_timeout };
             }
         }
@@ -447,7 +476,7 @@ impl Reconciler {
         for addr in expired {
             if let Some(state) = vip.backends.remove(&addr) {
                 free_backend(maps, &state)?;
-                info!(vip = %vip.name, backend = %addr, "backend drained and freed");
+                info!(vip = %vip.name, backend = %addr, "backend gone; its recorded flows move to the others");
                 self.backend_ids.release(state.id as u32);
             }
         }
@@ -535,6 +564,8 @@ mod tests {
             name: name.into(),
             key: addr::vip_key(IpAddr::from([192, 0, 2, last]), 80, PROTO_TCP),
             mode: MODE_DR,
+            leave: Leave::Drain,
+            hold: false,
             backends: backends
                 .iter()
                 .map(|&(b, weight)| DesiredBackend {

@@ -6,12 +6,15 @@ use std::{
     io,
     net::IpAddr,
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     addr,
+    config::Config,
+    discovery::Discovery,
     reconcile::{Reconciler, Role},
 };
 
@@ -24,6 +27,28 @@ pub struct DaemonState {
     /// How the program is attached: "native", "generic" or "existing link".
     pub attach: String,
     pub vips: Vec<VipLabel>,
+    /// One per watched Consul service.
+    #[serde(default)]
+    pub discovery: Vec<DiscoveryLabel>,
+}
+
+/// A watched Consul service, as `xlb status` reports it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DiscoveryLabel {
+    /// "name" or "name[tag=…]".
+    pub service: String,
+    /// Instances in force; `None` before Consul first answered.
+    pub instances: Option<usize>,
+    /// Queries are failing: the last known instances stay in force.
+    pub stale: bool,
+    /// Seconds since Consul last answered.
+    pub synced_secs_ago: Option<f64>,
+    pub index: u64,
+    pub errors_total: u64,
+    pub last_error: Option<String>,
+    /// Consul reports no healthy instance and the last set is kept.
+    pub empty_kept: bool,
+    pub empty_alarms: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -33,6 +58,9 @@ pub struct VipLabel {
     pub port: u16,
     pub protocol: u8,
     pub backends: Vec<BackendLabel>,
+    /// The Consul service the backends come from, if any.
+    #[serde(default)]
+    pub consul: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,7 +78,25 @@ pub fn path(interface: &str) -> PathBuf {
 }
 
 impl DaemonState {
-    pub fn labels(reconciler: &Reconciler) -> Vec<VipLabel> {
+    pub fn discovery(discovery: &Discovery, now: Instant) -> Vec<DiscoveryLabel> {
+        discovery
+            .services()
+            .iter()
+            .map(|(query, view)| DiscoveryLabel {
+                service: query.to_string(),
+                instances: view.instances.as_ref().map(Vec::len),
+                stale: view.stale(),
+                synced_secs_ago: view.age(now).map(|d| d.as_secs_f64()),
+                index: view.index,
+                errors_total: view.errors_total,
+                last_error: view.last_error.clone(),
+                empty_kept: view.empty_kept,
+                empty_alarms: view.empty_alarms,
+            })
+            .collect()
+    }
+
+    pub fn labels(reconciler: &Reconciler, config: &Config) -> Vec<VipLabel> {
         reconciler
             .vips()
             .iter()
@@ -60,6 +106,12 @@ impl DaemonState {
                     address: addr::from_bytes(key.addr, key.family)?,
                     port: u16::from_be(key.port_be),
                     protocol: key.proto,
+                    consul: config
+                        .vips
+                        .iter()
+                        .find(|v| v.name == vip.name)
+                        .and_then(|v| v.consul.as_ref())
+                        .map(ToString::to_string),
                     backends: vip
                         .backends
                         .iter()

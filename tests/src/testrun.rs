@@ -11,7 +11,7 @@ use lb_common::{BackendId, Counter, Event, FlowKey, Reason, flow_hash};
 use xlb::{
     dataplane::{Geometry, KernelMaps},
     loader::{self, Params},
-    reconcile::{Desired, DesiredBackend, DesiredVip, Reconciler},
+    reconcile::{Desired, DesiredBackend, DesiredVip, Leave, Reconciler},
 };
 
 use crate::frames::LB_MAC;
@@ -127,5 +127,7 @@ pub fn dr_vip(name: &str, addr: IpAddr, port: u16, proto: u8, backends: Vec<Desi
         key: xlb::addr::vip_key(addr, port, proto),
         mode: lb_common::MODE_DR,
         backends,
+        leave: Leave::Drain,
+        hold: false,
     }
 }

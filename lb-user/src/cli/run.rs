@@ -1,31 +1,37 @@
 //! `xlb run`: the daemon.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::Path,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
 use tracing::{error, info, warn};
 
 use crate::{
-    addr,
     cli::args::RunArgs,
     config::{Config, Forward},
+    consul::{self, ServiceQuery, Update},
     dataplane::KernelMaps,
+    desired,
+    discovery::Discovery,
     loader, neigh,
-    reconcile::{Desired, DesiredBackend, DesiredVip, Reconciler},
+    reconcile::{Desired, Reconciler},
     state::DaemonState,
 };
 
 /// How long start-up waits for backends' MACs before going on without the
 /// missing ones (they join the table as soon as they resolve).
 const INITIAL_RESOLVE: Duration = Duration::from_secs(3);
-/// How long a reload waits for new backends' MACs.
-const RELOAD_RESOLVE: Duration = Duration::from_secs(1);
+/// How long a change waits for new backends' MACs.
+const CHANGE_RESOLVE: Duration = Duration::from_secs(1);
 /// Config file and neighbour table polling interval.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -39,6 +45,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (iface_v4, iface_v6) = neigh::addresses(&handle, iface.index).await?;
     let params = loader::Params::new(&config, iface_v4, iface_v6);
     check_tun(&config, &params)?;
+    let (updates_tx, mut updates) = mpsc::channel(64);
+    let mut watchers = Watchers::default();
+    let mut discovery = Discovery::new(consul_settings(&config).on_empty);
+    watchers.follow(&config, &mut discovery, &updates_tx)?;
+
     let mut dataplane = loader::load(&iface, &pin_dir, params, config.xdp_mode)?;
     let mut reconciler = if dataplane.adopted {
         Reconciler::adopt(params.geometry, &dataplane.maps).context("cannot read the pinned state")?
@@ -54,16 +65,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let mut neighbours = neigh::Neighbours::new(handle.clone(), iface.index);
-    let mut targets = neighbour_targets(&handle, &config, iface.index).await?;
-    let mut macs = neighbours.resolve(&targets, INITIAL_RESOLVE).await?;
     let mut daemon = Daemon {
         args: &args,
         attach: dataplane.mode,
         maps: &mut dataplane.maps,
         reconciler: &mut reconciler,
         pending: true,
+        macs: HashMap::new(),
+        notes: Vec::new(),
     };
-    daemon.apply(&config, &macs);
+    let targets = neighbour_targets(&handle, &daemon.desired(&config, &discovery), iface.index).await?;
+    daemon.macs = neighbours.resolve(&targets, INITIAL_RESOLVE).await?;
+    daemon.apply(&config, &discovery);
     info!(vips = config.vips.len(), "xlb ready");
 
     let mut sighup = signal(SignalKind::hangup())?;
@@ -73,49 +86,74 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut config_mtime = mtime(&args.config);
     loop {
         let mut reload = false;
+        let mut discovered = false;
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => reload = true,
-            _ = tick.tick() => {
-                let now = mtime(&args.config);
-                if now != config_mtime {
-                    config_mtime = now;
-                    reload = true;
+            Some(update) = updates.recv() => {
+                discovered = discovery.update(update, Instant::now());
+                daemon.publish(&config, &discovery);
+            }
+            _ = tick.tick() => reload = mtime(&args.config) != config_mtime,
+        }
+        // A reload applies a config that differs from the running one.
+        let mut reloaded = false;
+        if reload {
+            // Noted before reading, so a write during the read is seen next tick.
+            config_mtime = mtime(&args.config);
+        }
+        if reload
+            && let Some(new) = daemon.reload(&config, &params)
+            && new != config
+        {
+            match watchers.follow(&new, &mut discovery, &updates_tx) {
+                Ok(()) => {
+                    info!(config = %args.config.display(), "config reloaded");
+                    discovery.set_policy(consul_settings(&new).on_empty);
+                    config = new;
+                    daemon.pending = true;
+                    reloaded = true;
+                }
+                Err(e) => {
+                    error!(error = %format_error(e.as_ref()), "config rejected; the running config stays in force")
                 }
             }
         }
-        let mut reloaded = false;
-        if reload && let Some(new) = daemon.reload(&config, &params) {
-            config = new;
+        // A health change applies at once, before anything waits on the
+        // neighbour table: a failed backend must not wait for a new one.
+        if discovered {
             daemon.pending = true;
-            reloaded = true;
+            daemon.apply(&config, &discovery);
         }
-        // After a reload, give new backends a moment to resolve so they
-        // join with the change rather than a tick later.
-        let patience = if reloaded { RELOAD_RESOLVE } else { Duration::ZERO };
-        match neighbour_targets(&handle, &config, iface.index).await {
-            Ok(t) => targets = t,
-            Err(e) => warn!(error = %format_error(&e), "route lookup failed"),
-        }
-        match neighbours.resolve(&targets, patience).await {
-            Ok(now) if now != macs => {
-                macs = now;
-                daemon.pending = true;
+        let desired = daemon.desired(&config, &discovery);
+        match neighbour_targets(&handle, &desired, iface.index).await {
+            Ok(targets) => {
+                // After a change, give new backends a moment to resolve so
+                // they join with it rather than a tick later.
+                let patience = if reloaded || discovered { CHANGE_RESOLVE } else { Duration::ZERO };
+                match neighbours.resolve(&targets, patience).await {
+                    Ok(now) if now != daemon.macs => {
+                        daemon.macs = now;
+                        daemon.pending = true;
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %format_error(&e), "neighbour refresh failed"),
+                }
             }
-            Ok(_) => {}
-            Err(e) => warn!(error = %format_error(&e), "neighbour refresh failed"),
+            Err(e) => warn!(error = %format_error(&e), "route lookup failed"),
         }
         if daemon.reconciler.next_deadline().is_some_and(|d| d <= Instant::now()) {
             daemon.pending = true;
         }
         if daemon.pending {
-            daemon.apply(&config, &macs);
+            daemon.apply(&config, &discovery);
         }
         if reloaded && !daemon.pending {
             info!(vips = config.vips.len(), "config applied");
         }
     }
+    watchers.stop_all();
 
     if args.detach_on_exit {
         drop(dataplane);
@@ -135,21 +173,41 @@ struct Daemon<'a> {
     reconciler: &'a mut Reconciler,
     /// The maps may differ from what is wanted (a change, or a failed write).
     pending: bool,
+    /// Resolved MACs of DR backends (and TUN next hops).
+    macs: HashMap<IpAddr, [u8; 6]>,
+    /// Discovered instances left out, as last logged.
+    notes: Vec<String>,
 }
 
 impl Daemon<'_> {
-    fn apply(&mut self, config: &Config, macs: &HashMap<IpAddr, [u8; 6]>) {
-        match self.reconciler.apply(&desired(config, macs), Instant::now(), self.maps) {
+    fn desired(&mut self, config: &Config, discovery: &Discovery) -> Desired {
+        let (desired, notes) = desired::build(config, discovery, &self.macs);
+        for note in notes.iter().filter(|n| !self.notes.contains(n)) {
+            warn!("{note}");
+        }
+        self.notes = notes;
+        desired
+    }
+
+    fn apply(&mut self, config: &Config, discovery: &Discovery) {
+        let desired = self.desired(config, discovery);
+        match self.reconciler.apply(&desired, Instant::now(), self.maps) {
             Ok(()) => self.pending = false,
             Err(e) => error!(error = %format_error(&e), "map update failed; retrying with a full resync"),
         }
+        self.publish(config, discovery);
+    }
+
+    /// Writes what `xlb status` shows beside the maps.
+    fn publish(&self, config: &Config, discovery: &Discovery) {
         let state = DaemonState {
             pid: std::process::id(),
             config: self.args.config.clone(),
             interface: config.interface.clone(),
             pin_dir: config.pin_dir(),
             attach: self.attach.to_owned(),
-            vips: DaemonState::labels(self.reconciler),
+            vips: DaemonState::labels(self.reconciler, config),
+            discovery: DaemonState::discovery(discovery, Instant::now()),
         };
         if let Err(e) = state.write() {
             warn!(error = %e, "cannot write the state file for `xlb status`");
@@ -181,38 +239,70 @@ impl Daemon<'_> {
             error!(error = %e, "config rejected; the running config stays in force");
             return None;
         }
-        if new != *current {
-            info!(config = %self.args.config.display(), "config reloaded");
-        }
         Some(new)
     }
 }
 
-fn desired(config: &Config, macs: &HashMap<IpAddr, [u8; 6]>) -> Desired {
-    let vips = config
-        .vips
-        .iter()
-        .map(|v| {
-            let tun = v.forward == Forward::Tun;
-            DesiredVip {
-                name: v.name.clone(),
-                key: addr::vip_key(v.address, v.port, v.protocol.number()),
-                mode: if tun { lb_common::MODE_TUN } else { lb_common::MODE_DR },
-                backends: v
-                    .backends
-                    .iter()
-                    .map(|b| DesiredBackend {
-                        addr: b.address,
-                        weight: b.weight,
-                        // TUN packets go to the next hop the data plane's
-                        // FIB lookup finds: nothing to resolve per backend.
-                        mac: if tun { Some([0; 6]) } else { macs.get(&b.address).copied() },
-                    })
-                    .collect(),
+/// The `[consul]` section, with Consul's environment variables filling in.
+fn consul_settings(config: &Config) -> consul::ConsulSettings {
+    let mut settings = config.consul.clone().unwrap_or_default();
+    settings.apply_env();
+    settings
+}
+
+/// One watcher task per Consul service the config's VIPs follow.
+#[derive(Default)]
+struct Watchers {
+    settings: Option<consul::ConsulSettings>,
+    tasks: BTreeMap<ServiceQuery, JoinHandle<()>>,
+}
+
+impl Watchers {
+    /// Watches exactly the services `config` names, with its settings.
+    fn follow(
+        &mut self,
+        config: &Config,
+        discovery: &mut Discovery,
+        updates: &mpsc::Sender<Update>,
+    ) -> anyhow::Result<()> {
+        let mut queries: Vec<ServiceQuery> = config.vips.iter().filter_map(|v| v.consul.clone()).collect();
+        queries.sort();
+        queries.dedup();
+        let settings = consul_settings(config);
+        if self.settings.as_ref() != Some(&settings) {
+            // New connection settings: every watcher starts over.
+            self.stop_all();
+        }
+        if queries.is_empty() {
+            self.stop_all();
+            discovery.watch_only(&[]);
+            return Ok(());
+        }
+        let client = consul::Client::new(&settings).context("field `consul`")?;
+        self.settings = Some(settings);
+        self.tasks.retain(|q, task| {
+            let keep = queries.contains(q);
+            if !keep {
+                task.abort();
             }
-        })
-        .collect();
-    Desired { vips, drain_timeout: Duration::from_secs(config.drain_timeout) }
+            keep
+        });
+        for q in &queries {
+            if !self.tasks.contains_key(q) {
+                info!(service = %q, "watching Consul service");
+                let task = tokio::spawn(consul::watch(client.clone(), q.clone(), updates.clone()));
+                self.tasks.insert(q.clone(), task);
+            }
+        }
+        discovery.watch_only(&queries);
+        Ok(())
+    }
+
+    fn stop_all(&mut self) {
+        self.tasks.values().for_each(JoinHandle::abort);
+        self.tasks.clear();
+        self.settings = None;
+    }
 }
 
 /// Addresses whose neighbour entries xlb keeps fresh: DR backends, and the
@@ -220,15 +310,15 @@ fn desired(config: &Config, macs: &HashMap<IpAddr, [u8; 6]>) -> Desired {
 /// them resolved).
 async fn neighbour_targets(
     handle: &rtnetlink::Handle,
-    config: &Config,
+    desired: &Desired,
     ifindex: u32,
 ) -> Result<Vec<IpAddr>, neigh::NetError> {
     let mut targets = Vec::new();
-    for vip in &config.vips {
+    for vip in &desired.vips {
         for b in &vip.backends {
-            if vip.forward == Forward::Dr {
-                targets.push(b.address);
-            } else if let Some((hop, oif)) = neigh::next_hop(handle, b.address).await?
+            if vip.mode != lb_common::MODE_TUN {
+                targets.push(b.addr);
+            } else if let Some((hop, oif)) = neigh::next_hop(handle, b.addr).await?
                 && oif == ifindex
             {
                 targets.push(hop);
@@ -273,7 +363,10 @@ fn check_tun(config: &Config, params: &loader::Params) -> anyhow::Result<()> {
                 format!("net.ipv4.conf.{}.accept_local", config.interface),
                 format!("/proc/sys/net/ipv4/conf/{}/accept_local", config.interface),
             ),
-            _ => ("net.ipv6.conf.all.forwarding".to_owned(), "/proc/sys/net/ipv6/conf/all/forwarding".to_owned()),
+            _ => (
+                "net.ipv6.conf.all.forwarding".to_owned(),
+                "/proc/sys/net/ipv6/conf/all/forwarding".to_owned(),
+            ),
         };
         if std::fs::read_to_string(&path).map(|s| s.trim() == "1").ok() != Some(true) {
             warn!(

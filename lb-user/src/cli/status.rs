@@ -16,6 +16,7 @@ use crate::{
     cli::{args::StatusArgs, target::Target},
     dataplane::{Geometry, KernelMaps, MapReader as _},
     state::DaemonState,
+    state::DiscoveryLabel,
 };
 
 #[derive(Debug, Serialize)]
@@ -33,6 +34,8 @@ pub struct Status {
     pub conntrack_entries: usize,
     pub conntrack_size: u32,
     pub vips: Vec<VipStatus>,
+    /// Watched Consul services, as the daemon last published them.
+    pub discovery: Vec<DiscoveryLabel>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -55,6 +58,8 @@ pub struct VipStatus {
     pub protocol: &'static str,
     /// "dr" or "tun".
     pub forward: &'static str,
+    /// The Consul service its backends come from.
+    pub consul: Option<String>,
     pub id: u32,
     pub packets: u64,
     pub bytes: u64,
@@ -161,6 +166,7 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
                 _ => "?",
             },
             forward: if tun { "tun" } else { "dr" },
+            consul: label.and_then(|l| l.consul.clone()),
             id: info.id,
             packets: counter.packets,
             bytes: counter.bytes,
@@ -168,10 +174,12 @@ pub fn read(target: &Target) -> anyhow::Result<Status> {
         });
     }
     vips.sort_by(|a, b| (&a.name, a.address, a.port).cmp(&(&b.name, b.address, b.port)));
+    let daemon_pid = labels.as_ref().filter(|l| l.daemon_alive()).map(|l| l.pid);
     Ok(Status {
         interface: target.interface.clone(),
         pin_dir: target.pin_dir.clone(),
-        daemon_pid: labels.filter(DaemonState::daemon_alive).map(|l| l.pid),
+        daemon_pid,
+        discovery: labels.map(|l| l.discovery).unwrap_or_default(),
         table_size: geometry.table_size,
         max_vips: geometry.max_vips,
         max_backends: geometry.max_backends,
@@ -216,6 +224,10 @@ fn render(s: &Status) -> String {
             v.packets,
             v.bytes
         );
+        if let Some(service) = &v.consul {
+            let view = s.discovery.iter().find(|d| &d.service == service);
+            let _ = writeln!(out, "  backends from Consul service {service}: {}", describe_discovery(view));
+        }
         let _ = writeln!(
             out,
             "  {:<40} {:<10} {:>6} {:>17} {:>7} {:>12} {:>14}",
@@ -252,4 +264,22 @@ fn render(s: &Status) -> String {
         let _ = writeln!(out, "{name:<26} {n:>12}");
     }
     out
+}
+
+fn describe_discovery(view: Option<&DiscoveryLabel>) -> String {
+    let Some(d) = view else { return "not watched".into() };
+    let age = d.synced_secs_ago.map_or_else(|| "never".into(), |s| format!("{s:.1} s ago"));
+    let mut text = match (d.instances, d.stale) {
+        (None, _) => format!("waiting for Consul's first answer ({} errors)", d.errors_total),
+        (Some(n), false) => format!("in sync, {n} instances, last answer {age}"),
+        (Some(n), true) => format!(
+            "STALE: Consul unreachable or failing (last answer {age}, {} errors{}); serving the last {n} known instances",
+            d.errors_total,
+            d.last_error.as_deref().map(|e| format!(", last: {e}")).unwrap_or_default()
+        ),
+    };
+    if d.empty_kept {
+        text.push_str("; ALARM: Consul reports no healthy instance, the last set is kept");
+    }
+    text
 }

@@ -63,6 +63,9 @@ pub struct ConsulSettings {
     /// What to do with instances whose worst check is `warning`.
     #[serde(default)]
     pub warning: WarningPolicy,
+    /// What to do when a service that had instances has none left.
+    #[serde(default)]
+    pub on_empty: EmptyPolicy,
 }
 
 impl fmt::Debug for ConsulSettings {
@@ -76,6 +79,7 @@ impl fmt::Debug for ConsulSettings {
             .field("client_cert", &self.client_cert)
             .field("client_key", &self.client_key)
             .field("warning", &self.warning)
+            .field("on_empty", &self.on_empty)
             .finish()
     }
 }
@@ -151,6 +155,21 @@ pub enum WarningPolicy {
     Keep,
     /// Only instances with every check passing are backends.
     Exclude,
+}
+
+/// When a service's healthy set becomes empty. An empty set is more often a
+/// broken health check, a network partition between Consul and the
+/// backends, or a bad deploy of the checks than every backend dying at
+/// once; keeping the last set ("panic mode", as Envoy and Katran operators
+/// run it) keeps serving whatever still works.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum EmptyPolicy {
+    /// Keep the last non-empty set and raise the alarm (log, status, counter).
+    #[default]
+    Keep,
+    /// Apply the empty set: the VIP drops its packets (`no_backend`).
+    Apply,
 }
 
 /// One Consul service to follow. The config file embeds it per VIP.

@@ -31,8 +31,8 @@ impl Default for WatchOptions {
     fn default() -> Self {
         WatchOptions {
             wait: Duration::from_secs(55),
-            rate_burst: 2,
-            rate_interval: Duration::from_secs(1),
+            rate_burst: 5,
+            rate_interval: Duration::from_millis(100),
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(30),
         }
@@ -73,9 +73,11 @@ pub async fn watch(client: Client, query: ServiceQuery, updates: mpsc::Sender<Up
 ///   and one query per `rate_interval` after it, as the page recommends
 ///   over a sleep per iteration: changes are delivered at once when rare,
 ///   and a server answering instantly (churn, or a bug) gets one query per
-///   interval. The page's example is 15 s; the default here is 1 s, since
-///   a load balancer that learns late that backends failed keeps sending
-///   them traffic, and one query per second per service is little load.
+///   interval. The page's example is 15 s; the default here is a burst of
+///   5 and then 100 ms: a load balancer that learns late that a backend
+///   failed keeps sending it traffic, and health that flaps several times
+///   a second must still reach the table in well under a second. Ten
+///   queries a second for a service whose health churns is little load.
 /// - **Errors**: back-off from `backoff_base`, doubling per consecutive
 ///   failure up to `backoff_cap`, with jitter (`backoff`), on top of the
 ///   rate limit. The query after a failure does not block (index 0), so

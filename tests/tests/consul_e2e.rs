@@ -1,0 +1,131 @@
+//! Backends from Consul, end to end: xlb follows a (faithful, in-process)
+//! Consul agent's health over HTTP, in the lab's namespaces. Needs root.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use xlb::dataplane::{KernelMaps, MapReader as _};
+use xlb_tests::{
+    consul_fake::FakeConsul,
+    daemon::Daemon,
+    lab::{Lab, VIP4},
+    servers::{self, tcp_spread},
+};
+
+fn register(consul: &FakeConsul, lab: &Lab, i: usize) {
+    let b = &lab.backends[i];
+    consul.register(json!({
+        "Name": "web",
+        "ID": format!("web-{}", b.name),
+        "Address": b.v4.to_string(),
+        "Port": 80,
+        "Check": { "TTL": "1h", "Status": "passing" },
+    }));
+}
+
+fn check(lab: &Lab, i: usize) -> String {
+    format!("service:web-{}", lab.backends[i].name)
+}
+
+fn spread(lab: &Lab, n: usize) -> Vec<String> {
+    let counts = lab.client.run(|| tcp_spread(SocketAddr::from((VIP4, 80)), n)).expect("requests succeed");
+    counts.into_keys().collect()
+}
+
+fn eventually(mut done: impl FnMut() -> bool, daemon: &Daemon, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The backend id of `addr` in the status, if it is in the live table.
+fn table_id(daemon: &Daemon, addr: IpAddr) -> Option<u16> {
+    let status = daemon.status().unwrap();
+    status["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == addr.to_string() && b["slots"].as_u64().unwrap() > 0)
+        .map(|b| b["id"].as_u64().unwrap() as u16)
+}
+
+#[test]
+fn backends_follow_consul_health_and_survive_its_outage() {
+    let lab = Lab::new(4).unwrap();
+    let _servers = servers::start(&lab.backends, 80, 53);
+    // The agent listens inside the load balancer's namespace, where xlb runs.
+    let consul =
+        lab.lb.run(|| FakeConsul::builder().bind("127.0.0.1:8500".parse().unwrap()).start()).unwrap();
+    for i in 0..3 {
+        register(&consul, &lab, i);
+    }
+    let config = lab.config(&format!(
+        "[consul]\naddress = \"http://127.0.0.1:8500\"\n\n\
+         [[vip]]\nname = \"web\"\naddress = \"{VIP4}\"\nport = 80\nprotocol = \"tcp\"\nconsul = {{ service = \"web\" }}\n"
+    ));
+    let mut daemon = Daemon::start(&lab.lb, &lab.lb_if, &config).unwrap();
+    eventually(|| spread(&lab, 60) == ["be1", "be2", "be3"], &daemon, "three registered backends answer");
+
+    // Health to table: fail be2's check, time until its id stops taking
+    // flows (the table without it is live by then); pass it, it returns.
+    let maps = KernelMaps::open(&xlb::config::default_pin_dir(&lab.lb_if)).unwrap();
+    let be2: IpAddr = lab.backends[1].v4.into();
+    let mut latencies = Vec::new();
+    for _ in 0..10 {
+        let id = table_id(&daemon, be2).expect("be2 in the table");
+        let started = Instant::now();
+        consul.fail(&check(&lab, 1));
+        while maps.backend(id).unwrap().flags != 0 {
+            assert!(started.elapsed() < Duration::from_secs(1), "be2 still in the table after 1 s");
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        latencies.push(started.elapsed());
+        assert!(!spread(&lab, 30).contains(&"be2".to_owned()), "no new connection reaches a failed backend");
+        consul.pass(&check(&lab, 1));
+        eventually(|| table_id(&daemon, be2).is_some(), &daemon, "be2 back after passing");
+    }
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    eprintln!(
+        "health → table latency over {} failures: min {:?}, median {median:?}, max {:?}",
+        latencies.len(),
+        latencies[0],
+        latencies[latencies.len() - 1]
+    );
+    assert!(median < Duration::from_millis(200), "median {median:?}");
+    assert_eq!(spread(&lab, 90), ["be1", "be2", "be3"], "be2 takes connections again");
+
+    // A fourth instance gets its share.
+    register(&consul, &lab, 3);
+    eventually(|| spread(&lab, 60).len() == 4, &daemon, "be4 joins");
+
+    // Consul goes away: the last known set keeps serving, status says stale.
+    consul.set_down(true);
+    eventually(
+        || daemon.status().unwrap()["discovery"][0]["stale"] == true,
+        &daemon,
+        "discovery marked stale",
+    );
+    assert_eq!(spread(&lab, 90).len(), 4, "traffic keeps flowing to the last known set");
+    let human = xlb_tests::cmd::run(
+        xlb_tests::cmd::xlb_bin().to_str().unwrap(),
+        &["status", "--interface", &lab.lb_if],
+    )
+    .unwrap();
+    assert!(human.contains("STALE"), "{human}");
+
+    // Changes made while it was away arrive once it is back.
+    consul.fail(&check(&lab, 0));
+    lab.lb.run(|| consul.set_down(false));
+    eventually(|| daemon.status().unwrap()["discovery"][0]["stale"] == false, &daemon, "discovery resyncs");
+    eventually(
+        || spread(&lab, 60) == ["be2", "be3", "be4"],
+        &daemon,
+        "be1's failure applies after the outage",
+    );
+}
