@@ -43,7 +43,7 @@ echo "nightly uses LLVM $llvm"
 say "Debian packages"
 packages=(
   "llvm-$llvm-dev" "libpolly-$llvm-dev" libzstd-dev zlib1g-dev pkg-config
-  iproute2 ethtool iputils-ping procps util-linux tcpdump netsniff-ng iperf3 curl
+  iproute2 ethtool iputils-ping procps util-linux tcpdump netsniff-ng iperf3 curl prometheus
 )
 missing=()
 for p in "${packages[@]}"; do

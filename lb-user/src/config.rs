@@ -6,7 +6,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -110,8 +110,35 @@ pub struct Config {
     pub tun_source_v6: Option<IpAddr>,
     /// How to reach Consul, for VIPs with a `consul` service.
     pub consul: Option<ConsulSettings>,
+    /// The admin HTTP API (metrics, status, drain).
+    #[serde(default)]
+    pub admin: Admin,
     #[serde(default, rename = "vip")]
     pub vips: Vec<Vip>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Where the admin API listens. Anything but loopback needs a token.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token every request must carry (`Authorization: Bearer …`).
+    pub token: Option<String>,
+    /// File holding the token (read at start).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { listen: default_admin_listen(), token: None, token_file: None }
+    }
+}
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9300";
+
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN.parse().expect("a socket address")
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -221,6 +248,22 @@ impl Config {
         }
         if self.drain_timeout > 86_400 {
             return err("drain_timeout", format!("{} s is over a day", self.drain_timeout));
+        }
+        if self.admin.token.is_some() && self.admin.token_file.is_some() {
+            return err("admin.token_file", "set `token` or `token_file`, not both".into());
+        }
+        if self.admin.token.as_deref() == Some("") {
+            return err("admin.token", "must not be empty".into());
+        }
+        let has_token = self.admin.token.is_some() || self.admin.token_file.is_some();
+        if !self.admin.listen.ip().is_loopback() && !has_token {
+            return err(
+                "admin.listen",
+                format!(
+                    "{} is not a loopback address: set admin.token (or token_file) so the API is not open to the network",
+                    self.admin.listen
+                ),
+            );
         }
         if self.tun_source_v4.is_some_and(|a| !a.is_ipv4()) {
             return err("tun_source_v4", "not an IPv4 address".into());
@@ -471,6 +514,32 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
             ("backends over max_backends", format!("max_backends = 2\n{GOOD}"), &["max_backends"]),
             ("bad interface name", GOOD.replace("eth0", "a-name-longer-than-15"), &["interface"]),
             ("unknown xdp_mode", format!("xdp_mode = \"turbo\"\n{GOOD}"), &["unknown variant `turbo`"]),
+            (
+                "admin API open to the network without a token",
+                format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9300\""),
+                &["admin.listen", "token"],
+            ),
+            (
+                "admin token twice",
+                format!("{GOOD}\n[admin]\ntoken = \"a\"\ntoken_file = \"/t\""),
+                &["admin.token_file"],
+            ),
+            (
+                "consul and static backends together",
+                format!("{GOOD}")
+                    .replace("forward = \"dr\"", "forward = \"dr\"\nconsul = { service = \"web\" }"),
+                &["vip[0] (web).consul", "not both"],
+            ),
+            (
+                "empty consul service",
+                vip(&format!("{base}\nconsul = {{ service = \"\" }}")),
+                &["vip[0] (web).consul.service"],
+            ),
+            (
+                "unknown consul field",
+                format!("{GOOD}\n[consul]\nadress = \"x\""),
+                &["unknown field `adress`"],
+            ),
         ];
         let mut failures = Vec::new();
         for (name, text, needles) in cases {

@@ -7,6 +7,7 @@ use crate::{
     addr,
     config::{Config, Forward},
     discovery::Discovery,
+    overrides::Overrides,
     reconcile::{Desired, DesiredBackend, DesiredVip, Leave},
 };
 
@@ -15,6 +16,7 @@ use crate::{
 pub fn build(
     config: &Config,
     discovery: &Discovery,
+    overrides: &Overrides,
     macs: &HashMap<IpAddr, [u8; 6]>,
 ) -> (Desired, Vec<String>) {
     let mut notes = Vec::new();
@@ -36,7 +38,11 @@ pub fn build(
                 None => v
                     .backends
                     .iter()
-                    .map(|b| DesiredBackend { addr: b.address, weight: b.weight, mac: mac(&b.address) })
+                    .map(|b| DesiredBackend {
+                        addr: b.address,
+                        weight: overrides.weight(&v.name, b.address, b.weight),
+                        mac: mac(&b.address),
+                    })
                     .collect(),
                 Some(query) => {
                     // Instances leave Consul's healthy set by failing: no drain.
@@ -66,7 +72,11 @@ pub fn build(
                                         if tun { "TUN" } else { "DR" }
                                     ));
                                 } else {
-                                    list.push(DesiredBackend { addr: i.address, weight: i.weight, mac: mac(&i.address) });
+                                    list.push(DesiredBackend {
+                                        addr: i.address,
+                                        weight: overrides.weight(&v.name, i.address, i.weight),
+                                        mac: mac(&i.address),
+                                    });
                                 }
                             }
                             if list.len() > budget {

@@ -3,6 +3,7 @@
 //! over this library; tests drive it directly too.
 
 pub mod addr;
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod consul;
@@ -13,6 +14,9 @@ pub mod discovery;
 pub mod helpers;
 pub mod loader;
 pub mod maglev;
+pub mod metrics;
 pub mod neigh;
+pub mod overrides;
 pub mod reconcile;
 pub mod state;
+pub mod status;

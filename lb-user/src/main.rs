@@ -1,5 +1,6 @@
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
+use xlb::admin::Change;
 use xlb::cli::{
     self,
     args::{Cli, Command, LogFormat},
@@ -11,7 +12,11 @@ fn main() -> std::process::ExitCode {
     let result = match args.command {
         Command::Run(a) => runtime().and_then(|rt| rt.block_on(cli::run::run(a))),
         Command::Check(a) => cli::check(a),
-        Command::Status(a) => cli::status::status(a),
+        Command::Status(a) => cli::status(a),
+        Command::Stats(a) => cli::stats(a),
+        Command::Drain(a) => cli::change(&a, Change::Drain),
+        Command::Undrain(a) => cli::change(&a, Change::Undrain),
+        Command::Weight(a) => cli::change(&a.backend, Change::Weight(a.weight)),
         Command::Detach(a) => cli::detach(a),
         Command::Decap(c) => runtime().and_then(|rt| rt.block_on(cli::decap(c))),
     };

@@ -15,7 +15,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use lb_common::{
@@ -88,6 +88,9 @@ pub struct VipState {
     /// What the kernel holds in each table; `None` when unknown.
     tables: [Option<Vec<BackendId>>; 2],
     pub backends: BTreeMap<IpAddr, BackendState>,
+    /// Table switches since this daemon started, and when the last was.
+    pub generation: u64,
+    pub swapped_at: Option<SystemTime>,
 }
 
 impl VipState {
@@ -207,6 +210,8 @@ impl Reconciler {
                 live,
                 tables,
                 backends: BTreeMap::new(),
+                generation: 0,
+                swapped_at: None,
             };
             by_id.insert(vip.id, key);
             r.vips.insert(key, state);
@@ -352,6 +357,8 @@ impl Reconciler {
                 live: 1,
                 tables: [None, None],
                 backends: BTreeMap::new(),
+                generation: 0,
+                swapped_at: None,
             };
             self.vips.insert(want.key, state);
         }
@@ -453,6 +460,8 @@ impl Reconciler {
             vip.tables[target as usize] = Some(table);
             vip.live = target;
             vip.mode = want.mode;
+            vip.generation += 1;
+            vip.swapped_at = Some(SystemTime::now());
         }
         let mut by_id: BTreeMap<BackendId, u32> = BTreeMap::new();
         if let Some(live) = &vip.tables[vip.live as usize] {

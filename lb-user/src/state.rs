@@ -6,7 +6,7 @@ use std::{
     io,
     net::IpAddr,
     path::{Path, PathBuf},
-    time::Instant,
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -33,7 +33,7 @@ pub struct DaemonState {
 }
 
 /// A watched Consul service, as `xlb status` reports it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiscoveryLabel {
     /// "name" or "name[tag=…]".
     pub service: String,
@@ -41,7 +41,10 @@ pub struct DiscoveryLabel {
     pub instances: Option<usize>,
     /// Queries are failing: the last known instances stay in force.
     pub stale: bool,
-    /// Seconds since Consul last answered.
+    /// When Consul last answered (seconds since the Unix epoch).
+    pub synced_at: Option<f64>,
+    /// Seconds since then, as of reading (filled in by `status::read`).
+    #[serde(default)]
     pub synced_secs_ago: Option<f64>,
     pub index: u64,
     pub errors_total: u64,
@@ -61,6 +64,12 @@ pub struct VipLabel {
     /// The Consul service the backends come from, if any.
     #[serde(default)]
     pub consul: Option<String>,
+    /// Table switches since the daemon started, and the last one's time
+    /// (seconds since the Unix epoch).
+    #[serde(default)]
+    pub generation: u64,
+    #[serde(default)]
+    pub swapped_at: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -86,7 +95,11 @@ impl DaemonState {
                 service: query.to_string(),
                 instances: view.instances.as_ref().map(Vec::len),
                 stale: view.stale(),
-                synced_secs_ago: view.age(now).map(|d| d.as_secs_f64()),
+                synced_at: view.age(now).and_then(|age| {
+                    let at = SystemTime::now().checked_sub(age)?;
+                    Some(at.duration_since(UNIX_EPOCH).ok()?.as_secs_f64())
+                }),
+                synced_secs_ago: None,
                 index: view.index,
                 errors_total: view.errors_total,
                 last_error: view.last_error.clone(),
@@ -106,6 +119,11 @@ impl DaemonState {
                     address: addr::from_bytes(key.addr, key.family)?,
                     port: u16::from_be(key.port_be),
                     protocol: key.proto,
+                    generation: vip.generation,
+                    swapped_at: vip
+                        .swapped_at
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs_f64()),
                     consul: config
                         .vips
                         .iter()

@@ -115,6 +115,26 @@ impl Daemon {
         Ok(())
     }
 
+    /// Sends SIGHUP.
+    pub fn hangup(&self) -> anyhow::Result<()> {
+        let pid = self.child.as_ref().context("daemon not running")?.id();
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        Ok(())
+    }
+
+    /// Waits until `needle` appears `count` times in the log.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.log().matches(needle).count() < count {
+            if Instant::now() > deadline {
+                bail!("{needle:?} not seen {count} times within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// SIGTERM, then wait; the program stays attached.
     pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {

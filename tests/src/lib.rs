@@ -9,6 +9,7 @@ pub mod cmd;
 pub mod consul_fake;
 pub mod daemon;
 pub mod frames;
+pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod servers;

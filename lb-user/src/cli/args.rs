@@ -56,9 +56,21 @@ pub enum Command {
     /// Validate a config file without touching the data plane.
     #[command(after_long_help = CONFIG_EXAMPLE)]
     Check(CheckArgs),
-    /// Show VIPs, backends, table shares and counters of a running data
-    /// plane, read from its pinned maps (works while the daemon is down).
+    /// Show VIPs, backends, health, table shares and counters: from the
+    /// daemon's admin API, or from the pinned maps while it is down (the
+    /// output says which).
     Status(StatusArgs),
+    /// Packets and bits per second per VIP and backend, sampled over an
+    /// interval; --watch refreshes in place.
+    Stats(StatsArgs),
+    /// Stop new flows to a backend of a VIP; established flows continue.
+    /// Needs the running daemon (admin API). Survives restarts.
+    Drain(BackendArgs),
+    /// Undo `xlb drain`.
+    Undrain(BackendArgs),
+    /// Change the weight of a statically configured backend until the
+    /// config says otherwise (an override, like drain).
+    Weight(WeightArgs),
     /// Detach program `xlb` and remove its pinned maps and link.
     Detach(TargetArgs),
     /// The backend side of TUN mode: program `xlb_decap` strips the outer
@@ -165,6 +177,50 @@ pub struct TargetArgs {
     /// Pin directory, when the config sets a non-default `pin_dir`.
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
+
+    /// The daemon's admin API (default: from --config, else
+    /// http://127.0.0.1:9300).
+    #[arg(long, value_name = "URL", global = true)]
+    pub admin: Option<String>,
+
+    /// Bearer token for the admin API (default: from --config).
+    #[arg(long, env = "XLB_ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// Seconds between the two samples a rate is computed from.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+
+    /// Keep refreshing (Ctrl-C to stop).
+    #[arg(short, long)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// VIP name (as in the config).
+    pub vip: String,
+
+    /// Backend address.
+    pub backend: std::net::IpAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct WeightArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+
+    /// New weight, 0 to 10000.
+    pub weight: u32,
 }
 
 #[derive(Debug, Args)]

@@ -2,12 +2,18 @@
 
 pub mod args;
 mod check;
+mod client;
 mod decap;
 mod detach;
+mod drain;
 pub mod run;
-pub mod status;
+mod stats;
+mod status;
 mod target;
 
 pub use check::check;
 pub use decap::decap;
 pub use detach::detach;
+pub use drain::change;
+pub use stats::stats;
+pub use status::status;

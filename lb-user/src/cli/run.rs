@@ -3,7 +3,11 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    path::Path,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -16,6 +20,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    admin::{self, ApiError},
     cli::args::RunArgs,
     config::{Config, Forward},
     consul::{self, ServiceQuery, Update},
@@ -23,6 +28,7 @@ use crate::{
     desired,
     discovery::Discovery,
     loader, neigh,
+    overrides::Overrides,
     reconcile::{Desired, Reconciler},
     state::DaemonState,
 };
@@ -49,6 +55,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut watchers = Watchers::default();
     let mut discovery = Discovery::new(consul_settings(&config).on_empty);
     watchers.follow(&config, &mut discovery, &updates_tx)?;
+    let overrides_path = Overrides::path(&iface.name);
+    let overrides = Overrides::load(&overrides_path).unwrap_or_else(|e| {
+        warn!(error = %e, path = %overrides_path.display(), "ignoring unreadable drain/weight overrides");
+        Overrides::default()
+    });
+    // Bound before the data plane is touched: a busy port fails the start.
+    let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
+    let (commands_tx, mut commands) = mpsc::channel(16);
+    let admin = Arc::new(admin::Shared {
+        pin_dir: pin_dir.clone(),
+        interface: iface.name.clone(),
+        token: admin_token(&config)?,
+        ready: AtomicBool::new(false),
+        commands: commands_tx,
+    });
 
     let mut dataplane = loader::load(&iface, &pin_dir, params, config.xdp_mode)?;
     let mut reconciler = if dataplane.adopted {
@@ -73,11 +96,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         pending: true,
         macs: HashMap::new(),
         notes: Vec::new(),
+        overrides,
+        overrides_path,
+        admin: admin.clone(),
     };
     let targets = neighbour_targets(&handle, &daemon.desired(&config, &discovery), iface.index).await?;
     daemon.macs = neighbours.resolve(&targets, INITIAL_RESOLVE).await?;
     daemon.apply(&config, &discovery);
-    info!(vips = config.vips.len(), "xlb ready");
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin));
+    info!(vips = config.vips.len(), admin = %config.admin.listen, "xlb ready");
 
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -91,6 +118,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => reload = true,
+            Some(cmd) = commands.recv() => {
+                let result = daemon.command(&config, &discovery, &cmd);
+                let _ = cmd.reply.send(result);
+            }
             Some(update) = updates.recv() => {
                 discovered = discovery.update(update, Instant::now());
                 daemon.publish(&config, &discovery);
@@ -154,6 +185,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     watchers.stop_all();
+    admin_task.abort();
 
     if args.detach_on_exit {
         drop(dataplane);
@@ -177,11 +209,15 @@ struct Daemon<'a> {
     macs: HashMap<IpAddr, [u8; 6]>,
     /// Discovered instances left out, as last logged.
     notes: Vec<String>,
+    /// Drains and weights set through the admin API, and where they are saved.
+    overrides: Overrides,
+    overrides_path: PathBuf,
+    admin: Arc<admin::Shared>,
 }
 
 impl Daemon<'_> {
     fn desired(&mut self, config: &Config, discovery: &Discovery) -> Desired {
-        let (desired, notes) = desired::build(config, discovery, &self.macs);
+        let (desired, notes) = desired::build(config, discovery, &self.overrides, &self.macs);
         for note in notes.iter().filter(|n| !self.notes.contains(n)) {
             warn!("{note}");
         }
@@ -195,6 +231,7 @@ impl Daemon<'_> {
             Ok(()) => self.pending = false,
             Err(e) => error!(error = %format_error(&e), "map update failed; retrying with a full resync"),
         }
+        self.admin.ready.store(!self.pending, Ordering::Relaxed);
         self.publish(config, discovery);
     }
 
@@ -214,6 +251,55 @@ impl Daemon<'_> {
         }
     }
 
+    /// An operator's drain, undrain or weight change from the admin API,
+    /// applied before the answer goes back.
+    fn command(
+        &mut self,
+        config: &Config,
+        discovery: &Discovery,
+        cmd: &admin::Command,
+    ) -> Result<(), ApiError> {
+        let Some(vip) = config.vips.iter().find(|v| v.name == cmd.vip) else {
+            return Err(ApiError::new(404, format!("no VIP named {:?}", cmd.vip)));
+        };
+        let known = match &vip.consul {
+            None => vip.backends.iter().any(|b| b.address == cmd.backend),
+            Some(q) => discovery
+                .view(q)
+                .and_then(|v| v.instances.as_ref())
+                .is_some_and(|i| i.iter().any(|i| i.address == cmd.backend)),
+        };
+        if !known {
+            return Err(ApiError::new(404, format!("VIP {:?} has no backend {}", cmd.vip, cmd.backend)));
+        }
+        let mut value = self.overrides.get(&cmd.vip, cmd.backend);
+        match cmd.change {
+            admin::Change::Drain => value.drained = true,
+            admin::Change::Undrain => value.drained = false,
+            admin::Change::Weight(_) if vip.consul.is_some() => {
+                return Err(ApiError::new(
+                    409,
+                    format!(
+                        "backends of VIP {:?} come from Consul: set weights there (Weights or meta xlb-weight)",
+                        cmd.vip
+                    ),
+                ));
+            }
+            admin::Change::Weight(w) => value.weight = Some(w),
+        }
+        self.overrides.set(&cmd.vip, cmd.backend, value);
+        if let Err(e) = self.overrides.save(&self.overrides_path) {
+            warn!(error = %e, "cannot save drain/weight overrides; they will not survive a restart");
+        }
+        info!(vip = %cmd.vip, backend = %cmd.backend, change = ?cmd.change, "operator change");
+        self.pending = true;
+        self.apply(config, discovery);
+        if self.pending {
+            return Err(ApiError::new(500, "the change is recorded but the map update failed; retrying"));
+        }
+        Ok(())
+    }
+
     /// The new config, if it is valid and can be applied live.
     fn reload(&self, current: &Config, params: &loader::Params) -> Option<Config> {
         let new = match Config::load(&self.args.config) {
@@ -225,13 +311,14 @@ impl Daemon<'_> {
         };
         let fixed = |c: &Config| {
             let limits = (loader::geometry(c), c.conntrack_insert_limit);
-            (c.interface.clone(), c.pin_dir(), c.xdp_mode, limits, c.tun_source_v4, c.tun_source_v6)
+            let tun = (c.tun_source_v4, c.tun_source_v6);
+            (c.interface.clone(), c.pin_dir(), c.xdp_mode, limits, tun, c.admin.clone())
         };
         if fixed(&new) != fixed(current) {
             error!(
                 "config rejected: interface, pin_dir, xdp_mode, table_size, max_vips, max_backends, \
-                 conntrack_size, conntrack_insert_limit and tun_source_* apply only at start; restart \
-                 xlb to change them (the running config stays in force)"
+                 conntrack_size, conntrack_insert_limit, tun_source_* and admin apply only at start; \
+                 restart xlb to change them (the running config stays in force)"
             );
             return None;
         }
@@ -240,6 +327,21 @@ impl Daemon<'_> {
             return None;
         }
         Some(new)
+    }
+}
+
+/// The admin API's bearer token, if the config sets one.
+fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
+    match (&config.admin.token, &config.admin.token_file) {
+        (Some(t), _) => Ok(Some(t.clone())),
+        (None, Some(path)) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("admin.token_file: cannot read {}", path.display()))?;
+            let token = token.trim();
+            anyhow::ensure!(!token.is_empty(), "admin.token_file: {} is empty", path.display());
+            Ok(Some(token.to_owned()))
+        }
+        (None, None) => Ok(None),
     }
 }
 

@@ -1,0 +1,215 @@
+//! The admin HTTP API: metrics, status, health, and drain/undrain/weight
+//! changes (applied by the daemon's main loop through the reconciler).
+//!
+//! Every read comes from the pinned maps and the state file, exactly what
+//! `xlb status` shows; changes are commands to the main loop, answered once
+//! they are in the maps.
+
+use std::{
+    convert::Infallible,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot},
+};
+
+use crate::{config::MAX_WEIGHT, metrics, status};
+
+/// A change an operator asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Drain,
+    Undrain,
+    Weight(u32),
+}
+
+#[derive(Debug)]
+pub struct Command {
+    pub vip: String,
+    pub backend: IpAddr,
+    pub change: Change,
+    pub reply: oneshot::Sender<Result<(), ApiError>>,
+}
+
+/// An HTTP status and a message, sent as `{"error": message}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+}
+
+/// What the handlers share with the daemon.
+pub struct Shared {
+    pub pin_dir: PathBuf,
+    pub interface: String,
+    pub token: Option<String>,
+    /// Program attached and maps in sync with what is wanted.
+    pub ready: AtomicBool,
+    pub commands: mpsc::Sender<Command>,
+}
+
+/// Serves the API on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(req, &shared).await) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+fn json_reply(status: StatusCode, value: &impl serde::Serialize) -> Reply {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    reply(status, "application/json", body)
+}
+
+fn error(e: ApiError) -> Reply {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_reply(status, &json!({ "error": e.message }))
+}
+
+/// Constant-time comparison, so the token cannot be guessed by timing.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes()))
+}
+
+async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
+    if let Some(token) = &shared.token
+        && !authorized(&req, token)
+    {
+        let mut r = error(ApiError::new(401, "missing or wrong bearer token"));
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let path: Vec<String> = req.uri().path().trim_matches('/').split('/').map(str::to_owned).collect();
+    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+    match (req.method().clone(), path.as_slice()) {
+        (Method::GET, ["healthz"]) => reply(StatusCode::OK, "text/plain", "ok\n"),
+        (Method::GET, ["readyz"]) => {
+            if shared.ready.load(Ordering::Relaxed) {
+                reply(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: maps not in sync yet\n")
+            }
+        }
+        (Method::GET, ["metrics"]) => match read(shared) {
+            Ok(s) => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics::render(&s)),
+            Err(e) => error(e),
+        },
+        (Method::GET, ["api", "v1", "status"]) => match read(shared) {
+            Ok(s) => json_reply(StatusCode::OK, &s),
+            Err(e) => error(e),
+        },
+        (Method::GET, ["api", "v1", "vips"]) => match read(shared) {
+            Ok(s) => json_reply(StatusCode::OK, &s.vips),
+            Err(e) => error(e),
+        },
+        (Method::GET, ["api", "v1", "vips", name]) => match read(shared) {
+            Ok(s) => match s.vips.iter().find(|v| v.name.as_deref() == Some(name)) {
+                Some(v) => json_reply(StatusCode::OK, v),
+                None => error(ApiError::new(404, format!("no VIP named {name:?}"))),
+            },
+            Err(e) => error(e),
+        },
+        (method, ["api", "v1", "vips", name, "backends", addr, action]) => {
+            let change = match (method, *action) {
+                (Method::POST, "drain") => Ok(Change::Drain),
+                (Method::POST, "undrain") => Ok(Change::Undrain),
+                (Method::PUT, "weight") => weight(req).await.map(Change::Weight),
+                (_, "drain" | "undrain" | "weight") => {
+                    Err(ApiError::new(405, "use POST for drain and undrain, PUT for weight"))
+                }
+                _ => Err(ApiError::new(404, format!("no action {action:?}"))),
+            };
+            let backend = addr
+                .parse::<IpAddr>()
+                .map_err(|_| ApiError::new(400, format!("{addr:?} is not an IP address")));
+            match (change, backend) {
+                (Ok(change), Ok(backend)) => match command(shared, name, backend, change).await {
+                    Ok(()) => {
+                        json_reply(StatusCode::OK, &json!({ "vip": name, "backend": backend.to_string() }))
+                    }
+                    Err(e) => error(e),
+                },
+                (Err(e), _) | (_, Err(e)) => error(e),
+            }
+        }
+        _ => error(ApiError::new(404, "no such endpoint; see the README's admin API section")),
+    }
+}
+
+fn read(shared: &Shared) -> Result<status::Status, ApiError> {
+    status::read(&shared.pin_dir, Some(&shared.interface))
+        .map_err(|e| ApiError::new(503, format!("cannot read the data plane: {e:#}")))
+}
+
+/// The body of a weight change: `{"weight": N}`, N in 0..=MAX_WEIGHT.
+async fn weight(req: Request<Incoming>) -> Result<u32, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        weight: i64,
+    }
+    let bytes = Limited::new(req.into_body(), 4096)
+        .collect()
+        .await
+        .map_err(|_| ApiError::new(400, "body too large or unreadable"))?
+        .to_bytes();
+    let body: Body = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(400, format!("expected {{\"weight\": N}}: {e}")))?;
+    if !(0..=MAX_WEIGHT as i64).contains(&body.weight) {
+        return Err(ApiError::new(400, format!("weight {} is outside 0..={MAX_WEIGHT}", body.weight)));
+    }
+    Ok(body.weight as u32)
+}
+
+async fn command(shared: &Shared, vip: &str, backend: IpAddr, change: Change) -> Result<(), ApiError> {
+    let (reply, answer) = oneshot::channel();
+    let cmd = Command { vip: vip.to_owned(), backend, change, reply };
+    shared.commands.send(cmd).await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?;
+    answer.await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?
+}

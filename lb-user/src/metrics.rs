@@ -1,0 +1,147 @@
+//! Prometheus text exposition (format 0.0.4) of a data plane's status.
+
+use std::fmt::Write as _;
+
+use crate::status::Status;
+
+/// Escapes a label value.
+fn esc(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", esc(v))).collect();
+        if labels.is_empty() {
+            let _ = writeln!(self.0, "{name} {value}");
+        } else {
+            let _ = writeln!(self.0, "{name}{{{}}} {value}", labels.join(","));
+        }
+    }
+}
+
+pub fn render(s: &Status) -> String {
+    let mut o = Out(String::new());
+    o.family("xlb_build_info", "gauge", "Version of the running xlb.");
+    o.sample("xlb_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
+    o.family("xlb_daemon_up", "gauge", "1 while the daemon runs (the data plane forwards either way).");
+    o.sample("xlb_daemon_up", &[], u8::from(s.daemon_pid.is_some()));
+
+    o.family("xlb_packets_total", "counter", "Packets by verdict reason.");
+    for (reason, t) in &s.reasons {
+        o.sample("xlb_packets_total", &[("reason", reason)], t.packets);
+    }
+    o.family("xlb_bytes_total", "counter", "Bytes (whole frames) by verdict reason.");
+    for (reason, t) in &s.reasons {
+        o.sample("xlb_bytes_total", &[("reason", reason)], t.bytes);
+    }
+    o.family("xlb_events_total", "counter", "Connection-table events.");
+    for (event, n) in &s.events {
+        o.sample("xlb_events_total", &[("event", event)], n);
+    }
+    o.family("xlb_conntrack_entries", "gauge", "Entries in the connection table.");
+    o.sample("xlb_conntrack_entries", &[], s.conntrack_entries);
+    o.family("xlb_conntrack_capacity", "gauge", "Capacity of the connection table.");
+    o.sample("xlb_conntrack_capacity", &[], s.conntrack_size);
+    o.family("xlb_maglev_table_size", "gauge", "Maglev table size M.");
+    o.sample("xlb_maglev_table_size", &[], s.table_size);
+
+    let vip_labels = |v: &crate::status::VipStatus| {
+        (v.name.clone().unwrap_or_default(), v.address.to_string(), v.port.to_string())
+    };
+    o.family("xlb_vip_packets_total", "counter", "Packets forwarded for a VIP.");
+    for v in &s.vips {
+        let (name, addr, port) = vip_labels(v);
+        let labels = [("vip", &*name), ("address", &*addr), ("port", &*port), ("protocol", &*v.protocol)];
+        o.sample("xlb_vip_packets_total", &labels, v.packets);
+    }
+    o.family("xlb_vip_bytes_total", "counter", "Bytes forwarded for a VIP.");
+    for v in &s.vips {
+        let (name, addr, port) = vip_labels(v);
+        let labels = [("vip", &*name), ("address", &*addr), ("port", &*port), ("protocol", &*v.protocol)];
+        o.sample("xlb_vip_bytes_total", &labels, v.bytes);
+    }
+    o.family("xlb_maglev_table_swaps_total", "counter", "Table switches of a VIP since the daemon started.");
+    for v in &s.vips {
+        o.sample("xlb_maglev_table_swaps_total", &[("vip", &vip_labels(v).0)], v.generation);
+    }
+    o.family("xlb_maglev_last_swap_timestamp_seconds", "gauge", "When a VIP's table last switched.");
+    for v in &s.vips {
+        if let Some(t) = v.swapped_at {
+            o.sample("xlb_maglev_last_swap_timestamp_seconds", &[("vip", &vip_labels(v).0)], t);
+        }
+    }
+
+    let backends = || {
+        s.vips.iter().flat_map(|v| {
+            v.backends.iter().map(move |b| {
+                let addr = b.address.map_or_else(|| format!("id {}", b.id), |a| a.to_string());
+                (vip_labels(v).0, addr, b)
+            })
+        })
+    };
+    o.family("xlb_backend_packets_total", "counter", "Packets forwarded to a backend.");
+    for (vip, addr, b) in backends() {
+        o.sample("xlb_backend_packets_total", &[("vip", &vip), ("backend", &addr)], b.packets);
+    }
+    o.family("xlb_backend_bytes_total", "counter", "Bytes forwarded to a backend.");
+    for (vip, addr, b) in backends() {
+        o.sample("xlb_backend_bytes_total", &[("vip", &vip), ("backend", &addr)], b.bytes);
+    }
+    o.family("xlb_backend_weight", "gauge", "A backend's weight (0: draining).");
+    for (vip, addr, b) in backends() {
+        if let Some(w) = b.weight {
+            o.sample("xlb_backend_weight", &[("vip", &vip), ("backend", &addr)], w);
+        }
+    }
+    o.family("xlb_backend_table_share", "gauge", "A backend's share of its VIP's Maglev table (0 to 1).");
+    for (vip, addr, b) in backends() {
+        o.sample("xlb_backend_table_share", &[("vip", &vip), ("backend", &addr)], b.share);
+    }
+    o.family("xlb_backend_state", "gauge", "1 for a backend's current state.");
+    for (vip, addr, b) in backends() {
+        o.sample("xlb_backend_state", &[("vip", &vip), ("backend", &addr), ("state", &b.state)], 1);
+    }
+
+    o.family(
+        "xlb_discovery_stale",
+        "gauge",
+        "1 while queries to Consul for a service fail (last set in force).",
+    );
+    for d in &s.discovery {
+        o.sample("xlb_discovery_stale", &[("service", &d.service)], u8::from(d.stale));
+    }
+    o.family(
+        "xlb_discovery_last_sync_age_seconds",
+        "gauge",
+        "Seconds since Consul last answered for a service.",
+    );
+    for d in &s.discovery {
+        if let Some(age) = d.synced_secs_ago {
+            o.sample("xlb_discovery_last_sync_age_seconds", &[("service", &d.service)], age);
+        }
+    }
+    o.family("xlb_discovery_errors_total", "counter", "Failed Consul queries for a service.");
+    for d in &s.discovery {
+        o.sample("xlb_discovery_errors_total", &[("service", &d.service)], d.errors_total);
+    }
+    o.family("xlb_discovery_instances", "gauge", "Instances in force for a service.");
+    for d in &s.discovery {
+        o.sample("xlb_discovery_instances", &[("service", &d.service)], d.instances.unwrap_or(0));
+    }
+    o.family(
+        "xlb_discovery_empty_alarms_total",
+        "counter",
+        "Times a service reported no healthy instance and the last set was kept.",
+    );
+    for d in &s.discovery {
+        o.sample("xlb_discovery_empty_alarms_total", &[("service", &d.service)], d.empty_alarms);
+    }
+    o.0
+}
