@@ -109,11 +109,14 @@ pub enum Event {
     /// The connection table was not written because new flows arrived
     /// faster than `conntrack_insert_limit` (flood guard).
     ConnInsertSkipped = 3,
+    /// An ICMP "fragmentation needed" / "packet too big" about a VIP's
+    /// connection, sent on to the backend that owns the connection.
+    IcmpSteered = 4,
 }
 
 impl Event {
-    pub const ALL: [Event; 4] =
-        [Event::ConnHit, Event::ConnNew, Event::ConnRebalanced, Event::ConnInsertSkipped];
+    pub const ALL: [Event; 5] =
+        [Event::ConnHit, Event::ConnNew, Event::ConnRebalanced, Event::ConnInsertSkipped, Event::IcmpSteered];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -121,6 +124,7 @@ impl Event {
             Event::ConnNew => "conntrack_new",
             Event::ConnRebalanced => "conntrack_rebalanced",
             Event::ConnInsertSkipped => "conntrack_insert_skipped",
+            Event::IcmpSteered => "icmp_to_backend",
         }
     }
 }

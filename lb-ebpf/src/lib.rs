@@ -2,7 +2,7 @@
 //! compiled into the programs and, unchanged, for the host, where tests
 //! and fuzzers drive it with plain byte slices. `ptr` is packet access for
 //! the BPF target.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod parse;
 #[cfg(target_arch = "bpf")]

@@ -1,10 +1,21 @@
-//! Frame → flow key. Ethernet, one 802.1Q/802.1ad tag, IPv4 (any IHL) or
-//! IPv6, then the TCP or UDP ports.
+//! Frame → flow key: Ethernet, one 802.1Q/802.1ad tag, IPv4 (any IHL) or
+//! IPv6 (up to `MAX_EXT_HEADERS` extension headers), then the TCP or UDP
+//! ports. An ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6)
+//! quoting a packet a VIP sent yields the flow of the connection it is
+//! about, so the error reaches the backend that owns that connection.
 //!
-//! Policy, decided here once: fragments carry no (or not all) ports, so
-//! they pass to the host; IPv6 extension headers pass for now; anything
-//! truncated or inconsistent is malformed and dropped (the kernel would
-//! drop it too).
+//! Policy, decided here once and counted under a reason each:
+//! - fragments (IPv4 MF or offset, IPv6 fragment header) pass to the host:
+//!   later fragments have no ports, and a flow's fragments must not be
+//!   split between backends;
+//! - IPv6 extension headers are skipped (hop-by-hop, routing, destination
+//!   options); a longer chain, AH or ESP pass as `PassIpv6Ext`;
+//! - a second VLAN tag is not IP to us (`PassNotIp`);
+//! - anything truncated or inconsistent is malformed and dropped (the
+//!   kernel would drop it too).
+//!
+//! Header types here are byte arrays only (alignment 1), so a frame may
+//! sit at any address: the same code runs on packets and on host slices.
 
 use core::mem::size_of;
 
@@ -14,16 +25,29 @@ use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 
+/// IPv6 extension headers walked before giving up.
+pub const MAX_EXT_HEADERS: usize = 4;
+
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+
 /// What the balancer needs from a frame.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Parsed {
     pub flow: FlowKey,
-    /// TCP flags; 0 for UDP.
+    /// TCP flags; 0 for UDP and ICMP errors.
     pub tcp_flags: u8,
     /// Where the IP header starts (after Ethernet and any VLAN tag).
     pub l3_off: usize,
     /// Length of the IP packet (header included), from the IP header.
     pub l3_len: usize,
+    /// An ICMP error about `flow` (which is the connection it quotes, as
+    /// the client sees it), not a packet of the flow itself.
+    pub icmp_error: bool,
 }
 
 impl Parsed {
@@ -33,22 +57,13 @@ impl Parsed {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 }
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-    vlan::VlanHdr,
-};
-
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
 
 /// Read access to a frame. Every read is bounds-checked by the implementor
 /// against the end of the frame; this is the only way the parser touches
 /// packet memory.
 pub trait Frame {
     /// The `T` at byte offset `off`, if all of it lies inside the frame.
+    /// Only called with alignment-1 types.
     fn at<T>(&self, off: usize) -> Option<&T>;
     /// Frame length in bytes.
     fn len(&self) -> usize;
@@ -58,7 +73,44 @@ pub trait Frame {
     }
 }
 
-/// The start of TCP and UDP headers: ports, and for TCP the flags at 13.
+#[repr(C)]
+struct Eth {
+    _dst: [u8; 6],
+    _src: [u8; 6],
+    ether_type: [u8; 2],
+}
+
+#[repr(C)]
+struct Vlan {
+    _tci: [u8; 2],
+    ether_type: [u8; 2],
+}
+
+#[repr(C)]
+struct Ipv4 {
+    vihl: u8,
+    _tos: u8,
+    tot_len: [u8; 2],
+    _id: [u8; 2],
+    frags: [u8; 2],
+    _ttl: u8,
+    proto: u8,
+    _check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+struct Ipv6 {
+    vcf: [u8; 4],
+    payload_len: [u8; 2],
+    next: u8,
+    _hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// The start of TCP and UDP headers.
 #[repr(C)]
 struct Ports {
     src: [u8; 2],
@@ -68,26 +120,49 @@ struct Ports {
 #[repr(C)]
 struct TcpStart {
     ports: Ports,
-    seq_ack: [u8; 8],
+    _seq_ack: [u8; 8],
     offset: u8,
     flags: u8,
 }
 
+#[repr(C)]
+struct Udp {
+    ports: Ports,
+    len: [u8; 2],
+    _check: [u8; 2],
+}
+
+/// ICMP and ICMPv6 share the first bytes.
+#[repr(C)]
+struct IcmpStart {
+    kind: u8,
+    code: u8,
+    _check: [u8; 2],
+    _rest: [u8; 4],
+}
+
+/// An IPv6 extension header's first two bytes.
+#[repr(C)]
+struct ExtStart {
+    next: u8,
+    len: u8,
+}
+
 #[inline(always)]
-fn load<T, F: Frame>(f: &F, off: usize) -> Result<&T, Reason> {
+fn load<T, F: Frame + ?Sized>(f: &F, off: usize) -> Result<&T, Reason> {
     f.at::<T>(off).ok_or(Reason::DropMalformed)
 }
 
 /// Parses the frame into its flow, or says why it is not balanceable.
 #[inline(always)]
-pub fn parse<F: Frame>(f: &F) -> Result<Parsed, Reason> {
-    let eth: &EthHdr = load(f, 0)?;
-    let mut off = size_of::<EthHdr>();
-    let mut ether_type = u16::from_be(eth.ether_type);
+pub fn parse<F: Frame + ?Sized>(f: &F) -> Result<Parsed, Reason> {
+    let eth: &Eth = load(f, 0)?;
+    let mut off = size_of::<Eth>();
+    let mut ether_type = u16::from_be_bytes(eth.ether_type);
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        let vlan: &VlanHdr = load(f, off)?;
-        ether_type = u16::from_be(vlan.ether_type);
-        off += size_of::<VlanHdr>();
+        let vlan: &Vlan = load(f, off)?;
+        ether_type = u16::from_be_bytes(vlan.ether_type);
+        off += size_of::<Vlan>();
     }
     match ether_type {
         ETH_P_IPV4 => parse_v4(f, off),
@@ -96,58 +171,156 @@ pub fn parse<F: Frame>(f: &F) -> Result<Parsed, Reason> {
     }
 }
 
+/// An IPv4 header at `off`, checked: its header length, and its end (no
+/// further than `limit`).
 #[inline(always)]
-fn parse_v4<F: Frame>(f: &F, off: usize) -> Result<Parsed, Reason> {
-    let ip: &Ipv4Hdr = load(f, off)?;
-    if ip.vihl >> 4 != 4 {
-        return Err(Reason::DropMalformed);
-    }
+fn ipv4_at<F: Frame + ?Sized>(f: &F, off: usize, limit: usize) -> Result<(&Ipv4, usize, usize), Reason> {
+    let ip: &Ipv4 = load(f, off)?;
     // Masked, so the verifier sees a bounded offset.
     let hdr_len = ((ip.vihl & 0x0f) as usize) * 4;
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if hdr_len < size_of::<Ipv4Hdr>() || tot_len < hdr_len || off + tot_len > f.len() {
+    if ip.vihl >> 4 != 4 || hdr_len < size_of::<Ipv4>() || tot_len < hdr_len || off + tot_len > limit {
         return Err(Reason::DropMalformed);
     }
+    Ok((ip, hdr_len, tot_len))
+}
+
+#[inline(always)]
+fn parse_v4<F: Frame + ?Sized>(f: &F, off: usize) -> Result<Parsed, Reason> {
+    let (ip, hdr_len, tot_len) = ipv4_at(f, off, f.len())?;
     // More-fragments flag or a non-zero offset: a fragment.
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         return Err(Reason::PassFragment);
     }
+    let (l4, end) = (off + hdr_len, off + tot_len);
     let mut flow = FlowKey { proto: ip.proto, family: FAMILY_V4, ..FlowKey::default() };
-    flow.src[..4].copy_from_slice(&ip.src_addr);
-    flow.dst[..4].copy_from_slice(&ip.dst_addr);
-    ports(f, off, off + hdr_len, off + tot_len, flow)
+    flow.src[..4].copy_from_slice(&ip.src);
+    flow.dst[..4].copy_from_slice(&ip.dst);
+    if ip.proto == PROTO_ICMP {
+        return icmp_v4(f, off, l4, end);
+    }
+    let (flow, tcp_flags) = ports(f, l4, end, flow)?;
+    Ok(Parsed { flow, tcp_flags, l3_off: off, l3_len: tot_len, icmp_error: false })
+}
+
+/// Fragmentation needed (type 3, code 4) quoting a TCP or UDP packet from
+/// a VIP: the flow it is about. Other ICMP is not for a VIP.
+#[inline(always)]
+fn icmp_v4<F: Frame + ?Sized>(f: &F, l3: usize, l4: usize, end: usize) -> Result<Parsed, Reason> {
+    let icmp: &IcmpStart = load(f, l4)?;
+    if icmp.kind != 3 || icmp.code != 4 {
+        return Err(Reason::PassNotVip);
+    }
+    let quoted = l4 + size_of::<IcmpStart>();
+    // The quote may be cut short after 8 bytes of the original payload.
+    let (inner, hdr_len, _) = ipv4_at(f, quoted, usize::MAX)?;
+    let inner_l4 = quoted + hdr_len;
+    if inner_l4 + 8 > end || u16::from_be_bytes(inner.frags) & 0x1fff != 0 {
+        return Err(Reason::DropMalformed);
+    }
+    let mut flow = FlowKey { proto: inner.proto, family: FAMILY_V4, ..FlowKey::default() };
+    // The quoted packet went VIP → client: the connection is the reverse.
+    flow.src[..4].copy_from_slice(&inner.dst);
+    flow.dst[..4].copy_from_slice(&inner.src);
+    let flow = quoted_ports(f, inner_l4, flow)?;
+    Ok(Parsed { flow, tcp_flags: 0, l3_off: l3, l3_len: end - l3, icmp_error: true })
 }
 
 #[inline(always)]
-fn parse_v6<F: Frame>(f: &F, off: usize) -> Result<Parsed, Reason> {
-    let ip: &Ipv6Hdr = load(f, off)?;
+fn parse_v6<F: Frame + ?Sized>(f: &F, off: usize) -> Result<Parsed, Reason> {
+    let ip: &Ipv6 = load(f, off)?;
     if ip.vcf[0] >> 4 != 6 {
         return Err(Reason::DropMalformed);
     }
-    let l4 = off + size_of::<Ipv6Hdr>();
-    let end = l4 + u16::from_be_bytes(ip.payload_len) as usize;
+    let end = off + size_of::<Ipv6>() + u16::from_be_bytes(ip.payload_len) as usize;
     if end > f.len() {
         return Err(Reason::DropMalformed);
     }
-    let flow = FlowKey {
-        src: ip.src_addr,
-        dst: ip.dst_addr,
-        proto: ip.next_hdr,
-        family: FAMILY_V6,
-        ..FlowKey::default()
-    };
-    match ip.next_hdr {
-        // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6.
-        0 | 43 | 60 | 51 | 135 | 139 | 140 => Err(Reason::PassIpv6Ext),
-        44 => Err(Reason::PassFragment),
-        _ => ports(f, off, l4, end, flow),
+    let (next, l4) = skip_ext_headers(f, ip.next, off + size_of::<Ipv6>(), end)?;
+    let flow = FlowKey { src: ip.src, dst: ip.dst, proto: next, family: FAMILY_V6, ..FlowKey::default() };
+    if next == PROTO_ICMPV6 {
+        return icmp_v6(f, off, l4, end);
+    }
+    let (flow, tcp_flags) = ports(f, l4, end, flow)?;
+    Ok(Parsed { flow, tcp_flags, l3_off: off, l3_len: end - off, icmp_error: false })
+}
+
+/// Walks hop-by-hop, routing and destination-options headers from `off`;
+/// returns the next header after them and where it starts.
+#[inline(always)]
+fn skip_ext_headers<F: Frame + ?Sized>(
+    f: &F,
+    mut next: u8,
+    mut off: usize,
+    end: usize,
+) -> Result<(u8, usize), Reason> {
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            0 | 43 | 60 => {
+                let ext: &ExtStart = load(f, off)?;
+                next = ext.next;
+                off += (ext.len as usize + 1) * 8;
+                if off > end {
+                    return Err(Reason::DropMalformed);
+                }
+            }
+            44 => return Err(Reason::PassFragment),
+            _ => return Ok((next, off)),
+        }
+    }
+    match next {
+        0 | 43 | 60 | 44 => Err(Reason::PassIpv6Ext),
+        _ => Ok((next, off)),
     }
 }
 
-/// Fills in the ports (and TCP flags) of a TCP or UDP flow whose IP packet
-/// spans `l3_off..end` and whose transport header starts at `l4`.
+/// Packet too big (type 2) quoting a TCP or UDP packet from a VIP.
 #[inline(always)]
-fn ports<F: Frame>(f: &F, l3_off: usize, l4: usize, end: usize, mut flow: FlowKey) -> Result<Parsed, Reason> {
+fn icmp_v6<F: Frame + ?Sized>(f: &F, l3: usize, l4: usize, end: usize) -> Result<Parsed, Reason> {
+    let icmp: &IcmpStart = load(f, l4)?;
+    if icmp.kind != 2 {
+        return Err(Reason::PassNotVip);
+    }
+    let quoted = l4 + size_of::<IcmpStart>();
+    let inner: &Ipv6 = load(f, quoted)?;
+    let inner_l4 = quoted + size_of::<Ipv6>();
+    if inner.vcf[0] >> 4 != 6 || inner_l4 + 8 > end {
+        return Err(Reason::DropMalformed);
+    }
+    // The quoted packet went VIP → client: the connection is the reverse.
+    let flow = FlowKey {
+        src: inner.dst,
+        dst: inner.src,
+        proto: inner.next,
+        family: FAMILY_V6,
+        ..FlowKey::default()
+    };
+    let flow = quoted_ports(f, inner_l4, flow)?;
+    Ok(Parsed { flow, tcp_flags: 0, l3_off: l3, l3_len: end - l3, icmp_error: true })
+}
+
+/// The ports of a quoted TCP or UDP header at `l4`, swapped like its
+/// addresses.
+#[inline(always)]
+fn quoted_ports<F: Frame + ?Sized>(f: &F, l4: usize, mut flow: FlowKey) -> Result<FlowKey, Reason> {
+    if flow.proto != PROTO_TCP && flow.proto != PROTO_UDP {
+        return Err(Reason::PassNotVip);
+    }
+    let p: &Ports = load(f, l4)?;
+    flow.sport_be = u16::from_ne_bytes(p.dst);
+    flow.dport_be = u16::from_ne_bytes(p.src);
+    Ok(flow)
+}
+
+/// The ports (and TCP flags) of a TCP or UDP header at `l4`, the IP packet
+/// ending at `end`.
+#[inline(always)]
+fn ports<F: Frame + ?Sized>(
+    f: &F,
+    l4: usize,
+    end: usize,
+    mut flow: FlowKey,
+) -> Result<(FlowKey, u8), Reason> {
     let (ports, tcp_flags) = match flow.proto {
         PROTO_TCP => {
             let tcp: &TcpStart = load(f, l4)?;
@@ -159,14 +332,32 @@ fn ports<F: Frame>(f: &F, l3_off: usize, l4: usize, end: usize, mut flow: FlowKe
             (&tcp.ports, tcp.flags)
         }
         PROTO_UDP => {
-            if l4 + 8 > end {
+            let udp: &Udp = load(f, l4)?;
+            let len = u16::from_be_bytes(udp.len) as usize;
+            if len < size_of::<Udp>() || l4 + len > end {
                 return Err(Reason::DropMalformed);
             }
-            (load::<Ports, F>(f, l4)?, 0)
+            (&udp.ports, 0)
         }
         _ => return Err(Reason::PassNotVip),
     };
     flow.sport_be = u16::from_ne_bytes(ports.src);
     flow.dport_be = u16::from_ne_bytes(ports.dst);
-    Ok(Parsed { flow, tcp_flags, l3_off, l3_len: end - l3_off })
+    Ok((flow, tcp_flags))
+}
+
+/// Host builds (tests, fuzzing) parse plain byte slices.
+#[cfg(not(target_arch = "bpf"))]
+impl Frame for [u8] {
+    fn at<T>(&self, off: usize) -> Option<&T> {
+        debug_assert_eq!(core::mem::align_of::<T>(), 1, "parser header types are byte arrays");
+        let end = off.checked_add(size_of::<T>())?;
+        let bytes = self.get(off..end)?;
+        // SAFETY: in bounds, alignment 1, and T is plain bytes.
+        Some(unsafe { &*bytes.as_ptr().cast::<T>() })
+    }
+
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
 }

@@ -25,6 +25,9 @@ pub struct Target {
 pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     // SAFETY: the value is only read, and VIPS entries are replaced whole.
     let vip = unsafe { VIPS.get(p.flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
+    if p.icmp_error {
+        count_event(stats, Event::IcmpSteered);
+    }
     // A SYN opens a new connection: it always gets a fresh choice.
     if !p.opens_connection() {
         // SAFETY: read-only use of the entry.
@@ -42,8 +45,11 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
         }
     }
     let (backend_id, backend) = maglev(vip, &p.flow)?;
-    record(&p.flow, backend_id, backend.generation, stats);
-    count_event(stats, Event::ConnNew);
+    // An ICMP error is about a flow, not part of it: it records nothing.
+    if !p.icmp_error {
+        record(&p.flow, backend_id, backend.generation, stats);
+        count_event(stats, Event::ConnNew);
+    }
     Ok(Target { vip_id: vip.id, mode: vip.mode, backend_id, backend })
 }
 

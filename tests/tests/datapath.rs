@@ -202,7 +202,7 @@ fn cases() -> Vec<Case> {
         Case {
             name: "ipv6 hop-by-hop before tcp",
             frame: hop_by_hop,
-            expect: Verdict(XDP_PASS, Reason::PassIpv6Ext),
+            expect: Forward(flow6(PROTO_TCP, 40000, 80)),
         },
         Case {
             name: "vip without backends",

@@ -111,7 +111,8 @@ fn long_lived_connections_survive_every_kind_of_change() {
 
     // Fifty table swaps in a row under traffic.
     for i in 0..50 {
-        let w = 1 + i % 2;
+        // Alternating from the weight in force, so every step is a change.
+        let w = 2 - i % 2;
         daemon.apply_config(&config(&lab, &[(2, 3), (3, 0), (4, w)])).unwrap();
     }
     let swaps = daemon.log().matches("backend weight changed").count();
