@@ -107,3 +107,69 @@ pub fn build(
         .collect();
     (Desired { vips, drain_timeout: Duration::from_secs(config.drain_timeout) }, notes)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, path::Path, time::Instant};
+
+    use super::*;
+    use crate::consul::{EmptyPolicy, Instance, ServiceQuery, Update};
+
+    fn config(max_backends: u32) -> Config {
+        let text = format!(
+            "interface = \"eth0\"\nmax_backends = {max_backends}\n\n\
+             [[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\nconsul = {{ service = \"web\" }}\n"
+        );
+        Config::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    fn query() -> ServiceQuery {
+        ServiceQuery { service: "web".into(), tag: None }
+    }
+
+    fn instance(i: u32, address: IpAddr, port: u16, weight: u32) -> Instance {
+        Instance { node: format!("n{i}"), id: format!("web-{i}"), address, port, weight, warning: false }
+    }
+
+    fn discovery(instances: Vec<Instance>) -> Discovery {
+        let mut d = Discovery::new(EmptyPolicy::Keep);
+        d.watch_only(&[query()]);
+        d.update(Update::Instances { query: query(), instances, index: 1 }, Instant::now());
+        d
+    }
+
+    #[test]
+    fn discovered_instances_of_another_family_or_port_are_left_out_and_noted() {
+        let d = discovery(vec![
+            instance(1, IpAddr::from([10, 0, 0, 1]), 80, 1),
+            instance(2, "fd00::2".parse().unwrap(), 80, 1),
+            instance(3, IpAddr::from([10, 0, 0, 3]), 8080, 1),
+            instance(4, IpAddr::from([10, 0, 0, 4]), 0, 1_000_000),
+        ]);
+        let (desired, notes) = build(&config(4096), &d, &Overrides::default(), &HashMap::new());
+        let addrs: Vec<_> = desired.vips[0].backends.iter().map(|b| (b.addr, b.weight)).collect();
+        assert_eq!(addrs, [(IpAddr::from([10, 0, 0, 1]), 1), (IpAddr::from([10, 0, 0, 4]), 1_000_000)]);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("not of the VIP's family") && notes[1].contains("port 8080"), "{notes:?}");
+        assert_eq!(desired.vips[0].leave, Leave::AtOnce, "failed instances leave at once");
+    }
+
+    #[test]
+    fn ten_thousand_instances_are_bounded_by_the_backend_budget() {
+        let many = (0..10_000u32)
+            .map(|i| instance(i, IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]), 80, 1))
+            .collect();
+        let (desired, notes) = build(&config(4096), &discovery(many), &Overrides::default(), &HashMap::new());
+        assert_eq!(desired.vips[0].backends.len(), 4095);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("10000 instances but only 4095 backend ids"), "{notes:?}");
+    }
+
+    #[test]
+    fn a_service_without_an_answer_holds_its_vip() {
+        let mut d = Discovery::new(EmptyPolicy::Keep);
+        d.watch_only(&[query()]);
+        let (desired, _) = build(&config(4096), &d, &Overrides::default(), &HashMap::new());
+        assert!(desired.vips[0].hold && desired.vips[0].backends.is_empty());
+    }
+}

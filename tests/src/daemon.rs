@@ -152,7 +152,17 @@ impl Daemon {
         Ok(())
     }
 
-    /// Starts it again in `ns` with the current config.
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts it again in `ns` with the current config (stopping it first
+    /// with SIGTERM if it runs).
     pub fn restart(&mut self, ns: &Netns) -> anyhow::Result<()> {
         self.stop()?;
         let mark = self.log().matches("xlb ready").count();

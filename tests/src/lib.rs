@@ -14,6 +14,7 @@ pub mod lab;
 pub mod netns;
 pub mod servers;
 pub mod testrun;
+pub mod traffic;
 pub mod tun_lab;
 
 /// A process-unique id for names of namespaces, interfaces and files.

@@ -4,64 +4,24 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    thread::JoinHandle,
-    time::Duration,
 };
 
 use xlb_tests::{
     daemon::Daemon,
     lab::{Lab, VIP4},
     servers::{self, tcp_spread},
+    traffic::Conversation,
 };
 
 const LONG_LIVED: usize = 24;
 
-/// A connection that asks every 100 ms and must always get an answer from
-/// the same backend.
-struct Conversation {
-    backend: String,
-    thread: JoinHandle<Result<usize, String>>,
-}
-
 fn converse(lab: &Lab, stop: &Arc<AtomicBool>) -> Conversation {
-    let conn = lab
-        .client
-        .run(|| TcpStream::connect_timeout(&SocketAddr::from((VIP4, 80)), Duration::from_secs(3)))
-        .expect("connect");
-    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut writer = conn;
-    let mut ask = move || -> Result<String, String> {
-        writer.write_all(b"ping\n").map_err(|e| format!("send: {e}"))?;
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) => Err("connection closed".into()),
-            Ok(_) => Ok(line.trim().to_owned()),
-            Err(e) => Err(format!("no answer: {e}")),
-        }
-    };
-    let backend = ask().expect("first exchange");
-    let expected = backend.clone();
-    let stop = stop.clone();
-    let thread = std::thread::spawn(move || {
-        let mut exchanges = 1;
-        while !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(100));
-            let answer = ask().map_err(|e| format!("{expected}, after {exchanges} exchanges: {e}"))?;
-            if answer != expected {
-                return Err(format!("moved from {expected} to {answer}"));
-            }
-            exchanges += 1;
-        }
-        Ok(exchanges)
-    });
-    Conversation { backend, thread }
+    Conversation::start(&lab.client, SocketAddr::from((VIP4, 80)), stop)
 }
 
 fn config(lab: &Lab, backends: &[(u8, u32)]) -> String {
@@ -122,10 +82,11 @@ fn long_lived_connections_survive_every_kind_of_change() {
     let mut on: BTreeMap<String, usize> = BTreeMap::new();
     let mut failures = Vec::new();
     for t in talks {
-        match t.thread.join().unwrap() {
+        let backend = t.backend.clone();
+        match t.finish() {
             Ok(exchanges) => {
-                assert!(exchanges >= 5, "{} had only {exchanges} exchanges", t.backend);
-                *on.entry(t.backend).or_default() += 1;
+                assert!(exchanges >= 5, "{backend} had only {exchanges} exchanges");
+                *on.entry(backend).or_default() += 1;
             }
             Err(e) => failures.push(e),
         }
