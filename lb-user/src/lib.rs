@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod desired;
 pub mod discovery;
+pub mod errors;
 pub mod helpers;
 pub mod loader;
 pub mod maglev;

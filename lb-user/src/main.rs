@@ -23,7 +23,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xlb: error: {}", cli::run::format_error(e.as_ref()));
+            eprintln!("xlb: error: {}", xlb::errors::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -167,8 +167,11 @@ impl DaemonState {
         serde_json::from_slice(&text).ok()
     }
 
-    pub fn remove(interface: &str) {
+    /// Forgets everything published for `interface`: the state file and
+    /// the operator's drain/weight overrides (`xlb detach`).
+    pub fn forget(interface: &str) {
         let _ = std::fs::remove_file(path(interface));
+        let _ = std::fs::remove_file(crate::overrides::Overrides::path(interface));
     }
 
     /// Whether the process that wrote this is still an xlb.

@@ -14,7 +14,7 @@ pub fn detach(args: TargetArgs) -> anyhow::Result<()> {
         println!("nothing pinned at {}", target.pin_dir.display());
     }
     if let Some(interface) = &target.interface {
-        DaemonState::remove(interface);
+        DaemonState::forget(interface);
     }
     Ok(())
 }

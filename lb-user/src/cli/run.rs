@@ -27,6 +27,7 @@ use crate::{
     dataplane::KernelMaps,
     desired,
     discovery::Discovery,
+    errors::error_chain,
     loader, neigh,
     overrides::Overrides,
     reconcile::{Desired, Reconciler},
@@ -147,7 +148,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     reloaded = true;
                 }
                 Err(e) => {
-                    error!(error = %format_error(e.as_ref()), "config rejected; the running config stays in force")
+                    error!(error = %error_chain(e.as_ref()), "config rejected; the running config stays in force")
                 }
             }
         }
@@ -169,10 +170,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         daemon.pending = true;
                     }
                     Ok(_) => {}
-                    Err(e) => warn!(error = %format_error(&e), "neighbour refresh failed"),
+                    Err(e) => warn!(error = %error_chain(&e), "neighbour refresh failed"),
                 }
             }
-            Err(e) => warn!(error = %format_error(&e), "route lookup failed"),
+            Err(e) => warn!(error = %error_chain(&e), "route lookup failed"),
         }
         if daemon.reconciler.next_deadline().is_some_and(|d| d <= Instant::now()) {
             daemon.pending = true;
@@ -190,7 +191,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.detach_on_exit {
         drop(dataplane);
         loader::detach(&pin_dir)?;
-        DaemonState::remove(&iface.name);
+        DaemonState::forget(&iface.name);
         info!(interface = %iface.name, "detached");
     } else {
         info!(interface = %iface.name, "exiting; program xlb stays attached with the last tables");
@@ -229,7 +230,7 @@ impl Daemon<'_> {
         let desired = self.desired(config, discovery);
         match self.reconciler.apply(&desired, Instant::now(), self.maps) {
             Ok(()) => self.pending = false,
-            Err(e) => error!(error = %format_error(&e), "map update failed; retrying with a full resync"),
+            Err(e) => error!(error = %error_chain(&e), "map update failed; retrying with a full resync"),
         }
         self.admin.ready.store(!self.pending, Ordering::Relaxed);
         self.publish(config, discovery);
@@ -305,7 +306,7 @@ impl Daemon<'_> {
         let new = match Config::load(&self.args.config) {
             Ok(new) => new,
             Err(e) => {
-                error!(error = %format_error(&e), "config rejected; the running config stays in force");
+                error!(error = %error_chain(&e), "config rejected; the running config stays in force");
                 return None;
             }
         };
@@ -483,16 +484,4 @@ fn check_tun(config: &Config, params: &loader::Params) -> anyhow::Result<()> {
 
 fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// An error with its chain of causes on one line.
-pub fn format_error(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
