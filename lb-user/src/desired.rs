@@ -55,12 +55,13 @@ pub fn build(
                         Some(instances) => {
                             let mut list = Vec::new();
                             for i in instances {
-                                if i.address.is_ipv4() != v.address.is_ipv4() {
-                                    notes.push(format!(
-                                        "VIP {}: {query} instance {}/{} at {} is not of the VIP's family; skipped",
-                                        v.name, i.node, i.id, i.address
-                                    ));
-                                } else if i.port != 0 && i.port != v.port {
+                                // The instance's address of the VIP's family: a
+                                // service may back a v4 and a v6 VIP.
+                                let family = |a: &&IpAddr| a.is_ipv4() == v.address.is_ipv4();
+                                let Some(&address) = std::iter::once(&i.address).chain(&i.tagged).find(family) else {
+                                    continue;
+                                };
+                                if i.port != 0 && i.port != v.port {
                                     notes.push(format!(
                                         "VIP {}: {query} instance {}/{} listens on port {}, not the VIP's {}: \
                                          {} forwarding keeps the port; skipped",
@@ -73,9 +74,9 @@ pub fn build(
                                     ));
                                 } else {
                                     list.push(DesiredBackend {
-                                        addr: i.address,
-                                        weight: overrides.weight(&v.name, i.address, i.weight),
-                                        mac: mac(&i.address),
+                                        addr: address,
+                                        weight: overrides.weight(&v.name, address, i.weight),
+                                        mac: mac(&address),
                                     });
                                 }
                             }
@@ -128,7 +129,15 @@ mod tests {
     }
 
     fn instance(i: u32, address: IpAddr, port: u16, weight: u32) -> Instance {
-        Instance { node: format!("n{i}"), id: format!("web-{i}"), address, port, weight, warning: false }
+        Instance {
+            node: format!("n{i}"),
+            id: format!("web-{i}"),
+            address,
+            tagged: vec![],
+            port,
+            weight,
+            warning: false,
+        }
     }
 
     fn discovery(instances: Vec<Instance>) -> Discovery {
@@ -139,18 +148,26 @@ mod tests {
     }
 
     #[test]
-    fn discovered_instances_of_another_family_or_port_are_left_out_and_noted() {
+    fn instances_of_another_family_are_skipped_and_another_port_is_noted() {
+        let mut dual = instance(5, "fd00::5".parse().unwrap(), 80, 2);
+        dual.tagged = vec![IpAddr::from([10, 0, 0, 5])];
         let d = discovery(vec![
             instance(1, IpAddr::from([10, 0, 0, 1]), 80, 1),
             instance(2, "fd00::2".parse().unwrap(), 80, 1),
             instance(3, IpAddr::from([10, 0, 0, 3]), 8080, 1),
             instance(4, IpAddr::from([10, 0, 0, 4]), 0, 1_000_000),
+            dual,
         ]);
         let (desired, notes) = build(&config(4096), &d, &Overrides::default(), &HashMap::new());
         let addrs: Vec<_> = desired.vips[0].backends.iter().map(|b| (b.addr, b.weight)).collect();
-        assert_eq!(addrs, [(IpAddr::from([10, 0, 0, 1]), 1), (IpAddr::from([10, 0, 0, 4]), 1_000_000)]);
-        assert_eq!(notes.len(), 2, "{notes:?}");
-        assert!(notes[0].contains("not of the VIP's family") && notes[1].contains("port 8080"), "{notes:?}");
+        let v4 = |d| IpAddr::from([10, 0, 0, d]);
+        assert_eq!(
+            addrs,
+            [(v4(1), 1), (v4(4), 1_000_000), (v4(5), 2)],
+            "a dual-stack instance by its tagged address"
+        );
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("port 8080"), "{notes:?}");
         assert_eq!(desired.vips[0].leave, Leave::AtOnce, "failed instances leave at once");
     }
 

@@ -143,6 +143,7 @@ mod tests {
                 node: format!("n{i}"),
                 id: "web".into(),
                 address: IpAddr::from([10, 0, 0, i]),
+                tagged: Vec::new(),
                 port: 80,
                 weight: 1,
                 warning: false,

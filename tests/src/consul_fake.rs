@@ -485,6 +485,8 @@ struct Service {
     port: i64,
     meta: BTreeMap<String, String>,
     weights: (i64, i64),
+    /// `TaggedAddresses` as registered (name → {Address, Port}).
+    tagged: BTreeMap<String, Value>,
     create_index: u64,
     modify_index: u64,
 }
@@ -589,6 +591,11 @@ impl State {
             }
             Some(_) => return Err(bad("Weights must be an object".into())),
         };
+        let tagged = match field(object, "TaggedAddresses") {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Some(_) => return Err(bad("TaggedAddresses must be an object".into())),
+        };
         let mut definitions = Vec::new();
         match field(object, "Check") {
             None | Some(Value::Null) => {}
@@ -616,6 +623,7 @@ impl State {
             port: int_field(object, "Port")?.unwrap_or(0),
             meta,
             weights,
+            tagged,
             create_index: previous.as_ref().map_or(index, |p| p.create_index),
             modify_index: index,
         };
@@ -797,7 +805,7 @@ impl State {
                 })
             })
             .collect();
-        json!({
+        let mut entry = json!({
             "Node": {
                 "ID": "00000000-0000-4000-8000-00000000fa4e",
                 "Node": self.node,
@@ -822,7 +830,12 @@ impl State {
                 "ModifyIndex": s.modify_index,
             },
             "Checks": checks,
-        })
+        });
+        // Consul leaves the field out when there are none (omitempty).
+        if !s.tagged.is_empty() {
+            entry["Service"]["TaggedAddresses"] = json!(s.tagged);
+        }
+        entry
     }
 }
 

@@ -129,3 +129,40 @@ fn backends_follow_consul_health_and_survive_its_outage() {
         "be1's failure applies after the outage",
     );
 }
+
+#[test]
+fn one_service_backs_an_ipv4_and_an_ipv6_vip() {
+    let lab = Lab::new(2).unwrap();
+    let _servers = servers::start(&lab.backends, 80, 53);
+    let consul =
+        lab.lb.run(|| FakeConsul::builder().bind("127.0.0.1:8500".parse().unwrap()).start()).unwrap();
+    for b in &lab.backends {
+        consul.register(json!({
+            "Name": "web",
+            "ID": format!("web-{}", b.name),
+            "Address": b.v4.to_string(),
+            "TaggedAddresses": { "lan_ipv6": { "Address": b.v6.to_string(), "Port": 80 } },
+            "Port": 80,
+            "Check": { "TTL": "1h", "Status": "passing" },
+        }));
+    }
+    let vip = |name: &str, addr: IpAddr| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"{addr}\"\nport = 80\nprotocol = \"tcp\"\nconsul = {{ service = \"web\" }}\n"
+        )
+    };
+    let config = lab.config(&format!(
+        "[consul]\naddress = \"http://127.0.0.1:8500\"\n\n{}\n{}",
+        vip("web4", VIP4.into()),
+        vip("web6", xlb_tests::lab::VIP6.into())
+    ));
+    let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config).unwrap();
+    for addr in [IpAddr::from(VIP4), IpAddr::from(xlb_tests::lab::VIP6)] {
+        let target = SocketAddr::new(addr, 80);
+        eventually(
+            || lab.client.run(|| tcp_spread(target, 40)).map(|c| c.len() == 2).unwrap_or(false),
+            &daemon,
+            &format!("{addr} served by both instances"),
+        );
+    }
+}

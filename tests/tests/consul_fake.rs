@@ -134,6 +134,7 @@ async fn fetch_maps_instances_addresses_and_weights() {
         node: "node-a".into(),
         id: id.into(),
         address: ip(address),
+        tagged: vec![],
         port,
         weight,
         warning: false,

@@ -39,6 +39,14 @@ pub(crate) struct Service {
     pub meta: Option<HashMap<String, String>>,
     #[serde(rename = "Weights", default)]
     pub weights: Option<Weights>,
+    #[serde(rename = "TaggedAddresses", default)]
+    pub tagged_addresses: Option<HashMap<String, TaggedAddress>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct TaggedAddress {
+    #[serde(rename = "Address", default)]
+    pub address: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,7 +131,13 @@ fn to_instance(entry: Entry, warning: bool, problems: &mut Vec<Problem>) -> Opti
         return None;
     };
     let weight = weight(&service, warning, &label, problems);
-    Some(Instance { node: node.name, id: service.id, address, port, weight, warning })
+    // Dual-stack services give the other family's address as a tagged one.
+    let tagged = ["lan_ipv4", "wan_ipv4", "lan_ipv6", "wan_ipv6"]
+        .iter()
+        .filter_map(|k| service.tagged_addresses.as_ref()?.get(*k)?.address.parse::<IpAddr>().ok())
+        .filter(|a| *a != address)
+        .collect();
+    Some(Instance { node: node.name, id: service.id, address, tagged, port, weight, warning })
 }
 
 fn weight(service: &Service, warning: bool, label: &str, problems: &mut Vec<Problem>) -> u32 {
@@ -373,10 +387,25 @@ mod tests {
                 node: "n1".into(),
                 id: "bare".into(),
                 address: ip("10.0.0.9"),
+                tagged: vec![],
                 port: 0,
                 weight: 1,
                 warning: false
             }]
         );
+    }
+
+    #[test]
+    fn tagged_addresses_give_a_dual_stack_instance_its_other_address() {
+        let list = entries(json!([{ "Node": { "Node": "n1", "Address": "10.0.0.9" },
+                                     "Service": { "ID": "web", "Address": "10.0.0.1",
+                                                  "TaggedAddresses": {
+                                                      "lan_ipv4": { "Address": "10.0.0.1", "Port": 80 },
+                                                      "lan_ipv6": { "Address": "fd00::1", "Port": 80 },
+                                                      "wan_ipv6": { "Address": "not-an-ip", "Port": 80 } } },
+                                     "Checks": [] }]));
+        let (instances, _) = map_entries(list, WarningPolicy::Keep, 100);
+        assert_eq!(instances[0].address, ip("10.0.0.1"));
+        assert_eq!(instances[0].tagged, [ip("fd00::1")]);
     }
 }

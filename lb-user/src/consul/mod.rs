@@ -212,6 +212,10 @@ pub struct Instance {
     /// `Service.ID`.
     pub id: String,
     pub address: IpAddr,
+    /// Other addresses from `Service.TaggedAddresses` (`lan_ipv4`,
+    /// `wan_ipv4`, `lan_ipv6`, `wan_ipv6`, in that order): a dual-stack
+    /// instance backs VIPs of both families.
+    pub tagged: Vec<IpAddr>,
     /// `Service.Port` (unused by DR forwarding, which keeps the port).
     pub port: u16,
     pub weight: u32,
