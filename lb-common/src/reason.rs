@@ -32,8 +32,9 @@ pub enum Reason {
     /// TUN: too big once encapsulated; an ICMP "fragmentation needed" /
     /// "packet too big" went back to the client.
     IcmpTooBig = 9,
-    /// TUN: too big once encapsulated, and no ICMP error could be built
-    /// (IPv4 options, or the client forbids it).
+    /// TUN: too big once encapsulated, and no ICMP error is due: IPv4
+    /// without DF (the client allows fragmenting, which xlb does not do),
+    /// IPv4 options, a VLAN-tagged client, or an ICMP error itself.
     DropTooBig = 10,
 }
 

@@ -4,9 +4,20 @@ use aya_ebpf::helpers::bpf_csum_diff;
 
 use lb_ebpf::ptr::Packet;
 
+/// An IPv4 header (without options) with its checksum field filled in.
+#[inline(always)]
+pub fn ipv4_header(mut h: [u8; 20]) -> [u8; 20] {
+    h[10] = 0;
+    h[11] = 0;
+    let c = finish(add(0, &h)).to_be_bytes();
+    h[10] = c[0];
+    h[11] = c[1];
+    h
+}
+
 /// Adds big-endian 16-bit words of `bytes` to a running sum (constant bound).
 #[inline(always)]
-pub fn add<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
+fn add<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
     let mut i = 0;
     while i + 1 < N {
         sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
@@ -17,7 +28,7 @@ pub fn add<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
 
 /// Folds a running sum of big-endian words into the checksum.
 #[inline(always)]
-pub fn finish(mut sum: u32) -> u16 {
+fn finish(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)

@@ -1,7 +1,10 @@
 //! Program `xlb_decap`, for backends of TUN-mode VIPs: strips the outer
 //! IPv4 (protocol 4) or IPv6 (next header 41) header from packets whose
 //! inner destination is one of this host's VIPs, and passes the inner
-//! packet to the kernel. Everything else passes untouched.
+//! packet to the kernel. Everything else passes as it came.
+//!
+//! The outer source is not checked: like any tunnel endpoint, a backend
+//! must not accept IPIP / IP6IP6 from outside the network xlb runs in.
 #![no_std]
 #![no_main]
 
@@ -12,17 +15,17 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_SLOTS, DecapKey, FAMILY_V4, FAMILY_V6};
-use lb_ebpf::{parse::Frame as _, ptr::Packet};
+use lb_ebpf::{
+    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6},
+    parse::Frame as _,
+    ptr::Packet,
+};
 
 #[map(name = "DECAP_VIPS")]
 static DECAP_VIPS: HashMap<DecapKey, u8> = HashMap::with_max_entries(1024, 0);
 
 #[map(name = "DECAP_STATS")]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECAP_SLOTS, 0);
-
-const ETH_HLEN: usize = 14;
-const IPPROTO_IPIP: u8 = 4;
-const IPPROTO_IPV6: u8 = 41;
 
 #[xdp]
 pub fn xlb_decap(ctx: XdpContext) -> u32 {
@@ -39,23 +42,32 @@ pub fn xlb_decap(ctx: XdpContext) -> u32 {
 fn decap(pkt: &Packet) -> u32 {
     let Some(&[t0, t1]) = pkt.at::<[u8; 2]>(12) else { return DECAP_PASSED };
     let (outer_len, inner_dst, family) = match u16::from_be_bytes([t0, t1]) {
-        0x0800 => {
+        ETH_P_IPV4 => {
             let Some(ip) = pkt.at::<[u8; 20]>(ETH_HLEN) else { return DECAP_PASSED };
-            // Our outer headers never carry options.
-            if ip[0] != 0x45 || ip[9] != IPPROTO_IPIP {
+            // Our outer headers never carry options, and set DF: a fragment
+            // (MF or an offset) is not ours, and its inner bytes are partial.
+            if ip[0] != 0x45 || ip[9] != IPPROTO_IPIP || ip[6] & 0x3f != 0 || ip[7] != 0 {
                 return DECAP_PASSED;
             }
+            let Some(&[inner_version]) = pkt.at::<[u8; 1]>(ETH_HLEN + 20) else { return DECAP_PASSED };
             let Some(dst) = pkt.at::<[u8; 4]>(ETH_HLEN + 20 + 16) else { return DECAP_PASSED };
+            if inner_version >> 4 != 4 {
+                return DECAP_PASSED;
+            }
             let mut addr = [0u8; 16];
             addr[..4].copy_from_slice(dst);
             (20, addr, FAMILY_V4)
         }
-        0x86dd => {
+        ETH_P_IPV6 => {
             let Some(ip) = pkt.at::<[u8; 40]>(ETH_HLEN) else { return DECAP_PASSED };
             if ip[0] >> 4 != 6 || ip[6] != IPPROTO_IPV6 {
                 return DECAP_PASSED;
             }
+            let Some(&[inner_version]) = pkt.at::<[u8; 1]>(ETH_HLEN + 40) else { return DECAP_PASSED };
             let Some(dst) = pkt.at::<[u8; 16]>(ETH_HLEN + 40 + 24) else { return DECAP_PASSED };
+            if inner_version >> 4 != 6 {
+                return DECAP_PASSED;
+            }
             (40, *dst, FAMILY_V6)
         }
         _ => return DECAP_PASSED,

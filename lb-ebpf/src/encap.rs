@@ -1,10 +1,10 @@
 //! TUN mode's outer headers, built on the stack: pure functions of their
 //! inputs, written into the packet by `xmit`.
 
+use lb_ebpf::net::{IPPROTO_IPIP, IPPROTO_IPV6};
+
 use crate::csum;
 
-pub const IPPROTO_IPIP: u8 = 4;
-pub const IPPROTO_IPV6: u8 = 41;
 const TTL: u8 = 64;
 
 /// Outer IPv4 header for an IPv4 packet of `inner_len` bytes: protocol 4,
@@ -14,7 +14,7 @@ const TTL: u8 = 64;
 pub fn ipv4_outer(src: [u8; 4], dst: [u8; 4], inner_len: u16, tos: u8, entropy: u16) -> [u8; 20] {
     let total = (inner_len + 20).to_be_bytes();
     let id = entropy.to_be_bytes();
-    let mut h = [
+    let h = [
         0x45,
         tos,
         total[0],
@@ -36,10 +36,7 @@ pub fn ipv4_outer(src: [u8; 4], dst: [u8; 4], inner_len: u16, tos: u8, entropy: 
         dst[2],
         dst[3],
     ];
-    let c = csum::finish(csum::add(0, &h)).to_be_bytes();
-    h[10] = c[0];
-    h[11] = c[1];
-    h
+    csum::ipv4_header(h)
 }
 
 /// Outer IPv6 header for an IPv6 packet of `inner_len` bytes: next header

@@ -5,13 +5,13 @@
 
 use lb_common::{FAMILY_V4, Reason};
 use lb_ebpf::{
+    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6},
     parse::{Frame as _, Parsed},
     ptr::Packet,
 };
 
 use crate::{csum, maps::IFACE_MAC, xmit::eth};
 
-const ETH_HLEN: usize = 14;
 /// IPv4 header plus 8 bytes of the original datagram (RFC 792).
 const QUOTE_V4: usize = 28;
 /// IPv6 header plus 8 bytes; RFC 4443 allows more, the ports are enough.
@@ -47,16 +47,31 @@ fn v4(pkt: &Packet, p: &Parsed, mtu: usize) -> Option<()> {
     let client: [u8; 4] = *pkt.at(quoted + 12)?;
     let vip: [u8; 4] = *pkt.at(quoted + 16)?;
 
-    pkt.write(0, eth(client_mac, IFACE_MAC.load(), 0x0800)).ok()?;
+    pkt.write(0, eth(client_mac, IFACE_MAC.load(), ETH_P_IPV4)).ok()?;
     let total = ((20 + 8 + QUOTE_V4) as u16).to_be_bytes();
-    let mut ip = [
-        0x45, 0, total[0], total[1], 0, 0, 0, 0, 64, 1, 0, 0, vip[0], vip[1], vip[2], vip[3], client[0],
-        client[1], client[2], client[3],
+    let ip = [
+        0x45,
+        0,
+        total[0],
+        total[1],
+        0,
+        0,
+        0,
+        0,
+        64,
+        IPPROTO_ICMP,
+        0,
+        0,
+        vip[0],
+        vip[1],
+        vip[2],
+        vip[3],
+        client[0],
+        client[1],
+        client[2],
+        client[3],
     ];
-    let c = csum::finish(csum::add(0, &ip)).to_be_bytes();
-    ip[10] = c[0];
-    ip[11] = c[1];
-    pkt.write(IP, ip).ok()?;
+    pkt.write(IP, csum::ipv4_header(ip)).ok()?;
     let mtu = (mtu.min(0xffff) as u16).to_be_bytes();
     pkt.write(ICMP, [3u8, 4, 0, 0, 0, 0, mtu[0], mtu[1]]).ok()?;
     let sum = csum::packet_sum::<{ 8 + QUOTE_V4 }>(&pkt, ICMP)?;
@@ -77,9 +92,9 @@ fn v6(pkt: &Packet, p: &Parsed, mtu: usize) -> Option<()> {
     let client: [u8; 16] = *pkt.at(quoted + 8)?;
     let vip: [u8; 16] = *pkt.at(quoted + 24)?;
 
-    pkt.write(0, eth(client_mac, IFACE_MAC.load(), 0x86dd)).ok()?;
+    pkt.write(0, eth(client_mac, IFACE_MAC.load(), ETH_P_IPV6)).ok()?;
     let len = ((8 + QUOTE_V6) as u16).to_be_bytes();
-    pkt.write(IP, [0x60u8, 0, 0, 0, len[0], len[1], 58, 64]).ok()?;
+    pkt.write(IP, [0x60u8, 0, 0, 0, len[0], len[1], IPPROTO_ICMPV6, 64]).ok()?;
     pkt.write(IP + 8, vip).ok()?;
     pkt.write(IP + 24, client).ok()?;
     let mtu = (mtu.max(IPV6_MIN_MTU) as u32).to_be_bytes();
@@ -88,7 +103,7 @@ fn v6(pkt: &Packet, p: &Parsed, mtu: usize) -> Option<()> {
     // upper-layer length and next header as 32-bit big-endian words.
     let pseudo = csum::packet_sum::<32>(&pkt, IP + 8)?
         + u32::from_ne_bytes([0, 0, len[0], len[1]]) as u64
-        + u32::from_ne_bytes([0, 0, 0, 58]) as u64;
+        + u32::from_ne_bytes([0, 0, 0, IPPROTO_ICMPV6]) as u64;
     let sum = csum::packet_sum::<{ 8 + QUOTE_V6 }>(&pkt, ICMP)? + pseudo;
     pkt.write(ICMP + 2, csum::fold_native(sum)).ok()
 }

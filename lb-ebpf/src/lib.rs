@@ -4,6 +4,7 @@
 //! the BPF target.
 #![cfg_attr(not(test), no_std)]
 
+pub mod net;
 pub mod parse;
 #[cfg(target_arch = "bpf")]
 pub mod ptr;

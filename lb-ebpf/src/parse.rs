@@ -9,7 +9,8 @@
 //!   later fragments have no ports, and a flow's fragments must not be
 //!   split between backends;
 //! - IPv6 extension headers are skipped (hop-by-hop, routing, destination
-//!   options); a longer chain, AH or ESP pass as `PassIpv6Ext`;
+//!   options); a longer chain passes as `PassIpv6Ext`, AH, ESP and other
+//!   protocols as `PassNotVip`;
 //! - a second VLAN tag is not IP to us (`PassNotIp`);
 //! - anything truncated or inconsistent is malformed and dropped (the
 //!   kernel would drop it too).
@@ -21,6 +22,8 @@ use core::mem::size_of;
 
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 
+use crate::net::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6};
+
 /// TCP flag bits (byte 13 of the TCP header).
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
@@ -28,12 +31,6 @@ pub const TCP_ACK: u8 = 0x10;
 /// IPv6 extension headers walked before giving up.
 pub const MAX_EXT_HEADERS: usize = 4;
 
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
 
 /// What the balancer needs from a frame.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -196,7 +193,7 @@ fn parse_v4<F: Frame + ?Sized>(f: &F, off: usize) -> Result<Parsed, Reason> {
     let mut flow = FlowKey { proto: ip.proto, family: FAMILY_V4, ..FlowKey::default() };
     flow.src[..4].copy_from_slice(&ip.src);
     flow.dst[..4].copy_from_slice(&ip.dst);
-    if ip.proto == PROTO_ICMP {
+    if ip.proto == IPPROTO_ICMP {
         return icmp_v4(f, off, l4, end);
     }
     let (flow, tcp_flags) = ports(f, l4, end, flow)?;
@@ -215,7 +212,11 @@ fn icmp_v4<F: Frame + ?Sized>(f: &F, l3: usize, l4: usize, end: usize) -> Result
     // The quote may be cut short after 8 bytes of the original payload.
     let (inner, hdr_len, _) = ipv4_at(f, quoted, usize::MAX)?;
     let inner_l4 = quoted + hdr_len;
-    if inner_l4 + 8 > end || u16::from_be_bytes(inner.frags) & 0x1fff != 0 {
+    if u16::from_be_bytes(inner.frags) & 0x1fff != 0 {
+        // About a later fragment: no ports to find the connection by.
+        return Err(Reason::PassFragment);
+    }
+    if inner_l4 + 8 > end {
         return Err(Reason::DropMalformed);
     }
     let mut flow = FlowKey { proto: inner.proto, family: FAMILY_V4, ..FlowKey::default() };
@@ -238,7 +239,7 @@ fn parse_v6<F: Frame + ?Sized>(f: &F, off: usize) -> Result<Parsed, Reason> {
     }
     let (next, l4) = skip_ext_headers(f, ip.next, off + size_of::<Ipv6>(), end)?;
     let flow = FlowKey { src: ip.src, dst: ip.dst, proto: next, family: FAMILY_V6, ..FlowKey::default() };
-    if next == PROTO_ICMPV6 {
+    if next == IPPROTO_ICMPV6 {
         return icmp_v6(f, off, l4, end);
     }
     let (flow, tcp_flags) = ports(f, l4, end, flow)?;

@@ -12,6 +12,7 @@ use aya_ebpf::{
 };
 use lb_common::{BackendInfo, FAMILY_V4, Reason};
 use lb_ebpf::{
+    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6},
     parse::{Frame as _, Parsed},
     ptr::Packet,
 };
@@ -24,9 +25,6 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 
 /// DR: same frame, addressed to the backend's MAC from ours.
 #[inline(always)]
@@ -111,7 +109,7 @@ fn encapsulate(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Result<Tun, R
     // Room for the outer header; a VLAN tag, if any, is dropped.
     let grow = (ETH_HLEN + overhead) as i32 - p.l3_off as i32;
     let pkt = pkt.adjust_head(-grow)?;
-    let eth_type = if v4 { ETH_P_IP } else { ETH_P_IPV6 };
+    let eth_type = if v4 { ETH_P_IPV4 } else { ETH_P_IPV6 };
     pkt.write(0, eth(dst_mac, src_mac, eth_type))?;
     if v4 {
         let src = TUN_SRC_V4.load();

@@ -10,9 +10,10 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -20,12 +21,12 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1, service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::{
     net::TcpListener,
-    sync::{mpsc, oneshot},
+    sync::{Semaphore, mpsc, oneshot},
 };
 
 use crate::{config::MAX_WEIGHT, metrics, status};
@@ -67,19 +68,44 @@ pub struct Shared {
     /// Program attached and maps in sync with what is wanted.
     pub ready: AtomicBool,
     pub commands: mpsc::Sender<Command>,
+    /// The last status read, and when.
+    pub cache: Mutex<Option<(Instant, Arc<status::Status>)>>,
 }
+
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// A client that has not sent its request headers by then is cut off.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a computed status is reused (scrapes from several Prometheus
+/// servers, `xlb stats --watch`): reading it walks the maps.
+const STATUS_TTL: Duration = Duration::from_secs(1);
 
 /// Serves the API on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: back off instead of spinning.
+                tracing::warn!(error = %e, "admin API: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(req, &shared).await) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            drop(permit);
         });
     }
 }
@@ -117,13 +143,37 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
         .is_some_and(|given| same(given.trim().as_bytes(), token.as_bytes()))
 }
 
+/// Without a token, a browser on the same host must not reach the API
+/// through a name that resolves to it (DNS rebinding): the Host header
+/// must be an address or "localhost".
+fn host_ok(req: &Request<Incoming>) -> bool {
+    let Some(host) = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) else { return true };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
+}
+
 async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
-    if let Some(token) = &shared.token
-        && !authorized(&req, token)
-    {
-        let mut r = error(ApiError::new(401, "missing or wrong bearer token"));
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        return r;
+    match &shared.token {
+        Some(token) if !authorized(&req, token) => {
+            let mut r = error(ApiError::new(401, "missing or wrong bearer token"));
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return r;
+        }
+        None if !host_ok(&req) => return error(ApiError::new(403, "use an IP address or localhost in Host")),
+        _ => {}
+    }
+    // Changes must come as JSON: a cross-site form or "simple" request
+    // cannot set that content type without a preflight.
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if matches!(*req.method(), Method::POST | Method::PUT) && !json {
+        return error(ApiError::new(415, "send changes with Content-Type: application/json"));
     }
     let path: Vec<String> = req.uri().path().trim_matches('/').split('/').map(str::to_owned).collect();
     let path: Vec<&str> = path.iter().map(String::as_str).collect();
@@ -136,19 +186,19 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: maps not in sync yet\n")
             }
         }
-        (Method::GET, ["metrics"]) => match read(shared) {
+        (Method::GET, ["metrics"]) => match read(shared).await {
             Ok(s) => reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics::render(&s)),
             Err(e) => error(e),
         },
-        (Method::GET, ["api", "v1", "status"]) => match read(shared) {
-            Ok(s) => json_reply(StatusCode::OK, &s),
+        (Method::GET, ["api", "v1", "status"]) => match read(shared).await {
+            Ok(s) => json_reply(StatusCode::OK, &*s),
             Err(e) => error(e),
         },
-        (Method::GET, ["api", "v1", "vips"]) => match read(shared) {
+        (Method::GET, ["api", "v1", "vips"]) => match read(shared).await {
             Ok(s) => json_reply(StatusCode::OK, &s.vips),
             Err(e) => error(e),
         },
-        (Method::GET, ["api", "v1", "vips", name]) => match read(shared) {
+        (Method::GET, ["api", "v1", "vips", name]) => match read(shared).await {
             Ok(s) => match s.vips.iter().find(|v| v.name.as_deref() == Some(name)) {
                 Some(v) => json_reply(StatusCode::OK, v),
                 None => error(ApiError::new(404, format!("no VIP named {name:?}"))),
@@ -182,9 +232,22 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
     }
 }
 
-fn read(shared: &Shared) -> Result<status::Status, ApiError> {
-    status::read(&shared.pin_dir, Some(&shared.interface))
-        .map_err(|e| ApiError::new(503, format!("cannot read the data plane: {e:#}")))
+/// The status, read off the main loop's thread (it walks the maps) and
+/// reused for `STATUS_TTL`.
+async fn read(shared: &Shared) -> Result<Arc<status::Status>, ApiError> {
+    if let Some((at, s)) = &*shared.cache.lock().unwrap_or_else(|e| e.into_inner())
+        && at.elapsed() < STATUS_TTL
+    {
+        return Ok(s.clone());
+    }
+    let (pin_dir, interface) = (shared.pin_dir.clone(), shared.interface.clone());
+    let s = tokio::task::spawn_blocking(move || status::read(&pin_dir, Some(&interface)))
+        .await
+        .map_err(|e| ApiError::new(500, format!("status reader failed: {e}")))?
+        .map_err(|e| ApiError::new(503, format!("cannot read the data plane: {e:#}")))?;
+    let s = Arc::new(s);
+    *shared.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), s.clone()));
+    Ok(s)
 }
 
 /// The body of a weight change: `{"weight": N}`, N in 0..=MAX_WEIGHT.

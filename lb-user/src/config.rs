@@ -13,6 +13,7 @@ use std::{
 use lb_common::limits;
 
 use crate::consul::{ConsulSettings, ServiceQuery};
+use anyhow::Context as _;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +133,23 @@ pub struct Admin {
 impl Default for Admin {
     fn default() -> Self {
         Admin { listen: default_admin_listen(), token: None, token_file: None }
+    }
+}
+
+impl Admin {
+    /// The bearer token, read from `token_file` when that is how it is set.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(path)) => {
+                let token = std::fs::read_to_string(path)
+                    .with_context(|| format!("admin.token_file: cannot read {}", path.display()))?;
+                let token = token.trim();
+                anyhow::ensure!(!token.is_empty(), "admin.token_file: {} is empty", path.display());
+                Ok(Some(token.to_owned()))
+            }
+            (None, None) => Ok(None),
+        }
     }
 }
 
@@ -282,8 +300,13 @@ impl Config {
         let mut backend_slots = 0usize;
         for (i, vip) in self.vips.iter().enumerate() {
             let at = format!("vip[{i}]");
-            if vip.name.is_empty() || vip.name.len() > 64 {
-                return err(&format!("{at}.name"), "must be 1 to 64 characters".into());
+            // Names go into admin API paths and metric labels unescaped.
+            let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if vip.name.is_empty() || vip.name.len() > 64 || !vip.name.chars().all(name_char) {
+                return err(
+                    &format!("{at}.name"),
+                    format!("{:?} must be 1 to 64 of A-Z, a-z, 0-9, '-', '_' and '.'", vip.name),
+                );
             }
             if !names.insert(vip.name.as_str()) {
                 return err(&format!("{at}.name"), format!("duplicate VIP name {:?}", vip.name));
@@ -379,7 +402,9 @@ fn family_name(addr: IpAddr) -> &'static str {
     if addr.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
-fn usable_unicast(addr: IpAddr) -> bool {
+/// Not unspecified, multicast, loopback or broadcast: an address a backend
+/// can have.
+pub fn usable_unicast(addr: IpAddr) -> bool {
     !(addr.is_unspecified() || addr.is_multicast() || addr.is_loopback())
         && addr != IpAddr::from([255, 255, 255, 255])
 }
@@ -489,6 +514,13 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
                 "loopback backend",
                 vip(&format!("{base}\nbackends = [ {{ address = \"127.0.0.1\" }} ]")),
                 &["backends[0].address", "not a unicast host address"],
+            ),
+            (
+                "vip name with a slash",
+                format!(
+                    "{GOOD}\n[[vip]]\nname = \"web/x\"\naddress = \"192.0.2.11\"\nport = 80\nprotocol = \"tcp\""
+                ),
+                &["vip[1].name", "web/x"],
             ),
             (
                 "duplicate vip name",

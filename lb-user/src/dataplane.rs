@@ -283,10 +283,21 @@ pub struct MemoryMaps {
     pub chunk_writes: usize,
     /// When set, the next write fails once (to exercise resync).
     pub fail_next_write: bool,
+    /// When set, each write appends its map's kind ("vip", "backend",
+    /// "chunk") to `writes`, to check the order of writes.
+    pub log_writes: bool,
+    pub writes: Vec<&'static str>,
 }
 
 impl MemoryMaps {
     fn write(&mut self, map: &'static str) -> Result<(), DataplaneError> {
+        if self.log_writes {
+            self.writes.push(match map {
+                maps::VIPS => "vip",
+                maps::BACKENDS => "backend",
+                _ => "chunk",
+            });
+        }
         if std::mem::take(&mut self.fail_next_write) {
             return Err(DataplaneError::Map { map, op: "write", source: MapError::KeyNotFound });
         }

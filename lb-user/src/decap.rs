@@ -69,13 +69,30 @@ pub fn attach(
         ebpf_loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = ebpf_loader.load(DECAP_OBJECT).map_err(LoaderError::Load)?;
-    let program: &mut Xdp =
-        ebpf.program_mut(PROGRAM).expect("object defines xlb_decap").try_into().expect("XDP");
+    let program = program_mut(&mut ebpf);
     program.load().map_err(LoaderError::Verify)?;
-    let how = loader::attach(program, iface, &pin_dir.join("link"), mode)?;
+    let how = loader::attach(program, iface, &pin_dir.join(loader::LINK_PIN), mode)?;
+    set_vips(&mut ebpf, vips)?;
+    Ok(how)
+}
 
-    let map = ebpf.take_map(maps::DECAP_VIPS).expect("object defines DECAP_VIPS");
-    let mut set: HashMap<MapData, DecapKey, u8> =
+/// Loads `xlb_decap` with private maps and the VIP set `vips`, attached
+/// nowhere: for BPF_PROG_TEST_RUN. The program is [`program_mut`].
+pub fn load_detached(vips: &[IpAddr]) -> Result<aya::Ebpf, DecapError> {
+    let mut ebpf = EbpfLoader::new().load(DECAP_OBJECT).map_err(LoaderError::Load)?;
+    program_mut(&mut ebpf).load().map_err(LoaderError::Verify)?;
+    set_vips(&mut ebpf, vips)?;
+    Ok(ebpf)
+}
+
+pub fn program_mut(ebpf: &mut aya::Ebpf) -> &mut Xdp {
+    ebpf.program_mut(PROGRAM).expect("object defines xlb_decap").try_into().expect("XDP")
+}
+
+/// Makes the VIP set exactly `vips`.
+fn set_vips(ebpf: &mut aya::Ebpf, vips: &[IpAddr]) -> Result<(), DecapError> {
+    let map = ebpf.map_mut(maps::DECAP_VIPS).expect("object defines DECAP_VIPS");
+    let mut set: HashMap<&mut MapData, DecapKey, u8> =
         map.try_into().map_err(map_err(maps::DECAP_VIPS, "open"))?;
     let wanted: Vec<DecapKey> = vips.iter().map(|a| key(*a)).collect();
     let present: Vec<DecapKey> =
@@ -86,7 +103,7 @@ pub fn attach(
     for k in present.iter().filter(|k| !wanted.contains(k)) {
         set.remove(k).map_err(map_err(maps::DECAP_VIPS, "delete"))?;
     }
-    Ok(how)
+    Ok(())
 }
 
 /// Counters and VIPs of an attached `xlb_decap`.

@@ -5,11 +5,23 @@ use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use crate::{
     addr,
-    config::{Config, Forward},
+    config::{self, Config, Forward},
+    consul::Instance,
     discovery::Discovery,
     overrides::Overrides,
     reconcile::{Desired, DesiredBackend, DesiredVip, Leave},
 };
+
+/// The address a discovered instance serves a VIP at: its own or a tagged
+/// one of the VIP's family (a service may back a v4 and a v6 VIP), if it
+/// is a usable unicast address.
+pub fn instance_address(instance: &Instance, vip: IpAddr) -> Option<IpAddr> {
+    std::iter::once(&instance.address)
+        .chain(&instance.tagged)
+        .find(|a| a.is_ipv4() == vip.is_ipv4())
+        .copied()
+        .filter(|a| config::usable_unicast(*a))
+}
 
 /// The desired state, and notes on discovered instances left out of it
 /// (for the log).
@@ -55,10 +67,7 @@ pub fn build(
                         Some(instances) => {
                             let mut list = Vec::new();
                             for i in instances {
-                                // The instance's address of the VIP's family: a
-                                // service may back a v4 and a v6 VIP.
-                                let family = |a: &&IpAddr| a.is_ipv4() == v.address.is_ipv4();
-                                let Some(&address) = std::iter::once(&i.address).chain(&i.tagged).find(family) else {
+                                let Some(address) = instance_address(i, v.address) else {
                                     continue;
                                 };
                                 if i.port != 0 && i.port != v.port {

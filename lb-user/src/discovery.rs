@@ -87,7 +87,10 @@ impl Discovery {
                 view.failures = 0;
                 view.synced_at = Some(now);
                 view.index = index;
-                let had_some = view.instances.as_ref().is_some_and(|i| !i.is_empty());
+                // Before a first answer the VIP holds what its pinned tables
+                // hold (after a restart): an empty first answer must not
+                // flush that either.
+                let had_some = view.instances.as_ref().is_none_or(|i| !i.is_empty());
                 if instances.is_empty() && had_some && self.on_empty == EmptyPolicy::Keep {
                     if !view.empty_kept {
                         view.empty_alarms += 1;
@@ -201,11 +204,18 @@ mod tests {
     }
 
     #[test]
-    fn a_first_answer_that_is_empty_is_taken_as_is() {
+    fn an_empty_first_answer_keeps_what_the_tables_hold() {
         let mut d = Discovery::new(EmptyPolicy::Keep);
         d.watch_only(&[q()]);
-        assert!(d.update(answer(0, 1), Instant::now()));
-        assert_eq!(d.view(&q()).unwrap().instances, Some(vec![]));
+        assert!(!d.update(answer(0, 1), Instant::now()));
+        let v = d.view(&q()).unwrap();
+        assert_eq!((v.instances.as_ref(), v.empty_kept, v.empty_alarms), (None, true, 1));
+        assert!(d.update(answer(2, 2), Instant::now()), "the first real set applies");
+
+        let mut apply = Discovery::new(EmptyPolicy::Apply);
+        apply.watch_only(&[q()]);
+        assert!(apply.update(answer(0, 1), Instant::now()));
+        assert_eq!(apply.view(&q()).unwrap().instances, Some(vec![]));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod decap;
 pub mod desired;
 pub mod discovery;
 pub mod errors;
+pub mod files;
 pub mod helpers;
 pub mod loader;
 pub mod maglev;

@@ -32,7 +32,7 @@ use crate::{
 pub static XLB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 pub const PROGRAM: &str = "xlb";
-const LINK_PIN: &str = "link";
+pub const LINK_PIN: &str = "link";
 /// statfs magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where bpffs lives by convention.
@@ -161,13 +161,13 @@ pub fn load(
     let adopted = check_pinned(pin_dir, geometry)?;
 
     let mut ebpf = load_program(Some(pin_dir), params, iface.mac)?;
-    let program: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded").try_into().expect("XDP");
-
-    let link_pin = pin_dir.join(LINK_PIN);
-    let mode = attach(program, iface, &link_pin, mode)?;
-
+    // Stamped at once: pins left by a start that fails later are still
+    // recognised as ours.
     let mut maps = KernelMaps::take(&mut ebpf)?;
     maps.set_meta(&geometry.meta())?;
+
+    let program: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded").try_into().expect("XDP");
+    let mode = attach(program, iface, &pin_dir.join(LINK_PIN), mode)?;
     Ok(Dataplane { maps, mode, adopted, _ebpf: ebpf })
 }
 

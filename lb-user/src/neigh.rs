@@ -128,20 +128,33 @@ impl Neighbours {
         Ok(self.known.clone())
     }
 
-    /// Resolves `wanted`, waiting up to `patience` for all of them.
+    /// Resolves `wanted`, waiting up to `patience` for the addresses it
+    /// has never asked about (one that failed before does not hold up the
+    /// rest again).
     pub async fn resolve(
         &mut self,
         wanted: &[IpAddr],
         patience: Duration,
     ) -> Result<HashMap<IpAddr, [u8; 6]>, NetError> {
+        let fresh: Vec<IpAddr> = wanted
+            .iter()
+            .filter(|a| !self.known.contains_key(a) && !self.solicited.contains_key(a))
+            .copied()
+            .collect();
         let deadline = Instant::now() + patience;
         loop {
             let macs = self.refresh(wanted).await?;
-            if macs.len() == wanted.len() || Instant::now() >= deadline {
+            if fresh.iter().all(|a| macs.contains_key(a)) || Instant::now() >= deadline {
                 return Ok(macs);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// MACs known from elsewhere (the pinned maps after a restart), kept
+    /// until the neighbour table says otherwise.
+    pub fn seed(&mut self, macs: impl IntoIterator<Item = (IpAddr, [u8; 6])>) {
+        self.known.extend(macs);
     }
 
     /// Entries of our interface that carry a MAC (state REACHABLE, STALE,
@@ -214,6 +227,36 @@ pub async fn addresses(
         }
     }
     Ok((v4, v6))
+}
+
+/// Next hops looked up recently: the route to a backend rarely changes,
+/// and the daemon asks every second.
+pub struct NextHops {
+    handle: Handle,
+    cache: HashMap<IpAddr, (Option<(IpAddr, u32)>, Instant)>,
+}
+
+/// How long a looked-up next hop is trusted.
+const NEXT_HOP_TTL: Duration = Duration::from_secs(5);
+
+impl NextHops {
+    pub fn new(handle: Handle) -> Self {
+        Self { handle, cache: HashMap::new() }
+    }
+
+    /// `next_hop(dest)`, from the cache while it is fresh.
+    pub async fn get(&mut self, dest: IpAddr) -> Result<Option<(IpAddr, u32)>, NetError> {
+        let now = Instant::now();
+        if let Some((hop, at)) = self.cache.get(&dest)
+            && now - *at < NEXT_HOP_TTL
+        {
+            return Ok(*hop);
+        }
+        let hop = next_hop(&self.handle, dest).await?;
+        self.cache.insert(dest, (hop, now));
+        self.cache.retain(|_, (_, at)| now - *at < NEXT_HOP_TTL * 2);
+        Ok(hop)
+    }
 }
 
 /// The neighbour packets to `dest` go to (the gateway, or `dest` itself

@@ -43,12 +43,7 @@ impl Overrides {
 
     /// Replaces the file atomically.
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(tmp, path)
+        crate::files::write_json_atomic(path, self)
     }
 
     pub fn get(&self, vip: &str, backend: IpAddr) -> Override {

@@ -137,7 +137,10 @@ impl BackendState {
     }
 }
 
-/// Free ids, handed out oldest-freed first.
+/// Free ids, handed out oldest-freed first so a freed id rests as long as
+/// possible. Adoption cannot recover that order (the maps do not record
+/// when an id was freed) and starts again from ascending ids; the
+/// generation is what guarantees an old entry never reaches a new owner.
 #[derive(Debug)]
 struct IdPool {
     free: VecDeque<u32>,
@@ -168,6 +171,7 @@ pub struct Reconciler {
     next_generation: u32,
     /// A write failed: the maps' contents are unknown, rewrite everything.
     resync: bool,
+    shortfalls: Vec<String>,
 }
 
 impl Reconciler {
@@ -179,6 +183,7 @@ impl Reconciler {
             backend_ids: IdPool::new(1..geometry.max_backends),
             next_generation: 1,
             resync: false,
+            shortfalls: Vec::new(),
         }
     }
 
@@ -277,7 +282,9 @@ impl Reconciler {
     }
 
     /// Makes the maps match `desired` as of `now`. On error the next call
-    /// rewrites everything, whatever failed half-way.
+    /// rewrites everything, whatever failed half-way. Memory changes only
+    /// after the writes it stands for succeeded, so it never claims more
+    /// than the maps hold.
     pub fn apply(
         &mut self,
         desired: &Desired,
@@ -290,9 +297,16 @@ impl Reconciler {
                 vip.backends.values_mut().for_each(|b| b.written = None);
             }
         }
+        self.shortfalls.clear();
         let result = self.apply_all(desired, now, maps);
         self.resync = result.is_err();
         result
+    }
+
+    /// What is wanted but has no id left (VIPs or backends beyond the
+    /// capacities), as of the last `apply`: left out, not an error.
+    pub fn shortfalls(&self) -> &[String] {
+        &self.shortfalls
     }
 
     fn apply_all(
@@ -305,14 +319,14 @@ impl Reconciler {
         let gone: Vec<VipKey> = self.vips.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for key in gone {
             maps.delete_vip(&key)?;
-            if let Some(vip) = self.vips.remove(&key) {
-                info!(vip = %vip.name, address = %describe(&key), "VIP removed");
-                self.vip_ids.release(vip.id);
-                for b in vip.backends.values() {
-                    free_backend(maps, b)?;
-                    self.backend_ids.release(b.id as u32);
-                }
+            let vip = &self.vips[&key];
+            for b in vip.backends.values() {
+                free_backend(maps, b)?;
             }
+            let vip = self.vips.remove(&key).expect("present");
+            info!(vip = %vip.name, address = %describe(&key), "VIP removed");
+            self.vip_ids.release(vip.id);
+            vip.backends.values().for_each(|b| self.backend_ids.release(b.id as u32));
         }
         for key in maps.vip_keys()? {
             if !self.vips.contains_key(&key) && !wanted.contains(&key) {
@@ -343,12 +357,17 @@ impl Reconciler {
         maps: &mut impl MapWriter,
     ) -> Result<(), ReconcileError> {
         if !self.vips.contains_key(&want.key) {
-            let id = self.vip_ids.take().ok_or(ReconcileError::Capacity {
-                what: "VIP",
-                max: self.geometry.max_vips,
-                setting: "max_vips",
-            })?;
-            maps.reset_vip_stats(id)?;
+            let Some(id) = self.vip_ids.take() else {
+                self.shortfalls.push(format!(
+                    "VIP {} left out: all {} VIP ids are in use (raise max_vips and restart)",
+                    want.name, self.geometry.max_vips
+                ));
+                return Ok(());
+            };
+            if let Err(e) = maps.reset_vip_stats(id) {
+                self.vip_ids.release(id);
+                return Err(e.into());
+            }
             info!(vip = %want.name, address = %describe(&want.key), "VIP added");
             let state = VipState {
                 name: want.name.clone(),
@@ -377,16 +396,28 @@ impl Reconciler {
                 state.role = Role::Leaving { until: now + drain_timeout };
             }
         }
+        // Leavers whose time is up and whom no table names any more go
+        // before new backends take ids: a full pool must not block a swap.
+        free_expired(vip, now, maps, &mut self.backend_ids, |b| b.slots == 0)?;
+
         for b in &want.backends {
             let state = match vip.backends.get_mut(&b.addr) {
                 Some(state) => state,
                 None => {
-                    let id = self.backend_ids.take().ok_or(ReconcileError::Capacity {
-                        what: "backend",
-                        max: self.geometry.max_backends - 1,
-                        setting: "max_backends",
-                    })? as BackendId;
-                    maps.reset_backend_stats(id)?;
+                    let Some(id) = self.backend_ids.take() else {
+                        self.shortfalls.push(format!(
+                            "VIP {}: backend {} left out: all {} backend ids are in use (raise max_backends and restart)",
+                            vip.name,
+                            b.addr,
+                            self.geometry.max_backends - 1
+                        ));
+                        continue;
+                    };
+                    let id = id as BackendId;
+                    if let Err(e) = maps.reset_backend_stats(id) {
+                        self.backend_ids.release(id as u32);
+                        return Err(e.into());
+                    }
                     info!(vip = %vip.name, backend = %b.addr, weight = b.weight, "backend added");
                     let state = BackendState {
                         id,
@@ -414,9 +445,7 @@ impl Reconciler {
                     Some(mac) => {
                         info!(vip = %vip.name, backend = %b.addr, mac = %addr::format_mac(&mac), "backend MAC resolved")
                     }
-                    None => {
-                        warn!(vip = %vip.name, backend = %b.addr, "backend MAC unresolved: out of the table until it resolves")
-                    }
+                    None => warn!(vip = %vip.name, backend = %b.addr, "backend MAC unresolved: out of the table until it resolves"),
                 }
                 state.mac = b.mac;
             }
@@ -431,9 +460,12 @@ impl Reconciler {
             }
         }
 
-        // Entries for joining backends go in before any table names them.
+        // Backends joining the table are written before a table names them;
+        // those already in it only after the switch (a changed entry must
+        // not reach packets still using the old table, e.g. on a DR → TUN
+        // change).
         for (addr, state) in vip.backends.iter_mut() {
-            if state.role == Role::Active {
+            if state.role == Role::Active && (state.slots == 0 || state.written.is_none()) {
                 write_backend(maps, vip.id, *addr, state)?;
             }
         }
@@ -471,26 +503,42 @@ impl Reconciler {
             state.slots = by_id.get(&state.id).copied().unwrap_or(0);
         }
 
-        // Now that no table names them: draining flags, and leavers whose
-        // time is up lose their id (their recorded flows rebalance).
-        let mut expired = Vec::new();
+        // After the switch: everyone else's entry (draining flags, changed
+        // MACs), then leavers whose time is up lose their id (their
+        // recorded flows rebalance).
         for (addr, state) in vip.backends.iter_mut() {
-            match state.role {
-                Role::Active => {}
-                Role::Idle => write_backend(maps, vip.id, *addr, state)?,
-                Role::Leaving { until } if until <= now => expired.push(*addr),
-                Role::Leaving { .. } => write_backend(maps, vip.id, *addr, state)?,
+            if !matches!(state.role, Role::Leaving { until } if until <= now) {
+                write_backend(maps, vip.id, *addr, state)?;
             }
         }
-        for addr in expired {
-            if let Some(state) = vip.backends.remove(&addr) {
-                free_backend(maps, &state)?;
-                info!(vip = %vip.name, backend = %addr, "backend gone; its recorded flows move to the others");
-                self.backend_ids.release(state.id as u32);
-            }
-        }
+        free_expired(vip, now, maps, &mut self.backend_ids, |_| true)?;
         Ok(())
     }
+}
+
+/// Frees the backends of `vip` that are leaving with their time up and
+/// match `ready`: marks their entries unused, then forgets them and
+/// releases their ids.
+fn free_expired(
+    vip: &mut VipState,
+    now: Instant,
+    maps: &mut impl MapWriter,
+    ids: &mut IdPool,
+    ready: impl Fn(&BackendState) -> bool,
+) -> Result<(), DataplaneError> {
+    let expired: Vec<IpAddr> = vip
+        .backends
+        .iter()
+        .filter(|(_, b)| matches!(b.role, Role::Leaving { until } if until <= now) && ready(b))
+        .map(|(a, _)| *a)
+        .collect();
+    for addr in expired {
+        free_backend(maps, &vip.backends[&addr])?;
+        let state = vip.backends.remove(&addr).expect("present");
+        info!(vip = %vip.name, backend = %addr, "backend gone; its recorded flows move to the others");
+        ids.release(state.id as u32);
+    }
+    Ok(())
 }
 
 /// Writes `BACKENDS[id]` if it does not hold this backend's current state.
@@ -772,15 +820,50 @@ mod tests {
     }
 
     #[test]
-    fn capacity_is_enforced_with_a_clear_error() {
+    fn beyond_capacity_is_left_out_and_said_the_rest_applies() {
         let mut maps = MemoryMaps::default();
         let small = Geometry { max_vips: 1, max_backends: 3, ..G };
         let mut r = Reconciler::new(small);
-        let err = apply(&mut r, &[vip("a", 1, &[]), vip("b", 2, &[])], &mut maps).unwrap_err();
-        assert!(err.to_string().contains("max_vips"), "{err}");
+        apply(&mut r, &[vip("a", 1, &[(1, 1)]), vip("b", 2, &[])], &mut maps).unwrap();
+        assert_eq!(r.shortfalls().len(), 1);
+        assert!(r.shortfalls()[0].contains("VIP b") && r.shortfalls()[0].contains("max_vips"), "{:?}", r.shortfalls());
+        assert_eq!(maps.vips.len(), 1, "VIP a applied all the same");
         let mut r = Reconciler::new(small);
-        let err = apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap_err();
-        assert!(err.to_string().contains("max_backends"), "{err}");
+        let mut maps = MemoryMaps::default();
+        apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap();
+        assert!(r.shortfalls()[0].contains("10.0.0.3") && r.shortfalls()[0].contains("max_backends"));
+        assert_eq!(r.vips()[&vip("a", 1, &[]).key].backends.len(), 2);
+    }
+
+    #[test]
+    fn a_swap_with_every_id_in_use_completes_on_the_next_apply() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(Geometry { max_backends: 3, ..G });
+        apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1)])], &mut maps).unwrap();
+        let swapped = [vip("a", 1, &[(1, 1), (3, 1)])];
+        apply(&mut r, &swapped, &mut maps).unwrap();
+        assert_eq!(r.shortfalls().len(), 1, "no id for 10.0.0.3 while 10.0.0.2 still has one");
+        apply(&mut r, &swapped, &mut maps).unwrap();
+        assert!(r.shortfalls().is_empty());
+        assert_eq!(live(&maps)[&swapped[0].key], expected(&swapped[0]));
+    }
+
+    #[test]
+    fn an_entry_already_in_the_table_changes_only_after_the_switch() {
+        // A DR → TUN change rewrites backends' entries (no MAC needed); a
+        // packet still on the old table must not see them early.
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        let dr = vip("a", 1, &[(1, 1)]);
+        apply(&mut r, std::slice::from_ref(&dr), &mut maps).unwrap();
+        maps.log_writes = true;
+        let mut tun = dr.clone();
+        tun.mode = lb_common::MODE_TUN;
+        tun.backends[0].mac = Some([0; 6]);
+        apply(&mut r, std::slice::from_ref(&tun), &mut maps).unwrap();
+        let vip_at = maps.writes.iter().position(|w| *w == "vip").unwrap();
+        let backend_at = maps.writes.iter().position(|w| *w == "backend").unwrap();
+        assert!(vip_at < backend_at, "{:?}", maps.writes);
     }
 
     #[test]

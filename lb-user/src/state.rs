@@ -78,7 +78,10 @@ pub struct BackendLabel {
     pub id: u16,
     pub weight: u32,
     pub mac: Option<String>,
-    /// See `cli::status::BackendStatus::state`.
+    /// Entries in the VIP's live table.
+    #[serde(default)]
+    pub slots: u32,
+    /// See `status::BackendStatus::state`.
     pub role: String,
 }
 
@@ -138,6 +141,7 @@ impl DaemonState {
                             id: b.id,
                             weight: b.weight,
                             mac: b.mac.as_ref().map(addr::format_mac),
+                            slots: b.slots,
                             role: match b.role {
                                 Role::Active => "active".into(),
                                 Role::Idle if b.mac.is_none() => "unresolved".into(),
@@ -153,13 +157,7 @@ impl DaemonState {
 
     /// Replaces the file atomically.
     pub fn write(&self) -> io::Result<()> {
-        let path = path(&self.interface);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(tmp, path)
+        crate::files::write_json_atomic(&path(&self.interface), self)
     }
 
     pub fn read(interface: &str) -> Option<DaemonState> {

@@ -94,6 +94,7 @@ pub fn read(pin_dir: &Path, interface: Option<&str>) -> anyhow::Result<Status> {
     })?;
     let geometry = Geometry::from_meta(&maps.meta()?);
     let labels = interface.and_then(DaemonState::read);
+    let alive = labels.as_ref().is_some_and(DaemonState::daemon_alive);
     let globals = maps.global_stats()?;
     let in_use = maps.backends()?;
     let mut vips = Vec::new();
@@ -105,17 +106,13 @@ pub fn read(pin_dir: &Path, interface: Option<&str>) -> anyhow::Result<Status> {
         let label = labels.as_ref().and_then(|l| {
             l.vips.iter().find(|v| v.address == address && v.port == port && v.protocol == key.proto)
         });
-        let chunks = geometry.table_chunks();
         let tun = info.mode == lb_common::MODE_TUN;
-        let mut fill: BTreeMap<BackendId, u32> = BTreeMap::new();
-        for c in 0..chunks {
-            let chunk = maps.chunk(info.table * chunks + c)?;
-            for (lane, id) in chunk.iter().enumerate() {
-                if c as usize * chunk.len() + lane < geometry.table_size as usize {
-                    *fill.entry(*id).or_default() += 1;
-                }
-            }
-        }
+        // Table fill: what a running daemon published, else counted off
+        // the live table (a walk of table_size entries).
+        let fill: BTreeMap<BackendId, u32> = match label.filter(|_| alive) {
+            Some(l) => l.backends.iter().map(|b| (b.id, b.slots)).collect(),
+            None => table_fill(&maps, &geometry, info.table)?,
+        };
         let mut ids: BTreeSet<BackendId> = fill.keys().copied().filter(|&id| id != NO_BACKEND).collect();
         ids.extend(label.iter().flat_map(|l| l.backends.iter().map(|b| b.id)));
         ids.extend(in_use.iter().filter(|(_, b)| b.vip_id == info.id && b.flags != 0).map(|(id, _)| *id));
@@ -172,7 +169,7 @@ pub fn read(pin_dir: &Path, interface: Option<&str>) -> anyhow::Result<Status> {
         });
     }
     vips.sort_by(|a, b| (&a.name, a.address, a.port).cmp(&(&b.name, b.address, b.port)));
-    let daemon_pid = labels.as_ref().filter(|l| l.daemon_alive()).map(|l| l.pid);
+    let daemon_pid = labels.as_ref().filter(|_| alive).map(|l| l.pid);
     Ok(Status {
         interface: interface.map(str::to_owned),
         pin_dir: pin_dir.to_owned(),
@@ -187,6 +184,21 @@ pub fn read(pin_dir: &Path, interface: Option<&str>) -> anyhow::Result<Status> {
         conntrack_size: geometry.conntrack_size,
         vips,
     })
+}
+
+/// Entries per backend id in table number `table`.
+fn table_fill(maps: &KernelMaps, geometry: &Geometry, table: u32) -> anyhow::Result<BTreeMap<BackendId, u32>> {
+    let chunks = geometry.table_chunks();
+    let mut fill = BTreeMap::new();
+    for c in 0..chunks {
+        let chunk = maps.chunk(table * chunks + c)?;
+        for (lane, id) in chunk.iter().enumerate() {
+            if c as usize * chunk.len() + lane < geometry.table_size as usize {
+                *fill.entry(*id).or_default() += 1;
+            }
+        }
+    }
+    Ok(fill)
 }
 
 /// Fills in a discovery label's age as of now.
@@ -276,6 +288,7 @@ fn describe_discovery(view: Option<&DiscoveryLabel>) -> String {
     let Some(d) = view else { return "not watched".into() };
     let age = d.synced_secs_ago.map_or_else(|| "never".into(), |s| format!("{s:.1} s ago"));
     let mut text = match (d.instances, d.stale) {
+        (None, _) if d.empty_kept => "Consul reports no healthy instance; keeping the backends the tables hold".into(),
         (None, _) => format!("waiting for Consul's first answer ({} errors)", d.errors_total),
         (Some(n), false) => format!("in sync, {n} instances, last answer {age}"),
         (Some(n), true) => format!(

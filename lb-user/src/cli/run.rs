@@ -43,6 +43,10 @@ const CHANGE_RESOLVE: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_secs(1);
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Before anything slow: SIGHUP's default action would end the process.
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
     let mut config = Config::load(&args.config)?;
     let handle = neigh::connect()?;
     let iface = neigh::interface(&handle, &config.interface)
@@ -69,9 +73,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin = Arc::new(admin::Shared {
         pin_dir: pin_dir.clone(),
         interface: iface.name.clone(),
-        token: admin_token(&config)?,
+        token: config.admin.token()?,
         ready: AtomicBool::new(false),
         commands: commands_tx,
+        cache: Default::default(),
     });
 
     let mut dataplane = loader::load(&iface, &pin_dir, params, config.xdp_mode)?;
@@ -89,6 +94,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let mut neighbours = neigh::Neighbours::new(handle.clone(), iface.index);
+    let mut next_hops = neigh::NextHops::new(handle.clone());
+    // After a restart, DR backends keep the MACs their pinned entries hold
+    // while the neighbour table catches up.
+    neighbours.seed(
+        reconciler
+            .vips()
+            .values()
+            .filter(|v| v.mode != lb_common::MODE_TUN)
+            .flat_map(|v| v.backends.iter().filter_map(|(a, b)| Some((*a, b.mac?)))),
+    );
     let mut daemon = Daemon {
         args: &args,
         attach: dataplane.mode,
@@ -97,19 +112,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         pending: true,
         macs: HashMap::new(),
         notes: Vec::new(),
+        shortfalls: Vec::new(),
         overrides,
         overrides_path,
         admin: admin.clone(),
     };
-    let targets = neighbour_targets(&handle, &daemon.desired(&config, &discovery), iface.index).await?;
+    let targets =
+        neighbour_targets(&mut next_hops, &daemon.desired(&config, &discovery), iface.index).await?;
     daemon.macs = neighbours.resolve(&targets, INITIAL_RESOLVE).await?;
     daemon.apply(&config, &discovery);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin));
     info!(vips = config.vips.len(), admin = %config.admin.listen, "xlb ready");
 
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(TICK);
     let mut config_mtime = mtime(&args.config);
     loop {
@@ -159,7 +173,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             daemon.apply(&config, &discovery);
         }
         let desired = daemon.desired(&config, &discovery);
-        match neighbour_targets(&handle, &desired, iface.index).await {
+        match neighbour_targets(&mut next_hops, &desired, iface.index).await {
             Ok(targets) => {
                 // After a change, give new backends a moment to resolve so
                 // they join with it rather than a tick later.
@@ -208,8 +222,9 @@ struct Daemon<'a> {
     pending: bool,
     /// Resolved MACs of DR backends (and TUN next hops).
     macs: HashMap<IpAddr, [u8; 6]>,
-    /// Discovered instances left out, as last logged.
+    /// Discovered instances left out, and what found no id, as last logged.
     notes: Vec<String>,
+    shortfalls: Vec<String>,
     /// Drains and weights set through the admin API, and where they are saved.
     overrides: Overrides,
     overrides_path: PathBuf,
@@ -229,9 +244,16 @@ impl Daemon<'_> {
     fn apply(&mut self, config: &Config, discovery: &Discovery) {
         let desired = self.desired(config, discovery);
         match self.reconciler.apply(&desired, Instant::now(), self.maps) {
-            Ok(()) => self.pending = false,
+            // What found no id is retried on the next tick (ids free up as
+            // backends leave).
+            Ok(()) => self.pending = !self.reconciler.shortfalls().is_empty(),
             Err(e) => error!(error = %error_chain(&e), "map update failed; retrying with a full resync"),
         }
+        let shortfalls = self.reconciler.shortfalls().to_vec();
+        for s in shortfalls.iter().filter(|s| !self.shortfalls.contains(s)) {
+            warn!("{s}");
+        }
+        self.shortfalls = shortfalls;
         self.admin.ready.store(!self.pending, Ordering::Relaxed);
         self.publish(config, discovery);
     }
@@ -265,10 +287,9 @@ impl Daemon<'_> {
         };
         let known = match &vip.consul {
             None => vip.backends.iter().any(|b| b.address == cmd.backend),
-            Some(q) => discovery
-                .view(q)
-                .and_then(|v| v.instances.as_ref())
-                .is_some_and(|i| i.iter().any(|i| i.address == cmd.backend)),
+            Some(q) => discovery.view(q).and_then(|v| v.instances.as_ref()).is_some_and(|i| {
+                i.iter().any(|i| desired::instance_address(i, vip.address) == Some(cmd.backend))
+            }),
         };
         if !known {
             return Err(ApiError::new(404, format!("VIP {:?} has no backend {}", cmd.vip, cmd.backend)));
@@ -331,21 +352,6 @@ impl Daemon<'_> {
     }
 }
 
-/// The admin API's bearer token, if the config sets one.
-fn admin_token(config: &Config) -> anyhow::Result<Option<String>> {
-    match (&config.admin.token, &config.admin.token_file) {
-        (Some(t), _) => Ok(Some(t.clone())),
-        (None, Some(path)) => {
-            let token = std::fs::read_to_string(path)
-                .with_context(|| format!("admin.token_file: cannot read {}", path.display()))?;
-            let token = token.trim();
-            anyhow::ensure!(!token.is_empty(), "admin.token_file: {} is empty", path.display());
-            Ok(Some(token.to_owned()))
-        }
-        (None, None) => Ok(None),
-    }
-}
-
 /// The `[consul]` section, with Consul's environment variables filling in.
 fn consul_settings(config: &Config) -> consul::ConsulSettings {
     let mut settings = config.consul.clone().unwrap_or_default();
@@ -372,16 +378,18 @@ impl Watchers {
         queries.sort();
         queries.dedup();
         let settings = consul_settings(config);
-        if self.settings.as_ref() != Some(&settings) {
-            // New connection settings: every watcher starts over.
-            self.stop_all();
-        }
         if queries.is_empty() {
             self.stop_all();
             discovery.watch_only(&[]);
             return Ok(());
         }
+        // The client first: settings it cannot use change nothing.
         let client = consul::Client::new(&settings).context("field `consul`")?;
+        if self.settings.as_ref() != Some(&settings) {
+            // Another agent, datacenter or token: every service starts over.
+            self.stop_all();
+            discovery.watch_only(&[]);
+        }
         self.settings = Some(settings);
         self.tasks.retain(|q, task| {
             let keep = queries.contains(q);
@@ -412,7 +420,7 @@ impl Watchers {
 /// next hops toward TUN backends (so the data plane's FIB lookups find
 /// them resolved).
 async fn neighbour_targets(
-    handle: &rtnetlink::Handle,
+    hops: &mut neigh::NextHops,
     desired: &Desired,
     ifindex: u32,
 ) -> Result<Vec<IpAddr>, neigh::NetError> {
@@ -421,7 +429,7 @@ async fn neighbour_targets(
         for b in &vip.backends {
             if vip.mode != lb_common::MODE_TUN {
                 targets.push(b.addr);
-            } else if let Some((hop, oif)) = neigh::next_hop(handle, b.addr).await?
+            } else if let Some((hop, oif)) = hops.get(b.addr).await?
                 && oif == ifindex
             {
                 targets.push(hop);

@@ -32,16 +32,7 @@ impl Target {
         let admin = format!("http://{}", config::DEFAULT_ADMIN_LISTEN);
         if let Some(path) = &args.config {
             let c = config::Config::load(path)?;
-            let token = match (&c.admin.token, &c.admin.token_file) {
-                (Some(t), _) => Some(t.clone()),
-                (None, Some(f)) => Some(
-                    std::fs::read_to_string(f)
-                        .with_context(|| format!("admin.token_file {}", f.display()))?
-                        .trim()
-                        .to_owned(),
-                ),
-                (None, None) => None,
-            };
+            let token = c.admin.token()?;
             // A daemon listening on every address is reachable on loopback.
             let mut listen = c.admin.listen;
             if listen.ip().is_unspecified() {

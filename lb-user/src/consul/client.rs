@@ -24,6 +24,10 @@ const REQUEST_SLACK: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How much of an error body goes into [`ConsulError::Status`].
 const ERROR_BODY_MAX: usize = 512;
+/// Largest health answer read. [`MAX_INSTANCES`] entries with a few checks
+/// each (check output is capped at 4 KiB by default) stay far below it; a
+/// server that streams without end is cut off instead of filling memory.
+const BODY_MAX: usize = 128 << 20;
 
 /// A Consul agent to query. Cheap to clone (the connection pool is shared).
 #[derive(Clone, Debug)]
@@ -165,13 +169,25 @@ impl Client {
             // see: fail loudly and keep the last good list instead.
             return Err(ConsulError::FilteredByAcl { url: shown });
         }
-        let body =
-            response.bytes().await.map_err(|source| ConsulError::Request { url: shown.clone(), source })?;
+        let body = read_capped(response, BODY_MAX, &shown).await?;
         let entries: Vec<Entry> =
             serde_json::from_slice(&body).map_err(|source| ConsulError::Decode { url: shown, source })?;
         let (instances, problems) = entries::map_entries(entries, self.warning, MAX_INSTANCES);
         Ok(Snapshot { instances, index: new_index, problems })
     }
+}
+
+async fn read_capped(mut response: reqwest::Response, max: usize, url: &str) -> Result<Vec<u8>, ConsulError> {
+    let mut body = Vec::new();
+    while let Some(chunk) =
+        response.chunk().await.map_err(|source| ConsulError::Request { url: url.to_owned(), source })?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(ConsulError::TooLarge { url: url.to_owned(), max });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// `host:port` means http (as `CONSUL_HTTP_ADDR` does); `http://` and
@@ -417,5 +433,13 @@ mod tests {
         assert_eq!(error_body(" Permission denied \n"), "Permission denied");
         let long = "x".repeat(ERROR_BODY_MAX + 10);
         assert_eq!(error_body(&long).chars().count(), ERROR_BODY_MAX + 1);
+    }
+
+    #[tokio::test]
+    async fn bodies_past_the_cap_are_refused() {
+        let answer = |len: usize| reqwest::Response::from(hyper::Response::new(vec![b'['; len]));
+        assert_eq!(read_capped(answer(64), 64, "u").await.unwrap().len(), 64);
+        let err = read_capped(answer(65), 64, "u").await.unwrap_err();
+        assert!(matches!(err, ConsulError::TooLarge { max: 64, .. }), "{err:?}");
     }
 }

@@ -326,6 +326,8 @@ pub enum ConsulError {
          it needs service:read on the service and node:read on its nodes"
     )]
     FilteredByAcl { url: String },
+    #[error("GET {url}: the answer is larger than {max} bytes")]
+    TooLarge { url: String, max: usize },
     #[error("GET {url}: unexpected response body")]
     Decode {
         url: String,

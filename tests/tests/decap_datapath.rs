@@ -1,0 +1,135 @@
+//! Program `xlb_decap` through BPF_PROG_TEST_RUN: what it strips, what it
+//! leaves as it came, and the counter each case moves. Needs root.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::{TestRun as _, TestRunOptions, maps::PerCpuArray};
+use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, maps};
+use xlb_tests::{
+    frames::*,
+    testrun::{Outcome, XDP_PASS},
+};
+
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 7);
+const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const OTHER4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const LB4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const BACKEND4: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5);
+const LB6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 2);
+const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, 5);
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+const DF: u16 = 0x4000;
+
+struct Decap {
+    ebpf: aya::Ebpf,
+}
+
+impl Decap {
+    fn new() -> Decap {
+        xlb_tests::require_root();
+        let vips = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
+        Decap { ebpf: xlb::decap::load_detached(&vips).expect("xlb_decap loads") }
+    }
+
+    fn run(&mut self, frame: &[u8]) -> Outcome {
+        let mut out = vec![0u8; frame.len() + 64];
+        let result = xlb::decap::program_mut(&mut self.ebpf)
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("test run");
+        out.truncate(result.data_size_out as usize);
+        Outcome { action: result.return_value, frame: out }
+    }
+
+    /// (decapsulated, passed, not ours), summed over CPUs.
+    fn counters(&self) -> [u64; 3] {
+        let stats: PerCpuArray<_, u64> =
+            self.ebpf.map(maps::DECAP_STATS).expect("DECAP_STATS").try_into().expect("per-CPU array");
+        let sum = |slot: u32| stats.get(&slot, 0).expect("read").iter().sum();
+        [sum(DECAP_DONE), sum(DECAP_PASSED), sum(DECAP_NOT_OURS)]
+    }
+}
+
+fn inner_v4(dst: Ipv4Addr) -> Vec<u8> {
+    let l4 = tcp(40000, 80, TCP_SYN, b"hello");
+    let mut p = ipv4(CLIENT4, dst, 6, &[], l4.len(), DF);
+    p.extend(l4);
+    p
+}
+
+fn inner_v6(dst: Ipv6Addr) -> Vec<u8> {
+    let l4 = udp(40000, 53, b"query");
+    let mut p = ipv6(CLIENT6, dst, 17, l4.len());
+    p.extend(l4);
+    p
+}
+
+/// `inner` in an outer IPv4 header with flags+offset `frag`.
+fn ipip(inner: &[u8], frag: u16) -> Vec<u8> {
+    let mut f = eth(ETH_P_IP);
+    f.extend(ipv4(LB4, BACKEND4, IPPROTO_IPIP, &[], inner.len(), frag));
+    f.extend_from_slice(inner);
+    f
+}
+
+fn ip6ip6(inner: &[u8]) -> Vec<u8> {
+    let mut f = eth(ETH_P_IPV6);
+    f.extend(ipv6(LB6, BACKEND6, IPPROTO_IPV6, inner.len()));
+    f.extend_from_slice(inner);
+    f
+}
+
+/// The frame the kernel should get: the same Ethernet header, then `inner`.
+fn stripped(frame: &[u8], inner: &[u8]) -> Vec<u8> {
+    let mut f = frame[..14].to_vec();
+    f.extend_from_slice(inner);
+    f
+}
+
+#[test]
+fn tunnelled_packets_for_a_vip_are_stripped_to_the_inner_packet() {
+    let mut decap = Decap::new();
+    let inner = inner_v4(VIP4);
+    let frame = ipip(&inner, DF);
+    assert_eq!(decap.run(&frame), Outcome { action: XDP_PASS, frame: stripped(&frame, &inner) });
+
+    let inner = inner_v6(VIP6);
+    let frame = ip6ip6(&inner);
+    assert_eq!(decap.run(&frame), Outcome { action: XDP_PASS, frame: stripped(&frame, &inner) });
+    assert_eq!(decap.counters(), [2, 0, 0]);
+}
+
+#[test]
+fn tunnels_to_other_addresses_are_left_as_they_came() {
+    let mut decap = Decap::new();
+    let frame = ipip(&inner_v4(OTHER4), DF);
+    assert_eq!(decap.run(&frame), Outcome { action: XDP_PASS, frame: frame.clone() });
+    assert_eq!(decap.counters(), [0, 0, 1]);
+}
+
+#[test]
+fn fragments_wrong_inner_versions_and_plain_traffic_pass_untouched() {
+    let mut decap = Decap::new();
+    let inner = inner_v4(VIP4);
+    let mut inner_as_v6 = inner_v4(VIP4);
+    inner_as_v6[0] = 0x65;
+    let cases = [
+        ("outer first fragment (MF)", ipip(&inner, 0x2000)),
+        ("outer later fragment", ipip(&inner, 0x0003)),
+        ("IPv4 outer, inner version 6", ipip(&inner_as_v6, DF)),
+        ("IPv6 outer, inner IPv4", ip6ip6(&inner_v4(VIP4))),
+        ("plain TCP to the VIP", v4_frame(CLIENT4, VIP4, 6, &tcp(40000, 80, TCP_SYN, b""))),
+        ("truncated outer header", ipip(&inner, DF)[..30].to_vec()),
+        ("ARP", eth(ETH_P_ARP).into_iter().chain([0; 28]).collect()),
+    ];
+    for (name, frame) in &cases {
+        assert_eq!(decap.run(frame), Outcome { action: XDP_PASS, frame: frame.clone() }, "{name}");
+    }
+    assert_eq!(decap.counters(), [0, cases.len() as u64, 0]);
+}
