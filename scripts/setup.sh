@@ -5,7 +5,8 @@
 #   sudo ./scripts/setup.sh --no-demo  install and build only (CI)
 #
 # Installs: Debian packages (LLVM matching the nightly's, test tools), the
-# nightly `rust-src` component, and bpf-linker built against that LLVM.
+# nightly `rust-src` component, bpf-linker built against that LLVM, and
+# cargo-fuzz (the tests fuzz the packet parser).
 # Every step checks first, so running it again is quick.
 set -euo pipefail
 
@@ -13,7 +14,7 @@ demo=1
 for arg in "$@"; do
   case "$arg" in
     --no-demo) demo=0 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "setup: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -42,7 +43,7 @@ echo "nightly uses LLVM $llvm"
 
 say "Debian packages"
 packages=(
-  "llvm-$llvm-dev" "libpolly-$llvm-dev" libzstd-dev zlib1g-dev pkg-config
+  "llvm-$llvm-dev" "libpolly-$llvm-dev" libzstd-dev zlib1g-dev pkg-config g++
   iproute2 ethtool iputils-ping procps util-linux tcpdump netsniff-ng iperf3 curl prometheus
 )
 missing=()
@@ -63,6 +64,13 @@ if command -v bpf-linker >/dev/null && ldd "$(command -v bpf-linker)" | grep -q 
 else
   LLVM_PREFIX="/usr/lib/llvm-$llvm" PATH="/usr/lib/llvm-$llvm/bin:$PATH" \
     cargo install bpf-linker --version 0.13.0 --locked --force --no-default-features --features "llvm-$llvm"
+fi
+
+say "cargo-fuzz"
+if cargo fuzz --version 2>/dev/null | grep -q "^cargo-fuzz 0.13.2$"; then
+  cargo fuzz --version
+else
+  cargo install cargo-fuzz --version 0.13.2 --locked --force
 fi
 
 say "Build"
