@@ -1,6 +1,7 @@
 //! `cargo xtask …`: build-and-run helpers. The eBPF build itself lives in
 //! lb-user's build script; these tasks only drive cargo and the lab.
 
+mod bench;
 mod demo;
 
 use std::{
@@ -35,6 +36,17 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure xlb: cost per packet, throughput in namespaces, control
+    /// plane, Maglev quality (needs root). Prints a table and writes
+    /// target/bench/latest.json; reports targets, never fails on them.
+    Bench {
+        /// Run every part briefly (seconds), as CI does.
+        #[arg(long)]
+        smoke: bool,
+        /// Run only these parts (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<bench::Part>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +66,11 @@ fn main() -> anyhow::Result<()> {
             // The end-to-end tests run the xlb binary next to their own.
             build_xlb("dev")?;
             cargo(&["test", "--locked"], &args)
+        }
+        Task::Bench { smoke, only } => {
+            require_root("the benchmark")?;
+            let xlb = build_xlb("release")?;
+            bench::run(&xlb, smoke, &only)
         }
     }
 }

@@ -1,0 +1,539 @@
+//! Part 1: what one packet costs in program `xlb`, through
+//! BPF_PROG_TEST_RUN, against the trivial XDP_TX and MAC-swap programs run
+//! the same way in the same run.
+//!
+//! Every run is single-shot (repeat = 1): the kernel does not restore the
+//! packet between repeats, so a repeated run would feed the program its own
+//! output. The figure of a run is the mean of the kernel-reported durations
+//! of its packets. Every measured output is compared with the output a
+//! second, identically configured program instance gives for the same
+//! frame (action and every byte), and the counters must show the path the
+//! case claims (new flow, connection-table hit, not a VIP).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::{Ebpf, programs::Xdp};
+use lb_common::{Event, FAMILY_V4, FAMILY_V6, FlowKey, MODE_DR, MODE_TUN, PROTO_TCP, PROTO_UDP, Reason};
+use xlb::{
+    dataplane::Geometry,
+    helpers,
+    loader::Params,
+    reconcile::{DesiredVip, Leave},
+};
+use xlb_tests::{frames::*, netns::Netns, unique_id};
+
+use super::{
+    Opts,
+    kit::{self, Loaded, Outcome, XDP_PASS, XDP_TX},
+    report::{Row, Section, Target, median},
+};
+
+const VIP4_DR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const VIP4_TUN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
+const VIP6_DR: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const VIP6_TUN: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
+const NOT_VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 254);
+const LB4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const LB6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 2);
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xfe, 0xfe];
+/// Source ports per client address before the address changes.
+const PORTS: u32 = 60_000;
+/// Flow numbers for filling the connection table, away from measured ones.
+const FILL_BASE: u32 = 10_000_000;
+const BASELINE: &str = "xdp_tx";
+/// Capacity of the small table the eviction case runs with.
+const SMALL_CONNTRACK: u32 = 8192;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Dr,
+    Tun,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A TCP SYN of a flow never seen: Maglev, then a connection-table insert.
+    Syn,
+    /// The same with the connection table full: every insert evicts.
+    SynEvict,
+    /// A TCP ACK of an established flow: connection-table hit.
+    Ack,
+    UdpNew,
+    UdpEst,
+    /// TCP to an address that is no VIP.
+    NotVip,
+    /// ICMP "fragmentation needed" quoting an established flow of a VIP:
+    /// sent on to the flow's backend.
+    IcmpSteered,
+}
+
+#[derive(Clone, Copy)]
+struct Case {
+    mode: Mode,
+    v6: bool,
+    kind: Kind,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        let mode = match self.mode {
+            Mode::Dr => "DR ",
+            Mode::Tun => "TUN",
+        };
+        let fam = if self.v6 { "IPv6" } else { "IPv4" };
+        match self.kind {
+            Kind::Syn => format!("{mode} {fam} TCP SYN, new flow"),
+            Kind::SynEvict => format!("{mode} {fam} TCP SYN, new flow, table full (evicts)"),
+            Kind::Ack => format!("{mode} {fam} TCP ACK, established"),
+            Kind::UdpNew => format!("{mode} {fam} UDP, new flow"),
+            Kind::UdpEst => format!("{mode} {fam} UDP, established"),
+            Kind::NotVip => format!("{fam} TCP to a non-VIP address"),
+            Kind::IcmpSteered => format!("{mode} {fam} ICMP frag-needed to a VIP, to the flow's backend"),
+        }
+    }
+
+    /// Whether each run needs flows never seen before.
+    fn new_flows(&self) -> bool {
+        matches!(self.kind, Kind::Syn | Kind::SynEvict | Kind::UdpNew)
+    }
+
+    fn vip(&self) -> IpAddr {
+        match (self.mode, self.v6) {
+            (Mode::Dr, false) => VIP4_DR.into(),
+            (Mode::Tun, false) => VIP4_TUN.into(),
+            (Mode::Dr, true) => VIP6_DR.into(),
+            (Mode::Tun, true) => VIP6_TUN.into(),
+        }
+    }
+
+    fn client(&self, k: u32) -> IpAddr {
+        if self.v6 {
+            IpAddr::from(Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                0xc,
+                0,
+                0,
+                0,
+                ((k / PORTS) >> 16) as u16,
+                (k / PORTS) as u16 + 1,
+            ))
+        } else {
+            IpAddr::from(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)) + k / PORTS))
+        }
+    }
+
+    fn sport(k: u32) -> u16 {
+        1024 + (k % PORTS) as u16
+    }
+
+    /// Flow number `k` of this case as a frame.
+    fn frame(&self, k: u32) -> Vec<u8> {
+        let sport = Self::sport(k);
+        let (proto, l4) = match self.kind {
+            Kind::Syn | Kind::SynEvict => (PROTO_TCP, tcp(sport, 80, TCP_SYN, b"")),
+            Kind::Ack | Kind::NotVip => (PROTO_TCP, tcp(sport, 80, TCP_ACK, b"")),
+            Kind::UdpNew | Kind::UdpEst => (PROTO_UDP, udp(sport, 53, &[0x61; 18])),
+            Kind::IcmpSteered => {
+                return icmp_frag_needed(self.vip(), self.client(k), sport);
+            }
+        };
+        let dst = if self.kind == Kind::NotVip { IpAddr::from(NOT_VIP4) } else { self.vip() };
+        match (self.client(k), dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => v4_frame(s, d, proto, &l4),
+            (IpAddr::V6(s), IpAddr::V6(d)) => v6_frame(s, d, proto, &l4),
+            _ => unreachable!("one family per case"),
+        }
+    }
+
+    fn flow(&self, k: u32) -> FlowKey {
+        let (proto, dport) = if matches!(self.kind, Kind::UdpNew | Kind::UdpEst) {
+            (PROTO_UDP, 53u16)
+        } else {
+            (PROTO_TCP, 80)
+        };
+        let mut f = FlowKey {
+            proto,
+            family: if self.v6 { FAMILY_V6 } else { FAMILY_V4 },
+            sport_be: Self::sport(k).to_be(),
+            dport_be: dport.to_be(),
+            ..FlowKey::default()
+        };
+        let (s, d) = (xlb::addr::to_bytes(self.client(k)).0, xlb::addr::to_bytes(self.vip()).0);
+        f.src = s;
+        f.dst = d;
+        f
+    }
+
+    /// The events every measured packet must add, and its reason.
+    fn expect(&self) -> (Vec<Event>, Reason) {
+        match self.kind {
+            Kind::Syn | Kind::SynEvict | Kind::UdpNew => (vec![Event::ConnNew], Reason::Forwarded),
+            Kind::Ack | Kind::UdpEst => (vec![Event::ConnHit], Reason::Forwarded),
+            Kind::IcmpSteered => (vec![Event::IcmpSteered, Event::ConnHit], Reason::Forwarded),
+            Kind::NotVip => (vec![], Reason::PassNotVip),
+        }
+    }
+
+    fn target(&self) -> Option<Target> {
+        match self.kind {
+            Kind::Ack | Kind::UdpEst => Some(Target::ratio_at_most(2.5)),
+            Kind::Syn | Kind::SynEvict | Kind::UdpNew => Some(Target::ratio_at_most(4.5)),
+            Kind::NotVip => Some(Target::ratio_at_most(1.5)),
+            Kind::IcmpSteered => None,
+        }
+    }
+}
+
+/// An ICMP "fragmentation needed" from a router to `vip` about a packet
+/// the VIP (its backend) sent to `client`: what path-MTU discovery sends.
+fn icmp_frag_needed(vip: IpAddr, client: IpAddr, client_port: u16) -> Vec<u8> {
+    let (IpAddr::V4(vip), IpAddr::V4(client)) = (vip, client) else { unreachable!("IPv4 only") };
+    let quoted_l4 = tcp(80, client_port, TCP_ACK, b"");
+    let mut quote = ipv4(vip, client, PROTO_TCP, &[], 1400, 0x4000);
+    quote.extend_from_slice(&quoted_l4[..8]);
+    let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0xa0];
+    icmp.extend(quote);
+    let c = checksum(&icmp).to_be_bytes();
+    icmp[2..4].copy_from_slice(&c);
+    let mut f = eth(ETH_P_IP);
+    f.extend(ipv4(ROUTER4, vip, 1, &[], icmp.len(), 0));
+    f.extend(icmp);
+    f
+}
+
+fn all_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for mode in [Mode::Dr, Mode::Tun] {
+        for kind in [Kind::Syn, Kind::Ack, Kind::UdpNew, Kind::UdpEst] {
+            cases.push(Case { mode, v6: false, kind });
+        }
+        for kind in [Kind::Syn, Kind::Ack] {
+            cases.push(Case { mode, v6: true, kind });
+        }
+    }
+    cases.push(Case { mode: Mode::Dr, v6: false, kind: Kind::SynEvict });
+    cases.push(Case { mode: Mode::Dr, v6: false, kind: Kind::NotVip });
+    for mode in [Mode::Dr, Mode::Tun] {
+        cases.push(Case { mode, v6: false, kind: Kind::IcmpSteered });
+    }
+    cases
+}
+
+fn params(conntrack_size: u32) -> Params {
+    Params {
+        geometry: Geometry { table_size: 65_537, max_vips: 16, max_backends: 256, conntrack_size },
+        // No flood guard: every new flow takes the insert path.
+        conn_insert_limit: 0,
+        tun_source_v4: LB4,
+        tun_source_v6: LB6,
+    }
+}
+
+fn vips() -> Vec<DesiredVip> {
+    let v4 = |net: u8| (11..21).map(move |i| IpAddr::from([10, net, 0, i]));
+    let v6 = |net: u16| (0x11..0x1b).map(move |i| IpAddr::from(Ipv6Addr::new(net, 0, 0, 0, 0, 0, 0, i)));
+    let vip = |name: &str, addr: IpAddr, port: u16, proto: u8, mode: u8, backends: Vec<IpAddr>| DesiredVip {
+        name: name.into(),
+        key: xlb::addr::vip_key(addr, port, proto),
+        mode,
+        backends: kit::backends(backends),
+        leave: Leave::Drain,
+        hold: false,
+    };
+    vec![
+        vip("dr4", VIP4_DR.into(), 80, PROTO_TCP, MODE_DR, v4(0).collect()),
+        vip("dr4-udp", VIP4_DR.into(), 53, PROTO_UDP, MODE_DR, v4(0).collect()),
+        vip("dr6", VIP6_DR.into(), 80, PROTO_TCP, MODE_DR, v6(0xfd00).collect()),
+        vip("tun4", VIP4_TUN.into(), 80, PROTO_TCP, MODE_TUN, v4(2).collect()),
+        vip("tun4-udp", VIP4_TUN.into(), 53, PROTO_UDP, MODE_TUN, v4(2).collect()),
+        vip("tun6", VIP6_TUN.into(), 80, PROTO_TCP, MODE_TUN, v6(0xfd02).collect()),
+    ]
+}
+
+/// A namespace whose interface t0 forwards and routes the TUN backends
+/// (10.2.0.0/24, fd02::/64) via a router with a permanent neighbour entry,
+/// so the data plane's FIB lookups succeed.
+fn fib_namespace() -> anyhow::Result<(Netns, u32, [u8; 6])> {
+    let ns = Netns::new(&format!("xb{:06x}-fib", unique_id()))?;
+    ns.sysctl(&["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
+    for cmd in [
+        "link add t0 mtu 1500 type veth peer name t1",
+        "link set t0 up",
+        "link set t1 up",
+        "addr add 10.1.0.2/24 dev t0",
+        "-6 addr add fd01::2/64 dev t0 nodad",
+        "route add 10.2.0.0/24 via 10.1.0.254",
+        "-6 route add fd02::/64 via fd01::fe",
+        "neigh add 10.1.0.254 lladdr 02:00:00:00:fe:fe nud permanent dev t0",
+        "-6 neigh add fd01::fe lladdr 02:00:00:00:fe:fe nud permanent dev t0",
+    ] {
+        ns.ip(cmd)?;
+    }
+    ns.sysctl(&["net.ipv4.conf.t0.forwarding=1", "net.ipv6.conf.t0.forwarding=1"])?;
+    let (ifindex, mac) = kit::link(&ns, "t0")?;
+    Ok((ns, ifindex, mac))
+}
+
+struct Measured {
+    case: Case,
+    plane: Loaded,
+    samples: Vec<f64>,
+    wall: Vec<f64>,
+    events: u64,
+}
+
+struct Baseline {
+    name: &'static str,
+    ebpf: Ebpf,
+    samples: Vec<f64>,
+    wall: Vec<f64>,
+}
+
+impl Baseline {
+    fn program(&self) -> &Xdp {
+        self.ebpf.program(self.name).expect("loaded").try_into().expect("XDP")
+    }
+
+    /// What the baseline must output for `frame`.
+    fn expected(&self, frame: &[u8]) -> Outcome {
+        let mut out = frame.to_vec();
+        if self.name == "xdp_macswap" {
+            out[..6].copy_from_slice(&frame[6..12]);
+            out[6..12].copy_from_slice(&frame[..6]);
+        }
+        Outcome { action: XDP_TX, frame: out }
+    }
+}
+
+pub fn run(opts: &Opts) -> anyhow::Result<Section> {
+    let (runs, packets) = if opts.smoke { (5, 1000) } else { (7, 10_000) };
+    let mut section = Section::new(
+        "1. Cost per packet (BPF_PROG_TEST_RUN)",
+        &format!(
+            "{runs} runs × {packets} single-shot test runs per case (repeat = 1), interleaved case by case; \
+             figure = mean kernel-reported duration per packet, pinned to one CPU. Every output checked \
+             byte for byte against a second program instance, and the counters against the path the case \
+             claims. New-flow cases use a new flow (source address/port) for every packet; established \
+             cases pre-establish their {packets} flows. Maglev M = 65537, 10 backends per VIP, connection \
+             table 262144 (eviction case: {SMALL_CONNTRACK}), flood guard off. Ratio: to the trivial XDP_TX \
+             program on the same frames."
+        ),
+    );
+    let (ns, ifindex, t0_mac) = fib_namespace()?;
+    let rows = ns.run(|| measure_all(runs, packets, ifindex, t0_mac))?;
+    for row in rows {
+        section.push(row);
+    }
+    Ok(section)
+}
+
+fn measure_all(runs: usize, packets: u32, ifindex: u32, t0_mac: [u8; 6]) -> anyhow::Result<Vec<Row>> {
+    let pinned = kit::pin_thread(kit::bench_cpu());
+    let mut reference = Loaded::new(params(262_144), LB_MAC)?;
+    reference.apply(&vips())?;
+    let mut baselines = Vec::new();
+    for name in ["xdp_tx", "xdp_macswap"] {
+        let ebpf = helpers::load(name).with_context(|| format!("cannot load {name}"))?;
+        baselines.push(Baseline { name, ebpf, samples: Vec::new(), wall: Vec::new() });
+    }
+    let mut measured = Vec::new();
+    for case in all_cases() {
+        let conntrack = if case.kind == Kind::SynEvict { SMALL_CONNTRACK } else { 262_144 };
+        let mut plane = Loaded::new(params(conntrack), LB_MAC)?;
+        plane.apply(&vips())?;
+        prepare(&case, &plane, &reference, packets, ifindex, t0_mac)
+            .with_context(|| format!("preparing {}", case.name()))?;
+        measured.push(Measured { case, plane, samples: Vec::new(), wall: Vec::new(), events: 0 });
+    }
+
+    let baseline_case = Case { mode: Mode::Dr, v6: false, kind: Kind::Syn };
+    for r in 0..runs as u32 {
+        let frames: Vec<Vec<u8>> = (0..packets).map(|i| baseline_case.frame(FILL_BASE * 2 + i)).collect();
+        for b in &mut baselines {
+            let expected: Vec<Outcome> = frames.iter().map(|f| b.expected(f)).collect();
+            let (ns, wall) = timed(b.program(), &frames, &expected, ifindex).context(b.name)?;
+            b.samples.push(ns);
+            b.wall.push(wall);
+        }
+        for m in &mut measured {
+            let case = m.case;
+            let flows = if case.new_flows() { r * packets..(r + 1) * packets } else { 0..packets };
+            let frames: Vec<Vec<u8>> = flows.map(|k| case.frame(k)).collect();
+            let expected = frames
+                .iter()
+                .map(|f| kit::outcome(reference.program(), f, ifindex))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let (events, reason) = case.expect();
+            let before = m.plane.maps.global_stats()?;
+            let (ns, wall) =
+                timed(m.plane.program(), &frames, &expected, ifindex).with_context(|| case.name())?;
+            let after = m.plane.maps.global_stats()?;
+            let got = after.reasons[reason as usize].packets - before.reasons[reason as usize].packets;
+            ensure!(
+                got == packets as u64,
+                "{}: {got} of {packets} packets counted as {reason:?}",
+                case.name()
+            );
+            for event in events {
+                let got = after.events[event as usize] - before.events[event as usize];
+                ensure!(
+                    got == packets as u64,
+                    "{}: {got} of {packets} packets counted {event:?}",
+                    case.name()
+                );
+                m.events += got;
+            }
+            m.samples.push(ns);
+            m.wall.push(wall);
+        }
+    }
+
+    let base = median(&baselines[0].samples);
+    let mut rows = Vec::new();
+    for b in &baselines {
+        let label = match b.name {
+            "xdp_tx" => "baseline: XDP_TX, nothing else (trivial)",
+            _ => "baseline: MAC swap + XDP_TX",
+        };
+        rows.push(
+            Row::new(label, "ns/pkt", b.samples.clone())
+                .vs(BASELINE, base)
+                .extra("wall_ns_per_pkt", &b.wall)
+                .extra("packets_per_run", packets),
+        );
+    }
+    for m in &measured {
+        let mut row = Row::new(m.case.name(), "ns/pkt", m.samples.clone())
+            .vs(BASELINE, base)
+            .extra("ns_above_trivial", median(&m.samples) - base)
+            .extra("wall_ns_per_pkt", &m.wall)
+            .extra("packets_per_run", packets)
+            .extra("connection_table_events_checked", m.events);
+        if let Some(t) = m.case.target() {
+            row = row.target(t);
+        }
+        match m.case.kind {
+            Kind::IcmpSteered => {
+                row = row.note(
+                    "Quotes a packet of an established flow (VIP → client); the data plane reverses it, \
+                     finds the flow's backend in the connection table and forwards the error there.",
+                )
+            }
+            Kind::SynEvict => {
+                row = row.note(format!(
+                    "Connection table of {SMALL_CONNTRACK} entries filled first: every insert evicts the \
+                     least recently used entry (steady state of a busy balancer)."
+                ))
+            }
+            _ => {}
+        }
+        rows.push(row);
+    }
+    if !pinned {
+        rows.iter_mut().for_each(|r| r.note = Some("could not pin the thread to one CPU".into()));
+    }
+    Ok(rows)
+}
+
+/// Untimed set-up: established flows recorded, the small table filled;
+/// checks the reference against the control plane's model on a flow.
+fn prepare(
+    case: &Case,
+    plane: &Loaded,
+    reference: &Loaded,
+    packets: u32,
+    ifindex: u32,
+    t0_mac: [u8; 6],
+) -> anyhow::Result<()> {
+    check_model(case, reference, ifindex, t0_mac)?;
+    let establish = |frame: Vec<u8>| -> anyhow::Result<()> {
+        let out = kit::outcome(plane.program(), &frame, ifindex)?;
+        ensure!(out.action == XDP_TX, "set-up packet not forwarded: action {}", out.action);
+        Ok(())
+    };
+    match case.kind {
+        Kind::Ack | Kind::IcmpSteered => {
+            let syn = Case { kind: Kind::Syn, ..*case };
+            (0..packets).try_for_each(|k| establish(syn.frame(k)))?;
+        }
+        Kind::UdpEst => (0..packets).try_for_each(|k| establish(case.frame(k)))?,
+        Kind::SynEvict => (0..SMALL_CONNTRACK * 2).try_for_each(|k| establish(case.frame(FILL_BASE + k)))?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The reference instance's output for flow 0 against what the control
+/// plane's model says it must be.
+fn check_model(case: &Case, reference: &Loaded, ifindex: u32, t0_mac: [u8; 6]) -> anyhow::Result<()> {
+    let frame = case.frame(0);
+    let out = kit::outcome(reference.program(), &frame, ifindex)?;
+    if case.kind == Kind::NotVip {
+        ensure!(out == Outcome { action: XDP_PASS, frame }, "{}: not passed untouched", case.name());
+        return Ok(());
+    }
+    ensure!(out.action == XDP_TX, "{}: action {}", case.name(), out.action);
+    let flow = case.flow(0);
+    let backend = reference.expected_backend(&flow).context("no backend in the model")?;
+    let f = &out.frame;
+    match (case.mode, backend) {
+        (Mode::Dr, _) => {
+            let vip = &reference.reconciler.vips()[&flow.vip_key()];
+            let mac = vip.backends[&backend].mac.context("backend without MAC")?;
+            let mut want = mac.to_vec();
+            want.extend(LB_MAC);
+            want.extend(&frame[12..]);
+            ensure!(*f == want, "{}: DR frame differs from the model", case.name());
+        }
+        (Mode::Tun, IpAddr::V4(b)) => {
+            ensure!(f[..6] == ROUTER_MAC && f[6..12] == t0_mac, "{}: TUN MACs", case.name());
+            ensure!(
+                f[23] == 4 && f[26..30] == LB4.octets() && f[30..34] == b.octets(),
+                "{}: outer header",
+                case.name()
+            );
+            ensure!(f[34..] == frame[14..], "{}: inner packet changed", case.name());
+        }
+        (Mode::Tun, IpAddr::V6(b)) => {
+            ensure!(f[..6] == ROUTER_MAC && f[6..12] == t0_mac, "{}: TUN MACs", case.name());
+            ensure!(
+                f[20] == 41 && f[22..38] == LB6.octets() && f[38..54] == b.octets(),
+                "{}: outer header",
+                case.name()
+            );
+            ensure!(f[54..] == frame[14..], "{}: inner packet changed", case.name());
+        }
+    }
+    Ok(())
+}
+
+/// Runs every frame once; each output must equal its expected outcome.
+/// Returns (mean kernel ns, mean wall ns) per packet.
+fn timed(
+    program: &Xdp,
+    frames: &[Vec<u8>],
+    expected: &[Outcome],
+    ifindex: u32,
+) -> anyhow::Result<(f64, f64)> {
+    let mut out = vec![0u8; 4096];
+    let mut kernel_ns = 0u64;
+    let start = std::time::Instant::now();
+    for (i, (frame, want)) in frames.iter().zip(expected).enumerate() {
+        let (action, len, ns) = kit::test_run(program, frame, ifindex, &mut out)?;
+        if action != want.action || out[..len] != want.frame[..] {
+            bail!(
+                "packet {i}: got action {action} and {} bytes, expected action {} and {} bytes{}",
+                len,
+                want.action,
+                want.frame.len(),
+                if action == want.action && len == want.frame.len() { " (bytes differ)" } else { "" }
+            );
+        }
+        kernel_ns += ns;
+    }
+    let n = frames.len().max(1) as f64;
+    Ok((kernel_ns as f64 / n, start.elapsed().as_nanos() as f64 / n))
+}
