@@ -30,9 +30,13 @@ enum Task {
     /// three backends; a few hundred requests; who answered; the counters.
     Demo,
     /// Run every test: unit, BPF_PROG_TEST_RUN and namespace end-to-end
-    /// tests (needs root).
+    /// tests, then fuzz the packet parser (needs root).
     Test {
-        /// Extra arguments for `cargo test`, e.g. `--test dr_e2e` or `-- maglev`.
+        /// Seconds of parser fuzzing after the tests; 0 skips it.
+        #[arg(long, default_value_t = 60)]
+        fuzz_seconds: u32,
+        /// Extra arguments for `cargo test`, e.g. `--test dr_e2e` or `-- maglev`
+        /// (fuzzing is skipped when they are given).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -61,11 +65,15 @@ fn main() -> anyhow::Result<()> {
             let xlb = build_xlb("release")?;
             demo::run(&xlb)
         }
-        Task::Test { args } => {
+        Task::Test { fuzz_seconds, args } => {
             require_root("the tests")?;
             // The end-to-end tests run the xlb binary next to their own.
             build_xlb("dev")?;
-            cargo(&["test", "--locked"], &args)
+            cargo(&["test", "--locked"], &args)?;
+            if args.is_empty() && fuzz_seconds > 0 {
+                fuzz_parser(fuzz_seconds)?;
+            }
+            Ok(())
         }
         Task::Bench { smoke, only } => {
             require_root("the benchmark")?;
@@ -73,6 +81,32 @@ fn main() -> anyhow::Result<()> {
             bench::run(&xlb, smoke, &only)
         }
     }
+}
+
+/// Runs the parser's fuzz target from its corpus. New inputs go to a
+/// scratch directory, so the checked-in corpus stays as it is.
+fn fuzz_parser(seconds: u32) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("xlb-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let corpus = workspace().join("fuzz/corpus/parse");
+    let status = Command::new("cargo")
+        .current_dir(workspace())
+        .args(["+nightly", "fuzz", "run", "parse"])
+        .arg(&scratch)
+        .arg(&corpus)
+        .args(["--", &format!("-max_total_time={seconds}")])
+        // Cargo's own variables would point the nightly build at this
+        // stable toolchain.
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .status()
+        .context("cannot run `cargo +nightly fuzz` (scripts/setup.sh installs cargo-fuzz)");
+    let _ = std::fs::remove_dir_all(&scratch);
+    if !status?.success() {
+        bail!("fuzzing the parser found a failure (see the crash file above)");
+    }
+    Ok(())
 }
 
 fn workspace() -> PathBuf {
