@@ -10,6 +10,8 @@ mod select;
 mod stats;
 mod xmit;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{Action, GlobalStats, MODE_TUN, Reason};
 use lb_ebpf::parse::{Frame as _, Parsed, parse};
@@ -43,18 +45,20 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 /// they would not fit the 512-byte stack.
 #[inline(always)]
 fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
-    let mut parsed = Parsed::default();
+    let mut parsed = MaybeUninit::<Parsed>::uninit();
     parse_into(pkt, &mut parsed)?;
-    let target = select::backend(&parsed, stats)?;
+    // SAFETY: parse_into wrote it (it returned Ok).
+    let parsed = unsafe { parsed.assume_init_ref() };
+    let target = select::backend(parsed, stats)?;
     // Counted before encapsulation: the frame as it arrived.
     let bytes = pkt.len() as u64;
     let reason = if target.mode == MODE_TUN {
-        match xmit::to_backend_tun(pkt, &parsed, target.backend) {
+        match xmit::to_backend_tun(pkt, parsed, target.backend) {
             Tun::Sent(reason) => reason,
             // No ICMP error about an ICMP error (RFC 1122), nor toward a
             // tagged client (the reply would leave untagged).
             Tun::TooBig { .. } if parsed.icmp_error || parsed.l3_off != 14 => return Err(Reason::DropTooBig),
-            Tun::TooBig { mtu } => return Err(icmp::too_big(&pkt.reload(), &parsed, mtu as usize)),
+            Tun::TooBig { mtu } => return Err(icmp::too_big(&pkt.reload(), parsed, mtu as usize)),
             Tun::Failed(reason) => return Err(reason),
         }
     } else {
@@ -66,9 +70,11 @@ fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
     Ok(reason)
 }
 
+/// Writes into the caller's frame: zero-initializing a `Parsed` there
+/// first costs an out-of-line byte-wise memset per packet.
 #[inline(never)]
-fn parse_into(pkt: &Packet, out: &mut Parsed) -> Result<(), Reason> {
-    *out = parse(pkt)?;
+fn parse_into(pkt: &Packet, out: &mut MaybeUninit<Parsed>) -> Result<(), Reason> {
+    out.write(parse(pkt)?);
     Ok(())
 }
 

@@ -31,7 +31,6 @@ pub const TCP_ACK: u8 = 0x10;
 /// IPv6 extension headers walked before giving up.
 pub const MAX_EXT_HEADERS: usize = 4;
 
-
 /// What the balancer needs from a frame.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Parsed {
