@@ -1,6 +1,7 @@
-//! The flow hash. The data plane indexes Maglev tables with it; userspace
-//! uses the same function to predict where a flow lands. Changing it moves
-//! flows between backends, so it is part of the contract.
+//! Hashes both sides must compute alike. The flow hash indexes Maglev
+//! tables, and userspace uses it to predict where a flow lands: changing it
+//! moves flows between backends. The VIP filter bit places VIP addresses in
+//! a bitmap the data plane checks before its VIP lookup.
 
 use crate::FlowKey;
 
@@ -41,4 +42,19 @@ pub fn flow_hash(k: &FlowKey) -> u32 {
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
+}
+
+/// Words (u64) in `VIP_FILTER`: 65536 bits, so a few hundred VIP addresses
+/// leave almost every non-VIP address on a clear bit.
+pub const VIP_FILTER_WORDS: u32 = 1024;
+
+/// The `VIP_FILTER` bit of an address (`0..VIP_FILTER_WORDS * 64`): a
+/// multiplicative hash of its words, top 16 bits.
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u8; 16], family: u8) -> u32 {
+    let mut w = word(addr, 0);
+    if family != crate::FAMILY_V4 {
+        w ^= word(addr, 4).rotate_left(8) ^ word(addr, 8).rotate_left(16) ^ word(addr, 12).rotate_left(24);
+    }
+    w.wrapping_mul(0x9e37_79b1) >> 16
 }

@@ -10,7 +10,7 @@ mod hash;
 mod reason;
 mod types;
 
-pub use hash::flow_hash;
+pub use hash::{VIP_FILTER_WORDS, flow_hash, vip_filter_bit};
 pub use reason::{Action, EVENT_SLOTS, Event, REASON_SLOTS, Reason};
 pub use types::*;
 
@@ -24,6 +24,7 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const META: &str = "META";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
 
     /// Program `xlb_decap`'s maps.
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
@@ -31,7 +32,8 @@ pub mod maps {
     pub const DECAP_ALL: [&str; 2] = [DECAP_VIPS, DECAP_STATS];
 
     /// Every map of program `xlb`, in pin order.
-    pub const ALL: [&str; 8] = [VIPS, BACKENDS, MAGLEV, STATS, VIP_STATS, BACKEND_STATS, META, CONNTRACK];
+    pub const ALL: [&str; 9] =
+        [VIPS, BACKENDS, MAGLEV, STATS, VIP_STATS, BACKEND_STATS, META, CONNTRACK, VIP_FILTER];
 }
 
 /// Load-time globals of program `xlb` (set by the loader, read-only to the program).

@@ -163,7 +163,7 @@ impl FlowKey {
 /// Layout of the maps this build creates. Bump it whenever a map's key,
 /// value, kind or meaning changes, so a daemon never misreads pinned maps
 /// left by another version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `META` value (a single entry): the version stamp and the capacities the
 /// maps were created with. The data plane never reads it.

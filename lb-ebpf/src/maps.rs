@@ -8,12 +8,18 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, ConnEntry, Counter, FlowKey, GlobalStats, MaglevChunk, Meta, VipInfo, VipKey,
+    BackendInfo, ConnEntry, Counter, FlowKey, GlobalStats, MaglevChunk, Meta, VIP_FILTER_WORDS, VipInfo,
+    VipKey,
     limits::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS},
 };
 
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Bitmap of `vip_filter_bit`s of the VIP addresses: a clear bit means no
+/// VIP has this address, and the packet skips the VIPS hash lookup.
+#[map(name = "VIP_FILTER")]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

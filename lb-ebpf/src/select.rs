@@ -4,12 +4,12 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     BackendId, BackendInfo, ConnEntry, Event, FlowKey, GlobalStats, MAGLEV_LANES, NO_BACKEND, Reason,
-    VipInfo, flow_hash,
+    VipInfo, flow_hash, vip_filter_bit,
 };
 use lb_ebpf::parse::Parsed;
 
 use crate::{
-    maps::{BACKENDS, CONN_INSERT_LIMIT, CONNTRACK, MAGLEV, TABLE_CHUNKS, TABLE_SIZE, VIPS},
+    maps::{BACKENDS, CONN_INSERT_LIMIT, CONNTRACK, MAGLEV, TABLE_CHUNKS, TABLE_SIZE, VIP_FILTER, VIPS},
     stats::count_event,
 };
 
@@ -23,6 +23,9 @@ pub struct Target {
 
 #[inline(never)]
 pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
+    if !may_be_vip(&p.flow) {
+        return Err(Reason::PassNotVip);
+    }
     // SAFETY: the value is only read, and VIPS entries are replaced whole.
     let vip = unsafe { VIPS.get(p.flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
     if p.icmp_error {
@@ -51,6 +54,14 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
         count_event(stats, Event::ConnNew);
     }
     Ok(Target { vip_id: vip.id, mode: vip.mode, backend_id, backend })
+}
+
+/// False when no VIP has the flow's destination address: one array word
+/// instead of hashing the VIP key, for the host's own traffic.
+#[inline(always)]
+fn may_be_vip(flow: &FlowKey) -> bool {
+    let bit = vip_filter_bit(&flow.dst, flow.family);
+    VIP_FILTER.get(bit / 64).is_some_and(|word| word >> (bit % 64) & 1 != 0)
 }
 
 /// The recorded backend, if it still serves this VIP and takes

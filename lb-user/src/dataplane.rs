@@ -3,7 +3,7 @@
 //! opened from pins); `MemoryMaps` stands in for it in tests.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -13,7 +13,7 @@ use aya::{
 };
 use lb_common::{
     BackendId, BackendInfo, ConnEntry, Counter, FlowKey, GlobalStats, MAGLEV_LANES, MaglevChunk, Meta,
-    VipInfo, VipKey, limits::TABLES_PER_VIP, maps,
+    VIP_FILTER_WORDS, VipInfo, VipKey, limits::TABLES_PER_VIP, maps, vip_filter_bit,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +113,11 @@ pub struct KernelMaps {
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
     meta: Array<MapData, Meta>,
+    vip_filter: Array<MapData, u64>,
+    /// The VIP keys `vip_filter` was last written for; `None` until the
+    /// first VIP write, and after a failed filter write (then rebuilt
+    /// whole from `vips`).
+    filtered: Option<BTreeSet<VipKey>>,
     cpus: usize,
 }
 
@@ -150,6 +155,8 @@ impl KernelMaps {
             vip_stats: typed!(maps::VIP_STATS),
             backend_stats: typed!(maps::BACKEND_STATS),
             meta: typed!(maps::META),
+            vip_filter: typed!(maps::VIP_FILTER),
+            filtered: None,
             cpus: aya::util::nr_cpus().map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?,
         })
     }
@@ -204,6 +211,44 @@ impl KernelMaps {
         Self::sum(&self.backend_stats, maps::BACKEND_STATS, id as u32)
     }
 
+    /// The filter's words, as the data plane sees them.
+    pub fn vip_filter(&self) -> Result<Vec<u64>, DataplaneError> {
+        self.vip_filter.iter().collect::<Result<_, _>>().map_err(map_err(maps::VIP_FILTER, "read"))
+    }
+
+    /// Writes word `word` of the filter from `keys`.
+    fn write_filter_word(&mut self, keys: &BTreeSet<VipKey>, word: u32) -> Result<(), DataplaneError> {
+        let bits = keys
+            .iter()
+            .map(|k| vip_filter_bit(&k.addr, k.family))
+            .filter(|bit| bit / 64 == word)
+            .fold(0u64, |w, bit| w | 1 << (bit % 64));
+        self.vip_filter.set(word, bits, 0).map_err(map_err(maps::VIP_FILTER, "write"))
+    }
+
+    /// Adds (`present`) or removes `key` in the filter. A bit is set before
+    /// its VIP exists and cleared after it is gone, so no VIP packet ever
+    /// meets a clear bit.
+    fn update_filter(&mut self, key: &VipKey, present: bool) -> Result<(), DataplaneError> {
+        let mut keys = match self.filtered.take() {
+            Some(keys) => keys,
+            None => {
+                // First write, or after a failed one: rewrite every word.
+                let keys: BTreeSet<VipKey> = self.vip_keys()?.into_iter().collect();
+                for word in 0..VIP_FILTER_WORDS {
+                    self.write_filter_word(&keys, word)?;
+                }
+                keys
+            }
+        };
+        let changed = if present { keys.insert(*key) } else { keys.remove(key) };
+        if changed {
+            self.write_filter_word(&keys, vip_filter_bit(&key.addr, key.family) / 64)?;
+        }
+        self.filtered = Some(keys);
+        Ok(())
+    }
+
     fn zeroes(&self) -> Result<PerCpuValues<Counter>, DataplaneError> {
         PerCpuValues::try_from(vec![Counter::default(); self.cpus])
             .map_err(|e| DataplaneError::Cpus(e.to_string()))
@@ -212,6 +257,7 @@ impl KernelMaps {
 
 impl MapWriter for KernelMaps {
     fn put_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
+        self.update_filter(key, true)?;
         self.vips.insert(key, info, 0).map_err(map_err(maps::VIPS, "write"))
     }
 
@@ -219,7 +265,8 @@ impl MapWriter for KernelMaps {
         match self.vips.remove(key) {
             Err(MapError::KeyNotFound) => Ok(()),
             r => r.map_err(map_err(maps::VIPS, "delete")),
-        }
+        }?;
+        self.update_filter(key, false)
     }
 
     fn vip_keys(&self) -> Result<Vec<VipKey>, DataplaneError> {

@@ -286,3 +286,33 @@ fn a_changed_backend_set_takes_effect_at_once() {
     let out = plane.run(&v6_frame(CLIENT6, VIP6, PROTO_TCP, &tcp(1, 80, TCP_SYN, b""))).unwrap();
     assert_eq!(out.action, XDP_PASS);
 }
+
+/// The bits `addrs` set in the VIP filter.
+fn filter_of(addrs: &[IpAddr]) -> Vec<u64> {
+    let mut words = vec![0u64; lb_common::VIP_FILTER_WORDS as usize];
+    for a in addrs {
+        let (bytes, family) = addr::to_bytes(*a);
+        let bit = lb_common::vip_filter_bit(&bytes, family);
+        words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+    words
+}
+
+#[test]
+fn the_vip_filter_holds_exactly_the_vip_addresses() {
+    let mut plane = plane();
+    let all = [VIP4.into(), VIP6.into(), EMPTY_VIP4.into()];
+    assert_eq!(plane.maps.vip_filter().unwrap(), filter_of(&all));
+
+    // web4 and dns4 share an address: the bit stays while one is left.
+    let v4 = backends(&[IpAddr::from([10, 0, 0, 11])]);
+    plane.apply(&[vip("dns4", VIP4.into(), 53, PROTO_UDP, v4.clone())]).unwrap();
+    assert_eq!(plane.maps.vip_filter().unwrap(), filter_of(&[VIP4.into()]));
+    assert_eq!(plane.run(&v4_frame(CLIENT4, VIP4, PROTO_UDP, &udp(1, 53, b"q"))).unwrap().action, XDP_TX);
+
+    plane.apply(&[]).unwrap();
+    assert!(plane.maps.vip_filter().unwrap().iter().all(|w| *w == 0));
+    let before = plane.reason(Reason::PassNotVip).unwrap().packets;
+    assert_eq!(plane.run(&tcp4(1, VIP4, 80)).unwrap().action, XDP_PASS);
+    assert_eq!(plane.reason(Reason::PassNotVip).unwrap().packets, before + 1);
+}
