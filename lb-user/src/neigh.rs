@@ -7,7 +7,8 @@
 //! those now and then catches a backend whose MAC changed.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    hash::{DefaultHasher, Hash as _, Hasher as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
@@ -229,34 +230,54 @@ pub async fn addresses(
     Ok((v4, v6))
 }
 
-/// Next hops looked up recently: the route to a backend rarely changes,
-/// and the daemon asks every second.
+/// Next hops toward TUN backends. The kernel answers one destination per
+/// route lookup and routes rarely change, so a destination is looked up
+/// when first wanted and then about every `ROUTE_REFRESH`, each at its own
+/// pace so that thousands of backends do not come due on the same tick.
 pub struct NextHops {
     handle: Handle,
+    /// Per destination: the answer, and when to ask again.
     cache: HashMap<IpAddr, (Option<(IpAddr, u32)>, Instant)>,
 }
 
-/// How long a looked-up next hop is trusted.
-const NEXT_HOP_TTL: Duration = Duration::from_secs(5);
+/// The longest a looked-up next hop is trusted: how late a route change
+/// reaches the neighbour refresh (packets follow it at once; the kernel
+/// resolves a new next hop on the first packet meanwhile).
+const ROUTE_REFRESH: Duration = Duration::from_secs(30);
 
 impl NextHops {
     pub fn new(handle: Handle) -> Self {
         Self { handle, cache: HashMap::new() }
     }
 
-    /// `next_hop(dest)`, from the cache while it is fresh.
-    pub async fn get(&mut self, dest: IpAddr) -> Result<Option<(IpAddr, u32)>, NetError> {
+    /// `next_hop` of each of `dests` that has a route, asking the kernel
+    /// only about those due; destinations not in `dests` are forgotten.
+    pub async fn lookup(&mut self, dests: &[IpAddr]) -> Result<Vec<(IpAddr, u32)>, NetError> {
         let now = Instant::now();
-        if let Some((hop, at)) = self.cache.get(&dest)
-            && now - *at < NEXT_HOP_TTL
-        {
-            return Ok(*hop);
+        let mut hops = Vec::with_capacity(dests.len());
+        for &dest in dests {
+            let hop = match self.cache.get(&dest) {
+                Some((hop, due)) if now < *due => *hop,
+                _ => {
+                    let hop = next_hop(&self.handle, dest).await?;
+                    self.cache.insert(dest, (hop, now + refresh_period(dest)));
+                    hop
+                }
+            };
+            hops.extend(hop);
         }
-        let hop = next_hop(&self.handle, dest).await?;
-        self.cache.insert(dest, (hop, now));
-        self.cache.retain(|_, (_, at)| now - *at < NEXT_HOP_TTL * 2);
-        Ok(hop)
+        let wanted: HashSet<&IpAddr> = dests.iter().collect();
+        self.cache.retain(|d, _| wanted.contains(d));
+        Ok(hops)
     }
+}
+
+/// Between half and all of `ROUTE_REFRESH`, fixed per destination, so that
+/// destinations looked up together come due apart.
+fn refresh_period(dest: IpAddr) -> Duration {
+    let mut h = DefaultHasher::new();
+    dest.hash(&mut h);
+    ROUTE_REFRESH / 2 + ROUTE_REFRESH / 2 * (h.finish() % 1024) as u32 / 1024
 }
 
 /// The neighbour packets to `dest` go to (the gateway, or `dest` itself

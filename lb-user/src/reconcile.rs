@@ -87,11 +87,18 @@ pub struct VipState {
     live: u32,
     /// What the kernel holds in each table; `None` when unknown.
     tables: [Option<Vec<BackendId>>; 2],
+    /// The Maglev inputs the live table is known to be built from; `None`
+    /// when unknown (e.g. adopted: pinned maps do not record weights).
+    built_from: Option<Vec<MaglevInput>>,
     pub backends: BTreeMap<IpAddr, BackendState>,
     /// Table switches since this daemon started, and when the last was.
     pub generation: u64,
     pub swapped_at: Option<SystemTime>,
 }
+
+/// One active backend as the table was built from it: address (its
+/// identity), id and weight. The table size is fixed per reconciler.
+type MaglevInput = (IpAddr, BackendId, u32);
 
 impl VipState {
     /// The table packets are balanced with, as written to the kernel.
@@ -214,6 +221,7 @@ impl Reconciler {
                 mode: vip.mode,
                 live,
                 tables,
+                built_from: None,
                 backends: BTreeMap::new(),
                 generation: 0,
                 swapped_at: None,
@@ -294,6 +302,7 @@ impl Reconciler {
         if std::mem::take(&mut self.resync) {
             for vip in self.vips.values_mut() {
                 vip.tables = [None, None];
+                vip.built_from = None;
                 vip.backends.values_mut().for_each(|b| b.written = None);
             }
         }
@@ -375,6 +384,7 @@ impl Reconciler {
                 mode: want.mode,
                 live: 1,
                 tables: [None, None],
+                built_from: None,
                 backends: BTreeMap::new(),
                 generation: 0,
                 swapped_at: None,
@@ -445,7 +455,9 @@ impl Reconciler {
                     Some(mac) => {
                         info!(vip = %vip.name, backend = %b.addr, mac = %addr::format_mac(&mac), "backend MAC resolved")
                     }
-                    None => warn!(vip = %vip.name, backend = %b.addr, "backend MAC unresolved: out of the table until it resolves"),
+                    None => {
+                        warn!(vip = %vip.name, backend = %b.addr, "backend MAC unresolved: out of the table until it resolves")
+                    }
                 }
                 state.mac = b.mac;
             }
@@ -470,37 +482,36 @@ impl Reconciler {
             }
         }
 
-        let names: Vec<(String, BackendId, u32)> = vip
+        let inputs: Vec<MaglevInput> = vip
             .backends
             .iter()
             .filter(|(_, b)| b.role == Role::Active)
-            .map(|(a, b)| (a.to_string(), b.id, b.weight))
+            .map(|(a, b)| (*a, b.id, b.weight))
             .collect();
-        let entries: Vec<maglev::Entry<'_>> = names
-            .iter()
-            .map(|(identity, id, weight)| maglev::Entry { identity, id: *id, weight: *weight })
-            .collect();
-        let table = maglev::build(&entries, self.geometry.table_size);
-
-        let unchanged = vip.mode == want.mode && vip.tables[vip.live as usize].as_ref() == Some(&table);
-        if !unchanged {
-            let target = 1 - vip.live;
-            let previous = vip.tables[target as usize].take();
-            write_table(maps, &self.geometry, vip.id * 2 + target, &table, previous.as_deref())?;
-            let info = VipInfo { id: vip.id, table: vip.id * 2 + target, mode: want.mode, _pad: [0; 3] };
-            maps.put_vip(&want.key, &info)?;
-            vip.tables[target as usize] = Some(table);
-            vip.live = target;
-            vip.mode = want.mode;
-            vip.generation += 1;
-            vip.swapped_at = Some(SystemTime::now());
-        }
-        let mut by_id: BTreeMap<BackendId, u32> = BTreeMap::new();
-        if let Some(live) = &vip.tables[vip.live as usize] {
-            live.iter().for_each(|id| *by_id.entry(*id).or_default() += 1);
-        }
-        for state in vip.backends.values_mut() {
-            state.slots = by_id.get(&state.id).copied().unwrap_or(0);
+        let live = vip.tables[vip.live as usize].as_ref();
+        // Building dominates an apply: skip it when the live table was built
+        // from these very inputs. Its slot counts then stand too (a backend
+        // new to the VIP has an id from the pool, which no table names).
+        let known = live.is_some() && vip.built_from.as_ref() == Some(&inputs);
+        if !known || vip.mode != want.mode {
+            let table = match live {
+                Some(live) if known => live.clone(),
+                _ => build_table(&inputs, self.geometry.table_size),
+            };
+            if vip.mode != want.mode || live != Some(&table) {
+                let target = 1 - vip.live;
+                let previous = vip.tables[target as usize].take();
+                write_table(maps, &self.geometry, vip.id * 2 + target, &table, previous.as_deref())?;
+                let info = VipInfo { id: vip.id, table: vip.id * 2 + target, mode: want.mode, _pad: [0; 3] };
+                maps.put_vip(&want.key, &info)?;
+                vip.tables[target as usize] = Some(table);
+                vip.live = target;
+                vip.mode = want.mode;
+                vip.generation += 1;
+                vip.swapped_at = Some(SystemTime::now());
+            }
+            vip.built_from = Some(inputs);
+            count_slots(vip, self.geometry.max_backends);
         }
 
         // After the switch: everyone else's entry (draining flags, changed
@@ -513,6 +524,30 @@ impl Reconciler {
         }
         free_expired(vip, now, maps, &mut self.backend_ids, |_| true)?;
         Ok(())
+    }
+}
+
+/// The Maglev table of `inputs`.
+fn build_table(inputs: &[MaglevInput], m: u32) -> Vec<BackendId> {
+    let names: Vec<String> = inputs.iter().map(|(addr, _, _)| addr.to_string()).collect();
+    let entries: Vec<maglev::Entry<'_>> = inputs
+        .iter()
+        .zip(&names)
+        .map(|(&(_, id, weight), identity)| maglev::Entry { identity, id, weight })
+        .collect();
+    maglev::build(&entries, m)
+}
+
+/// Sets each backend's `slots` from the live table.
+fn count_slots(vip: &mut VipState, max_backends: u32) {
+    let mut by_id = vec![0u32; max_backends as usize];
+    for id in vip.live_table().unwrap_or_default() {
+        if let Some(n) = by_id.get_mut(*id as usize) {
+            *n += 1;
+        }
+    }
+    for state in vip.backends.values_mut() {
+        state.slots = by_id.get(state.id as usize).copied().unwrap_or(0);
     }
 }
 
@@ -719,16 +754,71 @@ mod tests {
     fn a_failed_write_is_followed_by_a_full_resync() {
         let mut maps = MemoryMaps::default();
         let mut r = Reconciler::new(G);
-        apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1)])], &mut maps).unwrap();
-        let want = [vip("a", 1, &[(1, 1), (3, 1)])];
+        let unchanged = vip("b", 2, &[(4, 1)]);
+        apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1)]), unchanged.clone()], &mut maps).unwrap();
+        let want = [vip("a", 1, &[(1, 1), (3, 1)]), unchanged];
         maps.fail_next_write = true;
         assert!(apply(&mut r, &want, &mut maps).is_err());
         // Meanwhile someone scribbles over the maps.
         maps.chunks.values_mut().for_each(|c| *c = [0; 4]);
         maps.backends.values_mut().for_each(|b| b.flags = 0);
         apply(&mut r, &want, &mut maps).unwrap();
-        assert_eq!(live(&maps)[&want[0].key], expected(&want[0]));
+        for v in &want {
+            assert_eq!(live(&maps)[&v.key], expected(v), "VIP {}", v.name);
+        }
         assert_eq!(backend(&maps, &r, &want[0], 3).unwrap().flags, BACKEND_ACTIVE);
+    }
+
+    #[test]
+    fn only_a_vip_whose_table_inputs_changed_is_rebuilt() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        let (a, b) = (vip("a", 1, &[(1, 1), (2, 1)]), vip("b", 2, &[(3, 1), (4, 1)]));
+        apply(&mut r, &[a.clone(), b.clone()], &mut maps).unwrap();
+        // Spoil b's copy of its live table: a rebuild would differ from it
+        // and rewrite b.
+        let spoiled = vec![NO_BACKEND; G.table_size as usize];
+        let state = r.vips.get_mut(&b.key).unwrap();
+        state.tables[state.live as usize] = Some(spoiled.clone());
+        let b_entry = maps.vips[&b.key];
+
+        let a2 = vip("a", 1, &[(1, 1), (2, 2)]);
+        apply(&mut r, &[a2.clone(), b.clone()], &mut maps).unwrap();
+        assert_eq!(live(&maps)[&a.key], expected(&a2), "the changed VIP is rewritten");
+        assert_eq!(r.vips()[&a.key].generation, 2);
+        assert_eq!(maps.vips[&b.key], b_entry, "the unchanged VIP keeps its table");
+        assert_eq!(r.vips()[&b.key].generation, 1);
+        assert_eq!(r.vips()[&b.key].live_table(), Some(&spoiled[..]), "and is not rebuilt");
+        assert_eq!(r.vips()[&b.key].backends.values().map(|s| s.slots).sum::<u32>(), G.table_size);
+
+        // A new idle backend is no table input either; a weight is.
+        let mut b2 = vip("b", 2, &[(3, 1), (4, 1), (5, 0)]);
+        apply(&mut r, &[a2.clone(), b2.clone()], &mut maps).unwrap();
+        assert_eq!(r.vips()[&b.key].generation, 1);
+        b2.backends[1].weight = 3;
+        apply(&mut r, &[a2, b2.clone()], &mut maps).unwrap();
+        assert_eq!(live(&maps)[&b.key], expected(&b2));
+        assert_eq!(r.vips()[&b.key].generation, 2);
+    }
+
+    #[test]
+    fn an_adopted_table_is_compared_once_then_trusted() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 3)])], &mut maps).unwrap();
+        // Pinned maps do not record weights: only a build shows that the
+        // adopted table is not what the new weights give.
+        let mut adopted = Reconciler::adopt(G, &maps).unwrap();
+        let want = [vip("a", 1, &[(1, 1), (2, 1)])];
+        apply(&mut adopted, &want, &mut maps).unwrap();
+        assert_eq!(live(&maps)[&want[0].key], expected(&want[0]));
+        let writes = maps.chunk_writes;
+        let mut adopted = Reconciler::adopt(G, &maps).unwrap();
+        apply(&mut adopted, &want, &mut maps).unwrap();
+        assert!(adopted.vips()[&want[0].key].built_from.is_some(), "compared, found equal, trusted");
+        apply(&mut adopted, &want, &mut maps).unwrap();
+        assert_eq!(maps.chunk_writes, writes);
+        assert_eq!(adopted.vips()[&want[0].key].generation, 0);
     }
 
     #[test]
@@ -826,7 +916,11 @@ mod tests {
         let mut r = Reconciler::new(small);
         apply(&mut r, &[vip("a", 1, &[(1, 1)]), vip("b", 2, &[])], &mut maps).unwrap();
         assert_eq!(r.shortfalls().len(), 1);
-        assert!(r.shortfalls()[0].contains("VIP b") && r.shortfalls()[0].contains("max_vips"), "{:?}", r.shortfalls());
+        assert!(
+            r.shortfalls()[0].contains("VIP b") && r.shortfalls()[0].contains("max_vips"),
+            "{:?}",
+            r.shortfalls()
+        );
         assert_eq!(maps.vips.len(), 1, "VIP a applied all the same");
         let mut r = Reconciler::new(small);
         let mut maps = MemoryMaps::default();

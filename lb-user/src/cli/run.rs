@@ -425,17 +425,13 @@ async fn neighbour_targets(
     ifindex: u32,
 ) -> Result<Vec<IpAddr>, neigh::NetError> {
     let mut targets = Vec::new();
+    let mut tunnelled = Vec::new();
     for vip in &desired.vips {
-        for b in &vip.backends {
-            if vip.mode != lb_common::MODE_TUN {
-                targets.push(b.addr);
-            } else if let Some((hop, oif)) = hops.get(b.addr).await?
-                && oif == ifindex
-            {
-                targets.push(hop);
-            }
-        }
+        let addrs = vip.backends.iter().map(|b| b.addr);
+        if vip.mode == lb_common::MODE_TUN { tunnelled.extend(addrs) } else { targets.extend(addrs) }
     }
+    let hops = hops.lookup(&tunnelled).await?;
+    targets.extend(hops.into_iter().filter(|(_, oif)| *oif == ifindex).map(|(hop, _)| hop));
     targets.sort();
     targets.dedup();
     Ok(targets)
