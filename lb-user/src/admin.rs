@@ -274,5 +274,8 @@ async fn command(shared: &Shared, vip: &str, backend: IpAddr, change: Change) ->
     let (reply, answer) = oneshot::channel();
     let cmd = Command { vip: vip.to_owned(), backend, change, reply };
     shared.commands.send(cmd).await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?;
-    answer.await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?
+    answer.await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))??;
+    // The next read shows the change.
+    *shared.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    Ok(())
 }

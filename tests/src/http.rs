@@ -18,18 +18,39 @@ impl Reply {
     }
 }
 
-/// Sends one request and reads the whole reply (`Connection: close`).
+/// Sends one request as a well-behaved client would (`Host`, the token,
+/// JSON for changes) and reads the whole reply.
 pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Reply {
+    let mut headers = vec![format!("Host: {addr}")];
+    if let Some(t) = token {
+        headers.push(format!("Authorization: Bearer {t}"));
+    }
+    // Changes must say JSON, with a body or without (the API's CSRF guard).
+    if matches!(method, "POST" | "PUT") {
+        headers.push("Content-Type: application/json".into());
+    }
+    request_with(addr, method, path, &headers, body)
+}
+
+/// Sends one request with exactly `headers` (plus `Connection: close` and
+/// the body's length) and reads the whole reply.
+pub fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[String],
+    body: Option<&str>,
+) -> Reply {
     let mut conn =
         TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect to the admin API");
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    for h in headers {
+        head.push_str(&format!("{h}\r\n"));
     }
     let body = body.unwrap_or("");
     if !body.is_empty() {
-        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     head.push_str("\r\n");
     conn.write_all(head.as_bytes()).unwrap();

@@ -11,7 +11,7 @@ use std::{
 use xlb_tests::{
     cmd,
     daemon::Daemon,
-    http::{Reply, request},
+    http::{Reply, request, request_with},
     lab::{Lab, VIP4},
     servers::{self, tcp_spread},
 };
@@ -157,6 +157,19 @@ fn the_api_shows_vips_and_changes_backends_live() {
         assert_eq!(r.status, status, "{method} {path}: {}", r.body);
         assert!(r.json()["error"].is_string(), "{method} {path}: {}", r.body);
     }
+    // What a web page could send: a change that is not JSON, a name that
+    // resolves to loopback (DNS rebinding).
+    let drain = format!("/api/v1/vips/web/backends/{be1}/drain");
+    for (method, path, headers, status) in [
+        ("POST", drain.as_str(), vec![format!("Host: {ADMIN}"), "Content-Type: text/plain".into()], 415),
+        ("POST", drain.as_str(), vec![format!("Host: {ADMIN}")], 415),
+        ("GET", "/api/v1/vips", vec!["Host: rebind.example:9300".into()], 403),
+    ] {
+        let r = lab.lb.run(|| request_with(ADMIN.parse().unwrap(), method, path, &headers, None));
+        assert_eq!(r.status, status, "{method} {path} {headers:?}: {}", r.body);
+    }
+    let web = get(&lab, "/api/v1/vips/web").json();
+    assert!(web["backends"].as_array().unwrap().iter().all(|b| b["state"] == "active"), "{web}");
 
     // The CLI: through the API inside the namespace, from the maps outside.
     let xlb = cmd::xlb_bin();

@@ -79,8 +79,14 @@ impl AdminClient {
     pub fn change(&self, vip: &str, backend: IpAddr, change: Change) -> anyhow::Result<()> {
         let base = format!("{}/api/v1/vips/{vip}/backends/{backend}", self.base);
         let req = match change {
-            Change::Drain => self.http.post(format!("{base}/drain")).header(reqwest::header::CONTENT_TYPE, "application/json"),
-            Change::Undrain => self.http.post(format!("{base}/undrain")).header(reqwest::header::CONTENT_TYPE, "application/json"),
+            Change::Drain => self
+                .http
+                .post(format!("{base}/drain"))
+                .header(reqwest::header::CONTENT_TYPE, "application/json"),
+            Change::Undrain => self
+                .http
+                .post(format!("{base}/undrain"))
+                .header(reqwest::header::CONTENT_TYPE, "application/json"),
             Change::Weight(w) => self
                 .http
                 .put(format!("{base}/weight"))
