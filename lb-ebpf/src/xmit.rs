@@ -128,7 +128,7 @@ fn encapsulate(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Result<Tun, R
 #[inline(always)]
 fn zeroed_fib_params(fib: &mut MaybeUninit<FibParams>) -> &mut FibParams {
     const WORDS: usize = size_of::<FibParams>() / 4;
-    const _: () = assert!(size_of::<FibParams>() % 4 == 0 && align_of::<FibParams>() >= 4);
+    const _: () = assert!(size_of::<FibParams>().is_multiple_of(4) && align_of::<FibParams>() >= 4);
     let w = fib.as_mut_ptr().cast::<u32>();
     let mut i = 0;
     while i < WORDS {

@@ -558,7 +558,7 @@ backends = [ { address = "10.0.0.11" }, { address = "10.0.0.12", weight = 2 } ]
             ),
             (
                 "consul and static backends together",
-                format!("{GOOD}")
+                GOOD.to_string()
                     .replace("forward = \"dr\"", "forward = \"dr\"\nconsul = { service = \"web\" }"),
                 &["vip[0] (web).consul", "not both"],
             ),

@@ -187,7 +187,11 @@ pub fn read(pin_dir: &Path, interface: Option<&str>) -> anyhow::Result<Status> {
 }
 
 /// Entries per backend id in table number `table`.
-fn table_fill(maps: &KernelMaps, geometry: &Geometry, table: u32) -> anyhow::Result<BTreeMap<BackendId, u32>> {
+fn table_fill(
+    maps: &KernelMaps,
+    geometry: &Geometry,
+    table: u32,
+) -> anyhow::Result<BTreeMap<BackendId, u32>> {
     let chunks = geometry.table_chunks();
     let mut fill = BTreeMap::new();
     for c in 0..chunks {
@@ -288,7 +292,9 @@ fn describe_discovery(view: Option<&DiscoveryLabel>) -> String {
     let Some(d) = view else { return "not watched".into() };
     let age = d.synced_secs_ago.map_or_else(|| "never".into(), |s| format!("{s:.1} s ago"));
     let mut text = match (d.instances, d.stale) {
-        (None, _) if d.empty_kept => "Consul reports no healthy instance; keeping the backends the tables hold".into(),
+        (None, _) if d.empty_kept => {
+            "Consul reports no healthy instance; keeping the backends the tables hold".into()
+        }
         (None, _) => format!("waiting for Consul's first answer ({} errors)", d.errors_total),
         (Some(n), false) => format!("in sync, {n} instances, last answer {age}"),
         (Some(n), true) => format!(

@@ -25,7 +25,20 @@ impl Capture {
         // --immediate-mode: otherwise packets still in the kernel's current
         // ring block when tcpdump stops are never written.
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "tcpdump", "-U", "--immediate-mode", "-n", "-B", "32768", "-i", iface, "-w"])
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "tcpdump",
+                "-U",
+                "--immediate-mode",
+                "-n",
+                "-B",
+                "32768",
+                "-i",
+                iface,
+                "-w",
+            ])
             .arg(&file)
             .arg(filter)
             .stdout(Stdio::null())

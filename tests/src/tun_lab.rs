@@ -36,7 +36,8 @@ pub struct TunBackend {
 impl TunBackend {
     /// `xlb decap status --json` of this backend.
     pub fn decap_status(&self) -> anyhow::Result<serde_json::Value> {
-        let out = self.xlb(&["decap", "status", "--interface", "eth0", "--pin-dir", &self.pin_dir, "--json"])?;
+        let out =
+            self.xlb(&["decap", "status", "--interface", "eth0", "--pin-dir", &self.pin_dir, "--json"])?;
         Ok(serde_json::from_str(&out)?)
     }
 
@@ -109,7 +110,18 @@ impl TunLab {
             let pin_dir = format!("/sys/fs/bpf/xlb-decap/{}", ns.name);
             let backend = TunBackend { ns, name, v4, v6, pin_dir };
             let (vip4, vip6) = (VIP4.to_string(), VIP6.to_string());
-            backend.xlb(&["decap", "attach", "-i", "eth0", "--pin-dir", &backend.pin_dir, "--vip", &vip4, "--vip", &vip6])?;
+            backend.xlb(&[
+                "decap",
+                "attach",
+                "-i",
+                "eth0",
+                "--pin-dir",
+                &backend.pin_dir,
+                "--vip",
+                &vip4,
+                "--vip",
+                &vip6,
+            ])?;
             list.push(backend);
         }
         let pass = helpers::attach("xdp_pass", "lb", Some(&seg1.path()))?;

@@ -68,7 +68,7 @@ fn backends_follow_consul_health_and_survive_its_outage() {
         "[consul]\naddress = \"http://127.0.0.1:8500\"\n\n\
          [[vip]]\nname = \"web\"\naddress = \"{VIP4}\"\nport = 80\nprotocol = \"tcp\"\nconsul = {{ service = \"web\" }}\n"
     ));
-    let mut daemon = Daemon::start(&lab.lb, &lab.lb_if, &config).unwrap();
+    let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config).unwrap();
     eventually(|| spread(&lab, 60) == ["be1", "be2", "be3"], &daemon, "three registered backends answer");
 
     // Health to table: fail be2's check, time until its id stops taking

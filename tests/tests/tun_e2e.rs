@@ -36,7 +36,8 @@ fn tcp_over_tunnels_completes_and_replies_bypass_the_load_balancer() {
 
     // Replies must never reach the load balancer; tunnelled packets must
     // look as specified on the router's side of segment 1.
-    let replies = Capture::start(&lab.lb, &lab.lb_if, &format!("src host {VIP4} or src host {VIP6}")).unwrap();
+    let replies =
+        Capture::start(&lab.lb, &lab.lb_if, &format!("src host {VIP4} or src host {VIP6}")).unwrap();
     let tunnels = Capture::start(&lab.router, "lan1", "ip proto 4 or ip6 proto 41").unwrap();
 
     const N: usize = 150;
@@ -104,6 +105,9 @@ fn a_next_hop_without_neighbour_entry_is_resolved_by_the_kernel_on_the_first_pac
         assert_eq!(answer, "be1");
         let after = daemon.status().unwrap()["reasons"]["tun_no_neighbour"]["packets"].as_u64().unwrap();
         assert!(after > before, "{addr}: the first packet found no neighbour ({before} → {after})");
-        assert!(took < std::time::Duration::from_millis(900), "{addr}: no SYN retransmission needed ({took:?})");
+        assert!(
+            took < std::time::Duration::from_millis(900),
+            "{addr}: no SYN retransmission needed ({took:?})"
+        );
     }
 }
