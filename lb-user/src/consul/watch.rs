@@ -66,9 +66,12 @@ pub async fn watch(client: Client, query: ServiceQuery, updates: mpsc::Sender<Up
 ///   guarantee of a change either way).
 /// - **Index jumps forward**: taken as it is. The index is a raft index,
 ///   which every write in the cluster advances, so a large step between two
-///   answers is normal and there is no bound to check it against. A wrong,
-///   too-high index only makes one query wait out `wait`; the lower index
-///   that comes back then resets the loop by the first rule.
+///   answers is normal. A wrong, too-high index would hold the next query
+///   for all of `wait` while the service changes below it, so after a step
+///   of more than `SUSPECT_JUMP` the next query waits only `PROBE_WAIT`
+///   (`next_wait`): a genuine index comes back unchanged and the loop goes
+///   on as usual, a wrong one comes back lower and resets it by the first
+///   rule.
 /// - **Rate limit**: a token bucket (GCRA) with a burst of `rate_burst`
 ///   and one query per `rate_interval` after it, as the page recommends
 ///   over a sleep per iteration: changes are delivered at once when rare,
@@ -96,6 +99,7 @@ pub async fn watch_with(
 ) {
     let mut limiter = RateLimiter::new(options.rate_burst, options.rate_interval);
     let mut index = 0;
+    let mut wait = options.wait;
     let mut sent: Option<Vec<Instance>> = None;
     let mut failures = 0_u32;
     let mut reported: Vec<Problem> = Vec::new();
@@ -106,11 +110,12 @@ pub async fn watch_with(
             () = updates.closed() => return,
             fetched = async {
                 tokio::time::sleep_until(send_at).await;
-                client.fetch(&query, index, options.wait).await
+                client.fetch(&query, index, wait).await
             } => fetched,
         };
         let (update, retry_in) = match fetched {
             Ok(snapshot) => {
+                wait = next_wait(index, snapshot.index, options.wait);
                 index = next_index(index, snapshot.index);
                 for problem in new_problems(&reported, &snapshot.problems) {
                     tracing::warn!(service = %query, "consul: {problem}");
@@ -135,6 +140,7 @@ pub async fn watch_with(
             Err(error) => {
                 failures = failures.saturating_add(1);
                 index = 0;
+                wait = options.wait;
                 let retry_in = backoff(failures, options.backoff_base, options.backoff_cap, random());
                 let error = error_chain(&error);
                 tracing::warn!(service = %query, failures, ?retry_in, "consul: {error}");
@@ -160,6 +166,18 @@ pub async fn watch_with(
 /// one that came back.
 pub(crate) fn next_index(previous: u64, returned: u64) -> u64 {
     if returned < previous { 0 } else { returned.max(1) }
+}
+
+/// A forward step of the index larger than any real cluster makes between
+/// two answers (four billion writes).
+const SUSPECT_JUMP: u64 = 1 << 32;
+/// How long the query after such a step may block.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+/// The `wait` for the next query, given the index the last query used and
+/// the one that came back.
+pub(crate) fn next_wait(previous: u64, returned: u64, wait: Duration) -> Duration {
+    if returned.saturating_sub(previous) > SUSPECT_JUMP { wait.min(PROBE_WAIT) } else { wait }
 }
 
 /// The delay before retry number `failures` (1 for the first): a ceiling
@@ -218,6 +236,17 @@ mod tests {
         assert_eq!(next_index(100, 1), 0);
         // After the reset the next answer is taken as it is.
         assert_eq!(next_index(0, 7), 7);
+    }
+
+    #[test]
+    fn a_huge_forward_jump_is_probed_with_a_short_wait() {
+        let wait = Duration::from_secs(55);
+        assert_eq!(next_wait(100, 5_000_000, wait), wait, "a busy cluster's step");
+        assert_eq!(next_wait(100, 100, wait), wait);
+        assert_eq!(next_wait(100, 1 << 40, wait), PROBE_WAIT);
+        assert_eq!(next_wait(0, u64::MAX, wait), PROBE_WAIT, "even on the first answer");
+        assert_eq!(next_wait(1 << 40, 1 << 40, wait), wait, "confirmed: blocking again");
+        assert_eq!(next_wait(1 << 40, 7, wait), wait, "went back: the reset handles it");
     }
 
     #[test]
