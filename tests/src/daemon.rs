@@ -16,12 +16,19 @@ pub struct Daemon {
     pub config: PathBuf,
     log: PathBuf,
     pub interface: String,
+    /// Extra `xlb run` arguments, kept for restarts.
+    args: Vec<String>,
 }
 
 impl Daemon {
     /// Writes `config` to a scratch file and starts `xlb run` in `ns`,
     /// waiting until it reports ready.
     pub fn start(ns: &Netns, interface: &str, config: &str) -> anyhow::Result<Daemon> {
+        Self::start_with(ns, interface, config, &[])
+    }
+
+    /// As `start`, with extra `xlb run` arguments.
+    pub fn start_with(ns: &Netns, interface: &str, config: &str, args: &[&str]) -> anyhow::Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("xlb-test-{:06x}", unique_id()));
         std::fs::create_dir_all(&dir)?;
         let mut d = Daemon {
@@ -30,6 +37,7 @@ impl Daemon {
             log: dir.join("xlb.log"),
             dir,
             interface: interface.to_owned(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         std::fs::write(&d.config, config)?;
         d.spawn(ns)?;
@@ -44,6 +52,7 @@ impl Daemon {
             .arg(cmd::xlb_bin())
             .args(["run", "--config"])
             .arg(&self.config)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

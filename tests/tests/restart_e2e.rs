@@ -6,6 +6,7 @@
 
 use std::{
     net::SocketAddr,
+    path::Path,
     process::Command,
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
@@ -125,4 +126,24 @@ fn pinned_state_of_another_layout_is_refused_not_misread() {
     // The pinned data plane still forwards with its last tables.
     let answers = lab.client.run(|| servers::tcp_spread(SocketAddr::from((VIP4, 80)), 20)).unwrap();
     assert_eq!(answers.values().sum::<usize>(), 20);
+}
+
+#[test]
+fn detach_on_exit_leaves_nothing_attached_or_pinned() {
+    let lab = Lab::new(1).unwrap();
+    let _servers = servers::start(&lab.backends, 80, 53);
+    let mut daemon =
+        Daemon::start_with(&lab.lb, &lab.lb_if, &config(&lab, &[1]), &["--detach-on-exit"]).unwrap();
+    let pins = Path::new("/sys/fs/bpf/xlb").join(&lab.lb_if);
+    assert!(pins.join("VIPS").exists() && pins.join("link").exists(), "pinned while it runs");
+    program_id(&lab);
+    let answers = lab.client.run(|| servers::tcp_spread(SocketAddr::from((VIP4, 80)), 10)).unwrap();
+    assert_eq!(answers.values().sum::<usize>(), 10);
+
+    daemon.stop().unwrap();
+    assert!(daemon.log().contains("detached"), "{}", daemon.log());
+    assert!(!pins.exists(), "pins removed: {:?}", std::fs::read_dir(&pins).map(|d| d.count()));
+    let link: serde_json::Value =
+        serde_json::from_str(&lab.lb.ip(&format!("-j link show {}", lab.lb_if)).unwrap()).unwrap();
+    assert!(link[0]["xdp"].is_null(), "no XDP program left: {link}");
 }
