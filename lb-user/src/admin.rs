@@ -11,7 +11,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -68,8 +68,11 @@ pub struct Shared {
     /// Program attached and maps in sync with what is wanted.
     pub ready: AtomicBool,
     pub commands: mpsc::Sender<Command>,
-    /// The last status read, and when.
-    pub cache: Mutex<Option<(Instant, Arc<status::Status>)>>,
+    /// The last status read: when it began, and `changes` then.
+    pub cache: Mutex<Option<(Instant, u64, Arc<status::Status>)>>,
+    /// Changes made through the API so far: a status read before the
+    /// latest one is not served again.
+    pub changes: AtomicU64,
 }
 
 /// Connections served at once; more wait in the listen backlog.
@@ -235,18 +238,21 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
 /// The status, read off the main loop's thread (it walks the maps) and
 /// reused for `STATUS_TTL`.
 async fn read(shared: &Shared) -> Result<Arc<status::Status>, ApiError> {
-    if let Some((at, s)) = &*shared.cache.lock().unwrap_or_else(|e| e.into_inner())
+    let changes = shared.changes.load(Ordering::SeqCst);
+    if let Some((at, seen, s)) = &*shared.cache.lock().unwrap_or_else(|e| e.into_inner())
         && at.elapsed() < STATUS_TTL
+        && *seen == changes
     {
         return Ok(s.clone());
     }
+    let started = Instant::now();
     let (pin_dir, interface) = (shared.pin_dir.clone(), shared.interface.clone());
     let s = tokio::task::spawn_blocking(move || status::read(&pin_dir, Some(&interface)))
         .await
         .map_err(|e| ApiError::new(500, format!("status reader failed: {e}")))?
         .map_err(|e| ApiError::new(503, format!("cannot read the data plane: {e:#}")))?;
     let s = Arc::new(s);
-    *shared.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), s.clone()));
+    *shared.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((started, changes, s.clone()));
     Ok(s)
 }
 
@@ -276,6 +282,6 @@ async fn command(shared: &Shared, vip: &str, backend: IpAddr, change: Change) ->
     shared.commands.send(cmd).await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?;
     answer.await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))??;
     // The next read shows the change.
-    *shared.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    shared.changes.fetch_add(1, Ordering::SeqCst);
     Ok(())
 }

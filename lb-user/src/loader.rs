@@ -51,6 +51,11 @@ pub enum LoaderError {
     #[error("cannot mount bpffs at {BPFFS_ROOT}")]
     Mount(#[source] std::io::Error),
     #[error(
+        "another `xlb run` holds {path}: two daemons on one data plane would undo each other's writes; \
+         stop the other one first"
+    )]
+    Busy { path: PathBuf },
+    #[error(
         "{path} holds maps from another xlb version or configuration ({found}; this run needs {wanted}); \
          restore the old settings, or run `xlb detach --pin-dir {path}` to start afresh (drops live flows' state)"
     )]
@@ -105,6 +110,8 @@ pub struct Dataplane {
     pub adopted: bool,
     // Owns the program; the pinned link keeps it attached beyond us.
     _ebpf: Ebpf,
+    // The pin directory's lock, held while this daemon writes the maps.
+    _lock: fs::File,
 }
 
 /// What program `xlb` is loaded with; changing any of it needs a restart.
@@ -158,6 +165,7 @@ pub fn load(
 ) -> Result<Dataplane, LoaderError> {
     let geometry = params.geometry;
     prepare_pin_dir(pin_dir)?;
+    let lock = lock_pin_dir(pin_dir)?;
     let adopted = check_pinned(pin_dir, geometry)?;
 
     let mut ebpf = load_program(Some(pin_dir), params, iface.mac)?;
@@ -168,7 +176,20 @@ pub fn load(
 
     let program: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded").try_into().expect("XDP");
     let mode = attach(program, iface, &pin_dir.join(LINK_PIN), mode)?;
-    Ok(Dataplane { maps, mode, adopted, _ebpf: ebpf })
+    Ok(Dataplane { maps, mode, adopted, _ebpf: ebpf, _lock: lock })
+}
+
+/// Takes `pin_dir`'s exclusive lock (flock on the directory: released when
+/// the process ends, however it ends).
+fn lock_pin_dir(pin_dir: &Path) -> Result<fs::File, LoaderError> {
+    use std::os::fd::AsRawFd as _;
+    let dir =
+        fs::File::open(pin_dir).map_err(|source| LoaderError::PinDir { path: pin_dir.to_owned(), source })?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(LoaderError::Busy { path: pin_dir.to_owned() });
+    }
+    Ok(dir)
 }
 
 /// Loads program `xlb` with unpinned maps and attaches it nowhere: for

@@ -244,6 +244,8 @@ pub struct NextHops {
 /// reaches the neighbour refresh (packets follow it at once; the kernel
 /// resolves a new next hop on the first packet meanwhile).
 const ROUTE_REFRESH: Duration = Duration::from_secs(30);
+/// How long "no route" is trusted.
+const NO_ROUTE_RETRY: Duration = Duration::from_secs(5);
 
 impl NextHops {
     pub fn new(handle: Handle) -> Self {
@@ -260,7 +262,10 @@ impl NextHops {
                 Some((hop, due)) if now < *due => *hop,
                 _ => {
                     let hop = next_hop(&self.handle, dest).await?;
-                    self.cache.insert(dest, (hop, now + refresh_period(dest)));
+                    // A missing route is asked about again soon: one added
+                    // later should have its neighbour kept fresh at once.
+                    let due = if hop.is_some() { refresh_period(dest) } else { NO_ROUTE_RETRY };
+                    self.cache.insert(dest, (hop, now + due));
                     hop
                 }
             };

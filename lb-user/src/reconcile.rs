@@ -474,10 +474,12 @@ impl Reconciler {
 
         // Backends joining the table are written before a table names them;
         // those already in it only after the switch (a changed entry must
-        // not reach packets still using the old table, e.g. on a DR → TUN
-        // change).
+        // not reach packets still using the old table: on a DR → TUN change
+        // the MAC becomes zero). While packets see TUN, which ignores the
+        // MAC, every entry goes first, so a TUN → DR switch finds the MACs.
+        let mac_unused = vip.mode == lb_common::MODE_TUN;
         for (addr, state) in vip.backends.iter_mut() {
-            if state.role == Role::Active && (state.slots == 0 || state.written.is_none()) {
+            if state.role == Role::Active && (state.slots == 0 || state.written.is_none() || mac_unused) {
                 write_backend(maps, vip.id, *addr, state)?;
             }
         }
@@ -958,6 +960,13 @@ mod tests {
         let vip_at = maps.writes.iter().position(|w| *w == "vip").unwrap();
         let backend_at = maps.writes.iter().position(|w| *w == "backend").unwrap();
         assert!(vip_at < backend_at, "{:?}", maps.writes);
+
+        // Back to DR: the MACs must be in place before packets see DR.
+        maps.writes.clear();
+        apply(&mut r, std::slice::from_ref(&dr), &mut maps).unwrap();
+        let vip_at = maps.writes.iter().position(|w| *w == "vip").unwrap();
+        let backend_at = maps.writes.iter().position(|w| *w == "backend").unwrap();
+        assert!(backend_at < vip_at, "{:?}", maps.writes);
     }
 
     #[test]

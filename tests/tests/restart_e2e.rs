@@ -147,3 +147,26 @@ fn detach_on_exit_leaves_nothing_attached_or_pinned() {
         serde_json::from_str(&lab.lb.ip(&format!("-j link show {}", lab.lb_if)).unwrap()).unwrap();
     assert!(link[0]["xdp"].is_null(), "no XDP program left: {link}");
 }
+
+#[test]
+fn a_second_daemon_on_the_same_maps_is_refused() {
+    let lab = Lab::new(1).unwrap();
+    let _servers = servers::start(&lab.backends, 80, 53);
+    let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config(&lab, &[1])).unwrap();
+    // Another admin port, so only the data plane can collide.
+    let other = config(&lab, &[1]) + "\n[admin]\nlisten = \"127.0.0.1:9301\"\n";
+    let path = daemon.dir.join("second.toml");
+    std::fs::write(&path, other).unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", lab.lb.path().display()))
+        .arg(cmd::xlb_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("another `xlb run` holds"), "{err}");
+    let answers = lab.client.run(|| servers::tcp_spread(SocketAddr::from((VIP4, 80)), 10)).unwrap();
+    assert_eq!(answers.values().sum::<usize>(), 10, "the first daemon's data plane is untouched");
+}

@@ -86,25 +86,35 @@ fn main() -> anyhow::Result<()> {
 /// Runs the parser's fuzz target from its corpus. New inputs go to a
 /// scratch directory, so the checked-in corpus stays as it is.
 fn fuzz_parser(seconds: u32) -> anyhow::Result<()> {
-    let scratch = std::env::temp_dir().join(format!("xlb-fuzz-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)?;
-    let corpus = workspace().join("fuzz/corpus/parse");
-    let status = Command::new("cargo")
-        .current_dir(workspace())
-        .args(["+nightly", "fuzz", "run", "parse"])
-        .arg(&scratch)
-        .arg(&corpus)
-        .args(["--", &format!("-max_total_time={seconds}")])
+    let nightly_cargo = |args: &[&str]| {
+        let mut c = Command::new("cargo");
+        c.current_dir(workspace()).arg("+nightly").args(args);
         // Cargo's own variables would point the nightly build at this
         // stable toolchain.
-        .env_remove("CARGO")
-        .env_remove("RUSTC")
-        .env_remove("RUSTUP_TOOLCHAIN")
+        c.env_remove("CARGO").env_remove("RUSTC").env_remove("RUSTUP_TOOLCHAIN");
+        c
+    };
+    let installed = nightly_cargo(&["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if !installed {
+        bail!("cargo-fuzz is not installed: run scripts/setup.sh (or --fuzz-seconds 0 to skip fuzzing)");
+    }
+    let artifacts = workspace().join("fuzz/artifacts/parse");
+    let crashes = || std::fs::read_dir(&artifacts).map_or(0, |d| d.count());
+    let crashes_before = crashes();
+    let scratch = std::env::temp_dir().join(format!("xlb-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let status = nightly_cargo(&["fuzz", "run", "parse"])
+        .arg(&scratch)
+        .arg(workspace().join("fuzz/corpus/parse"))
+        .args(["--", &format!("-max_total_time={seconds}")])
         .status()
-        .context("cannot run `cargo +nightly fuzz` (scripts/setup.sh installs cargo-fuzz)");
+        .context("cannot run `cargo +nightly fuzz`");
     let _ = std::fs::remove_dir_all(&scratch);
     if !status?.success() {
-        bail!("fuzzing the parser found a failure (see the crash file above)");
+        if crashes() > crashes_before {
+            bail!("fuzzing found an input that crashes the parser: see {}", artifacts.display());
+        }
+        bail!("`cargo fuzz run parse` failed to build or run (see its output above)");
     }
     Ok(())
 }

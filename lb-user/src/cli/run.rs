@@ -56,10 +56,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (iface_v4, iface_v6) = neigh::addresses(&handle, iface.index).await?;
     let params = loader::Params::new(&config, iface_v4, iface_v6);
     check_tun(&config, &params)?;
-    let (updates_tx, mut updates) = mpsc::channel(64);
-    let mut watchers = Watchers::default();
+    let mut watchers = Watchers::new();
     let mut discovery = Discovery::new(consul_settings(&config).on_empty);
-    watchers.follow(&config, &mut discovery, &updates_tx)?;
+    watchers.follow(&config, &mut discovery)?;
     let overrides_path = Overrides::path(&iface.name);
     let overrides = Overrides::load(&overrides_path).unwrap_or_else(|e| {
         warn!(error = %e, path = %overrides_path.display(), "ignoring unreadable drain/weight overrides");
@@ -77,6 +76,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         commands: commands_tx,
         cache: Default::default(),
+        changes: Default::default(),
     });
 
     let mut dataplane = loader::load(&iface, &pin_dir, params, config.xdp_mode)?;
@@ -137,7 +137,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let result = daemon.command(&config, &discovery, &cmd);
                 let _ = cmd.reply.send(result);
             }
-            Some(update) = updates.recv() => {
+            Some(update) = watchers.updates.recv() => {
                 discovered = discovery.update(update, Instant::now());
                 daemon.publish(&config, &discovery);
             }
@@ -153,7 +153,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             && let Some(new) = daemon.reload(&config, &params)
             && new != config
         {
-            match watchers.follow(&new, &mut discovery, &updates_tx) {
+            match watchers.follow(&new, &mut discovery) {
                 Ok(()) => {
                     info!(config = %args.config.display(), "config reloaded");
                     discovery.set_policy(consul_settings(&new).on_empty);
@@ -360,20 +360,23 @@ fn consul_settings(config: &Config) -> consul::ConsulSettings {
 }
 
 /// One watcher task per Consul service the config's VIPs follow.
-#[derive(Default)]
 struct Watchers {
     settings: Option<consul::ConsulSettings>,
     tasks: BTreeMap<ServiceQuery, JoinHandle<()>>,
+    /// What the tasks report. A new channel with every start-over, so
+    /// answers the old tasks left queued are never taken for new ones.
+    updates: mpsc::Receiver<Update>,
+    sender: mpsc::Sender<Update>,
 }
 
 impl Watchers {
+    fn new() -> Self {
+        let (sender, updates) = mpsc::channel(64);
+        Watchers { settings: None, tasks: BTreeMap::new(), updates, sender }
+    }
+
     /// Watches exactly the services `config` names, with its settings.
-    fn follow(
-        &mut self,
-        config: &Config,
-        discovery: &mut Discovery,
-        updates: &mpsc::Sender<Update>,
-    ) -> anyhow::Result<()> {
+    fn follow(&mut self, config: &Config, discovery: &mut Discovery) -> anyhow::Result<()> {
         let mut queries: Vec<ServiceQuery> = config.vips.iter().filter_map(|v| v.consul.clone()).collect();
         queries.sort();
         queries.dedup();
@@ -401,7 +404,7 @@ impl Watchers {
         for q in &queries {
             if !self.tasks.contains_key(q) {
                 info!(service = %q, "watching Consul service");
-                let task = tokio::spawn(consul::watch(client.clone(), q.clone(), updates.clone()));
+                let task = tokio::spawn(consul::watch(client.clone(), q.clone(), self.sender.clone()));
                 self.tasks.insert(q.clone(), task);
             }
         }
@@ -413,6 +416,7 @@ impl Watchers {
         self.tasks.values().for_each(JoinHandle::abort);
         self.tasks.clear();
         self.settings = None;
+        (self.sender, self.updates) = mpsc::channel(64);
     }
 }
 

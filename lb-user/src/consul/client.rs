@@ -155,8 +155,9 @@ impl Client {
             request.send().await.map_err(|source| ConsulError::Request { url: shown.clone(), source })?;
         let status = response.status();
         if status != StatusCode::OK {
-            let body = response.text().await.unwrap_or_default();
-            return Err(ConsulError::Status { url: shown, status: status.as_u16(), body: error_body(&body) });
+            let body = read_prefix(response, ERROR_BODY_MAX * 4).await;
+            let body = error_body(&String::from_utf8_lossy(&body));
+            return Err(ConsulError::Status { url: shown, status: status.as_u16(), body });
         }
         let new_index = consul_index(response.headers())
             .map_err(|value| ConsulError::Index { url: shown.clone(), value })?;
@@ -188,6 +189,18 @@ async fn read_capped(mut response: reqwest::Response, max: usize, url: &str) -> 
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// The first `max` bytes of the body, or fewer if it fails; the rest is
+/// never read (an error body only shows its start).
+async fn read_prefix(mut response: reqwest::Response, max: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < max
+        && let Ok(Some(chunk)) = response.chunk().await
+    {
+        body.extend_from_slice(&chunk[..chunk.len().min(max - body.len())]);
+    }
+    body
 }
 
 /// `host:port` means http (as `CONSUL_HTTP_ADDR` does); `http://` and
@@ -441,5 +454,7 @@ mod tests {
         assert_eq!(read_capped(answer(64), 64, "u").await.unwrap().len(), 64);
         let err = read_capped(answer(65), 64, "u").await.unwrap_err();
         assert!(matches!(err, ConsulError::TooLarge { max: 64, .. }), "{err:?}");
+        assert_eq!(read_prefix(answer(65), 64).await.len(), 64);
+        assert_eq!(read_prefix(answer(10), 64).await.len(), 10);
     }
 }
