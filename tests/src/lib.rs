@@ -13,6 +13,7 @@ pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod servers;
+pub mod sweep;
 pub mod testrun;
 pub mod traffic;
 pub mod tun_lab;

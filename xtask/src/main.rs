@@ -61,12 +61,12 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Demo => {
-            require_root("the demo")?;
+            prepare_lab("the demo")?;
             let xlb = build_xlb("release")?;
             demo::run(&xlb)
         }
         Task::Test { fuzz_seconds, args } => {
-            require_root("the tests")?;
+            prepare_lab("the tests")?;
             // The end-to-end tests run the xlb binary next to their own.
             build_xlb("dev")?;
             cargo(&["test", "--locked"], &args)?;
@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Bench { smoke, only } => {
-            require_root("the benchmark")?;
+            prepare_lab("the benchmark")?;
             let xlb = build_xlb("release")?;
             bench::run(&xlb, smoke, &only)
         }
@@ -143,10 +143,15 @@ fn build_xlb(profile: &str) -> anyhow::Result<PathBuf> {
     Ok(workspace().join("target").join(dir).join("xlb"))
 }
 
-fn require_root(what: &str) -> anyhow::Result<()> {
+/// Checks for root, then removes what a killed earlier run left behind
+/// (namespaces, pins, scratch files), so it cannot collect over time.
+fn prepare_lab(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("{what} need root (BPF programs, network namespaces): run as root");
+    }
+    for leftover in xlb_tests::sweep::stale() {
+        eprintln!("removed stale {leftover} (its run was killed)");
     }
     Ok(())
 }
