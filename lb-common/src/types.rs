@@ -57,6 +57,10 @@ const _: () = assert!(size_of::<VipInfo>() == 12);
 pub const BACKEND_ACTIVE: u8 = 1;
 /// `BackendInfo::flags`: out of the table, but its established flows stay.
 pub const BACKEND_DRAINING: u8 = 2;
+/// `BackendInfo::flags`: its VIP forwards in TUN mode. A copy of
+/// `VipInfo::mode` for established flows, which find their backend
+/// without looking the VIP up; set only with one of the flags above.
+pub const BACKEND_TUN: u8 = 4;
 
 /// `BACKENDS` value. One entry per VIP-backend pair, so counters are per pair.
 /// An entry with neither flag is unused (or a backend that failed): flows
@@ -83,6 +87,12 @@ impl BackendInfo {
     #[inline(always)]
     pub fn takes_established(&self) -> bool {
         self.flags & (BACKEND_ACTIVE | BACKEND_DRAINING) != 0
+    }
+
+    /// `MODE_*` of the backend's VIP.
+    #[inline(always)]
+    pub fn mode(&self) -> u8 {
+        if self.flags & BACKEND_TUN != 0 { MODE_TUN } else { MODE_DR }
     }
 }
 
@@ -163,7 +173,7 @@ impl FlowKey {
 /// Layout of the maps this build creates. Bump it whenever a map's key,
 /// value, kind or meaning changes, so a daemon never misreads pinned maps
 /// left by another version.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// `META` value (a single entry): the version stamp and the capacities the
 /// maps were created with. The data plane never reads it.

@@ -1,5 +1,5 @@
-//! Which backend gets a flow: the VIP, then the connection table, then the
-//! VIP's live Maglev table.
+//! Which backend gets a flow: the connection table for an established
+//! one, else the VIP's live Maglev table.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
@@ -26,12 +26,11 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     if !may_be_vip(&p.flow) {
         return Err(Reason::PassNotVip);
     }
-    // SAFETY: the value is only read, and VIPS entries are replaced whole.
-    let vip = unsafe { VIPS.get(p.flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
-    if p.icmp_error {
-        count_event(stats, Event::IcmpSteered);
-    }
-    // A SYN opens a new connection: it always gets a fresh choice.
+    // A SYN opens a new connection: it always gets a fresh choice. Other
+    // packets try the connection table first: only flows to a VIP are
+    // recorded, and a valid entry's backend names the VIP and its mode, so
+    // an established flow costs one hash lookup, not two.
+    let mut stale = false;
     if !p.opens_connection() {
         // SAFETY: read-only use of the entry.
         #[expect(
@@ -40,12 +39,24 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
         )]
         let entry = unsafe { CONNTRACK.get(&p.flow) };
         if let Some(entry) = entry {
-            if let Some(backend) = recorded(vip, entry) {
+            if let Some(backend) = recorded(entry) {
                 count_event(stats, Event::ConnHit);
-                return Ok(Target { vip_id: vip.id, mode: vip.mode, backend_id: entry.backend_id, backend });
+                if p.icmp_error {
+                    count_event(stats, Event::IcmpSteered);
+                }
+                let (vip_id, mode) = (backend.vip_id, backend.mode());
+                return Ok(Target { vip_id, mode, backend_id: entry.backend_id, backend });
             }
-            count_event(stats, Event::ConnRebalanced);
+            stale = true;
         }
+    }
+    // SAFETY: the value is only read, and VIPS entries are replaced whole.
+    let vip = unsafe { VIPS.get(p.flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
+    if stale {
+        count_event(stats, Event::ConnRebalanced);
+    }
+    if p.icmp_error {
+        count_event(stats, Event::IcmpSteered);
     }
     let (backend_id, backend) = maglev(vip, &p.flow)?;
     // An ICMP error is about a flow, not part of it: it records nothing.
@@ -64,14 +75,14 @@ fn may_be_vip(flow: &FlowKey) -> bool {
     VIP_FILTER.get(bit / 64).is_some_and(|word| word >> (bit % 64) & 1 != 0)
 }
 
-/// The recorded backend, if it still serves this VIP and takes
-/// established flows (active or draining).
+/// The recorded backend, if it still takes established flows (active or
+/// draining). Ids get a new generation whenever they change hands, and a
+/// removed VIP's backends are marked unused, so a matching generation
+/// means the same backend of the same, still existing VIP.
 #[inline(always)]
-fn recorded(vip: &VipInfo, entry: &ConnEntry) -> Option<&'static BackendInfo> {
+fn recorded(entry: &ConnEntry) -> Option<&'static BackendInfo> {
     let backend = BACKENDS.get(entry.backend_id as u32)?;
-    let valid =
-        backend.generation == entry.generation && backend.vip_id == vip.id && backend.takes_established();
-    valid.then_some(backend)
+    (backend.generation == entry.generation && backend.takes_established()).then_some(backend)
 }
 
 #[inline(always)]

@@ -19,8 +19,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, BackendId, BackendInfo, MAGLEV_LANES, MaglevChunk, NO_BACKEND, VipInfo,
-    VipKey,
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TUN, BackendId, BackendInfo, MAGLEV_LANES, MODE_TUN,
+    MaglevChunk, NO_BACKEND, VipInfo, VipKey,
 };
 use tracing::{info, warn};
 
@@ -135,12 +135,14 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    fn flags(&self) -> u8 {
-        match self.role {
+    /// `BackendInfo::flags` under a VIP forwarding in `mode`.
+    fn flags(&self, mode: u8) -> u8 {
+        let role = match self.role {
             Role::Active => BACKEND_ACTIVE,
             Role::Idle | Role::Leaving { .. } if self.mac.is_some() => BACKEND_DRAINING,
             _ => 0,
-        }
+        };
+        if role != 0 && mode == MODE_TUN { role | BACKEND_TUN } else { role }
     }
 }
 
@@ -178,6 +180,10 @@ pub struct Reconciler {
     next_generation: u32,
     /// A write failed: the maps' contents are unknown, rewrite everything.
     resync: bool,
+    /// Pinned backend entries that take flows but could not be adopted:
+    /// marked unused by the next `apply`, or their recorded flows would
+    /// keep reaching them.
+    orphans: Vec<BackendId>,
     shortfalls: Vec<String>,
 }
 
@@ -190,6 +196,7 @@ impl Reconciler {
             backend_ids: IdPool::new(1..geometry.max_backends),
             next_generation: 1,
             resync: false,
+            orphans: Vec::new(),
             shortfalls: Vec::new(),
         }
     }
@@ -237,10 +244,12 @@ impl Reconciler {
             let vip = by_id.get(&info.vip_id).and_then(|k| r.vips.get_mut(k));
             let addr = addr::from_bytes(info.addr, info.family);
             let (Some(vip), Some(addr)) = (vip, addr) else {
+                r.orphans.push(id);
                 continue;
             };
-            if !r.backend_ids.reserve(id as u32) || vip.backends.contains_key(&addr) {
+            if vip.backends.contains_key(&addr) || !r.backend_ids.reserve(id as u32) {
                 warn!(vip = %vip.name, id, "pinned backend entry is inconsistent");
+                r.orphans.push(id);
                 continue;
             }
             let slots = vip.live_table().map_or(0, |t| t.iter().filter(|&&t| t == id).count() as u32);
@@ -324,6 +333,10 @@ impl Reconciler {
         now: Instant,
         maps: &mut impl MapWriter,
     ) -> Result<(), ReconcileError> {
+        while let Some(&id) = self.orphans.last() {
+            maps.put_backend(id, &BackendInfo::default())?;
+            self.orphans.pop();
+        }
         let wanted: BTreeSet<VipKey> = desired.vips.iter().map(|v| v.key).collect();
         let gone: Vec<VipKey> = self.vips.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for key in gone {
@@ -477,10 +490,10 @@ impl Reconciler {
         // not reach packets still using the old table: on a DR → TUN change
         // the MAC becomes zero). While packets see TUN, which ignores the
         // MAC, every entry goes first, so a TUN → DR switch finds the MACs.
-        let mac_unused = vip.mode == lb_common::MODE_TUN;
+        let mac_unused = vip.mode == MODE_TUN;
         for (addr, state) in vip.backends.iter_mut() {
             if state.role == Role::Active && (state.slots == 0 || state.written.is_none() || mac_unused) {
-                write_backend(maps, vip.id, *addr, state)?;
+                write_backend(maps, (vip.id, vip.mode), *addr, state)?;
             }
         }
 
@@ -521,7 +534,7 @@ impl Reconciler {
         // recorded flows rebalance).
         for (addr, state) in vip.backends.iter_mut() {
             if !matches!(state.role, Role::Leaving { until } if until <= now) {
-                write_backend(maps, vip.id, *addr, state)?;
+                write_backend(maps, (vip.id, vip.mode), *addr, state)?;
             }
         }
         free_expired(vip, now, maps, &mut self.backend_ids, |_| true)?;
@@ -578,10 +591,11 @@ fn free_expired(
     Ok(())
 }
 
-/// Writes `BACKENDS[id]` if it does not hold this backend's current state.
+/// Writes `BACKENDS[id]` if it does not hold this backend's current state
+/// under its VIP (id and mode).
 fn write_backend(
     maps: &mut impl MapWriter,
-    vip_id: u32,
+    (vip_id, mode): (u32, u8),
     addr: IpAddr,
     state: &mut BackendState,
 ) -> Result<(), DataplaneError> {
@@ -590,7 +604,7 @@ fn write_backend(
         addr: bytes,
         mac: state.mac.unwrap_or_default(),
         family,
-        flags: state.flags(),
+        flags: state.flags(mode),
         generation: state.generation,
         vip_id,
     };
@@ -960,6 +974,8 @@ mod tests {
         let vip_at = maps.writes.iter().position(|w| *w == "vip").unwrap();
         let backend_at = maps.writes.iter().position(|w| *w == "backend").unwrap();
         assert!(vip_at < backend_at, "{:?}", maps.writes);
+        // Established flows read the mode from the backend's entry.
+        assert_eq!(backend(&maps, &r, &tun, 1).unwrap().flags, BACKEND_ACTIVE | BACKEND_TUN);
 
         // Back to DR: the MACs must be in place before packets see DR.
         maps.writes.clear();
@@ -967,6 +983,23 @@ mod tests {
         let vip_at = maps.writes.iter().position(|w| *w == "vip").unwrap();
         let backend_at = maps.writes.iter().position(|w| *w == "backend").unwrap();
         assert!(backend_at < vip_at, "{:?}", maps.writes);
+        assert_eq!(backend(&maps, &r, &dr, 1).unwrap().flags, BACKEND_ACTIVE, "DR once packets see DR");
+    }
+
+    #[test]
+    fn pinned_backends_that_cannot_be_adopted_stop_taking_flows() {
+        // Established flows reach a backend without a VIP lookup, so an
+        // entry nobody adopts must not stay active.
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        let want = [vip("a", 1, &[(1, 1)])];
+        apply(&mut r, &want, &mut maps).unwrap();
+        let stray = BackendInfo { flags: BACKEND_ACTIVE, generation: 77, vip_id: 3, ..maps.backends[&1] };
+        maps.backends.insert(9, stray);
+        let mut adopted = Reconciler::adopt(G, &maps).unwrap();
+        apply(&mut adopted, &want, &mut maps).unwrap();
+        assert_eq!(maps.backends[&9].flags, 0, "no VIP has id 3");
+        assert_eq!(backend(&maps, &adopted, &want[0], 1).unwrap().flags, BACKEND_ACTIVE);
     }
 
     #[test]

@@ -8,11 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{Event, PROTO_TCP, PROTO_UDP};
+use lb_common::{Event, PROTO_TCP, PROTO_UDP, Reason};
 use xlb::{dataplane::Geometry, loader::Params, reconcile::DesiredVip};
 use xlb_tests::{
     frames::*,
-    testrun::{Plane, XDP_TX, backend, backend_mac, dr_vip, params},
+    testrun::{Plane, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, params},
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -116,6 +116,19 @@ fn a_removed_backend_drains_until_its_timeout_then_flows_rebalance() {
     let rebalanced = plane.event(Event::ConnRebalanced).unwrap();
     assert!(on_two.iter().all(|&p| sent_to(&plane, &tcp_frame(p, TCP_ACK)) == 1), "moved to the survivor");
     assert_eq!(plane.event(Event::ConnRebalanced).unwrap(), rebalanced + on_two.len() as u64);
+}
+
+#[test]
+fn an_established_flow_of_a_removed_vip_goes_to_the_host() {
+    let mut plane = plane(0);
+    plane.apply(&[web(&[(1, 1), (2, 1)])]).unwrap();
+    sent_to(&plane, &tcp_frame(4000, TCP_SYN));
+    assert_eq!(plane.maps.conntrack_entries(), 1);
+    plane.apply(&[]).unwrap();
+    let ack = tcp_frame(4000, TCP_ACK);
+    let out = plane.run(&ack).unwrap();
+    assert_eq!((out.action, out.frame), (XDP_PASS, ack), "its entry no longer leads to a backend");
+    assert_eq!(plane.reason(Reason::PassNotVip).unwrap().packets, 1);
 }
 
 #[test]

@@ -1,17 +1,18 @@
 //! TUN mode through BPF_PROG_TEST_RUN, run as if received on an interface
 //! of a scratch namespace whose routes and neighbours the FIB lookup sees:
 //! exact outer headers for IPv4-in-IPv4 and IPv6-in-IPv6, the fallbacks
-//! (no neighbour, no route), and the ICMP errors for too-big packets.
+//! (no neighbour, no route), the ICMP errors for too-big packets, and
+//! established flows following a change of forwarding mode.
 //! Needs root.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, MODE_TUN, PROTO_TCP, Reason};
+use lb_common::{Event, FAMILY_V4, FAMILY_V6, FlowKey, MODE_TUN, PROTO_TCP, Reason};
 use xlb::{dataplane::Geometry, loader::Params, reconcile::DesiredVip};
 use xlb_tests::{
     frames::*,
     netns::Netns,
-    testrun::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip, params},
+    testrun::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, params},
     unique_id,
 };
 
@@ -133,6 +134,39 @@ fn outer4(dst: IpAddr, inner: &[u8], id: [u8; 2]) -> Vec<u8> {
 
 fn run(net: &FibNet, plane: &Plane, frame: &[u8]) -> Outcome {
     net.ns.run(|| plane.run_on(frame, net.ifindex)).unwrap()
+}
+
+#[test]
+fn established_flows_follow_a_change_of_forwarding_mode() {
+    // They find their backend in the connection table without looking the
+    // VIP up, so the backend's entry must carry the VIP's mode.
+    let (net, mut plane) = (fib_net(), plane());
+    let addrs = [IpAddr::from([10, 2, 0, 11]), IpAddr::from([10, 2, 0, 12])];
+    let tun = tun_vip("tun4", VIP4.into(), &addrs);
+    let dr = DesiredVip { mode: lb_common::MODE_DR, ..tun.clone() };
+    let syn = v4_frame(CLIENT4, VIP4, PROTO_TCP, &tcp(41000, 80, TCP_SYN, b""));
+    let ack = tcp4(VIP4, 41000, 100, true);
+    let is_dr = |out: &Outcome, sent: &[u8]| {
+        out.action == XDP_TX && out.frame.len() == sent.len() && out.frame[..5] == backend_mac(0)[..5]
+    };
+    let is_tun = |out: &Outcome, sent: &[u8]| {
+        out.action == XDP_TX && out.frame.len() == sent.len() + 20 && out.frame[23] == 4
+    };
+
+    plane.apply(std::slice::from_ref(&dr)).unwrap();
+    let first = run(&net, &plane, &syn);
+    assert!(is_dr(&first, &syn), "{first:?}");
+    let hits = plane.event(Event::ConnHit).unwrap();
+    for (want, label) in [(&tun, "DR → TUN"), (&dr, "TUN → DR")] {
+        plane.apply(std::slice::from_ref(want)).unwrap();
+        let out = run(&net, &plane, &ack);
+        let ok = if want.mode == MODE_TUN { is_tun(&out, &ack) } else { is_dr(&out, &ack) };
+        assert!(ok, "{label}: {out:?}");
+        if want.mode != MODE_TUN {
+            assert_eq!(out.frame[5], first.frame[5], "{label}: the same backend throughout");
+        }
+    }
+    assert_eq!(plane.event(Event::ConnHit).unwrap(), hits + 2, "both through the connection table");
 }
 
 #[test]
