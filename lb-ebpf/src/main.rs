@@ -49,6 +49,9 @@ fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
     parse_into(pkt, &mut parsed)?;
     // SAFETY: parse_into wrote it (it returned Ok).
     let parsed = unsafe { parsed.assume_init_ref() };
+    if !select::may_be_vip(&parsed.flow) {
+        return Err(Reason::PassNotVip);
+    }
     let target = select::backend(parsed, stats)?;
     // Counted before encapsulation: the frame as it arrived.
     let bytes = pkt.len() as u64;

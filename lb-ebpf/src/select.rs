@@ -21,11 +21,9 @@ pub struct Target {
     pub backend: &'static BackendInfo,
 }
 
+/// The backend for a flow that passed `may_be_vip`.
 #[inline(never)]
 pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
-    if !may_be_vip(&p.flow) {
-        return Err(Reason::PassNotVip);
-    }
     // A SYN opens a new connection: it always gets a fresh choice. Other
     // packets try the connection table first: only flows to a VIP are
     // recorded, and a valid entry's backend names the VIP and its mode, so
@@ -68,9 +66,10 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
 }
 
 /// False when no VIP has the flow's destination address: one array word
-/// instead of hashing the VIP key, for the host's own traffic.
+/// instead of hashing the VIP key (and a BPF call), for the host's own
+/// traffic.
 #[inline(always)]
-fn may_be_vip(flow: &FlowKey) -> bool {
+pub fn may_be_vip(flow: &FlowKey) -> bool {
     let bit = vip_filter_bit(&flow.dst, flow.family);
     VIP_FILTER.get(bit / 64).is_some_and(|word| word >> (bit % 64) & 1 != 0)
 }
