@@ -34,7 +34,7 @@ pub enum Reason {
     IcmpTooBig = 9,
     /// TUN: too big once encapsulated, and no ICMP error is due: IPv4
     /// without DF (the client allows fragmenting, which xlb does not do),
-    /// IPv4 options, a VLAN-tagged client, or an ICMP error itself.
+    /// IPv4 options, or an ICMP error itself.
     DropTooBig = 10,
 }
 

@@ -58,9 +58,8 @@ fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
     let reason = if target.mode == MODE_TUN {
         match xmit::to_backend_tun(pkt, parsed, target.backend) {
             Tun::Sent(reason) => reason,
-            // No ICMP error about an ICMP error (RFC 1122), nor toward a
-            // tagged client (the reply would leave untagged).
-            Tun::TooBig { .. } if parsed.icmp_error || parsed.l3_off != 14 => return Err(Reason::DropTooBig),
+            // No ICMP error about an ICMP error (RFC 1122).
+            Tun::TooBig { .. } if parsed.icmp_error => return Err(Reason::DropTooBig),
             Tun::TooBig { mtu } => return Err(icmp::too_big(&pkt.reload(), parsed, mtu as usize)),
             Tun::Failed(reason) => return Err(reason),
         }

@@ -278,6 +278,21 @@ fn too_big_once_encapsulated_gets_icmp_fragmentation_needed() {
     assert_eq!(f[42..70], frame[14..42], "quotes the IP header and 8 bytes");
     assert_eq!(checksum(&f[34..]), 0, "ICMP checksum verifies");
 
+    // A tagged client gets its answer under the same tag.
+    let tagged = vlan(tcp4(VIP4, 44003, MTU - 19, true), 7);
+    let out = run(&net, &plane, &tagged);
+    assert_eq!(out.action, XDP_TX, "bounced to the tagged client");
+    let f = &out.frame;
+    assert_eq!(f.len(), 18 + 20 + 8 + 28);
+    assert_eq!(f[..12], [CLIENT_MAC, LB_MAC].concat());
+    assert_eq!(f[12..18], [0x81, 0x00, 0, 7, 0x08, 0x00], "same tag, then IPv4");
+    assert_eq!(f[30..38], [VIP4.octets(), CLIENT4.octets()].concat());
+    assert_eq!(checksum(&f[18..38]), 0, "IP checksum verifies");
+    assert_eq!((f[38], f[39]), (3, 4));
+    assert_eq!(f[46..], tagged[18..46], "quotes the IP header and 8 bytes");
+    assert_eq!(checksum(&f[38..]), 0, "ICMP checksum verifies");
+    assert_eq!(plane.reason(Reason::IcmpTooBig).unwrap().packets, 2);
+
     let no_df = tcp4(VIP4, 44002, MTU - 19, false);
     let out = run(&net, &plane, &no_df);
     assert_eq!(out.action, XDP_DROP, "no ICMP for packets that allow fragmentation");
@@ -307,5 +322,20 @@ fn too_big_ipv6_gets_icmpv6_packet_too_big() {
     pseudo.extend(56u32.to_be_bytes());
     pseudo.extend([0, 0, 0, 58]);
     pseudo.extend(&f[54..]);
+    assert_eq!(checksum(&pseudo), 0, "ICMPv6 checksum verifies");
+
+    let tagged = vlan(tcp6(45002, MTU - 39), 9);
+    let out = run(&net, &plane, &tagged);
+    assert_eq!(out.action, XDP_TX, "bounced to the tagged client");
+    let f = &out.frame;
+    assert_eq!(f.len(), 18 + 40 + 8 + 48);
+    assert_eq!(f[12..18], [0x81, 0x00, 0, 9, 0x86, 0xdd], "same tag, then IPv6");
+    assert_eq!(f[26..58], [VIP6.octets(), CLIENT6.octets()].concat());
+    assert_eq!((f[58], f[59]), (2, 0), "packet too big");
+    assert_eq!(f[66..], tagged[18..66]);
+    let mut pseudo = f[26..58].to_vec();
+    pseudo.extend(56u32.to_be_bytes());
+    pseudo.extend([0, 0, 0, 58]);
+    pseudo.extend(&f[58..]);
     assert_eq!(checksum(&pseudo), 0, "ICMPv6 checksum verifies");
 }
