@@ -1,7 +1,7 @@
 //! `xlb run` as a child process inside the lab's load-balancer namespace.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -9,6 +9,19 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{cmd, netns::Netns, unique_id};
+
+/// Runs `xlb run --config CONFIG` in `ns` to its end, for runs expected to
+/// be refused: (exit code, stderr).
+pub fn run_refused(ns: &Netns, config: &Path) -> anyhow::Result<(Option<i32>, String)> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(cmd::xlb_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .output()
+        .context("cannot run xlb")?;
+    Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
+}
 
 pub struct Daemon {
     child: Option<Child>,

@@ -3,13 +3,11 @@
 
 use std::{
     net::SocketAddr,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use xlb_tests::{
-    cmd,
-    daemon::Daemon,
+    daemon::{Daemon, run_refused},
     lab::{Lab, VIP4},
     servers::{self, tcp_spread},
 };
@@ -36,15 +34,9 @@ fn eventually(mut done: impl FnMut() -> bool, daemon: &Daemon, what: &str) {
 fn run_once(lab: &Lab, config: &str) -> (Option<i32>, String) {
     let path = std::env::temp_dir().join(format!("xlb-bad-{:06x}.toml", xlb_tests::unique_id()));
     std::fs::write(&path, config).unwrap();
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", lab.lb.path().display()))
-        .arg(cmd::xlb_bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = run_refused(&lab.lb, &path).unwrap();
     let _ = std::fs::remove_file(&path);
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    out
 }
 
 #[test]

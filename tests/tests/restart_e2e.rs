@@ -7,14 +7,12 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::Command,
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
 use xlb_tests::{
-    cmd,
-    daemon::Daemon,
+    daemon::{Daemon, run_refused},
     lab::{Lab, VIP4},
     servers,
     traffic::{Arrivals, Conversation},
@@ -110,15 +108,8 @@ fn pinned_state_of_another_layout_is_refused_not_misread() {
     let other = config(&lab, &[1, 2]).replace("interface =", "max_vips = 32\ninterface =");
     let path = daemon.dir.join("other.toml");
     std::fs::write(&path, other).unwrap();
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", lab.lb.path().display()))
-        .arg(cmd::xlb_bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = run_refused(&lab.lb, &path).unwrap();
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("holds maps from another xlb version or configuration") && err.contains("max_vips 64"),
         "{err}"
@@ -157,15 +148,8 @@ fn a_second_daemon_on_the_same_maps_is_refused() {
     let other = config(&lab, &[1]) + "\n[admin]\nlisten = \"127.0.0.1:9301\"\n";
     let path = daemon.dir.join("second.toml");
     std::fs::write(&path, other).unwrap();
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", lab.lb.path().display()))
-        .arg(cmd::xlb_bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = run_refused(&lab.lb, &path).unwrap();
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("another `xlb run` holds"), "{err}");
     let answers = lab.client.run(|| servers::tcp_spread(SocketAddr::from((VIP4, 80)), 10)).unwrap();
     assert_eq!(answers.values().sum::<usize>(), 10, "the first daemon's data plane is untouched");

@@ -38,31 +38,8 @@ struct FibNet {
 
 fn fib_net() -> FibNet {
     xlb_tests::require_root();
-    let ns = Netns::new(&format!("xt{:06x}-fib", unique_id())).unwrap();
-    ns.sysctl(&["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]).unwrap();
-    for cmd in [
-        "link add t0 mtu 1500 type veth peer name t1",
-        "link set t0 up",
-        "link set t1 up",
-        "addr add 10.1.0.2/24 dev t0",
-        "-6 addr add fd01::2/64 dev t0 nodad",
-        "route add 10.2.0.0/24 via 10.1.0.254",
-        "route add 10.3.0.0/24 via 10.1.0.253",
-        "-6 route add fd02::/64 via fd01::fe",
-        "neigh add 10.1.0.254 lladdr 02:00:00:00:fe:fe nud permanent dev t0",
-        "-6 neigh add fd01::fe lladdr 02:00:00:00:fe:fe nud permanent dev t0",
-    ] {
-        ns.ip(cmd).unwrap();
-    }
-    // The FIB helper answers only for interfaces that forward.
-    ns.sysctl(&["net.ipv4.conf.t0.forwarding=1", "net.ipv6.conf.t0.forwarding=1"]).unwrap();
-    let link: serde_json::Value = serde_json::from_str(&ns.ip("-j link show t0").unwrap()).unwrap();
-    let ifindex = link[0]["ifindex"].as_u64().unwrap() as u32;
-    let mac_text = link[0]["address"].as_str().unwrap();
-    let mut mac = [0u8; 6];
-    for (m, part) in mac.iter_mut().zip(mac_text.split(':')) {
-        *m = u8::from_str_radix(part, 16).unwrap();
-    }
+    let name = format!("xt{:06x}-fib", unique_id());
+    let (ns, ifindex, mac) = Netns::fib(&name, &["route add 10.3.0.0/24 via 10.1.0.253"]).unwrap();
     FibNet { ns, ifindex, mac }
 }
 
@@ -130,6 +107,16 @@ fn outer4(dst: IpAddr, inner: &[u8], id: [u8; 2]) -> Vec<u8> {
     let c = checksum(&h).to_be_bytes();
     h[10..12].copy_from_slice(&c);
     h
+}
+
+/// The checksum over the pseudo-header and the ICMPv6 message of a frame
+/// whose IPv6 header starts at `l3` (0 when it verifies).
+fn icmpv6_checksum(f: &[u8], l3: usize) -> u16 {
+    let mut pseudo = f[l3 + 8..l3 + 40].to_vec();
+    pseudo.extend(((f.len() - l3 - 40) as u32).to_be_bytes());
+    pseudo.extend([0, 0, 0, 58]);
+    pseudo.extend(&f[l3 + 40..]);
+    checksum(&pseudo)
 }
 
 fn run(net: &FibNet, plane: &Plane, frame: &[u8]) -> Outcome {
@@ -317,12 +304,7 @@ fn too_big_ipv6_gets_icmpv6_packet_too_big() {
     assert_eq!((f[54], f[55]), (2, 0), "packet too big");
     assert_eq!(f[58..62], ((MTU - 40) as u32).to_be_bytes());
     assert_eq!(f[62..], frame[14..62]);
-    // Checksum over the pseudo-header and the ICMPv6 message.
-    let mut pseudo = f[22..54].to_vec();
-    pseudo.extend(56u32.to_be_bytes());
-    pseudo.extend([0, 0, 0, 58]);
-    pseudo.extend(&f[54..]);
-    assert_eq!(checksum(&pseudo), 0, "ICMPv6 checksum verifies");
+    assert_eq!(icmpv6_checksum(f, 14), 0, "ICMPv6 checksum verifies");
 
     let tagged = vlan(tcp6(45002, MTU - 39), 9);
     let out = run(&net, &plane, &tagged);
@@ -333,9 +315,5 @@ fn too_big_ipv6_gets_icmpv6_packet_too_big() {
     assert_eq!(f[26..58], [VIP6.octets(), CLIENT6.octets()].concat());
     assert_eq!((f[58], f[59]), (2, 0), "packet too big");
     assert_eq!(f[66..], tagged[18..66]);
-    let mut pseudo = f[26..58].to_vec();
-    pseudo.extend(56u32.to_be_bytes());
-    pseudo.extend([0, 0, 0, 58]);
-    pseudo.extend(&f[58..]);
-    assert_eq!(checksum(&pseudo), 0, "ICMPv6 checksum verifies");
+    assert_eq!(icmpv6_checksum(f, 18), 0, "ICMPv6 checksum verifies");
 }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use aya::{Ebpf, TestRun as _, TestRunOptions, programs::Xdp};
 use lb_common::{BackendId, FlowKey, flow_hash};
 use xlb::{
@@ -190,26 +190,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// ifindex and MAC of `interface` in `ns`.
-pub fn link(ns: &Netns, interface: &str) -> anyhow::Result<(u32, [u8; 6])> {
-    let json: serde_json::Value = serde_json::from_str(&ns.ip(&format!("-j link show {interface}"))?)?;
-    let ifindex = json[0]["ifindex"].as_u64().context("no ifindex")? as u32;
-    let text = json[0]["address"].as_str().context("no MAC")?;
-    Ok((ifindex, parse_mac(text)?))
-}
-
-pub fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = text.split(':').collect();
-    if parts.len() != 6 {
-        bail!("not a MAC: {text}");
-    }
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16)?;
-    }
-    Ok(mac)
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {

@@ -253,30 +253,6 @@ fn vips() -> Vec<DesiredVip> {
     ]
 }
 
-/// A namespace whose interface t0 forwards and routes the TUN backends
-/// (10.2.0.0/24, fd02::/64) via a router with a permanent neighbour entry,
-/// so the data plane's FIB lookups succeed.
-fn fib_namespace() -> anyhow::Result<(Netns, u32, [u8; 6])> {
-    let ns = Netns::new(&format!("xb{:06x}-fib", unique_id()))?;
-    ns.sysctl(&["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
-    for cmd in [
-        "link add t0 mtu 1500 type veth peer name t1",
-        "link set t0 up",
-        "link set t1 up",
-        "addr add 10.1.0.2/24 dev t0",
-        "-6 addr add fd01::2/64 dev t0 nodad",
-        "route add 10.2.0.0/24 via 10.1.0.254",
-        "-6 route add fd02::/64 via fd01::fe",
-        "neigh add 10.1.0.254 lladdr 02:00:00:00:fe:fe nud permanent dev t0",
-        "-6 neigh add fd01::fe lladdr 02:00:00:00:fe:fe nud permanent dev t0",
-    ] {
-        ns.ip(cmd)?;
-    }
-    ns.sysctl(&["net.ipv4.conf.t0.forwarding=1", "net.ipv6.conf.t0.forwarding=1"])?;
-    let (ifindex, mac) = kit::link(&ns, "t0")?;
-    Ok((ns, ifindex, mac))
-}
-
 struct Measured {
     case: Case,
     plane: Loaded,
@@ -322,7 +298,9 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
              program on the same frames."
         ),
     );
-    let (ns, ifindex, t0_mac) = fib_namespace()?;
+    // TUN cases need FIB lookups that succeed: routes to the backends via
+    // a router whose MAC is known.
+    let (ns, ifindex, t0_mac) = Netns::fib(&format!("xb{:06x}-fib", unique_id()), &[])?;
     let rows = ns.run(|| measure_all(runs, packets, ifindex, t0_mac))?;
     for row in rows {
         section.push(row);

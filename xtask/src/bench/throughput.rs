@@ -68,8 +68,8 @@ impl Pair {
         gen_ns.ip("link set g0 up")?;
         lb.ip("addr add 10.1.0.2/24 dev x0")?;
         lb.ip("link set x0 up")?;
-        let (_, g0_mac) = kit::link(&gen_ns, "g0")?;
-        let (_, x0_mac) = kit::link(&lb, "x0")?;
+        let (_, g0_mac) = gen_ns.link("g0")?;
+        let (_, x0_mac) = lb.link("x0")?;
         // TUN: the backends' network is routed back toward the generator.
         lb.ip("route add 10.2.0.0/24 via 10.1.0.254")?;
         lb.ip(&format!("neigh add 10.1.0.254 lladdr {} nud permanent dev x0", kit::format_mac(&g0_mac)))?;
