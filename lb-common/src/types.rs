@@ -47,7 +47,8 @@ pub struct VipInfo {
     /// Live Maglev table, `0..max_vips * TABLES_PER_VIP`. Rewriting this
     /// value is the atomic switch to a freshly built table.
     pub table: u32,
-    /// `MODE_*`.
+    /// `MODE_*`, for the daemon (adoption, status); packets follow each
+    /// backend's `BACKEND_TUN`.
     pub mode: u8,
     pub _pad: [u8; 3],
 }
@@ -57,9 +58,11 @@ const _: () = assert!(size_of::<VipInfo>() == 12);
 pub const BACKEND_ACTIVE: u8 = 1;
 /// `BackendInfo::flags`: out of the table, but its established flows stay.
 pub const BACKEND_DRAINING: u8 = 2;
-/// `BackendInfo::flags`: its VIP forwards in TUN mode. A copy of
-/// `VipInfo::mode` for established flows, which find their backend
-/// without looking the VIP up; set only with one of the flags above.
+/// `BackendInfo::flags`: forwarded to in TUN mode (else DR). The data
+/// plane takes the mode from here, not from `VipInfo::mode`: established
+/// flows find their backend without looking the VIP up, and an entry that
+/// carries its own mode is consistent whatever order entries are written
+/// in. Set only with one of the flags above.
 pub const BACKEND_TUN: u8 = 4;
 
 /// `BACKENDS` value. One entry per VIP-backend pair, so counters are per pair.

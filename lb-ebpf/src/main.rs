@@ -55,7 +55,7 @@ fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
     let target = select::backend(parsed, stats)?;
     // Counted before encapsulation: the frame as it arrived.
     let bytes = pkt.len() as u64;
-    let reason = if target.mode == MODE_TUN {
+    let reason = if target.backend.mode() == MODE_TUN {
         match xmit::to_backend_tun(pkt, parsed, target.backend) {
             Tun::Sent(reason) => reason,
             // No ICMP error about an ICMP error (RFC 1122).
@@ -67,7 +67,7 @@ fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
         xmit::to_backend_l2(pkt, target.backend)?;
         Reason::Forwarded
     };
-    stats::count_vip(target.vip_id, bytes);
+    stats::count_vip(target.backend.vip_id, bytes);
     stats::count_backend(target.backend_id, bytes);
     Ok(reason)
 }

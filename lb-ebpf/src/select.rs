@@ -13,10 +13,8 @@ use crate::{
     stats::count_event,
 };
 
+/// The chosen backend; its entry names its VIP (`vip_id`) and the mode.
 pub struct Target {
-    pub vip_id: u32,
-    /// `MODE_*` of the VIP.
-    pub mode: u8,
     pub backend_id: BackendId,
     pub backend: &'static BackendInfo,
 }
@@ -42,8 +40,7 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
                 if p.icmp_error {
                     count_event(stats, Event::IcmpSteered);
                 }
-                let (vip_id, mode) = (backend.vip_id, backend.mode());
-                return Ok(Target { vip_id, mode, backend_id: entry.backend_id, backend });
+                return Ok(Target { backend_id: entry.backend_id, backend });
             }
             stale = true;
         }
@@ -62,7 +59,7 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
         record(&p.flow, backend_id, backend.generation, stats);
         count_event(stats, Event::ConnNew);
     }
-    Ok(Target { vip_id: vip.id, mode: vip.mode, backend_id, backend })
+    Ok(Target { backend_id, backend })
 }
 
 /// False when no VIP has the flow's destination address: one array word
@@ -75,9 +72,10 @@ pub fn may_be_vip(flow: &FlowKey) -> bool {
 }
 
 /// The recorded backend, if it still takes established flows (active or
-/// draining). Ids get a new generation whenever they change hands, and a
-/// removed VIP's backends are marked unused, so a matching generation
-/// means the same backend of the same, still existing VIP.
+/// draining). Ids get a new generation whenever they change hands, only
+/// a backend of the VIP is ever recorded (see `maglev`), and a VIP's
+/// backends are marked unused before the VIP goes, so a matching
+/// generation means the same backend of the same, still existing VIP.
 #[inline(always)]
 fn recorded(entry: &ConnEntry) -> Option<&'static BackendInfo> {
     let backend = BACKENDS.get(entry.backend_id as u32)?;
@@ -94,6 +92,12 @@ fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendI
         return Err(Reason::DropNoBackend);
     }
     let backend = BACKENDS.get(backend_id as u32).ok_or(Reason::DropNoBackend)?;
+    // A packet that read the table just before a switch may find the id
+    // freed or handed on; recording it would tie the flow to the id's
+    // next owner, maybe another VIP's backend.
+    if backend.vip_id != vip.id || !backend.takes_established() {
+        return Err(Reason::DropNoBackend);
+    }
     Ok((backend_id, backend))
 }
 

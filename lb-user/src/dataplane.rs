@@ -334,6 +334,8 @@ pub struct MemoryMaps {
     /// "chunk") to `writes`, to check the order of writes.
     pub log_writes: bool,
     pub writes: Vec<&'static str>,
+    /// With `log_writes`: every backend entry written, in order.
+    pub backend_writes: Vec<BackendInfo>,
 }
 
 impl MemoryMaps {
@@ -382,7 +384,17 @@ impl MapWriter for MemoryMaps {
     }
 
     fn put_backend(&mut self, id: BackendId, info: &BackendInfo) -> Result<(), DataplaneError> {
+        // Whatever the order of writes, no packet may ever be sent to a
+        // zero MAC.
+        let unaddressed = info.mode() == lb_common::MODE_DR && info.mac == [0; 6];
+        assert!(
+            !(info.takes_established() && unaddressed),
+            "BACKENDS[{id}]: DR entry without a MAC: {info:?}"
+        );
         self.write(maps::BACKENDS)?;
+        if self.log_writes {
+            self.backend_writes.push(*info);
+        }
         self.backends.insert(id, *info);
         Ok(())
     }

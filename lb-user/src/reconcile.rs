@@ -135,12 +135,18 @@ pub struct BackendState {
 }
 
 impl BackendState {
-    /// `BackendInfo::flags` under a VIP forwarding in `mode`.
+    /// `BackendInfo::flags` under a VIP forwarding in `mode`. In DR a
+    /// backend without a real MAC takes no flows: one leaving a TUN VIP
+    /// that turns DR still has TUN's all-zero placeholder.
     fn flags(&self, mode: u8) -> u8 {
+        let has_mac = match self.mac {
+            Some(mac) => mode == MODE_TUN || mac != [0; 6],
+            None => false,
+        };
         let role = match self.role {
+            _ if !has_mac => 0,
             Role::Active => BACKEND_ACTIVE,
-            Role::Idle | Role::Leaving { .. } if self.mac.is_some() => BACKEND_DRAINING,
-            _ => 0,
+            Role::Idle | Role::Leaving { .. } => BACKEND_DRAINING,
         };
         if role != 0 && mode == MODE_TUN { role | BACKEND_TUN } else { role }
     }
@@ -180,10 +186,11 @@ pub struct Reconciler {
     next_generation: u32,
     /// A write failed: the maps' contents are unknown, rewrite everything.
     resync: bool,
-    /// Pinned backend entries that take flows but could not be adopted:
-    /// marked unused by the next `apply`, or their recorded flows would
-    /// keep reaching them.
-    orphans: Vec<BackendId>,
+    /// Pinned backend entries (id, generation) that take flows but could
+    /// not be adopted: their ids stay reserved until the next `apply` has
+    /// switched every table away from them and marked them unused, or
+    /// their recorded flows would keep reaching them.
+    orphans: Vec<(BackendId, u32)>,
     shortfalls: Vec<String>,
 }
 
@@ -243,13 +250,17 @@ impl Reconciler {
             }
             let vip = by_id.get(&info.vip_id).and_then(|k| r.vips.get_mut(k));
             let addr = addr::from_bytes(info.addr, info.family);
+            // Ids outside the pool (0 is "no backend") are never recorded.
+            if !r.backend_ids.reserve(id as u32) {
+                continue;
+            }
             let (Some(vip), Some(addr)) = (vip, addr) else {
-                r.orphans.push(id);
+                r.orphans.push((id, info.generation));
                 continue;
             };
-            if vip.backends.contains_key(&addr) || !r.backend_ids.reserve(id as u32) {
+            if vip.backends.contains_key(&addr) {
                 warn!(vip = %vip.name, id, "pinned backend entry is inconsistent");
-                r.orphans.push(id);
+                r.orphans.push((id, info.generation));
                 continue;
             }
             let slots = vip.live_table().map_or(0, |t| t.iter().filter(|&&t| t == id).count() as u32);
@@ -333,18 +344,15 @@ impl Reconciler {
         now: Instant,
         maps: &mut impl MapWriter,
     ) -> Result<(), ReconcileError> {
-        while let Some(&id) = self.orphans.last() {
-            maps.put_backend(id, &BackendInfo::default())?;
-            self.orphans.pop();
-        }
         let wanted: BTreeSet<VipKey> = desired.vips.iter().map(|v| v.key).collect();
         let gone: Vec<VipKey> = self.vips.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for key in gone {
-            maps.delete_vip(&key)?;
-            let vip = &self.vips[&key];
-            for b in vip.backends.values() {
+            // Backends first: established flows skip the VIP lookup, so
+            // the VIP entry alone does not stop them.
+            for b in self.vips[&key].backends.values() {
                 free_backend(maps, b)?;
             }
+            maps.delete_vip(&key)?;
             let vip = self.vips.remove(&key).expect("present");
             info!(vip = %vip.name, address = %describe(&key), "VIP removed");
             self.vip_ids.release(vip.id);
@@ -367,6 +375,11 @@ impl Reconciler {
                 Leave::AtOnce => Duration::ZERO,
             };
             self.apply_vip(vip, drain, now, maps)?;
+        }
+        while let Some(&(id, generation)) = self.orphans.last() {
+            maps.put_backend(id, &BackendInfo { generation, ..BackendInfo::default() })?;
+            self.orphans.pop();
+            self.backend_ids.release(id as u32);
         }
         Ok(())
     }
@@ -486,14 +499,16 @@ impl Reconciler {
         }
 
         // Backends joining the table are written before a table names them;
-        // those already in it only after the switch (a changed entry must
-        // not reach packets still using the old table: on a DR → TUN change
-        // the MAC becomes zero). While packets see TUN, which ignores the
-        // MAC, every entry goes first, so a TUN → DR switch finds the MACs.
-        let mac_unused = vip.mode == MODE_TUN;
+        // those already in it only after the switch, so a flag change (say,
+        // draining) comes with the table that drops them. Each entry carries
+        // its mode and the MAC that mode needs, so it is consistent on its
+        // own whichever side of the switch it is written. While the VIP is
+        // TUN every entry goes first all the same: on a change to DR the
+        // backends turn DR (with their MACs) no later than the table.
+        let was_tun = vip.mode == MODE_TUN;
         for (addr, state) in vip.backends.iter_mut() {
-            if state.role == Role::Active && (state.slots == 0 || state.written.is_none() || mac_unused) {
-                write_backend(maps, (vip.id, vip.mode), *addr, state)?;
+            if state.role == Role::Active && (state.slots == 0 || state.written.is_none() || was_tun) {
+                write_backend(maps, (vip.id, want.mode), *addr, state)?;
             }
         }
 
@@ -534,7 +549,7 @@ impl Reconciler {
         // recorded flows rebalance).
         for (addr, state) in vip.backends.iter_mut() {
             if !matches!(state.role, Role::Leaving { until } if until <= now) {
-                write_backend(maps, (vip.id, vip.mode), *addr, state)?;
+                write_backend(maps, (vip.id, want.mode), *addr, state)?;
             }
         }
         free_expired(vip, now, maps, &mut self.backend_ids, |_| true)?;
@@ -986,6 +1001,56 @@ mod tests {
         assert_eq!(backend(&maps, &r, &dr, 1).unwrap().flags, BACKEND_ACTIVE, "DR once packets see DR");
     }
 
+    fn tun(v: &DesiredVip) -> DesiredVip {
+        let mut t = v.clone();
+        t.mode = lb_common::MODE_TUN;
+        t.backends.iter_mut().for_each(|b| b.mac = Some([0; 6]));
+        t
+    }
+
+    #[test]
+    fn a_change_to_tun_after_a_failed_write_keeps_every_backend_forwarding() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        let dr = vip("a", 1, &[(1, 1), (2, 1)]);
+        apply(&mut r, std::slice::from_ref(&dr), &mut maps).unwrap();
+        maps.fail_next_write = true;
+        assert!(apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 2)])], &mut maps).is_err());
+        maps.log_writes = true;
+        apply(&mut r, &[tun(&dr)], &mut maps).unwrap();
+        // Every entry is rewritten (resync), each straight to TUN: none
+        // stops taking flows on the way.
+        assert_eq!(maps.backend_writes.len(), 2);
+        assert!(maps.backend_writes.iter().all(|b| b.flags == BACKEND_ACTIVE | BACKEND_TUN));
+    }
+
+    #[test]
+    fn a_backend_leaving_a_tun_vip_that_turns_dr_stops_taking_flows() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        let both = tun(&vip("a", 1, &[(1, 1), (2, 1)]));
+        let t0 = Instant::now();
+        let drain =
+            |vips: &[DesiredVip]| Desired { vips: vips.to_vec(), drain_timeout: Duration::from_secs(30) };
+        r.apply(&drain(std::slice::from_ref(&both)), t0, &mut maps).unwrap();
+        r.apply(&drain(&[tun(&vip("a", 1, &[(1, 1)]))]), t0, &mut maps).unwrap();
+        assert_eq!(backend(&maps, &r, &both, 2).unwrap().flags, BACKEND_DRAINING | BACKEND_TUN);
+        r.apply(&drain(&[vip("a", 1, &[(1, 1)])]), t0, &mut maps).unwrap();
+        assert_eq!(backend(&maps, &r, &both, 2).unwrap().flags, 0, "no MAC to send its flows to in DR");
+        assert_eq!(backend(&maps, &r, &both, 1).unwrap().flags, BACKEND_ACTIVE);
+    }
+
+    #[test]
+    fn a_removed_vip_frees_its_backends_before_its_entry_goes() {
+        let mut maps = MemoryMaps::default();
+        let mut r = Reconciler::new(G);
+        apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1)])], &mut maps).unwrap();
+        maps.log_writes = true;
+        apply(&mut r, &[], &mut maps).unwrap();
+        assert_eq!(maps.writes, ["backend", "backend", "vip"]);
+        assert!(maps.vips.is_empty() && maps.backends.values().all(|b| b.flags == 0));
+    }
+
     #[test]
     fn pinned_backends_that_cannot_be_adopted_stop_taking_flows() {
         // Established flows reach a backend without a VIP lookup, so an
@@ -999,6 +1064,7 @@ mod tests {
         let mut adopted = Reconciler::adopt(G, &maps).unwrap();
         apply(&mut adopted, &want, &mut maps).unwrap();
         assert_eq!(maps.backends[&9].flags, 0, "no VIP has id 3");
+        assert_eq!(maps.backends[&9].generation, 77, "its generation stays, so it is not handed out again");
         assert_eq!(backend(&maps, &adopted, &want[0], 1).unwrap().flags, BACKEND_ACTIVE);
     }
 

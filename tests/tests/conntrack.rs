@@ -9,10 +9,14 @@ use std::{
 };
 
 use lb_common::{Event, PROTO_TCP, PROTO_UDP, Reason};
-use xlb::{dataplane::Geometry, loader::Params, reconcile::DesiredVip};
+use xlb::{
+    dataplane::{Geometry, MapReader as _, MapWriter as _},
+    loader::Params,
+    reconcile::DesiredVip,
+};
 use xlb_tests::{
     frames::*,
-    testrun::{Plane, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, params},
+    testrun::{Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, params},
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -129,6 +133,23 @@ fn an_established_flow_of_a_removed_vip_goes_to_the_host() {
     let out = plane.run(&ack).unwrap();
     assert_eq!((out.action, out.frame), (XDP_PASS, ack), "its entry no longer leads to a backend");
     assert_eq!(plane.reason(Reason::PassNotVip).unwrap().packets, 1);
+}
+
+#[test]
+fn a_table_entry_naming_another_vips_backend_is_neither_used_nor_recorded() {
+    // As for a packet that read the table just before its id was freed and
+    // given to a backend of another VIP.
+    let mut plane = plane(0);
+    let want = web(&[(1, 1)]);
+    plane.apply(std::slice::from_ref(&want)).unwrap();
+    let id = plane.reconciler.vips()[&want.key].backends[&IpAddr::from([10, 0, 0, 1])].id;
+    let mut info = plane.maps.backend(id).unwrap();
+    info.vip_id += 1;
+    plane.maps.put_backend(id, &info).unwrap();
+    let out = plane.run(&tcp_frame(4100, TCP_SYN)).unwrap();
+    assert_eq!(out.action, XDP_DROP);
+    assert_eq!(plane.reason(Reason::DropNoBackend).unwrap().packets, 1);
+    assert_eq!(plane.maps.conntrack_entries(), 0, "nothing recorded for the flow");
 }
 
 #[test]
