@@ -1,24 +1,19 @@
-//! xlb's control plane: configuration, Maglev, reconciliation, and the
-//! loader and maps of the XDP data plane. The `xlb` binary is a thin CLI
-//! over this library; tests drive it directly too.
+//! xlb's control plane and CLI. The `xlb` binary is a thin shell over this
+//! library; tests drive it directly too.
+//!
+//! Layers, each using only those before it: `model` (shared vocabulary),
+//! `config`, `net` (netlink), `dataplane` (the maps' contract and the
+//! loader), `discovery`, `control` (desired state, Maglev, reconciler),
+//! `observe` (status, metrics, admin API), `daemon`, `cli`.
 
-pub mod addr;
-pub mod admin;
 pub mod cli;
 pub mod config;
-pub mod consul;
+pub mod control;
+pub mod daemon;
 pub mod dataplane;
-pub mod decap;
-pub mod desired;
 pub mod discovery;
 pub mod errors;
 pub mod files;
-pub mod helpers;
-pub mod loader;
-pub mod maglev;
-pub mod metrics;
-pub mod neigh;
-pub mod overrides;
-pub mod reconcile;
-pub mod state;
-pub mod status;
+pub mod model;
+pub mod net;
+pub mod observe;

@@ -1,6 +1,6 @@
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
-use xlb::admin::Change;
+use xlb::observe::admin::Change;
 use xlb::cli::{
     self,
     args::{Cli, Command, LogFormat},

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::model::XdpMode;
+
 /// xlb: an XDP layer-4 load balancer.
 ///
 /// xlb balances TCP and UDP flows addressed to virtual IPs (VIPs) across
@@ -117,16 +119,9 @@ pub struct DecapAttachArgs {
     #[arg(long = "vip", value_name = "ADDR", required = true)]
     pub vips: Vec<std::net::IpAddr>,
 
-    /// XDP attach mode: auto (native, else generic), native or generic.
-    #[arg(long, value_enum, default_value_t = DecapXdpMode::Auto)]
-    pub xdp_mode: DecapXdpMode,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DecapXdpMode {
-    Auto,
-    Native,
-    Generic,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
+    pub xdp_mode: XdpMode,
 }
 
 const CONFIG_EXAMPLE: &str = r#"A minimal config file:
@@ -162,11 +157,28 @@ pub struct CheckArgs {
     pub config: PathBuf,
 }
 
-/// Which data plane a command is about.
+/// Which data plane a command is about, and how to reach its daemon.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    #[command(flatten)]
+    pub locate: LocateArgs,
+
+    /// The daemon's admin API (default: from --config, else
+    /// http://127.0.0.1:9300).
+    #[arg(long, value_name = "URL")]
+    pub admin: Option<String>,
+
+    /// Bearer token for the admin API (default: from --config).
+    #[arg(long, env = "XLB_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// One way to find the data plane; with none, the only one there is.
 #[derive(Debug, Args)]
 #[group(multiple = false)]
-pub struct TargetArgs {
-    /// The config file the daemon runs with (its interface and pin_dir).
+pub struct LocateArgs {
+    /// The config file the daemon runs with (its interface, pin_dir and
+    /// admin settings).
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -177,15 +189,6 @@ pub struct TargetArgs {
     /// Pin directory, when the config sets a non-default `pin_dir`.
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
-
-    /// The daemon's admin API (default: from --config, else
-    /// http://127.0.0.1:9300).
-    #[arg(long, value_name = "URL", global = true)]
-    pub admin: Option<String>,
-
-    /// Bearer token for the admin API (default: from --config).
-    #[arg(long, env = "XLB_ADMIN_TOKEN", hide_env_values = true, global = true)]
-    pub token: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -4,14 +4,16 @@ use crate::{cli::args::CheckArgs, config::Config};
 
 pub fn check(args: CheckArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
-    let backends: usize = config.vips.iter().map(|v| v.backends.len()).sum();
+    let backends: usize = config.live.vips.iter().map(|v| v.backends.listed().len()).sum();
+    let discovered = config.live.consul_services().len();
     println!(
-        "{}: OK — interface {}, {} VIP(s), {} backend(s), table size {}",
+        "{}: OK — interface {}, {} VIP(s), {} static backend(s), {} Consul service(s), table size {}",
         args.config.display(),
-        config.interface,
-        config.vips.len(),
+        config.start.interface,
+        config.live.vips.len(),
         backends,
-        config.table_size
+        discovered,
+        config.start.capacities.table_size
     );
     Ok(())
 }

@@ -4,7 +4,10 @@ use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, bail};
 
-use crate::{admin::Change, cli::target::Target, status::Status};
+use crate::{
+    cli::target::Target,
+    observe::{admin::Change, pinned, status::Status},
+};
 
 pub struct AdminClient {
     base: String,
@@ -110,7 +113,7 @@ pub fn status(target: &Target) -> anyhow::Result<(Status, String)> {
     match client.status() {
         Ok(s) => Ok((s, format!("via the daemon's admin API at {}", client.url()))),
         Err(ClientError::Unreachable { url, .. }) => {
-            let s = crate::status::read(&target.pin_dir, target.interface.as_deref())?;
+            let s = pinned::read(&target.pin_dir, target.interface.as_deref(), target.files().as_ref())?;
             Ok((s, format!("from the pinned maps (the daemon's admin API at {url} does not answer)")))
         }
         Err(ClientError::Other(e)) => Err(e),

@@ -3,23 +3,18 @@
 use anyhow::Context as _;
 
 use crate::{
-    cli::args::{DecapCommand, DecapTargetArgs, DecapXdpMode},
-    config::XdpMode,
-    decap, neigh,
+    cli::args::{DecapCommand, DecapTargetArgs},
+    dataplane::decap,
+    net,
 };
 
 pub async fn decap(cmd: DecapCommand) -> anyhow::Result<()> {
     match cmd {
         DecapCommand::Attach(args) => {
-            let handle = neigh::connect()?;
-            let iface = neigh::interface(&handle, &args.target.interface).await?;
-            let mode = match args.xdp_mode {
-                DecapXdpMode::Auto => XdpMode::Auto,
-                DecapXdpMode::Native => XdpMode::Native,
-                DecapXdpMode::Generic => XdpMode::Generic,
-            };
+            let handle = net::connect()?;
+            let iface = net::interface(&handle, &args.target.interface).await?;
             let pin_dir = pin_dir(&args.target);
-            let how = decap::attach(&iface, &pin_dir, &args.vips, mode)?;
+            let how = decap::attach(&iface, &pin_dir, &args.vips, args.xdp_mode)?;
             let vips: Vec<String> = args.vips.iter().map(|a| a.to_string()).collect();
             println!("xlb_decap on {} ({how}) for {}", iface.name, vips.join(", "));
         }

@@ -2,8 +2,7 @@
 
 use crate::{
     cli::{args::TargetArgs, target::Target},
-    loader,
-    state::DaemonState,
+    dataplane::loader,
 };
 
 pub fn detach(args: TargetArgs) -> anyhow::Result<()> {
@@ -13,8 +12,8 @@ pub fn detach(args: TargetArgs) -> anyhow::Result<()> {
     } else {
         println!("nothing pinned at {}", target.pin_dir.display());
     }
-    if let Some(interface) = &target.interface {
-        DaemonState::forget(interface);
+    if let Some(files) = target.files() {
+        files.forget();
     }
     Ok(())
 }

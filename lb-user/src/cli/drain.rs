@@ -1,8 +1,8 @@
 //! `xlb drain`, `xlb undrain`, `xlb weight`: changes through the admin API.
 
 use crate::{
-    admin::Change,
     cli::{args::BackendArgs, client::AdminClient, target::Target},
+    observe::admin::Change,
 };
 
 pub fn change(args: &BackendArgs, change: Change) -> anyhow::Result<()> {

@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     cli::{args::StatsArgs, client, target::Target},
-    status::Status,
+    observe::status::Status,
 };
 
 pub fn stats(args: StatsArgs) -> anyhow::Result<()> {

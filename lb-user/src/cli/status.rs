@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::{
     cli::{args::StatusArgs, client, target::Target},
-    status::{Status, render},
+    observe::{render::render, status::Status},
 };
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {

@@ -4,7 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
-use crate::{cli::args::TargetArgs, config};
+use crate::{
+    cli::args::{LocateArgs, TargetArgs},
+    config,
+    files::RunFiles,
+};
 
 pub struct Target {
     pub interface: Option<String>,
@@ -15,10 +19,16 @@ pub struct Target {
 }
 
 impl Target {
+    /// The daemon's files, when the interface is known.
+    pub fn files(&self) -> Option<RunFiles> {
+        self.interface.as_deref().map(RunFiles::new)
+    }
+
     /// From --config, --interface or --pin-dir; with none of them, the only
-    /// data plane under /sys/fs/bpf/xlb.
+    /// data plane under /sys/fs/bpf/xlb. --admin and --token override what
+    /// the config says.
     pub fn resolve(args: &TargetArgs) -> anyhow::Result<Target> {
-        let mut target = Self::locate(args)?;
+        let mut target = Self::locate(&args.locate)?;
         if let Some(admin) = &args.admin {
             target.admin = admin.trim_end_matches('/').to_owned();
         }
@@ -28,25 +38,15 @@ impl Target {
         Ok(target)
     }
 
-    fn locate(args: &TargetArgs) -> anyhow::Result<Target> {
+    fn locate(args: &LocateArgs) -> anyhow::Result<Target> {
         let admin = format!("http://{}", config::DEFAULT_ADMIN_LISTEN);
         if let Some(path) = &args.config {
-            let c = config::Config::load(path)?;
-            let token = c.admin.token()?;
-            // A daemon listening on every address is reachable on loopback.
-            let mut listen = c.admin.listen;
-            if listen.ip().is_unspecified() {
-                listen.set_ip(if listen.is_ipv4() {
-                    [127, 0, 0, 1].into()
-                } else {
-                    std::net::Ipv6Addr::LOCALHOST.into()
-                });
-            }
+            let c = config::Config::load(path)?.start;
             return Ok(Target {
-                pin_dir: c.pin_dir(),
+                token: c.admin.token()?,
+                admin: c.admin.local_url(),
+                pin_dir: c.pin_dir,
                 interface: Some(c.interface),
-                admin: format!("http://{listen}"),
-                token,
             });
         }
         if let Some(interface) = &args.interface {

@@ -16,10 +16,13 @@ use aya::{
 use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DecapKey, maps};
 use serde::Serialize;
 
-use crate::{
-    addr, config,
+use super::{
     loader::{self, LoaderError},
-    neigh::Interface,
+    wire::{addr_from_wire, addr_to_wire},
+};
+use crate::{
+    model::{Attachment, XdpMode},
+    net::Interface,
 };
 
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf-decap"));
@@ -50,7 +53,7 @@ pub fn default_pin_dir(interface: &str) -> PathBuf {
 }
 
 fn key(a: IpAddr) -> DecapKey {
-    let (addr, family) = addr::to_bytes(a);
+    let (addr, family) = addr_to_wire(a);
     DecapKey { addr, family, _pad: [0; 3] }
 }
 
@@ -60,8 +63,8 @@ pub fn attach(
     iface: &Interface,
     pin_dir: &Path,
     vips: &[IpAddr],
-    mode: config::XdpMode,
-) -> Result<&'static str, DecapError> {
+    mode: XdpMode,
+) -> Result<Attachment, DecapError> {
     loader::prepare_pin_dir(pin_dir)?;
     let pins: Vec<(&str, PathBuf)> = maps::DECAP_ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
     let mut ebpf_loader = EbpfLoader::new();
@@ -134,7 +137,7 @@ pub fn status(pin_dir: &Path) -> Result<DecapStatus, DecapError> {
         Ok(values.iter().sum())
     };
     let mut vips: Vec<IpAddr> =
-        set.keys().filter_map(Result::ok).filter_map(|k| addr::from_bytes(k.addr, k.family)).collect();
+        set.keys().filter_map(Result::ok).filter_map(|k| addr_from_wire(k.addr, k.family).ok()).collect();
     vips.sort();
     Ok(DecapStatus {
         pin_dir: pin_dir.to_owned(),

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::status::Status;
+use super::status::{Status, VipStatus};
 
 /// Escapes a label value.
 fn esc(value: &str) -> String {
@@ -32,6 +32,8 @@ pub fn render(s: &Status) -> String {
     o.sample("xlb_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
     o.family("xlb_daemon_up", "gauge", "1 while the daemon runs (the data plane forwards either way).");
     o.sample("xlb_daemon_up", &[], u8::from(s.daemon_pid.is_some()));
+    o.family("xlb_maps_in_sync", "gauge", "1 while the maps hold everything the daemon wants.");
+    o.sample("xlb_maps_in_sync", &[], u8::from(s.daemon.as_ref().is_some_and(|d| d.sync.is_in_sync())));
 
     o.family("xlb_packets_total", "counter", "Packets by verdict reason.");
     for (reason, t) in &s.reasons {
@@ -52,19 +54,19 @@ pub fn render(s: &Status) -> String {
     o.family("xlb_maglev_table_size", "gauge", "Maglev table size M.");
     o.sample("xlb_maglev_table_size", &[], s.table_size);
 
-    let vip_labels = |v: &crate::status::VipStatus| {
+    let vip_labels = |v: &VipStatus| {
         (v.name.clone().unwrap_or_default(), v.address.to_string(), v.port.to_string())
     };
     o.family("xlb_vip_packets_total", "counter", "Packets forwarded for a VIP.");
     for v in &s.vips {
         let (name, addr, port) = vip_labels(v);
-        let labels = [("vip", &*name), ("address", &*addr), ("port", &*port), ("protocol", &*v.protocol)];
+        let labels = [("vip", &*name), ("address", &*addr), ("port", &*port), ("protocol", v.protocol.name())];
         o.sample("xlb_vip_packets_total", &labels, v.packets);
     }
     o.family("xlb_vip_bytes_total", "counter", "Bytes forwarded for a VIP.");
     for v in &s.vips {
         let (name, addr, port) = vip_labels(v);
-        let labels = [("vip", &*name), ("address", &*addr), ("port", &*port), ("protocol", &*v.protocol)];
+        let labels = [("vip", &*name), ("address", &*addr), ("port", &*port), ("protocol", v.protocol.name())];
         o.sample("xlb_vip_bytes_total", &labels, v.bytes);
     }
     o.family("xlb_maglev_table_swaps_total", "counter", "Table switches of a VIP since the daemon started.");
@@ -106,7 +108,7 @@ pub fn render(s: &Status) -> String {
     }
     o.family("xlb_backend_state", "gauge", "1 for a backend's current state.");
     for (vip, addr, b) in backends() {
-        o.sample("xlb_backend_state", &[("vip", &vip), ("backend", &addr), ("state", &b.state)], 1);
+        o.sample("xlb_backend_state", &[("vip", &vip), ("backend", &addr), ("state", b.state.name())], 1);
     }
 
     o.family(
@@ -120,11 +122,21 @@ pub fn render(s: &Status) -> String {
     o.family(
         "xlb_discovery_last_sync_age_seconds",
         "gauge",
-        "Seconds since Consul last answered for a service.",
+        "Seconds since Consul last answered a query for a service (a blocking query answers at least every wait).",
     );
     for d in &s.discovery {
         if let Some(age) = d.synced_secs_ago {
             o.sample("xlb_discovery_last_sync_age_seconds", &[("service", &d.service)], age);
+        }
+    }
+    o.family(
+        "xlb_discovery_last_change_age_seconds",
+        "gauge",
+        "Seconds since the instances in force for a service last changed.",
+    );
+    for d in &s.discovery {
+        if let Some(age) = d.changed_secs_ago {
+            o.sample("xlb_discovery_last_change_age_seconds", &[("service", &d.service)], age);
         }
     }
     o.family("xlb_discovery_errors_total", "counter", "Failed Consul queries for a service.");

@@ -2,12 +2,7 @@
 //! changed weights. They sit on top of the config and discovery, survive
 //! reloads, and are saved beside the state file so a restart keeps them.
 
-use std::{
-    collections::BTreeMap,
-    io,
-    net::IpAddr,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, io, net::IpAddr, path::Path};
 
 use serde::{Deserialize, Serialize};
 
@@ -28,10 +23,6 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    pub fn path(interface: &str) -> PathBuf {
-        Path::new("/run/xlb").join(format!("{interface}.overrides.json"))
-    }
-
     /// The saved overrides; none when there is no (readable) file.
     pub fn load(path: &Path) -> Result<Overrides, io::Error> {
         match std::fs::read(path) {
@@ -41,9 +32,9 @@ impl Overrides {
         }
     }
 
-    /// Replaces the file atomically.
+    /// Replaces the file atomically, on disk before it returns.
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        crate::files::write_json_atomic(path, self)
+        crate::files::write_json_atomic(path, self, crate::files::Durability::Synced)
     }
 
     pub fn get(&self, vip: &str, backend: IpAddr) -> Override {

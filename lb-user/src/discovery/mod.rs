@@ -12,7 +12,9 @@ use std::{
 
 use tracing::{info, warn};
 
-use crate::consul::{EmptyPolicy, Instance, ServiceQuery, Update};
+pub mod consul;
+
+use consul::{EmptyPolicy, Instance, ServiceQuery, Update};
 
 #[derive(Debug, Default)]
 pub struct ServiceView {
@@ -22,6 +24,10 @@ pub struct ServiceView {
     pub index: u64,
     /// When Consul last answered.
     pub synced_at: Option<Instant>,
+    /// When the instances in force last changed.
+    pub changed_at: Option<Instant>,
+    /// What in Consul's last answer was skipped or changed, and why.
+    pub problems: Vec<String>,
     /// Queries failed since the last answer (non-zero: stale).
     pub failures: u32,
     pub errors_total: u64,
@@ -108,6 +114,9 @@ impl Discovery {
                 }
                 view.empty_kept = false;
                 let changed = view.instances.as_ref() != Some(&instances);
+                if changed {
+                    view.changed_at = Some(now);
+                }
                 view.instances = Some(instances);
                 changed
             }

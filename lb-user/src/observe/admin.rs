@@ -1,18 +1,14 @@
 //! The admin HTTP API: metrics, status, health, and drain/undrain/weight
-//! changes (applied by the daemon's main loop through the reconciler).
+//! changes.
 //!
-//! Every read comes from the pinned maps and the state file, exactly what
-//! `xlb status` shows; changes are commands to the main loop, answered once
-//! they are in the maps.
+//! Reads answer from the daemon's memory: the [`Status`] it publishes after
+//! every change, with counters read from the maps the daemon holds open.
+//! Changes are commands to the daemon, answered once they are applied.
 
 use std::{
     convert::Infallible,
     net::IpAddr,
-    path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -26,10 +22,11 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::{
     net::TcpListener,
-    sync::{Semaphore, mpsc, oneshot},
+    sync::{Semaphore, mpsc, oneshot, watch},
 };
 
-use crate::{config::MAX_WEIGHT, metrics, status};
+use super::{metrics, status::Status};
+use crate::{config::MAX_WEIGHT, dataplane::Counters};
 
 /// A change an operator asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,31 +57,42 @@ impl ApiError {
     }
 }
 
+/// A status as the daemon published it: a version that every publication
+/// bumps, and the status with its counters left at zero.
+pub type Published = (u64, Arc<Status>);
+
 /// What the handlers share with the daemon.
-pub struct Shared {
-    pub pin_dir: PathBuf,
-    pub interface: String,
-    pub token: Option<String>,
-    /// Program attached and maps in sync with what is wanted.
-    pub ready: AtomicBool,
-    pub commands: mpsc::Sender<Command>,
-    /// The last status read: when it began, and `changes` then.
-    pub cache: Mutex<Option<(Instant, u64, Arc<status::Status>)>>,
-    /// Changes made through the API so far: a status read before the
-    /// latest one is not served again.
-    pub changes: AtomicU64,
+pub struct Api {
+    token: Option<String>,
+    status: watch::Receiver<Published>,
+    counters: Arc<dyn Counters + Send + Sync>,
+    commands: mpsc::Sender<Command>,
+    /// The last status with counters: for which version, and when read.
+    cache: Mutex<Option<(u64, Instant, Arc<Status>)>>,
+}
+
+impl Api {
+    pub fn new(
+        token: Option<String>,
+        status: watch::Receiver<Published>,
+        counters: Arc<dyn Counters + Send + Sync>,
+        commands: mpsc::Sender<Command>,
+    ) -> Self {
+        Api { token, status, counters, commands, cache: Mutex::new(None) }
+    }
 }
 
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 64;
 /// A client that has not sent its request headers by then is cut off.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a computed status is reused (scrapes from several Prometheus
-/// servers, `xlb stats --watch`): reading it walks the maps.
-const STATUS_TTL: Duration = Duration::from_secs(1);
+/// How long counters read for one published status are reused (scrapes
+/// from several Prometheus servers, `xlb stats --watch`): counting walks
+/// the connection table. A newer status is read at once.
+const COUNTERS_TTL: Duration = Duration::from_secs(1);
 
 /// Serves the API on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Api>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
@@ -158,7 +166,7 @@ fn host_ok(req: &Request<Incoming>) -> bool {
     name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
 }
 
-async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
+async fn handle(req: Request<Incoming>, shared: &Api) -> Reply {
     match &shared.token {
         Some(token) if !authorized(&req, token) => {
             let mut r = error(ApiError::new(401, "missing or wrong bearer token"));
@@ -183,10 +191,13 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
     match (req.method().clone(), path.as_slice()) {
         (Method::GET, ["healthz"]) => reply(StatusCode::OK, "text/plain", "ok\n"),
         (Method::GET, ["readyz"]) => {
-            if shared.ready.load(Ordering::Relaxed) {
-                reply(StatusCode::OK, "text/plain", "ready\n")
-            } else {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: maps not in sync yet\n")
+            let published = shared.status.borrow().1.clone();
+            match published.daemon.as_ref().map(|d| &d.sync) {
+                Some(sync) if sync.is_in_sync() => reply(StatusCode::OK, "text/plain", "ready\n"),
+                sync => {
+                    let why = sync.map_or_else(|| "the daemon has not started".to_owned(), |s| s.describe());
+                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n"))
+                }
             }
         }
         (Method::GET, ["metrics"]) => match read(shared).await {
@@ -202,7 +213,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
             Err(e) => error(e),
         },
         (Method::GET, ["api", "v1", "vips", name]) => match read(shared).await {
-            Ok(s) => match s.vips.iter().find(|v| v.name.as_deref() == Some(name)) {
+            Ok(s) => match s.vip(name) {
                 Some(v) => json_reply(StatusCode::OK, v),
                 None => error(ApiError::new(404, format!("no VIP named {name:?}"))),
             },
@@ -235,24 +246,27 @@ async fn handle(req: Request<Incoming>, shared: &Shared) -> Reply {
     }
 }
 
-/// The status, read off the main loop's thread (it walks the maps) and
-/// reused for `STATUS_TTL`.
-async fn read(shared: &Shared) -> Result<Arc<status::Status>, ApiError> {
-    let changes = shared.changes.load(Ordering::SeqCst);
-    if let Some((at, seen, s)) = &*shared.cache.lock().unwrap_or_else(|e| e.into_inner())
-        && at.elapsed() < STATUS_TTL
-        && *seen == changes
+/// The published status with its counters, counted off the daemon's
+/// thread and reused for `COUNTERS_TTL` while no newer status is out.
+async fn read(shared: &Api) -> Result<Arc<Status>, ApiError> {
+    let (version, published) = shared.status.borrow().clone();
+    if let Some((seen, at, s)) = &*shared.cache.lock().unwrap_or_else(|e| e.into_inner())
+        && *seen == version
+        && at.elapsed() < COUNTERS_TTL
     {
         return Ok(s.clone());
     }
     let started = Instant::now();
-    let (pin_dir, interface) = (shared.pin_dir.clone(), shared.interface.clone());
-    let s = tokio::task::spawn_blocking(move || status::read(&pin_dir, Some(&interface)))
-        .await
-        .map_err(|e| ApiError::new(500, format!("status reader failed: {e}")))?
-        .map_err(|e| ApiError::new(503, format!("cannot read the data plane: {e:#}")))?;
+    let counters = shared.counters.clone();
+    let s = tokio::task::spawn_blocking(move || {
+        let mut s = Status::clone(&published);
+        s.count(&*counters).map(|()| s)
+    })
+    .await
+    .map_err(|e| ApiError::new(500, format!("status reader failed: {e}")))?
+    .map_err(|e| ApiError::new(503, format!("cannot read the data plane's counters: {}", crate::errors::error_chain(&e))))?;
     let s = Arc::new(s);
-    *shared.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((started, changes, s.clone()));
+    *shared.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((version, started, s.clone()));
     Ok(s)
 }
 
@@ -276,12 +290,11 @@ async fn weight(req: Request<Incoming>) -> Result<u32, ApiError> {
     Ok(body.weight as u32)
 }
 
-async fn command(shared: &Shared, vip: &str, backend: IpAddr, change: Change) -> Result<(), ApiError> {
+/// Hands a change to the daemon; it answers once the change is applied
+/// and published, so the next read shows it.
+async fn command(shared: &Api, vip: &str, backend: IpAddr, change: Change) -> Result<(), ApiError> {
     let (reply, answer) = oneshot::channel();
     let cmd = Command { vip: vip.to_owned(), backend, change, reply };
     shared.commands.send(cmd).await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?;
-    answer.await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))??;
-    // The next read shows the change.
-    shared.changes.fetch_add(1, Ordering::SeqCst);
-    Ok(())
+    answer.await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?
 }

@@ -15,17 +15,22 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        ProgramError, Xdp, XdpMode,
+        ProgramError, Xdp,
         links::{FdLink, LinkError, PinnedLink},
         xdp::XdpLink,
     },
 };
-use lb_common::{LAYOUT_VERSION, globals, maps};
+use lb_common::{LAYOUT_VERSION, Meta, globals, maps};
 
+use super::{
+    kernel::{KernelCounters, KernelStore},
+    maps::{Maps, maglev_entries, table_chunks},
+    store::DataplaneError,
+};
 use crate::{
-    config,
-    dataplane::{DataplaneError, Geometry, KernelMaps},
-    neigh::Interface,
+    config::{Capacities, StartConfig},
+    model::{Attachment, XdpMode},
+    net::Interface,
 };
 
 /// The object file with program `xlb`, built by build.rs.
@@ -69,7 +74,7 @@ pub enum LoaderError {
     )]
     Attach {
         interface: String,
-        mode: &'static str,
+        mode: Attachment,
         #[source]
         source: ProgramError,
     },
@@ -103,21 +108,26 @@ pub enum LoaderError {
 
 /// A loaded, attached data plane.
 pub struct Dataplane {
-    pub maps: KernelMaps,
-    /// "native" or "generic".
-    pub mode: &'static str,
+    pub maps: Maps<KernelStore>,
+    pub counters: KernelCounters,
+    pub attachment: Attachment,
     /// Whether an earlier run's pinned state was adopted.
     pub adopted: bool,
-    // Owns the program; the pinned link keeps it attached beyond us.
+    pub program: Loaded,
+}
+
+/// The loaded program and the pin directory's lock: held while this
+/// daemon writes the maps (the pinned link keeps the program attached
+/// beyond it).
+pub struct Loaded {
     _ebpf: Ebpf,
-    // The pin directory's lock, held while this daemon writes the maps.
     _lock: fs::File,
 }
 
 /// What program `xlb` is loaded with; changing any of it needs a restart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Params {
-    pub geometry: Geometry,
+    pub capacities: Capacities,
     /// Connection-table inserts per CPU per second; 0 for no limit.
     pub conn_insert_limit: u64,
     /// TUN mode's outer source addresses (unspecified when unused).
@@ -126,32 +136,53 @@ pub struct Params {
 }
 
 impl Params {
-    /// Parameters for `config`, with TUN sources from the config or else
+    /// Parameters for `start`, with TUN sources from the config or else
     /// the interface's addresses.
-    pub fn new(config: &config::Config, iface_v4: Option<Ipv4Addr>, iface_v6: Option<Ipv6Addr>) -> Self {
-        let v4 = match config.tun_source_v4 {
-            Some(IpAddr::V4(a)) => Some(a),
-            _ => iface_v4,
-        };
-        let v6 = match config.tun_source_v6 {
-            Some(IpAddr::V6(a)) => Some(a),
-            _ => iface_v6,
-        };
+    pub fn new(start: &StartConfig, iface_v4: Option<Ipv4Addr>, iface_v6: Option<Ipv6Addr>) -> Self {
         Params {
-            geometry: geometry(config),
-            conn_insert_limit: config.conntrack_insert_limit,
-            tun_source_v4: v4.unwrap_or(Ipv4Addr::UNSPECIFIED),
-            tun_source_v6: v6.unwrap_or(Ipv6Addr::UNSPECIFIED),
+            capacities: start.capacities,
+            conn_insert_limit: start.conntrack_insert_limit,
+            tun_source_v4: start.tun_source_v4.or(iface_v4).unwrap_or(Ipv4Addr::UNSPECIFIED),
+            tun_source_v6: start.tun_source_v6.or(iface_v6).unwrap_or(Ipv6Addr::UNSPECIFIED),
         }
+    }
+
+    /// Parameters with no flood guard and no TUN sources (tests, benchmarks).
+    pub fn plain(capacities: Capacities) -> Self {
+        Params {
+            capacities,
+            conn_insert_limit: 0,
+            tun_source_v4: Ipv4Addr::UNSPECIFIED,
+            tun_source_v6: Ipv6Addr::UNSPECIFIED,
+        }
+    }
+
+    /// The source address TUN packets of `ip`'s family carry, if any.
+    pub fn tun_source_for(&self, ip: IpAddr) -> Option<IpAddr> {
+        let source: IpAddr = if ip.is_ipv4() { self.tun_source_v4.into() } else { self.tun_source_v6.into() };
+        (!source.is_unspecified()).then_some(source)
     }
 }
 
-pub fn geometry(config: &config::Config) -> Geometry {
-    Geometry {
-        table_size: config.table_size,
-        max_vips: config.max_vips,
-        max_backends: config.max_backends,
-        conntrack_size: config.conntrack_size,
+/// `META`'s stamp for maps of `caps` made by this build.
+pub fn meta(caps: &Capacities) -> Meta {
+    Meta {
+        layout: LAYOUT_VERSION,
+        table_size: caps.table_size,
+        max_vips: caps.max_vips,
+        max_backends: caps.max_backends,
+        conntrack_size: caps.conntrack_size,
+        _pad: 0,
+    }
+}
+
+/// The capacities `META` records.
+pub fn capacities(meta: &Meta) -> Capacities {
+    Capacities {
+        table_size: meta.table_size,
+        max_vips: meta.max_vips,
+        max_backends: meta.max_backends,
+        conntrack_size: meta.conntrack_size,
     }
 }
 
@@ -161,22 +192,23 @@ pub fn load(
     iface: &Interface,
     pin_dir: &Path,
     params: Params,
-    mode: config::XdpMode,
+    mode: XdpMode,
 ) -> Result<Dataplane, LoaderError> {
-    let geometry = params.geometry;
+    let caps = params.capacities;
     prepare_pin_dir(pin_dir)?;
     let lock = lock_pin_dir(pin_dir)?;
-    let adopted = check_pinned(pin_dir, geometry)?;
+    let adopted = check_pinned(pin_dir, caps)?;
 
     let mut ebpf = load_program(Some(pin_dir), params, iface.mac)?;
     // Stamped at once: pins left by a start that fails later are still
     // recognised as ours.
-    let mut maps = KernelMaps::take(&mut ebpf)?;
-    maps.set_meta(&geometry.meta())?;
+    let (mut store, counters) = KernelStore::take(&mut ebpf)?;
+    store.set_meta(&meta(&caps))?;
 
     let program: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded").try_into().expect("XDP");
-    let mode = attach(program, iface, &pin_dir.join(LINK_PIN), mode)?;
-    Ok(Dataplane { maps, mode, adopted, _ebpf: ebpf, _lock: lock })
+    let attachment = attach(program, iface, &pin_dir.join(LINK_PIN), mode)?;
+    let program = Loaded { _ebpf: ebpf, _lock: lock };
+    Ok(Dataplane { maps: Maps::new(store, caps), counters, attachment, adopted, program })
 }
 
 /// Takes `pin_dir`'s exclusive lock (flock on the directory: released when
@@ -195,35 +227,38 @@ fn lock_pin_dir(pin_dir: &Path) -> Result<fs::File, LoaderError> {
 /// Loads program `xlb` with unpinned maps and attaches it nowhere: for
 /// BPF_PROG_TEST_RUN in tests and benchmarks. The program is
 /// `ebpf.program_mut(PROGRAM)`.
-pub fn load_detached(params: Params, iface_mac: [u8; 6]) -> Result<(Ebpf, KernelMaps), LoaderError> {
+pub fn load_detached(
+    params: Params,
+    iface_mac: [u8; 6],
+) -> Result<(Ebpf, Maps<KernelStore>, KernelCounters), LoaderError> {
     let mut ebpf = load_program(None, params, iface_mac)?;
-    let mut maps = KernelMaps::take(&mut ebpf)?;
-    maps.set_meta(&params.geometry.meta())?;
-    Ok((ebpf, maps))
+    let (mut store, counters) = KernelStore::take(&mut ebpf)?;
+    store.set_meta(&meta(&params.capacities))?;
+    Ok((ebpf, Maps::new(store, params.capacities), counters))
 }
 
 /// Sizes the maps (pinned under `pin_dir` if given), sets the globals, and
 /// loads program `xlb` into the kernel.
 fn load_program(pin_dir: Option<&Path>, params: Params, iface_mac: [u8; 6]) -> Result<Ebpf, LoaderError> {
-    let Params { geometry, conn_insert_limit, tun_source_v4, tun_source_v6 } = params;
+    let Params { capacities: caps, conn_insert_limit, tun_source_v4, tun_source_v6 } = params;
     let (tun_v4, tun_v6) = (tun_source_v4.octets(), tun_source_v6.octets());
     let pins: Vec<(&str, PathBuf)> = match pin_dir {
         Some(dir) => maps::ALL.iter().map(|m| (*m, dir.join(m))).collect(),
         None => Vec::new(),
     };
-    let chunks = geometry.table_chunks();
+    let chunks = table_chunks(&caps);
     let mut loader = EbpfLoader::new();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
     loader
-        .map_max_entries(maps::VIPS, geometry.max_vips)
-        .map_max_entries(maps::VIP_STATS, geometry.max_vips)
-        .map_max_entries(maps::BACKENDS, geometry.max_backends)
-        .map_max_entries(maps::BACKEND_STATS, geometry.max_backends)
-        .map_max_entries(maps::MAGLEV, geometry.maglev_entries())
-        .map_max_entries(maps::CONNTRACK, geometry.conntrack_size)
-        .override_global(globals::TABLE_SIZE, &geometry.table_size, true)
+        .map_max_entries(maps::VIPS, caps.max_vips)
+        .map_max_entries(maps::VIP_STATS, caps.max_vips)
+        .map_max_entries(maps::BACKENDS, caps.max_backends)
+        .map_max_entries(maps::BACKEND_STATS, caps.max_backends)
+        .map_max_entries(maps::MAGLEV, maglev_entries(&caps))
+        .map_max_entries(maps::CONNTRACK, caps.conntrack_size)
+        .override_global(globals::TABLE_SIZE, &caps.table_size, true)
         .override_global(globals::TABLE_CHUNKS, &chunks, true)
         .override_global(globals::IFACE_MAC, &iface_mac, true)
         .override_global(globals::CONN_INSERT_LIMIT, &conn_insert_limit, true)
@@ -245,8 +280,8 @@ pub(crate) fn attach(
     program: &mut Xdp,
     iface: &Interface,
     link_pin: &Path,
-    mode: config::XdpMode,
-) -> Result<&'static str, LoaderError> {
+    mode: XdpMode,
+) -> Result<Attachment, LoaderError> {
     if link_pin.exists() {
         let pinned = PinnedLink::from_pin(link_pin)
             .map_err(|source| LoaderError::Link { path: link_pin.to_owned(), source })?;
@@ -260,15 +295,16 @@ pub(crate) fn attach(
             program
                 .attach_to_link(link)
                 .map_err(|source| LoaderError::Replace { path: link_pin.to_owned(), source })?;
-            return Ok("existing link");
+            return Ok(Attachment::ExistingLink);
         }
         fs::remove_file(link_pin)
             .map_err(|source| LoaderError::Remove { path: link_pin.to_owned(), source })?;
     }
-    let attempts: &[(XdpMode, &'static str)] = match mode {
-        config::XdpMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
-        config::XdpMode::Native => &[(XdpMode::Driver, "native")],
-        config::XdpMode::Generic => &[(XdpMode::Skb, "generic")],
+    use aya::programs::XdpMode as Flags;
+    let attempts: &[(Flags, Attachment)] = match mode {
+        XdpMode::Auto => &[(Flags::Driver, Attachment::Native), (Flags::Skb, Attachment::Generic)],
+        XdpMode::Native => &[(Flags::Driver, Attachment::Native)],
+        XdpMode::Generic => &[(Flags::Skb, Attachment::Generic)],
     };
     let mut result = Err(None);
     for &(flags, name) in attempts {
@@ -278,7 +314,7 @@ pub(crate) fn attach(
                 break;
             }
             Err(source) => {
-                tracing::debug!(interface = %iface.name, mode = name, error = %source, "attach failed");
+                tracing::debug!(interface = %iface.name, mode = %name, error = %source, "attach failed");
                 result = Err(Some(LoaderError::Attach { interface: iface.name.clone(), mode: name, source }));
             }
         }
@@ -296,25 +332,25 @@ pub(crate) fn attach(
 
 /// Whether `pin_dir` already holds maps, after checking they are ones this
 /// build can use with `geometry`.
-fn check_pinned(pin_dir: &Path, geometry: Geometry) -> Result<bool, LoaderError> {
+fn check_pinned(pin_dir: &Path, caps: Capacities) -> Result<bool, LoaderError> {
     let any_pinned = maps::ALL.iter().any(|m| pin_dir.join(m).exists());
     if !any_pinned {
         return Ok(false);
     }
-    let wanted = describe_layout(LAYOUT_VERSION, geometry);
+    let wanted = describe_layout(LAYOUT_VERSION, caps);
     let incompatible =
         |found: String| LoaderError::Incompatible { path: pin_dir.to_owned(), found, wanted: wanted.clone() };
-    let meta = KernelMaps::open(pin_dir)
+    let meta = KernelStore::open(pin_dir)
         .and_then(|m| m.meta())
         .map_err(|e| incompatible(format!("unreadable: {e}")))?;
-    let found = Geometry::from_meta(&meta);
-    if meta.layout != LAYOUT_VERSION || found != geometry {
+    let found = capacities(&meta);
+    if meta.layout != LAYOUT_VERSION || found != caps {
         return Err(incompatible(describe_layout(meta.layout, found)));
     }
     Ok(true)
 }
 
-fn describe_layout(layout: u32, g: Geometry) -> String {
+fn describe_layout(layout: u32, g: Capacities) -> String {
     format!(
         "layout {layout}, table_size {}, max_vips {}, max_backends {}, conntrack_size {}",
         g.table_size, g.max_vips, g.max_backends, g.conntrack_size

@@ -1,0 +1,248 @@
+//! The desired state: every VIP with the backends it should have, built
+//! from the live config, what discovery reports, the operator's overrides
+//! and the MACs resolved so far. The reconciler never learns where a
+//! backend came from.
+
+use std::{collections::HashMap, fmt, net::IpAddr, time::Duration};
+
+use crate::{
+    config::{Backends, Capacities, LiveConfig, usable_unicast},
+    control::overrides::Overrides,
+    discovery::{Discovery, consul::Instance},
+    model::{Forward, VipAddr},
+};
+
+/// What configuration and discovery want.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub vips: Vec<DesiredVip>,
+    /// How long a removed backend keeps its established flows.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredVip {
+    pub name: String,
+    pub addr: VipAddr,
+    pub forward: Forward,
+    pub backends: Vec<DesiredBackend>,
+    /// How backends missing from `backends` leave.
+    pub leave: Leave,
+    /// The backend list is not known yet (discovery has not answered): an
+    /// existing VIP keeps what it has, a new one starts without backends.
+    pub hold: bool,
+}
+
+/// How a backend that is no longer wanted leaves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Leave {
+    /// Drains for `Desired::drain_timeout` (it was removed on purpose).
+    #[default]
+    Drain,
+    /// Goes at once and its flows rebalance (it failed its health check).
+    AtOnce,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub addr: IpAddr,
+    /// 0 drains the backend.
+    pub weight: u32,
+    /// Next-hop MAC; a backend without one stays out of the table.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// A discovered instance left out of a VIP, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub vip: String,
+    pub text: String,
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VIP {}: {}", self.vip, self.text)
+    }
+}
+
+/// The address a discovered instance serves a VIP at: its own or a tagged
+/// one of the VIP's family (a service may back a v4 and a v6 VIP).
+pub fn instance_address(instance: &Instance, vip: IpAddr) -> Option<IpAddr> {
+    std::iter::once(&instance.address).chain(&instance.tagged).find(|a| a.is_ipv4() == vip.is_ipv4()).copied()
+}
+
+/// What goes into a desired state besides the config.
+pub struct Inputs<'a> {
+    pub capacities: &'a Capacities,
+    pub discovery: &'a Discovery,
+    pub overrides: &'a Overrides,
+    /// Resolved MACs of DR backends.
+    pub macs: &'a HashMap<IpAddr, [u8; 6]>,
+}
+
+/// The desired state, and notes on discovered instances left out of it.
+pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> (Desired, Vec<Note>) {
+    let mut notes = Vec::new();
+    // Backend ids are finite: static backends are checked at config time,
+    // discovered ones get what is left, VIP by VIP in config order.
+    let listed: usize = config.vips.iter().map(|v| v.backends.listed().len()).sum();
+    let mut budget = (inputs.capacities.max_backends as usize - 1).saturating_sub(listed);
+    let vips = config
+        .vips
+        .iter()
+        .map(|v| {
+            let tun = v.forward == Forward::Tun;
+            // TUN packets go to the next hop the data plane's FIB lookup
+            // finds: nothing to resolve per backend.
+            let mac = |a: &IpAddr| if tun { Some([0; 6]) } else { inputs.macs.get(a).copied() };
+            let backend = |addr: IpAddr, weight: u32| DesiredBackend {
+                addr,
+                weight: inputs.overrides.weight(&v.name, addr, weight),
+                mac: mac(&addr),
+            };
+            let (backends, leave, hold) = match &v.backends {
+                Backends::Static(list) => {
+                    (list.iter().map(|b| backend(b.address, b.weight)).collect(), Leave::Drain, false)
+                }
+                // Instances leave discovery's healthy set by failing: no drain.
+                Backends::Consul(query) => match inputs.discovery.view(query).and_then(|s| s.instances.as_ref()) {
+                    None => (Vec::new(), Leave::AtOnce, true),
+                    Some(instances) => {
+                        let mut list = Vec::new();
+                        for i in instances {
+                            match admit(i, v.addr, v.forward) {
+                                Ok(addr) => list.push(backend(addr, i.weight)),
+                                Err(why) => notes.push(Note {
+                                    vip: v.name.clone(),
+                                    text: format!("{query} instance {}/{} {why}; skipped", i.node, i.id),
+                                }),
+                            }
+                        }
+                        if list.len() > budget {
+                            notes.push(Note {
+                                vip: v.name.clone(),
+                                text: format!(
+                                    "{query} has {} instances but only {budget} backend ids are left \
+                                     (max_backends); using the first {budget} by address",
+                                    list.len()
+                                ),
+                            });
+                            list.sort_by_key(|b| b.addr);
+                            list.truncate(budget);
+                        }
+                        budget -= list.len();
+                        (list, Leave::AtOnce, false)
+                    }
+                },
+            };
+            DesiredVip { name: v.name.clone(), addr: v.addr, forward: v.forward, backends, leave, hold }
+        })
+        .collect();
+    (Desired { vips, drain_timeout: config.drain_timeout }, notes)
+}
+
+/// The address `instance` backs the VIP at, or why it cannot.
+fn admit(instance: &Instance, vip: VipAddr, forward: Forward) -> Result<IpAddr, String> {
+    let family = if vip.ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let Some(addr) = instance_address(instance, vip.ip) else {
+        return Err(format!("has no {family} address (the VIP is {family})"));
+    };
+    if !usable_unicast(addr) {
+        return Err(format!("has address {addr}, which is not a unicast host address"));
+    }
+    if instance.port != 0 && instance.port != vip.port {
+        let mode = if forward == Forward::Tun { "TUN" } else { "DR" };
+        return Err(format!(
+            "listens on port {}, not the VIP's {}: {mode} forwarding keeps the port",
+            instance.port, vip.port
+        ));
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, path::Path, time::Instant};
+
+    use super::*;
+    use crate::{
+        config::Config,
+        discovery::consul::{EmptyPolicy, ServiceQuery, Update},
+    };
+
+    fn config(max_backends: u32) -> Config {
+        let text = format!(
+            "interface = \"eth0\"\nmax_backends = {max_backends}\n\n\
+             [[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\nconsul = {{ service = \"web\" }}\n"
+        );
+        Config::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    fn query() -> ServiceQuery {
+        ServiceQuery { service: "web".into(), tag: None }
+    }
+
+    fn instance(i: u32, address: IpAddr, port: u16, weight: u32) -> Instance {
+        Instance { node: format!("n{i}"), id: format!("web-{i}"), address, tagged: vec![], port, weight, warning: false }
+    }
+
+    fn discovery(instances: Vec<Instance>) -> Discovery {
+        let mut d = Discovery::new(EmptyPolicy::Keep);
+        d.watch_only(&[query()]);
+        d.update(Update::Instances { query: query(), instances, index: 1 }, Instant::now());
+        d
+    }
+
+    fn build_with(config: &Config, d: &Discovery) -> (Desired, Vec<Note>) {
+        let inputs = Inputs {
+            capacities: &config.start.capacities,
+            discovery: d,
+            overrides: &Overrides::default(),
+            macs: &HashMap::new(),
+        };
+        build(&config.live, &inputs)
+    }
+
+    #[test]
+    fn instances_left_out_are_noted_with_the_reason() {
+        let mut dual = instance(5, "fd00::5".parse().unwrap(), 80, 2);
+        dual.tagged = vec![IpAddr::from([10, 0, 0, 5])];
+        let d = discovery(vec![
+            instance(1, IpAddr::from([10, 0, 0, 1]), 80, 1),
+            instance(2, "fd00::2".parse().unwrap(), 80, 1),
+            instance(3, IpAddr::from([10, 0, 0, 3]), 8080, 1),
+            instance(4, IpAddr::from([10, 0, 0, 4]), 0, 1_000_000),
+            dual,
+            instance(6, IpAddr::from([127, 0, 0, 1]), 80, 1),
+        ]);
+        let (desired, notes) = build_with(&config(4096), &d);
+        let addrs: Vec<_> = desired.vips[0].backends.iter().map(|b| (b.addr, b.weight)).collect();
+        let v4 = |d| IpAddr::from([10, 0, 0, d]);
+        assert_eq!(addrs, [(v4(1), 1), (v4(4), 1_000_000), (v4(5), 2)], "a dual-stack instance by its tagged address");
+        let texts: Vec<String> = notes.iter().map(ToString::to_string).collect();
+        assert_eq!(texts.len(), 3, "{texts:?}");
+        assert!(texts[0].contains("n2/web-2 has no IPv4 address"), "{texts:?}");
+        assert!(texts[1].contains("port 8080"), "{texts:?}");
+        assert!(texts[2].contains("127.0.0.1, which is not a unicast host address"), "{texts:?}");
+        assert_eq!(desired.vips[0].leave, Leave::AtOnce, "failed instances leave at once");
+    }
+
+    #[test]
+    fn ten_thousand_instances_are_bounded_by_the_backend_budget() {
+        let many = (0..10_000u32)
+            .map(|i| instance(i, IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]), 80, 1))
+            .collect();
+        let (desired, notes) = build_with(&config(4096), &discovery(many));
+        assert_eq!(desired.vips[0].backends.len(), 4095);
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].text.contains("10000 instances but only 4095 backend ids"), "{notes:?}");
+    }
+
+    #[test]
+    fn a_service_without_an_answer_holds_its_vip() {
+        let mut d = Discovery::new(EmptyPolicy::Keep);
+        d.watch_only(&[query()]);
+        let (desired, _) = build_with(&config(4096), &d);
+        assert!(desired.vips[0].hold && desired.vips[0].backends.is_empty());
+    }
+}

@@ -1,0 +1,94 @@
+//! From what is wanted to the maps: the desired state, MAC resolution, the
+//! reconciler's apply and the sync state it leaves.
+
+use std::time::{Duration, Instant};
+
+use tracing::{error, warn};
+
+use super::{Daemon, Resolve};
+use crate::{
+    control::desired::{self, Desired, Inputs},
+    dataplane::{DataplaneError, Store},
+    errors::error_chain,
+    model::Forward,
+    observe::status::Sync,
+};
+
+impl<S: Store, R: Resolve> Daemon<S, R> {
+    /// The desired state now; instances left out are logged when they
+    /// first are.
+    pub(super) fn desired(&mut self) -> Desired {
+        let inputs = Inputs {
+            capacities: &self.start.capacities,
+            discovery: &self.discovery,
+            overrides: &self.overrides,
+            macs: &self.macs,
+        };
+        let (desired, notes) = desired::build(&self.live, &inputs);
+        for note in notes.iter().filter(|n| !self.notes.contains(n)) {
+            warn!("{note}");
+        }
+        self.notes = notes;
+        desired
+    }
+
+    /// Makes the maps match the desired state, and records how that went.
+    pub(super) fn apply(&mut self) -> Result<(), DataplaneError> {
+        let desired = self.desired();
+        let result = self.reconciler.apply(&desired, Instant::now(), &mut self.maps);
+        let shortfalls = self.reconciler.shortfalls().to_vec();
+        for s in shortfalls.iter().filter(|s| !self.shortfalls.contains(s)) {
+            warn!("{s}");
+        }
+        self.sync = match &result {
+            Err(e) => {
+                error!(error = %error_chain(e), "map update failed; retrying with a full resync");
+                Sync::Retrying { error: error_chain(e) }
+            }
+            // What found no id is retried on the next tick (ids free up as
+            // backends leave).
+            Ok(()) if !shortfalls.is_empty() => Sync::Short { shortfalls: shortfalls.iter().map(ToString::to_string).collect() },
+            Ok(()) => Sync::InSync,
+        };
+        self.shortfalls = shortfalls;
+        result
+    }
+
+    /// Refreshes the MACs of DR backends and TUN next hops, waiting up to
+    /// `patience` for addresses never asked about; whether they changed.
+    pub(super) async fn refresh_macs(&mut self, patience: Duration) -> bool {
+        let desired = self.desired();
+        let (mut dr, mut tun) = (Vec::new(), Vec::new());
+        for vip in &desired.vips {
+            let addrs = vip.backends.iter().map(|b| b.addr);
+            match vip.forward {
+                Forward::Dr => dr.extend(addrs),
+                Forward::Tun => tun.extend(addrs),
+            }
+        }
+        match self.resolver.resolve(&dr, &tun, patience).await {
+            Ok(macs) if macs != self.macs => {
+                self.macs = macs;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                warn!(error = %error_chain(&e), "neighbour refresh failed");
+                false
+            }
+        }
+    }
+
+    /// After an event: MACs refreshed (new backends get `patience` to
+    /// resolve, so they join with the change rather than a tick later),
+    /// then an apply if anything calls for one; whether it applied.
+    pub(super) async fn settle(&mut self, patience: Duration, changed: bool) -> bool {
+        let macs_changed = self.refresh_macs(patience).await;
+        let due = self.reconciler.next_deadline().is_some_and(|d| d <= Instant::now());
+        let apply = changed || macs_changed || due || !self.sync.is_in_sync();
+        if apply {
+            let _ = self.apply();
+        }
+        apply
+    }
+}

@@ -1,0 +1,56 @@
+//! The tasks that turn the outside world into events: signals, the tick,
+//! admin API commands.
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+use super::{Event, TICK};
+use crate::observe::admin::Command;
+
+/// Takes over SIGHUP, SIGTERM and SIGINT. Call it before anything slow:
+/// SIGHUP's default action would end the process.
+pub(super) fn signals(events: mpsc::Sender<Event>) -> std::io::Result<JoinHandle<()>> {
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                _ = hangup.recv() => Event::Reload,
+                _ = terminate.recv() => Event::Stop,
+                _ = interrupt.recv() => Event::Stop,
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }))
+}
+
+pub(super) fn ticks(events: mpsc::Sender<Event>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if events.send(Event::Tick).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Forwards the admin API's commands as events.
+pub(super) fn commands(mut commands: mpsc::Receiver<Command>, events: mpsc::Sender<Event>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(cmd) = commands.recv().await {
+            if events.send(Event::Api(cmd)).await.is_err() {
+                return;
+            }
+        }
+    })
+}

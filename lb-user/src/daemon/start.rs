@@ -1,0 +1,112 @@
+//! Putting the real daemon together: the interface and its addresses over
+//! netlink, the host checks, the admin listener, program `xlb` loaded (or
+//! adopted) and attached, and the tasks that feed the daemon events.
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
+use tracing::info;
+
+use super::{Daemon, Event, NetResolver, Parts, consul_watch, host, sources};
+use crate::{
+    config::Config,
+    control::reconcile::Reconciler,
+    dataplane::{
+        KernelStore,
+        loader::{self, Loaded, Params},
+    },
+    discovery::consul,
+    files::RunFiles,
+    net,
+    observe::admin::{self, Api},
+};
+
+/// Events waiting for the daemon; senders wait beyond it.
+const EVENT_QUEUE: usize = 256;
+/// Admin API commands waiting to become events.
+const COMMAND_QUEUE: usize = 16;
+
+/// A started daemon with what feeds it.
+pub struct Running {
+    daemon: Daemon<KernelStore, NetResolver>,
+    events: mpsc::Receiver<Event>,
+    tasks: Vec<JoinHandle<()>>,
+    program: Loaded,
+}
+
+/// Starts the daemon for the config at `path`: everything that can fail
+/// on a bad config or host fails before the data plane is touched.
+pub async fn start(path: &Path) -> anyhow::Result<Running> {
+    let (sender, events) = mpsc::channel(EVENT_QUEUE);
+    let mut tasks = vec![sources::signals(sender.clone())?];
+    let config = Config::load(path)?;
+    let start = &config.start;
+    let handle = net::connect()?;
+    let iface = net::interface(&handle, &start.interface)
+        .await
+        .with_context(|| format!("{}: field `interface`", path.display()))?;
+    let (iface_v4, iface_v6) = net::addresses(&handle, iface.index).await?;
+    let params = Params::new(start, iface_v4, iface_v6);
+    host::check_tun(&start.interface, &config.live, &params)?;
+    if !config.live.consul_services().is_empty() {
+        consul::Client::new(&config.live.consul_settings()).context("field `consul`")?;
+    }
+    let token = start.admin.token()?;
+    // Bound before the data plane is touched: a busy port fails the start.
+    let listener = TcpListener::bind(start.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen: cannot listen on {}", start.admin.listen))?;
+
+    let dataplane = loader::load(&iface, &start.pin_dir, params, start.xdp_mode)?;
+    let reconciler = if dataplane.adopted {
+        Reconciler::adopt(&dataplane.maps).context("cannot read the pinned state")?
+    } else {
+        Reconciler::new(start.capacities)
+    };
+    info!(
+        interface = %iface.name,
+        attach = %dataplane.attachment,
+        pin_dir = %start.pin_dir.display(),
+        adopted = dataplane.adopted,
+        "program xlb attached"
+    );
+    let (mut daemon, published) = Daemon::new(Parts {
+        config_path: path.to_owned(),
+        files: RunFiles::new(&iface.name),
+        config,
+        params,
+        maps: dataplane.maps,
+        reconciler,
+        resolver: NetResolver::new(handle, iface.index),
+        attachment: dataplane.attachment,
+        events: sender.clone(),
+        watch: consul_watch,
+    })?;
+    daemon.begin().await;
+    let (commands, command_queue) = mpsc::channel(COMMAND_QUEUE);
+    let api = Arc::new(Api::new(token, published, Arc::new(dataplane.counters), commands));
+    tasks.push(tokio::spawn(admin::serve(listener, api)));
+    tasks.push(sources::commands(command_queue, sender.clone()));
+    tasks.push(sources::ticks(sender));
+    Ok(Running { daemon, events, tasks, program: dataplane.program })
+}
+
+impl Running {
+    /// Runs the daemon until a signal stops it; then the program stays
+    /// attached with the last tables, or with `detach` is removed.
+    pub async fn run(mut self, detach: bool) -> anyhow::Result<()> {
+        self.daemon.run(&mut self.events).await;
+        self.tasks.iter().for_each(JoinHandle::abort);
+        let (maps, start, files) = self.daemon.finish();
+        if detach {
+            drop((maps, self.program));
+            loader::detach(&start.pin_dir)?;
+            files.forget();
+            info!(interface = %start.interface, "detached");
+        } else {
+            info!(interface = %start.interface, "exiting; program xlb stays attached with the last tables");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! The vocabulary every layer shares: what a VIP is addressed by, how it
+//! forwards, how the program attaches, where a backend stands. The maps'
+//! byte-level forms of these live in `dataplane::wire`; nothing above the
+//! data plane sees those.
+
+use std::{fmt, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// A VIP's transport protocol.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a VIP's packets reach its backends.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Forward {
+    /// Direct routing: rewrite MACs, send back out; backends share the L2
+    /// segment and hold the VIP.
+    #[default]
+    Dr,
+    /// IP-in-IP / IPv6-in-IPv6 to the backend, which may sit anywhere
+    /// routable and runs `xlb decap`.
+    Tun,
+}
+
+impl Forward {
+    pub fn name(self) -> &'static str {
+        match self {
+            Forward::Dr => "dr",
+            Forward::Tun => "tun",
+        }
+    }
+}
+
+impl fmt::Display for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a packet must be addressed to for a VIP to take it.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipAddr {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for VipAddr {
+    /// "tcp 192.0.2.10:80", "udp [2001:db8::10]:53".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V6(ip) => write!(f, "{} [{ip}]:{}", self.protocol, self.port),
+            IpAddr::V4(ip) => write!(f, "{} {ip}:{}", self.protocol, self.port),
+        }
+    }
+}
+
+/// How program `xlb` (or `xlb_decap`) is attached to its interface.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic when the driver lacks it.
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+}
+
+/// How a running program ended up attached.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Attachment {
+    Native,
+    Generic,
+    /// Swapped in through the link an earlier run pinned (its mode stands).
+    ExistingLink,
+}
+
+impl fmt::Display for Attachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Attachment::Native => "native",
+            Attachment::Generic => "generic",
+            Attachment::ExistingLink => "existing link",
+        })
+    }
+}
+
+/// Where a backend stands, as status, metrics and the API show it.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendRole {
+    /// In the table: takes new flows.
+    Active,
+    /// Out of the table (weight 0 or drained); established flows stay.
+    Draining,
+    /// No MAC known yet (DR): out of the table until it resolves.
+    Unresolved,
+    /// Removed: out of the table, keeping its established flows until
+    /// `drain_timeout` runs out.
+    Leaving,
+    /// Its entry takes no flows (seen only in the pinned maps of a stopped
+    /// daemon).
+    Inactive,
+}
+
+impl BackendRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendRole::Active => "active",
+            BackendRole::Draining => "draining",
+            BackendRole::Unresolved => "unresolved",
+            BackendRole::Leaving => "leaving",
+            BackendRole::Inactive => "inactive",
+        }
+    }
+}
+
+impl fmt::Display for BackendRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_addresses_read_as_operators_write_them() {
+        let v4 = VipAddr { ip: [192, 0, 2, 10].into(), port: 80, protocol: Protocol::Tcp };
+        let v6 = VipAddr { ip: "2001:db8::10".parse().unwrap(), port: 53, protocol: Protocol::Udp };
+        assert_eq!(v4.to_string(), "tcp 192.0.2.10:80");
+        assert_eq!(v6.to_string(), "udp [2001:db8::10]:53");
+        assert_eq!(format_mac(&[2, 0, 0, 0, 0xab, 1]), "02:00:00:00:ab:01");
+    }
+}
