@@ -1,0 +1,275 @@
+//! The daemon's event handling, against in-memory maps and a resolver
+//! that knows every MAC.
+
+use std::{
+    collections::HashMap, future::Future, net::IpAddr, os::unix::ffi::OsStrExt as _, path::PathBuf, pin::Pin,
+    time::Duration,
+};
+
+use lb_common::{BACKEND_ACTIVE, BACKEND_DRAINING};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::*;
+use crate::{
+    config::ServiceQuery,
+    dataplane::{MemoryStore, loader::Params},
+    discovery::consul::{self, Instance},
+    model::{Protocol, VipAddr},
+    observe::admin::{ApiError, Change, Command},
+};
+
+/// Every DR backend resolves, to 02:00:<its IPv4 address>.
+struct KnownMacs;
+
+impl Resolve for KnownMacs {
+    async fn resolve(
+        &mut self,
+        dr: &[IpAddr],
+        _tun: &[IpAddr],
+        _patience: Duration,
+    ) -> Result<HashMap<IpAddr, [u8; 6]>, crate::net::NetError> {
+        Ok(dr.iter().map(|a| (*a, mac(*a))).collect())
+    }
+
+    fn seed(&mut self, _: Vec<(IpAddr, [u8; 6])>) {}
+}
+
+fn mac(addr: IpAddr) -> [u8; 6] {
+    let IpAddr::V4(a) = addr else { panic!("IPv4 backends only here") };
+    let o = a.octets();
+    [2, 0, o[0], o[1], o[2], o[3]]
+}
+
+/// A watcher that reports nothing: the tests send discovery's reports.
+fn quiet(_: consul::Client, _: ServiceQuery, updates: mpsc::Sender<consul::Update>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(async move { updates.closed().await })
+}
+
+struct Lab {
+    dir: PathBuf,
+    config: PathBuf,
+    daemon: Daemon<MemoryStore, KnownMacs>,
+    status: watch::Receiver<admin::Published>,
+    _events: mpsc::Receiver<Event>,
+}
+
+impl Lab {
+    async fn new(config: &str) -> Lab {
+        let dir = std::env::temp_dir().join(format!("xlb-daemon-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self::in_dir(dir, config).await
+    }
+
+    async fn in_dir(dir: PathBuf, text: &str) -> Lab {
+        let path = dir.join("xlb.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).unwrap();
+        let caps = config.start.capacities;
+        let (events, receiver) = mpsc::channel(64);
+        let (mut daemon, status) = Daemon::new(Parts {
+            config_path: path.clone(),
+            params: Params::plain(caps),
+            config,
+            maps: Maps::new(MemoryStore::default(), caps),
+            reconciler: Reconciler::new(caps),
+            resolver: KnownMacs,
+            files: RunFiles::in_dir(&dir, "eth0"),
+            attachment: Attachment::Native,
+            events,
+            watch: quiet,
+        })
+        .unwrap();
+        daemon.begin().await;
+        Lab { dir, config: path, daemon, status, _events: receiver }
+    }
+
+    /// Rewrites the config file and sends SIGHUP's event.
+    async fn reload(&mut self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+        assert_eq!(self.daemon.handle(Event::Reload).await, Flow::Continue);
+    }
+
+    async fn command(&mut self, vip: &str, backend: [u8; 4], change: Change) -> Result<(), ApiError> {
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command { vip: vip.into(), backend: backend.into(), change, reply };
+        self.daemon.handle(Event::Api(cmd)).await;
+        answer.await.unwrap()
+    }
+
+    /// The flags of `backend`'s entry under VIP 192.0.2.10:80.
+    fn flags(&self, backend: [u8; 4]) -> Option<u8> {
+        let state = self.daemon.reconciler.vips().get(&web())?.backends.get(&backend.into())?;
+        Some(self.daemon.maps.store().backends[&state.id].flags)
+    }
+
+    /// The backends the live table names.
+    fn table(&self) -> Vec<IpAddr> {
+        let table = self.daemon.maps.live_table(&web()).unwrap().unwrap();
+        let mut addrs: Vec<IpAddr> =
+            table.iter().map(|id| self.daemon.maps.backend(*id).unwrap().unwrap().addr).collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
+    /// Consul's answer for `service`, as the current watchers report it.
+    async fn discover(&mut self, service: &str, backends: &[u8]) {
+        let event = answer_at(self.daemon.watchers.epoch(), service, backends);
+        self.daemon.handle(event).await;
+    }
+
+    fn published(&self) -> std::sync::Arc<crate::observe::status::Status> {
+        self.status.borrow().1.clone()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn web() -> VipAddr {
+    VipAddr { ip: [192, 0, 2, 10].into(), port: 80, protocol: Protocol::Tcp }
+}
+
+fn config(head: &str, backends: &[u8]) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("{{ address = \"10.0.0.{b}\" }}")).collect();
+    format!(
+        "interface = \"eth0\"\n{head}\n[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\nbackends = [ {} ]\n",
+        list.join(", ")
+    )
+}
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([10, 0, 0, last])
+}
+
+#[tokio::test]
+async fn a_drain_during_a_shortfall_answers_200_and_readiness_says_why() {
+    // Two backend ids: while 10.0.0.2 drains, 10.0.0.3 has none.
+    let head = "max_backends = 3\ndrain_timeout = 30";
+    let mut lab = Lab::new(&config(head, &[1, 2])).await;
+    assert_eq!(lab.daemon.sync, Sync::InSync);
+    lab.reload(&config(head, &[1, 3])).await;
+    let Sync::Short { shortfalls } = &lab.daemon.sync else { panic!("{:?}", lab.daemon.sync) };
+    assert!(shortfalls[0].contains("10.0.0.3") && shortfalls[0].contains("max_backends"), "{shortfalls:?}");
+
+    assert_eq!(lab.command("web", [10, 0, 0, 1], Change::Drain).await, Ok(()), "the drain itself was applied");
+    assert_eq!(lab.flags([10, 0, 0, 1]), Some(BACKEND_DRAINING));
+    let sync = &lab.published().daemon.clone().unwrap().sync;
+    assert!(matches!(sync, Sync::Short { .. }) && sync.describe().contains("10.0.0.3"), "{sync:?}");
+}
+
+#[tokio::test]
+async fn a_failed_write_answers_500_and_the_next_tick_retries() {
+    let mut lab = Lab::new(&config("", &[1, 2])).await;
+    lab.daemon.maps.store_mut().fail_writes = true;
+    let answer = lab.command("web", [10, 0, 0, 2], Change::Drain).await;
+    assert_eq!(answer.map_err(|e| e.status), Err(500));
+    assert!(matches!(lab.daemon.sync, Sync::Retrying { .. }));
+    lab.daemon.maps.store_mut().fail_writes = false;
+    lab.daemon.handle(Event::Tick).await;
+    assert_eq!(lab.daemon.sync, Sync::InSync);
+    assert_eq!(lab.flags([10, 0, 0, 2]), Some(BACKEND_DRAINING), "the recorded drain is in the maps");
+}
+
+#[tokio::test]
+async fn commands_for_what_does_not_exist_are_404_and_weights_of_discovered_backends_409() {
+    let mut lab = Lab::new(&config("", &[1])).await;
+    assert_eq!(lab.command("nope", [10, 0, 0, 1], Change::Drain).await.map_err(|e| e.status), Err(404));
+    assert_eq!(lab.command("web", [10, 0, 0, 9], Change::Drain).await.map_err(|e| e.status), Err(404));
+    let consul = "[[vip]]\nname = \"api\"\naddress = \"192.0.2.11\"\nport = 80\nprotocol = \"tcp\"\nconsul = { service = \"api\" }\n";
+    lab.reload(&format!("{}{consul}", config("", &[1]))).await;
+    lab.discover("api", &[7]).await;
+    assert_eq!(lab.command("api", [10, 0, 0, 7], Change::Weight(3)).await.map_err(|e| e.status), Err(409));
+    assert_eq!(lab.command("api", [10, 0, 0, 7], Change::Drain).await, Ok(()));
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_a_start_only_field_names_it_and_applies_the_rest() {
+    let mut lab = Lab::new(&config("", &[1, 2])).await;
+    lab.reload(&config("max_vips = 8\nconntrack_insert_limit = 5", &[1, 3])).await;
+    assert_eq!(lab.daemon.restart_needed, ["max_vips", "conntrack_insert_limit"]);
+    assert_eq!(lab.daemon.start.capacities.max_vips, 64, "the running value stays");
+    assert_eq!(lab.table(), [ip(1), ip(3)], "the backends changed all the same");
+    let published = lab.published();
+    assert_eq!(published.daemon.as_ref().unwrap().restart_needed, ["max_vips", "conntrack_insert_limit"]);
+    assert_eq!(published.max_vips, 64);
+
+    // A file that is invalid on its own changes nothing.
+    lab.reload("interface = [").await;
+    assert_eq!(lab.table(), [ip(1), ip(3)]);
+    // Back to the running values: nothing waits for a restart any more.
+    lab.reload(&config("", &[1, 3])).await;
+    assert!(lab.daemon.restart_needed.is_empty());
+}
+
+#[tokio::test]
+async fn an_edit_of_the_file_is_seen_on_the_next_tick() {
+    let mut lab = Lab::new(&config("", &[1, 2])).await;
+    std::fs::write(&lab.config, config("", &[2])).unwrap();
+    // Some filesystems keep mtimes in whole seconds.
+    let later = std::time::SystemTime::now() + Duration::from_secs(2);
+    std::fs::File::options().write(true).open(&lab.config).unwrap().set_modified(later).unwrap();
+    lab.daemon.handle(Event::Tick).await;
+    assert_eq!(lab.table(), [ip(2)]);
+}
+
+fn instance(last: u8) -> Instance {
+    Instance {
+        node: format!("n{last}"),
+        id: format!("api-{last}"),
+        address: ip(last),
+        tagged: vec![],
+        port: 80,
+        weight: 1,
+        warning: false,
+    }
+}
+
+fn answer_at(epoch: u64, service: &str, backends: &[u8]) -> Event {
+    let query = ServiceQuery { service: service.into(), tag: None };
+    let instances = backends.iter().map(|b| instance(*b)).collect();
+    Event::Discovery { epoch, update: consul::Update::Instances { query, instances, index: 5 } }
+}
+
+const CONSUL_WEB: &str = "interface = \"eth0\"\n[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\nconsul = { service = \"web\" }\n";
+
+#[tokio::test]
+async fn discovery_answers_apply_and_those_of_replaced_watchers_are_dropped() {
+    let mut lab = Lab::new(CONSUL_WEB).await;
+    lab.discover("web", &[1, 2]).await;
+    assert_eq!(lab.table(), [ip(1), ip(2)]);
+    lab.daemon.handle(answer_at(lab.daemon.watchers.epoch() - 1, "web", &[3])).await;
+    assert_eq!(lab.table(), [ip(1), ip(2)], "a report from before the start-over");
+    assert_eq!(lab.flags([10, 0, 0, 1]), Some(BACKEND_ACTIVE));
+}
+
+#[tokio::test]
+async fn the_table_changes_while_the_state_file_cannot_be_written() {
+    let dir = std::env::temp_dir().join(format!("xlb-daemon-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The writer's temporary file is a FIFO nobody reads: opening it
+    // blocks the writer until a reader comes.
+    let fifo = RunFiles::in_dir(&dir, "eth0").state().with_extension("json.tmp");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut lab = Lab::in_dir(dir, CONSUL_WEB).await;
+    for backends in [&[1, 2][..], &[2], &[2, 3, 4]] {
+        let started = std::time::Instant::now();
+        lab.discover("web", backends).await;
+        assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+        assert_eq!(lab.table(), backends.iter().map(|b| ip(*b)).collect::<Vec<_>>());
+    }
+    assert!(!RunFiles::in_dir(&lab.dir, "eth0").state().exists(), "the writer is still stuck");
+    // Let the stuck write through: then the newest status is written, not
+    // every one offered meanwhile.
+    let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
+    lab.daemon.publisher.finish();
+    reader.join().unwrap();
+    let state = std::fs::read(RunFiles::in_dir(&lab.dir, "eth0").state()).unwrap();
+    let written: crate::observe::status::Status = serde_json::from_slice(&state).unwrap();
+    assert_eq!(written.vips[0].backends.len(), 3, "the latest status");
+}

@@ -298,3 +298,140 @@ async fn command(shared: &Api, vip: &str, backend: IpAddr, change: Change) -> Re
     shared.commands.send(cmd).await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?;
     answer.await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_common::Counter;
+
+    use super::*;
+    use crate::{
+        dataplane::MemoryCounters,
+        model::{Attachment, BackendRole, Forward, Protocol},
+        observe::status::{BackendStatus, DaemonStatus, Sync, VipStatus},
+    };
+
+    fn status(sync: Sync, weight: u32) -> Status {
+        Status {
+            interface: "eth0".into(),
+            daemon_pid: Some(1),
+            daemon: Some(DaemonStatus {
+                pid: 1,
+                config: "xlb.toml".into(),
+                attachment: Attachment::Native,
+                sync,
+                restart_needed: vec![],
+            }),
+            vips: vec![VipStatus {
+                name: Some("web".into()),
+                address: [192, 0, 2, 10].into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                forward: Forward::Dr,
+                consul: None,
+                id: 3,
+                generation: 1,
+                swapped_at: None,
+                packets: 0,
+                bytes: 0,
+                backends: vec![BackendStatus {
+                    address: Some([10, 0, 0, 1].into()),
+                    id: 7,
+                    state: BackendRole::Active,
+                    weight: Some(weight),
+                    mac: None,
+                    slots: 13,
+                    share: 1.0,
+                    packets: 0,
+                    bytes: 0,
+                }],
+                notes: vec![],
+            }],
+            ..Status::default()
+        }
+    }
+
+    struct Served {
+        url: String,
+        publish: watch::Sender<Published>,
+        counters: Arc<MemoryCounters>,
+        http: reqwest::Client,
+    }
+
+    /// The API on a loopback port, its status published by hand, its
+    /// commands answered by `answer`.
+    async fn serve_api(answer: fn(&Command) -> Result<(), ApiError>) -> Served {
+        let (publish, status) = watch::channel((1, Arc::new(status(Sync::InSync, 1))));
+        let counters = Arc::new(MemoryCounters::default());
+        let (commands, mut received) = mpsc::channel::<Command>(4);
+        tokio::spawn(async move {
+            while let Some(cmd) = received.recv().await {
+                let result = answer(&cmd);
+                let _ = cmd.reply.send(result);
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(serve(listener, Arc::new(Api::new(None, status, counters.clone(), commands))));
+        Served { url, publish, counters, http: reqwest::Client::new() }
+    }
+
+    impl Served {
+        async fn get(&self, path: &str) -> (u16, String) {
+            let r = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_come_from_the_published_status_and_the_counters() {
+        let api = serve_api(|_| Ok(())).await;
+        api.counters.values.lock().unwrap().vips.insert(3, Counter { packets: 5, bytes: 320 });
+        api.counters.values.lock().unwrap().backends.insert(7, Counter { packets: 4, bytes: 256 });
+        let (code, body) = api.get("/api/v1/vips/web").await;
+        assert_eq!(code, 200, "{body}");
+        let web: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((web["packets"].as_u64(), web["backends"][0]["packets"].as_u64()), (Some(5), Some(4)));
+        assert_eq!(web["backends"][0]["weight"], 1);
+
+        // A newer status shows at once, though the counters were read
+        // less than a second ago.
+        api.publish.send_replace((2, Arc::new(status(Sync::InSync, 3))));
+        let (_, body) = api.get("/api/v1/vips/web").await;
+        let web: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(web["backends"][0]["weight"], 3, "{body}");
+        let (_, metrics) = api.get("/metrics").await;
+        assert!(metrics.contains("xlb_vip_packets_total{vip=\"web\",address=\"192.0.2.10\",port=\"80\",protocol=\"tcp\"} 5"), "{metrics}");
+        assert!(metrics.contains("xlb_maps_in_sync 1"), "{metrics}");
+    }
+
+    #[tokio::test]
+    async fn readiness_says_what_is_not_in_sync() {
+        let api = serve_api(|_| Ok(())).await;
+        assert_eq!(api.get("/readyz").await, (200, "ready\n".into()));
+        let short = Sync::Short { shortfalls: vec!["VIP web: backend 10.0.0.3 left out".into()] };
+        api.publish.send_replace((2, Arc::new(status(short, 1))));
+        let (code, body) = api.get("/readyz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("short of capacity: VIP web: backend 10.0.0.3 left out"), "{body}");
+        let retrying = Sync::Retrying { error: "map VIPS: write failed".into() };
+        api.publish.send_replace((3, Arc::new(status(retrying, 1))));
+        let (code, body) = api.get("/readyz").await;
+        assert!(code == 503 && body.contains("retrying") && body.contains("map VIPS"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn changes_go_to_the_daemon_and_its_answer_comes_back() {
+        let api = serve_api(|cmd| match cmd.change {
+            Change::Weight(w) if w == 7 => Err(ApiError::new(409, "from Consul")),
+            _ => Ok(()),
+        })
+        .await;
+        let drain = format!("{}/api/v1/vips/web/backends/10.0.0.1/drain", api.url);
+        let r = api.http.post(&drain).header("content-type", "application/json").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let weight = format!("{}/api/v1/vips/web/backends/10.0.0.1/weight", api.url);
+        let r = api.http.put(&weight).header("content-type", "application/json").body(r#"{"weight": 7}"#).send().await.unwrap();
+        assert_eq!(r.status(), 409);
+        assert!(r.text().await.unwrap().contains("from Consul"));
+    }
+}
