@@ -196,7 +196,10 @@ impl fmt::Display for ServiceQuery {
 ///
 /// From a health entry: `address` is `Service.Address`, or `Node.Address`
 /// when that is empty (Consul's documented fallback); an address that is
-/// not an IP (a hostname) skips the instance. `weight` is
+/// not an IP (a hostname), or is one no backend can have ([`Unusable`]: a
+/// dev agent's `Node.Address` is 127.0.0.1), skips the instance. For a
+/// query with a tag, an entry without it is skipped too, whatever the agent
+/// answered (see [`watch_with`]). `weight` is
 /// `Service.Weights.Passing`, or `Weights.Warning` for a warning instance
 /// (1 when Consul sends no weights), replaced by the service meta key
 /// [`WEIGHT_META_KEY`] in either state when that holds a valid u32; it is
@@ -229,6 +232,8 @@ pub struct Instance {
 pub enum Problem {
     /// Neither `Service.Address` nor `Node.Address` is an IP address.
     BadAddress { instance: String, address: String },
+    /// The address is an IP, but not one a backend can have.
+    UnusableAddress { instance: String, address: IpAddr, source: AddressSource, why: Unusable },
     /// `Service.Port` is outside 0–65535.
     BadPort { instance: String, port: i64 },
     /// The weight meta key is not a u32; Consul's weight was used.
@@ -247,6 +252,16 @@ impl fmt::Display for Problem {
             Problem::BadAddress { instance, address } => {
                 write!(f, "instance {instance}: address {address:?} is not an IP address; skipped")
             }
+            Problem::UnusableAddress { instance, address, source: AddressSource::Service, why } => write!(
+                f,
+                "instance {instance}: Service.Address {address} is {why}: skipped \
+                 (register the service with the backend's own address)"
+            ),
+            Problem::UnusableAddress { instance, address, source: AddressSource::Node, why } => write!(
+                f,
+                "instance {instance}: no Service.Address, and Node.Address {address} is {why}: skipped \
+                 (register the service with an Address)"
+            ),
             Problem::BadPort { instance, port } => {
                 write!(f, "instance {instance}: port {port} is out of range; skipped")
             }
@@ -265,6 +280,55 @@ impl fmt::Display for Problem {
                 write!(f, "{total} instances; using the first {kept} by node and id")
             }
         }
+    }
+}
+
+/// Where an instance's address came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AddressSource {
+    /// `Service.Address`.
+    Service,
+    /// `Node.Address`, as `Service.Address` was empty.
+    Node,
+}
+
+/// Why an IP address cannot be a backend's: packets to it would never
+/// leave this host or would reach many hosts at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unusable {
+    Unspecified,
+    Loopback,
+    Multicast,
+    Broadcast,
+}
+
+impl Unusable {
+    /// Why `address` cannot be a backend's, or `None` if it can. An
+    /// IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
+    pub fn of(address: IpAddr) -> Option<Unusable> {
+        let address = address.to_canonical();
+        if address.is_unspecified() {
+            Some(Unusable::Unspecified)
+        } else if address.is_loopback() {
+            Some(Unusable::Loopback)
+        } else if address.is_multicast() {
+            Some(Unusable::Multicast)
+        } else if address == IpAddr::from([255, 255, 255, 255]) {
+            Some(Unusable::Broadcast)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Unusable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unusable::Unspecified => "the unspecified address",
+            Unusable::Loopback => "a loopback address",
+            Unusable::Multicast => "a multicast address",
+            Unusable::Broadcast => "the broadcast address",
+        })
     }
 }
 
