@@ -3,16 +3,18 @@
 //!
 //! [`Client::fetch`] runs one query of Consul's health endpoint,
 //! `GET /v1/health/service/<service>`, blocking or not. [`watch`] keeps one
-//! blocking query at a time open for a service and sends an [`Update`] when
-//! the set of instances changes or a query fails. The client speaks Consul's
-//! documented HTTP API, so it works unchanged against a real agent;
-//! `xlb-tests` has an in-process fake of that API to test it against.
+//! blocking query at a time open for a service and sends an [`Update`] for
+//! every answer (the instances when they changed) and every failure. The
+//! client speaks Consul's documented HTTP API, so it works unchanged
+//! against a real agent; `xlb-tests` has an in-process fake of that API to
+//! test it against.
 //!
 //! Where each rule lives:
 //! - which instances count (health, warning state): [`WarningPolicy`];
-//! - how an entry becomes an [`Instance`] (address, weight, duplicates,
-//!   caps): [`Instance`] and [`Problem`];
-//! - blocking-query index rules, rate limit and back-off: [`watch_with`].
+//! - how an entry becomes an [`Instance`] (address, tag, weight,
+//!   duplicates, caps): [`Instance`] and [`Problem`];
+//! - blocking-query index rules, confirming reads, rate limit and back-off:
+//!   [`watch_with`].
 
 mod client;
 mod entries;
@@ -335,9 +337,16 @@ impl fmt::Display for Unusable {
 /// What [`watch`] reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Update {
-    /// The instances now (sorted by node, then id). Sent for the first
-    /// answer, for every change, and for the first answer after failures.
-    Instances { query: ServiceQuery, instances: Vec<Instance>, index: u64 },
+    /// The instances now (sorted by node, then id) and the answer's
+    /// problems (everything skipped or changed on the way). Sent for the
+    /// first answer, when the instances or the problems change, and for the
+    /// first answer after failures.
+    Instances { query: ServiceQuery, instances: Vec<Instance>, problems: Vec<Problem>, index: u64 },
+    /// Consul answered, and the instances and problems last sent still
+    /// stand. Sent for every other answer, so that a consumer can tell how
+    /// long ago Consul last answered apart from how long ago the set last
+    /// changed.
+    Unchanged { query: ServiceQuery, index: u64 },
     /// A query failed; the last instances sent still stand. The next
     /// attempt is `retry_in` from now.
     Failed { query: ServiceQuery, error: String, consecutive_failures: u32, retry_in: Duration },
