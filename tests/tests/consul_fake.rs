@@ -30,6 +30,10 @@ fn web() -> ServiceQuery {
     ServiceQuery { service: "web".into(), tag: None }
 }
 
+fn tagged(tag: &str) -> ServiceQuery {
+    ServiceQuery { service: "web".into(), tag: Some(tag.into()) }
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -478,13 +482,91 @@ async fn tag_filters_instances() {
     register(&fake, "web-green", "10.1.0.2", "passing", json!({ "Tags": ["green", "canary"] }));
     register(&fake, "web-none", "10.1.0.3", "passing", json!({}));
     let client = client(&fake);
-    let tagged = |tag: &str| ServiceQuery { service: "web".into(), tag: Some(tag.into()) };
     assert_eq!(ids(&client.fetch(&tagged("blue"), 0, LONG_WAIT).await.unwrap().instances), ["web-blue"]);
     assert_eq!(ids(&client.fetch(&tagged("canary"), 0, LONG_WAIT).await.unwrap().instances), ["web-green"]);
     assert!(client.fetch(&tagged("red"), 0, LONG_WAIT).await.unwrap().instances.is_empty());
     assert_eq!(client.fetch(&web(), 0, LONG_WAIT).await.unwrap().instances.len(), 3);
     let tags: Vec<_> = health_requests(&fake).iter().map(|r| r.param("tag").map(str::to_owned)).collect();
     assert_eq!(tags, [Some("blue".into()), Some("canary".into()), Some("red".into()), None]);
+}
+
+/// Re-registers `web-<n>` with only `tags`.
+fn retag(fake: &FakeConsul, n: u8, tags: &[&str]) {
+    register(fake, &format!("web-{n}"), &format!("10.1.0.{n}"), "passing", json!({ "Tags": tags }));
+}
+
+#[tokio::test]
+async fn the_fake_emulates_the_streaming_tag_bug() {
+    let fake = FakeConsul::builder().streaming_tag_bug().start().unwrap();
+    retag(&fake, 1, &["blue"]);
+    retag(&fake, 2, &["blue"]);
+    let client = client(&fake);
+    let first = client.fetch(&tagged("blue"), 0, LONG_WAIT).await.unwrap();
+    assert_eq!(ids(&first.instances), ["web-1", "web-2"]);
+
+    let held = {
+        let client = client.clone();
+        tokio::spawn(async move { client.fetch(&tagged("blue"), first.index, LONG_WAIT).await })
+    };
+    let seen = fake.request_count();
+    eventually("the blocking query", || fake.request_count() > seen).await;
+    retag(&fake, 2, &["green"]);
+    let stale = held.await.unwrap().unwrap();
+    assert!(stale.index > first.index, "the write wakes the query");
+    assert_eq!(ids(&stale.instances), ["web-1", "web-2"], "the view keeps the instance that lost the tag");
+    let plain = client.fetch(&tagged("blue"), 0, LONG_WAIT).await.unwrap();
+    assert_eq!((ids(&plain.instances), plain.index), (vec!["web-1"], stale.index));
+
+    // Later blocking answers keep it, as it last matched, until it is
+    // deregistered; other changes still come through.
+    fake.fail("service:web-1");
+    let next = client.fetch(&tagged("blue"), stale.index, LONG_WAIT).await.unwrap();
+    assert_eq!(ids(&next.instances), ["web-2"]);
+    fake.deregister("web-2");
+    assert!(client.fetch(&tagged("blue"), next.index, LONG_WAIT).await.unwrap().instances.is_empty());
+    // Queries without a tag are not affected.
+    retag(&fake, 3, &[]);
+    let all = client.fetch(&web(), first.index, LONG_WAIT).await.unwrap();
+    assert_eq!(ids(&all.instances), ["web-3"]);
+}
+
+#[tokio::test]
+async fn a_tagged_watch_drops_an_instance_that_lost_the_tag_despite_a_stale_streaming_view() {
+    let fake = FakeConsul::builder().streaming_tag_bug().start().unwrap();
+    retag(&fake, 1, &["blue"]);
+    retag(&fake, 2, &["blue"]);
+    retag(&fake, 3, &["green"]);
+    let tagged_wait = Duration::from_millis(400);
+    let mut rx = start_watch(&fake, tagged("blue"), WatchOptions { tagged_wait, ..fast() });
+    assert_eq!(ids(&next_instances(&mut rx).await), ["web-1", "web-2"]);
+    eventually("a blocking query", || health_requests(&fake).iter().any(|r| r.param("index").is_some()))
+        .await;
+
+    // What the design promises: within one tagged wait (plus Consul's
+    // jitter and a round trip), however stale the agent's view.
+    let bound = tagged_wait + tagged_wait / 16 + Duration::from_millis(250);
+    let removed_at = Instant::now();
+    retag(&fake, 2, &["green"]);
+    let instances = tokio::time::timeout(bound, next_instances(&mut rx)).await.expect("dropped in time");
+    assert_eq!(ids(&instances), ["web-1"]);
+    assert!(removed_at.elapsed() <= bound, "{:?}", removed_at.elapsed());
+
+    // The view goes on answering web-2, when a wait runs out and when the
+    // service changes, but it does not come back.
+    fake.warn("service:web-1");
+    let deadline = Instant::now() + tagged_wait * 3;
+    let mut warned = false;
+    while let Ok(update) = tokio::time::timeout_at(deadline.into(), next(&mut rx)).await {
+        match update {
+            Update::Instances { instances, .. } => {
+                assert_eq!(ids(&instances), ["web-1"]);
+                warned = instances[0].warning;
+            }
+            Update::Unchanged { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(warned, "the change of web-1 came through");
 }
 
 #[tokio::test]
