@@ -27,14 +27,18 @@
 //!   insensitive), `dc` (another datacenter: 500 "No path to datacenter"),
 //!   and blocking queries: with `index` > 0 the request is held until the
 //!   service's index passes it or `wait` (default 5 minutes, at most 10)
-//!   plus up to wait/16 of jitter runs out. `X-Consul-Index` is the raft
-//!   index of the last write that changed the service's result — a write
-//!   that changes nothing (a TTL pass on a passing check, an identical
+//!   plus up to wait/16 of jitter runs out (an answer for that carries the
+//!   index it was held on). `X-Consul-Index` is the raft index
+//!   of the last write that changed the service's result — a write that
+//!   changes nothing (a TTL pass on a passing check, an identical
 //!   re-registration) moves no index and wakes no query. A service that
 //!   does not exist answers `[]` with the index of the last registration
 //!   or deregistration of any service.
 //! - Every entry carries the node check `serfHealth`, passing unless
-//!   [`FakeConsul::set_node_health`] says otherwise.
+//!   [`FakeConsul::set_node_health`] says otherwise. A service registered
+//!   without `Address` has `Service.Address` `""` and the agent's node
+//!   address as `Node.Address` ([`Builder::node`]; a dev agent's is
+//!   127.0.0.1, the default here).
 //! - ACLs, when built with a token: a request with another token gets 403
 //!   "ACL not found"; without a token (the anonymous token, default deny),
 //!   writes get 403 "Permission denied: …", and health reads answer `[]`
@@ -47,7 +51,9 @@
 //! listening, so connections are refused; back up on the same port),
 //! [`FakeConsul::set_blocking`] (answer blocking queries at once, like a
 //! misbehaving server), [`FakeConsul::set_error`] (answer health queries
-//! with an error status), and a log of requests.
+//! with an error status), [`Builder::streaming_tag_bug`] (tag-filtered
+//! blocking queries answer as a buggy streaming agent does), and a log of
+//! requests.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -124,6 +130,7 @@ pub struct Builder {
     node_address: String,
     datacenter: String,
     acl_token: Option<String>,
+    streaming_tag_bug: bool,
 }
 
 impl Default for Builder {
@@ -134,6 +141,7 @@ impl Default for Builder {
             node_address: "127.0.0.1".into(),
             datacenter: "dc1".into(),
             acl_token: None,
+            streaming_tag_bug: false,
         }
     }
 }
@@ -165,6 +173,18 @@ impl Builder {
         self
     }
 
+    /// Answers tag-filtered blocking queries as the streaming backend of
+    /// agents before Consul 1.10.11, 1.11.6 and 1.12.1 does (Consul PR
+    /// 12640): from a view of the service for those tags, made by the
+    /// first such query, that takes in every instance matching them but
+    /// never lets go of one that stops matching; it keeps answering it as
+    /// it last matched until it is deregistered. Plain reads (no `index`)
+    /// are answered correctly, as the agent forwards them to the servers.
+    pub fn streaming_tag_bug(mut self) -> Self {
+        self.streaming_tag_bug = true;
+        self
+    }
+
     pub fn start(self) -> std::io::Result<FakeConsul> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -179,6 +199,8 @@ impl Builder {
             node_address: self.node_address,
             datacenter: self.datacenter,
             acl_token: self.acl_token,
+            streaming_tag_bug: self.streaming_tag_bug,
+            views: HashMap::new(),
             raft_index: FIRST_INDEX,
             catalog_index: FIRST_INDEX,
             service_index: HashMap::new(),
@@ -306,6 +328,8 @@ impl FakeConsul {
             *index = 2;
         }
         state.restores += 1;
+        // The agent's streams start over from a new snapshot.
+        state.views.clear();
         self.shared.notify();
     }
 
@@ -468,6 +492,7 @@ impl Shared {
         for name in touched {
             state.service_index.insert(name.clone(), index);
         }
+        state.refresh_views();
         self.notify();
     }
 
@@ -521,6 +546,10 @@ struct State {
     node_address: String,
     datacenter: String,
     acl_token: Option<String>,
+    streaming_tag_bug: bool,
+    /// With `streaming_tag_bug`: per service and tags, the view's entries
+    /// by service id.
+    views: HashMap<(String, Vec<String>), BTreeMap<String, Value>>,
     raft_index: u64,
     /// Index of the last registration or deregistration of any service.
     catalog_index: u64,
@@ -763,7 +792,7 @@ impl State {
         let node_checks: Vec<&Check> = self.checks.values().filter(|c| c.service_id.is_empty()).collect();
         let mut entries = Vec::new();
         for s in self.services.values().filter(|s| s.name == service) {
-            if !tags.iter().all(|want| s.tags.iter().any(|t| t.eq_ignore_ascii_case(want))) {
+            if !tags.iter().all(|want| s.tags.iter().any(|t| t.to_lowercase() == want.to_lowercase())) {
                 continue;
             }
             let checks: Vec<&Check> = node_checks
@@ -777,6 +806,39 @@ impl State {
             entries.push(self.entry(s, &checks));
         }
         entries
+    }
+
+    /// The view for `service` and `tags` with the streaming tag bug (see
+    /// [`Builder::streaming_tag_bug`]), made now if it does not exist.
+    fn view(&mut self, service: &str, tags: &[String]) -> &BTreeMap<String, Value> {
+        let key = (service.to_owned(), tags.to_vec());
+        if !self.views.contains_key(&key) {
+            self.views.insert(key.clone(), BTreeMap::new());
+            self.refresh_view(&key);
+        }
+        &self.views[&key]
+    }
+
+    /// Takes a write into every view, as the agent's streams do.
+    fn refresh_views(&mut self) {
+        let keys: Vec<_> = self.views.keys().cloned().collect();
+        for key in keys {
+            self.refresh_view(&key);
+        }
+    }
+
+    /// The bug: an instance that no longer matches is not dropped, only
+    /// one that is gone.
+    fn refresh_view(&mut self, key: &(String, Vec<String>)) {
+        let (service, tags) = key;
+        let matching = self.entries(service, tags, false);
+        let services = &self.services;
+        let Some(view) = self.views.get_mut(key) else { return };
+        view.retain(|id, _| services.get(id).is_some_and(|s| &s.name == service));
+        for entry in matching {
+            let id = entry["Service"]["ID"].as_str().unwrap_or_default().to_owned();
+            view.insert(id, entry);
+        }
     }
 
     fn entry(&self, s: &Service, checks: &[&Check]) -> Value {
@@ -837,6 +899,11 @@ impl State {
         }
         entry
     }
+}
+
+/// Whether every check of a health entry passes.
+fn all_passing(entry: &Value) -> bool {
+    entry["Checks"].as_array().is_some_and(|checks| checks.iter().all(|c| c["Status"] == "passing"))
 }
 
 /// A JSON key, matched as Consul's decoder does: case-insensitively, and
@@ -1093,10 +1160,18 @@ async fn health(
     };
     let deadline = Instant::now() + wait + wait.div_f64(16.0).mul_f64(random_fraction());
     let mut changed = shared.changed.subscribe();
-    let restores = shared.lock().restores;
+    let (restores, from_view) = {
+        let mut state = shared.lock();
+        let from_view = index > 0 && !tags.is_empty() && state.streaming_tag_bug;
+        if from_view {
+            // The first blocking query makes the view, from the data now.
+            state.view(service, &tags);
+        }
+        (state.restores, from_view)
+    };
     loop {
         {
-            let state = shared.lock();
+            let mut state = shared.lock();
             if let Some(status) = state.error {
                 return text(status, format!("rpc error making call: fake failure ({})", status.as_u16()));
             }
@@ -1106,7 +1181,13 @@ async fn health(
             let current = state.index_of(service);
             let hold = index > 0 && current <= index && state.blocking && state.restores == restores;
             if !hold || Instant::now() >= deadline {
-                let entries = state.entries(service, &tags, passing);
+                let entries = if from_view {
+                    // `passing` filters the view's answer, as the agent does.
+                    let view = state.view(service, &tags).values();
+                    view.filter(|e| !passing || all_passing(e)).cloned().collect()
+                } else {
+                    state.entries(service, &tags, passing)
+                };
                 return if anonymous {
                     json_response(&json!([]), current, !entries.is_empty())
                 } else {

@@ -9,8 +9,8 @@ use std::{
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use xlb::consul::{
-    Client, ConsulError, ConsulSettings, Instance, ServiceQuery, Update, WarningPolicy, WatchOptions,
-    watch_with,
+    AddressSource, Client, ConsulError, ConsulSettings, Instance, Problem, ServiceQuery, Unusable, Update,
+    WarningPolicy, WatchOptions, watch_with,
 };
 use xlb_tests::consul_fake::{CheckStatus, FakeConsul};
 
@@ -28,6 +28,10 @@ fn client(fake: &FakeConsul) -> Client {
 
 fn web() -> ServiceQuery {
     ServiceQuery { service: "web".into(), tag: None }
+}
+
+fn tagged(tag: &str) -> ServiceQuery {
+    ServiceQuery { service: "web".into(), tag: Some(tag.into()) }
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -60,6 +64,7 @@ fn ids(instances: &[Instance]) -> Vec<&str> {
 fn fast() -> WatchOptions {
     WatchOptions {
         wait: Duration::from_secs(10),
+        tagged_wait: Duration::from_secs(10),
         rate_burst: 2,
         rate_interval: Duration::from_millis(10),
         backoff_base: Duration::from_millis(40),
@@ -68,7 +73,7 @@ fn fast() -> WatchOptions {
 }
 
 fn start_watch(fake: &FakeConsul, query: ServiceQuery, options: WatchOptions) -> mpsc::Receiver<Update> {
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(64);
     tokio::spawn(watch_with(client(fake), query, options, tx));
     rx
 }
@@ -77,10 +82,14 @@ async fn next(rx: &mut mpsc::Receiver<Update>) -> Update {
     tokio::time::timeout(PROMPT, rx.recv()).await.expect("an update in time").expect("watch is running")
 }
 
+/// The next instances sent, past any `Unchanged` updates.
 async fn next_instances(rx: &mut mpsc::Receiver<Update>) -> Vec<Instance> {
-    match next(rx).await {
-        Update::Instances { instances, .. } => instances,
-        other => panic!("expected instances, got {other:?}"),
+    loop {
+        match next(rx).await {
+            Update::Instances { instances, .. } => return instances,
+            Update::Unchanged { .. } => {}
+            other => panic!("expected instances, got {other:?}"),
+        }
     }
 }
 
@@ -227,6 +236,75 @@ async fn blocking_query_times_out_with_the_same_index_when_nothing_changes() {
 }
 
 #[tokio::test]
+async fn a_quiet_service_is_reported_unchanged_each_time_the_wait_runs_out() {
+    let fake = FakeConsul::start();
+    three_webs(&fake);
+    let wait = Duration::from_millis(300);
+    let mut rx = start_watch(&fake, web(), WatchOptions { wait, ..fast() });
+    assert_eq!(next_instances(&mut rx).await.len(), 3);
+    let index = fake.service_index("web");
+    let started = Instant::now();
+    // Three waits run out; each blocking answer, and the plain read that
+    // confirms it, is reported.
+    for _ in 0..6 {
+        match next(&mut rx).await {
+            Update::Unchanged { index: answered, .. } => assert_eq!(answered, index),
+            other => panic!("nothing changed, got {other:?}"),
+        }
+    }
+    let took = started.elapsed();
+    assert!(took + Duration::from_millis(50) >= wait * 3, "three waits in {took:?}");
+    assert!(took < (wait + wait / 16) * 3 + Duration::from_millis(500), "three waits in {took:?}");
+    let requests = health_requests(&fake);
+    let waits: Vec<_> = requests[..7].iter().map(|r| r.param("wait")).collect();
+    assert_eq!(waits, [None, Some("300ms"), None, Some("300ms"), None, Some("300ms"), None]);
+    assert!(requests.iter().all(|r| r.param("wait").is_some() == r.param("index").is_some()));
+}
+
+#[tokio::test]
+async fn an_instance_registered_without_address_on_a_dev_agent_is_reported_and_left_out() {
+    let fake = FakeConsul::builder().node("dev", "127.0.0.1").start().unwrap();
+    register(&fake, "web-1", "10.1.0.1", "passing", json!({}));
+    let no_address = |id: &str| json!({ "Name": "web", "ID": id, "Port": 8080, "Check": { "TTL": "60s", "Status": "passing" } });
+    fake.register(no_address("web-2"));
+    // As Consul answers it: no service address, the agent's node address.
+    let body =
+        reqwest::get(format!("{}/v1/health/service/web", fake.url())).await.unwrap().text().await.unwrap();
+    let raw: Value = serde_json::from_str(&body).unwrap();
+    let entry = raw.as_array().unwrap().iter().find(|e| e["Service"]["ID"] == "web-2").unwrap();
+    assert_eq!((&entry["Service"]["Address"], &entry["Node"]["Address"]), (&json!(""), &json!("127.0.0.1")));
+
+    let loopback = |id: &str| Problem::UnusableAddress {
+        instance: format!("dev/{id}"),
+        address: ip("127.0.0.1"),
+        source: AddressSource::Node,
+        why: Unusable::Loopback,
+    };
+    let mut rx = start_watch(&fake, web(), fast());
+    match next(&mut rx).await {
+        Update::Instances { instances, problems, .. } => {
+            assert_eq!(ids(&instances), ["web-1"]);
+            assert_eq!(problems, [loopback("web-2")]);
+            assert_eq!(
+                problems[0].to_string(),
+                "instance dev/web-2: no Service.Address, and Node.Address 127.0.0.1 is a loopback address: \
+                 skipped (register the service with an Address)"
+            );
+        }
+        other => panic!("expected instances, got {other:?}"),
+    }
+    // A new problem alone is news too.
+    fake.register(no_address("web-3"));
+    match next(&mut rx).await {
+        Update::Instances { instances, problems, .. } => {
+            assert_eq!(ids(&instances), ["web-1"]);
+            assert_eq!(problems, [loopback("web-2"), loopback("web-3")]);
+        }
+        other => panic!("expected instances, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn watcher_restarts_from_zero_when_the_index_goes_backwards() {
     let fake = FakeConsul::start();
     three_webs(&fake);
@@ -297,6 +375,7 @@ async fn watcher_backs_off_while_consul_is_down_then_recovers() {
                 break;
             }
             Update::Failed { consecutive_failures, .. } => assert!(consecutive_failures > 5),
+            other => panic!("the first answer after failures carries the instances, got {other:?}"),
         }
     }
 }
@@ -341,7 +420,9 @@ async fn watcher_rate_limits_a_server_that_answers_at_once() {
     let made = health_requests(&fake).len() - start;
     // One per 100 ms (the burst is spent on the first two queries).
     assert!((5..=12).contains(&made), "{made} queries in one second");
-    assert!(rx.try_recv().is_err(), "nothing changed, nothing sent");
+    let updates: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    assert!(updates.iter().all(|u| matches!(u, Update::Unchanged { .. })), "nothing changed: {updates:?}");
+    assert!(updates.len() + 1 >= made, "every answer is reported: {} for {made}", updates.len());
 }
 
 #[tokio::test]
@@ -401,13 +482,91 @@ async fn tag_filters_instances() {
     register(&fake, "web-green", "10.1.0.2", "passing", json!({ "Tags": ["green", "canary"] }));
     register(&fake, "web-none", "10.1.0.3", "passing", json!({}));
     let client = client(&fake);
-    let tagged = |tag: &str| ServiceQuery { service: "web".into(), tag: Some(tag.into()) };
     assert_eq!(ids(&client.fetch(&tagged("blue"), 0, LONG_WAIT).await.unwrap().instances), ["web-blue"]);
     assert_eq!(ids(&client.fetch(&tagged("canary"), 0, LONG_WAIT).await.unwrap().instances), ["web-green"]);
     assert!(client.fetch(&tagged("red"), 0, LONG_WAIT).await.unwrap().instances.is_empty());
     assert_eq!(client.fetch(&web(), 0, LONG_WAIT).await.unwrap().instances.len(), 3);
     let tags: Vec<_> = health_requests(&fake).iter().map(|r| r.param("tag").map(str::to_owned)).collect();
     assert_eq!(tags, [Some("blue".into()), Some("canary".into()), Some("red".into()), None]);
+}
+
+/// Re-registers `web-<n>` with only `tags`.
+fn retag(fake: &FakeConsul, n: u8, tags: &[&str]) {
+    register(fake, &format!("web-{n}"), &format!("10.1.0.{n}"), "passing", json!({ "Tags": tags }));
+}
+
+#[tokio::test]
+async fn the_fake_emulates_the_streaming_tag_bug() {
+    let fake = FakeConsul::builder().streaming_tag_bug().start().unwrap();
+    retag(&fake, 1, &["blue"]);
+    retag(&fake, 2, &["blue"]);
+    let client = client(&fake);
+    let first = client.fetch(&tagged("blue"), 0, LONG_WAIT).await.unwrap();
+    assert_eq!(ids(&first.instances), ["web-1", "web-2"]);
+
+    let held = {
+        let client = client.clone();
+        tokio::spawn(async move { client.fetch(&tagged("blue"), first.index, LONG_WAIT).await })
+    };
+    let seen = fake.request_count();
+    eventually("the blocking query", || fake.request_count() > seen).await;
+    retag(&fake, 2, &["green"]);
+    let stale = held.await.unwrap().unwrap();
+    assert!(stale.index > first.index, "the write wakes the query");
+    assert_eq!(ids(&stale.instances), ["web-1", "web-2"], "the view keeps the instance that lost the tag");
+    let plain = client.fetch(&tagged("blue"), 0, LONG_WAIT).await.unwrap();
+    assert_eq!((ids(&plain.instances), plain.index), (vec!["web-1"], stale.index));
+
+    // Later blocking answers keep it, as it last matched, until it is
+    // deregistered; other changes still come through.
+    fake.fail("service:web-1");
+    let next = client.fetch(&tagged("blue"), stale.index, LONG_WAIT).await.unwrap();
+    assert_eq!(ids(&next.instances), ["web-2"]);
+    fake.deregister("web-2");
+    assert!(client.fetch(&tagged("blue"), next.index, LONG_WAIT).await.unwrap().instances.is_empty());
+    // Queries without a tag are not affected.
+    retag(&fake, 3, &[]);
+    let all = client.fetch(&web(), first.index, LONG_WAIT).await.unwrap();
+    assert_eq!(ids(&all.instances), ["web-3"]);
+}
+
+#[tokio::test]
+async fn a_tagged_watch_drops_an_instance_that_lost_the_tag_despite_a_stale_streaming_view() {
+    let fake = FakeConsul::builder().streaming_tag_bug().start().unwrap();
+    retag(&fake, 1, &["blue"]);
+    retag(&fake, 2, &["blue"]);
+    retag(&fake, 3, &["green"]);
+    let tagged_wait = Duration::from_millis(400);
+    let mut rx = start_watch(&fake, tagged("blue"), WatchOptions { tagged_wait, ..fast() });
+    assert_eq!(ids(&next_instances(&mut rx).await), ["web-1", "web-2"]);
+    eventually("a blocking query", || health_requests(&fake).iter().any(|r| r.param("index").is_some()))
+        .await;
+
+    // What the design promises: within one tagged wait (plus Consul's
+    // jitter and a round trip), however stale the agent's view.
+    let bound = tagged_wait + tagged_wait / 16 + Duration::from_millis(250);
+    let removed_at = Instant::now();
+    retag(&fake, 2, &["green"]);
+    let instances = tokio::time::timeout(bound, next_instances(&mut rx)).await.expect("dropped in time");
+    assert_eq!(ids(&instances), ["web-1"]);
+    assert!(removed_at.elapsed() <= bound, "{:?}", removed_at.elapsed());
+
+    // The view goes on answering web-2, when a wait runs out and when the
+    // service changes, but it does not come back.
+    fake.warn("service:web-1");
+    let deadline = Instant::now() + tagged_wait * 3;
+    let mut warned = false;
+    while let Ok(update) = tokio::time::timeout_at(deadline.into(), next(&mut rx)).await {
+        match update {
+            Update::Instances { instances, .. } => {
+                assert_eq!(ids(&instances), ["web-1"]);
+                warned = instances[0].warning;
+            }
+            Update::Unchanged { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(warned, "the change of web-1 came through");
 }
 
 #[tokio::test]

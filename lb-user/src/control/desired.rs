@@ -189,7 +189,7 @@ mod tests {
     fn discovery(instances: Vec<Instance>) -> Discovery {
         let mut d = Discovery::new(EmptyPolicy::Keep);
         d.watch_only(&[query()]);
-        d.update(Update::Instances { query: query(), instances, index: 1 }, Instant::now());
+        d.update(Update::Instances { query: query(), instances, problems: vec![], index: 1 }, Instant::now());
         d
     }
 

@@ -231,7 +231,7 @@ fn instance(last: u8) -> Instance {
 fn answer_at(epoch: u64, service: &str, backends: &[u8]) -> Event {
     let query = ServiceQuery { service: service.into(), tag: None };
     let instances = backends.iter().map(|b| instance(*b)).collect();
-    Event::Discovery { epoch, update: consul::Update::Instances { query, instances, index: 5 } }
+    Event::Discovery { epoch, update: consul::Update::Instances { query, instances, problems: vec![], index: 5 } }
 }
 
 const CONSUL_WEB: &str = "interface = \"eth0\"\n[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\nconsul = { service = \"web\" }\n";

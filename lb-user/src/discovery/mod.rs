@@ -22,7 +22,7 @@ pub struct ServiceView {
     pub instances: Option<Vec<Instance>>,
     /// Consul's index of the last answer.
     pub index: u64,
-    /// When Consul last answered.
+    /// When Consul last answered, whether or not anything changed.
     pub synced_at: Option<Instant>,
     /// When the instances in force last changed.
     pub changed_at: Option<Instant>,
@@ -46,6 +46,16 @@ impl ServiceView {
     /// Seconds since Consul last answered.
     pub fn age(&self, now: Instant) -> Option<Duration> {
         self.synced_at.map(|t| now.saturating_duration_since(t))
+    }
+
+    /// Consul answered at `now` with `index`: the view is in sync again.
+    fn answered(&mut self, query: &ServiceQuery, index: u64, now: Instant) {
+        if self.failures > 0 {
+            info!(service = %query, failures = self.failures, "Consul answers again; discovery in sync");
+        }
+        self.failures = 0;
+        self.synced_at = Some(now);
+        self.index = index;
     }
 }
 
@@ -85,14 +95,16 @@ impl Discovery {
     /// changed.
     pub fn update(&mut self, update: Update, now: Instant) -> bool {
         match update {
-            Update::Instances { query, instances, index } => {
-                let Some(view) = self.services.get_mut(&query) else { return false };
-                if view.failures > 0 {
-                    info!(service = %query, failures = view.failures, "Consul answers again; discovery in sync");
+            Update::Unchanged { query, index } => {
+                if let Some(view) = self.services.get_mut(&query) {
+                    view.answered(&query, index, now);
                 }
-                view.failures = 0;
-                view.synced_at = Some(now);
-                view.index = index;
+                false
+            }
+            Update::Instances { query, instances, problems, index } => {
+                let Some(view) = self.services.get_mut(&query) else { return false };
+                view.answered(&query, index, now);
+                view.problems = problems.iter().map(ToString::to_string).collect();
                 // Before a first answer the VIP holds what its pinned tables
                 // hold (after a restart): an empty first answer must not
                 // flush that either.
@@ -164,7 +176,11 @@ mod tests {
     }
 
     fn answer(n: u8, index: u64) -> Update {
-        Update::Instances { query: q(), instances: instances(n), index }
+        Update::Instances { query: q(), instances: instances(n), problems: vec![], index }
+    }
+
+    fn unchanged(index: u64) -> Update {
+        Update::Unchanged { query: q(), index }
     }
 
     fn failure() -> Update {
@@ -190,6 +206,31 @@ mod tests {
         assert_eq!(v.instances.as_ref().unwrap().len(), 3, "fail static");
         assert!(d.update(answer(2, 12), now));
         assert!(!d.view(&q()).unwrap().stale());
+    }
+
+    #[test]
+    fn an_unchanged_answer_counts_as_an_answer_but_not_as_a_change() {
+        let mut d = Discovery::new(EmptyPolicy::Keep);
+        d.watch_only(&[q()]);
+        let start = Instant::now();
+        let later = start + Duration::from_secs(55);
+        assert!(d.update(answer(3, 10), start));
+        assert!(!d.update(failure(), start));
+        assert!(!d.update(unchanged(10), later));
+        let v = d.view(&q()).unwrap();
+        assert!(!v.stale(), "an answer clears the failures");
+        assert_eq!((v.synced_at, v.changed_at, v.index), (Some(later), Some(start), 10));
+        assert_eq!(v.instances.as_ref().unwrap().len(), 3);
+
+        let even_later = later + Duration::from_secs(1);
+        assert!(!d.update(answer(3, 11), even_later), "the same set again");
+        assert_eq!(d.view(&q()).unwrap().changed_at, Some(start));
+        assert!(d.update(answer(2, 12), even_later));
+        assert_eq!(d.view(&q()).unwrap().changed_at, Some(even_later));
+        assert!(!d.update(
+            Update::Unchanged { query: ServiceQuery { tag: Some("x".into()), ..q() }, index: 1 },
+            even_later
+        ));
     }
 
     #[test]

@@ -173,7 +173,8 @@ impl Client {
         let body = read_capped(response, BODY_MAX, &shown).await?;
         let entries: Vec<Entry> =
             serde_json::from_slice(&body).map_err(|source| ConsulError::Decode { url: shown, source })?;
-        let (instances, problems) = entries::map_entries(entries, self.warning, MAX_INSTANCES);
+        let (instances, problems) =
+            entries::map_entries(entries, query.tag.as_deref(), self.warning, MAX_INSTANCES);
         Ok(Snapshot { instances, index: new_index, problems })
     }
 }

@@ -4,7 +4,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 use serde::Deserialize;
 
-use super::{Instance, Problem, WEIGHT_META_KEY, WarningPolicy};
+use super::{AddressSource, Instance, Problem, Unusable, WEIGHT_META_KEY, WarningPolicy};
 use crate::config::MAX_WEIGHT;
 
 /// One element of `GET /v1/health/service/<service>`: the parts xlb reads.
@@ -33,6 +33,8 @@ pub(crate) struct Service {
     pub id: String,
     #[serde(rename = "Address", default)]
     pub address: String,
+    #[serde(rename = "Tags", default)]
+    pub tags: Option<Vec<String>>,
     #[serde(rename = "Port", default)]
     pub port: i64,
     #[serde(rename = "Meta", default)]
@@ -89,16 +91,24 @@ pub(crate) fn aggregate(checks: &[Check]) -> Health {
         .unwrap_or(Health::Passing)
 }
 
-/// Turns entries into instances by the rules on [`Instance`]: sorted by
-/// (node, id), at most `limit`, with what was skipped or changed.
+/// Turns the entries of a query for `tag` (if any) into instances by the
+/// rules on [`Instance`]: sorted by (node, id), at most `limit`, with what
+/// was skipped or changed.
 pub(crate) fn map_entries(
     entries: Vec<Entry>,
+    tag: Option<&str>,
     policy: WarningPolicy,
     limit: usize,
 ) -> (Vec<Instance>, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut candidates = Vec::with_capacity(entries.len());
     for entry in entries {
+        // Consul filtered on the tag already, but an agent's streaming
+        // backend has answered instances without it (Consul issue 9695):
+        // check again, the same way.
+        if tag.is_some_and(|tag| !has_tag(entry.service.tags.as_deref().unwrap_or_default(), tag)) {
+            continue;
+        }
         let health = aggregate(entry.checks.as_deref().unwrap_or_default());
         let warning = match (health, policy) {
             (Health::Passing, _) => false,
@@ -121,11 +131,19 @@ pub(crate) fn map_entries(
 fn to_instance(entry: Entry, warning: bool, problems: &mut Vec<Problem>) -> Option<Instance> {
     let Entry { node, service, .. } = entry;
     let label = format!("{}/{}", node.name, service.id);
-    let raw = if service.address.is_empty() { &node.address } else { &service.address };
+    let (raw, source) = if service.address.is_empty() {
+        (&node.address, AddressSource::Node)
+    } else {
+        (&service.address, AddressSource::Service)
+    };
     let Ok(address) = raw.parse::<IpAddr>() else {
         problems.push(Problem::BadAddress { instance: label, address: raw.clone() });
         return None;
     };
+    if let Some(why) = Unusable::of(address) {
+        problems.push(Problem::UnusableAddress { instance: label, address, source, why });
+        return None;
+    }
     let Ok(port) = u16::try_from(service.port) else {
         problems.push(Problem::BadPort { instance: label, port: service.port });
         return None;
@@ -135,9 +153,23 @@ fn to_instance(entry: Entry, warning: bool, problems: &mut Vec<Problem>) -> Opti
     let tagged = ["lan_ipv4", "wan_ipv4", "lan_ipv6", "wan_ipv6"]
         .iter()
         .filter_map(|k| service.tagged_addresses.as_ref()?.get(*k)?.address.parse::<IpAddr>().ok())
-        .filter(|a| *a != address)
+        .filter(|a| *a != address && Unusable::of(*a).is_none())
         .collect();
     Some(Instance { node: node.name, id: service.id, address, tagged, port, weight, warning })
+}
+
+/// Whether `tags` hold `tag` as Consul's health endpoint matches it: both
+/// lowercased, then compared. (Its streaming backend uses Go's
+/// `strings.EqualFold` instead, which also matches a few letters that
+/// lowercasing keeps apart, such as ſ and s.)
+pub(crate) fn has_tag(tags: &[String], tag: &str) -> bool {
+    tags.iter().any(|t| go_lower(t).eq(go_lower(tag)))
+}
+
+/// Go's `strings.ToLower`: each character by itself, so U+0130 (the only
+/// one with a longer lowercase) becomes the first character of it, `i`.
+fn go_lower(s: &str) -> impl Iterator<Item = char> + '_ {
+    s.chars().map(|c| c.to_lowercase().next().unwrap_or(c))
 }
 
 fn weight(service: &Service, warning: bool, label: &str, problems: &mut Vec<Problem>) -> u32 {
@@ -216,6 +248,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn ids(instances: &[Instance]) -> Vec<&str> {
+        instances.iter().map(|i| i.id.as_str()).collect()
+    }
+
     #[test]
     fn maps_addresses_with_node_fallback_sorted_by_node_and_id() {
         let (instances, problems) = map_entries(
@@ -224,6 +260,7 @@ mod tests {
                 entry("n1", "web-a", "", "passing"),
                 entry("n1", "web-c", "2001:db8::3", "passing"),
             ])),
+            None,
             WarningPolicy::Keep,
             100,
         );
@@ -256,10 +293,10 @@ mod tests {
             entry("n1", "slow", "10.0.0.2", "warning"),
             entry("n1", "down", "10.0.0.3", "critical"),
         ]);
-        let (kept, _) = map_entries(entries(list.clone()), WarningPolicy::Keep, 100);
+        let (kept, _) = map_entries(entries(list.clone()), None, WarningPolicy::Keep, 100);
         let got: Vec<_> = kept.iter().map(|i| (i.id.as_str(), i.weight, i.warning)).collect();
         assert_eq!(got, [("ok", 10, false), ("slow", 1, true)]);
-        let (strict, _) = map_entries(entries(list), WarningPolicy::Exclude, 100);
+        let (strict, _) = map_entries(entries(list), None, WarningPolicy::Exclude, 100);
         let got: Vec<_> = strict.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(got, ["ok"]);
     }
@@ -268,7 +305,7 @@ mod tests {
     fn a_failing_node_check_takes_its_instances_out() {
         let mut e = entry("n1", "web", "10.0.0.1", "passing");
         e["Checks"][0]["Status"] = json!("critical");
-        let (instances, _) = map_entries(entries(json!([e])), WarningPolicy::Keep, 100);
+        let (instances, _) = map_entries(entries(json!([e])), None, WarningPolicy::Keep, 100);
         assert!(instances.is_empty());
     }
 
@@ -291,6 +328,7 @@ mod tests {
 
         let (instances, problems) = map_entries(
             entries(json!([no_weights, meta, meta_warning, bad_meta, huge, zero, negative])),
+            None,
             WarningPolicy::Keep,
             100,
         );
@@ -315,7 +353,7 @@ mod tests {
         port["Service"]["Port"] = json!(70000);
         let good = entry("n1", "d", "10.0.0.4", "passing");
         let (instances, problems) =
-            map_entries(entries(json!([hostname, bad_node, port, good])), WarningPolicy::Keep, 100);
+            map_entries(entries(json!([hostname, bad_node, port, good])), None, WarningPolicy::Keep, 100);
         assert_eq!(instances.len(), 1);
         assert_eq!(instances[0].id, "d");
         assert_eq!(
@@ -338,7 +376,7 @@ mod tests {
         let twin_b = entry("n1", "twin-b", "10.0.0.2", "passing");
         let twin_a = entry("n1", "twin-a", "10.0.0.2", "passing");
         let (instances, problems) =
-            map_entries(entries(json!([heavy, light, warn, twin_b, twin_a])), WarningPolicy::Keep, 100);
+            map_entries(entries(json!([heavy, light, warn, twin_b, twin_a])), None, WarningPolicy::Keep, 100);
         let got: Vec<_> = instances.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(got, ["twin-a", "heavy"]);
         assert_eq!(
@@ -369,7 +407,7 @@ mod tests {
             .rev()
             .map(|i| entry("n1", &format!("web-{i}"), &format!("10.0.0.{i}"), "passing"))
             .collect();
-        let (instances, problems) = map_entries(entries(json!(list)), WarningPolicy::Keep, 3);
+        let (instances, problems) = map_entries(entries(json!(list)), None, WarningPolicy::Keep, 3);
         let got: Vec<_> = instances.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(got, ["web-0", "web-1", "web-2"]);
         assert_eq!(problems, [Problem::TooMany { total: 5, kept: 3 }]);
@@ -379,7 +417,7 @@ mod tests {
     fn null_checks_and_missing_fields_decode() {
         let list = entries(json!([{ "Node": { "Node": "n1", "Address": "10.0.0.9" },
                                      "Service": { "ID": "bare" }, "Checks": null }]));
-        let (instances, problems) = map_entries(list, WarningPolicy::Exclude, 100);
+        let (instances, problems) = map_entries(list, None, WarningPolicy::Exclude, 100);
         assert_eq!(problems, []);
         assert_eq!(
             instances,
@@ -404,8 +442,91 @@ mod tests {
                                                       "lan_ipv6": { "Address": "fd00::1", "Port": 80 },
                                                       "wan_ipv6": { "Address": "not-an-ip", "Port": 80 } } },
                                      "Checks": [] }]));
-        let (instances, _) = map_entries(list, WarningPolicy::Keep, 100);
+        let (instances, _) = map_entries(list, None, WarningPolicy::Keep, 100);
         assert_eq!(instances[0].address, ip("10.0.0.1"));
         assert_eq!(instances[0].tagged, [ip("fd00::1")]);
+    }
+
+    #[test]
+    fn addresses_no_backend_can_have_are_skipped_with_where_they_came_from() {
+        let mut dev_agent = entry("n1", "web-1", "", "passing");
+        dev_agent["Node"]["Address"] = json!("127.0.0.1");
+        let list = json!([
+            dev_agent,
+            entry("n1", "web-2", "0.0.0.0", "passing"),
+            entry("n1", "web-3", "224.0.0.5", "passing"),
+            entry("n1", "web-4", "255.255.255.255", "passing"),
+            entry("n1", "web-5", "::ffff:127.0.0.2", "passing"),
+            entry("n1", "web-6", "10.0.0.6", "passing"),
+        ]);
+        let (instances, problems) = map_entries(entries(list), None, WarningPolicy::Keep, 100);
+        assert_eq!(ids(&instances), ["web-6"]);
+        let unusable = |id: &str, address: &str, source, why| Problem::UnusableAddress {
+            instance: format!("n1/{id}"),
+            address: ip(address),
+            source,
+            why,
+        };
+        assert_eq!(
+            problems,
+            [
+                unusable("web-1", "127.0.0.1", AddressSource::Node, Unusable::Loopback),
+                unusable("web-2", "0.0.0.0", AddressSource::Service, Unusable::Unspecified),
+                unusable("web-3", "224.0.0.5", AddressSource::Service, Unusable::Multicast),
+                unusable("web-4", "255.255.255.255", AddressSource::Service, Unusable::Broadcast),
+                unusable("web-5", "::ffff:127.0.0.2", AddressSource::Service, Unusable::Loopback),
+            ]
+        );
+        assert_eq!(
+            problems[0].to_string(),
+            "instance n1/web-1: no Service.Address, and Node.Address 127.0.0.1 is a loopback address: \
+             skipped (register the service with an Address)"
+        );
+        assert_eq!(
+            problems[1].to_string(),
+            "instance n1/web-2: Service.Address 0.0.0.0 is the unspecified address: skipped \
+             (register the service with the backend's own address)"
+        );
+    }
+
+    #[test]
+    fn unusable_tagged_addresses_are_left_out() {
+        let mut e = entry("n1", "web", "10.0.0.1", "passing");
+        e["Service"]["TaggedAddresses"] = json!({ "lan_ipv6": { "Address": "::1", "Port": 80 },
+                                                  "wan_ipv6": { "Address": "fd00::1", "Port": 80 } });
+        let (instances, problems) = map_entries(entries(json!([e])), None, WarningPolicy::Keep, 100);
+        assert_eq!(problems, []);
+        assert_eq!(instances[0].tagged, [ip("fd00::1")]);
+    }
+
+    #[test]
+    fn a_tagged_query_keeps_only_entries_with_the_tag() {
+        let with = |id: &str, address: &str, tags: serde_json::Value| {
+            let mut e = entry("n1", id, address, "passing");
+            e["Service"]["Tags"] = tags;
+            e
+        };
+        let list = json!([
+            with("a", "10.0.0.1", json!(["Blue", "canary"])),
+            with("b", "10.0.0.2", json!(["green"])),
+            with("c", "10.0.0.3", json!(null)),
+            with("d", "10.0.0.4", json!([])),
+        ]);
+        let (tagged, problems) = map_entries(entries(list.clone()), Some("blue"), WarningPolicy::Keep, 100);
+        assert_eq!((ids(&tagged), problems), (vec!["a"], vec![]));
+        let (all, _) = map_entries(entries(list), None, WarningPolicy::Keep, 100);
+        assert_eq!(ids(&all), ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn tags_match_as_consul_lowercases_them() {
+        let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(has_tag(&tags(&["v1", "Primary"]), "primary"));
+        assert!(has_tag(&tags(&["primary"]), "PRIMARY"));
+        assert!(has_tag(&tags(&["ÉTÉ"]), "été"));
+        assert!(has_tag(&tags(&["İ"]), "i"), "Go lowercases U+0130 to a plain i");
+        assert!(!has_tag(&tags(&["ſ"]), "s"), "lowercasing keeps the long s apart");
+        assert!(!has_tag(&tags(&["primary-1"]), "primary"));
+        assert!(!has_tag(&[], "primary"));
     }
 }

@@ -3,16 +3,18 @@
 //!
 //! [`Client::fetch`] runs one query of Consul's health endpoint,
 //! `GET /v1/health/service/<service>`, blocking or not. [`watch`] keeps one
-//! blocking query at a time open for a service and sends an [`Update`] when
-//! the set of instances changes or a query fails. The client speaks Consul's
-//! documented HTTP API, so it works unchanged against a real agent;
-//! `xlb-tests` has an in-process fake of that API to test it against.
+//! blocking query at a time open for a service and sends an [`Update`] for
+//! every answer (the instances when they changed) and every failure. The
+//! client speaks Consul's documented HTTP API, so it works unchanged
+//! against a real agent; `xlb-tests` has an in-process fake of that API to
+//! test it against.
 //!
 //! Where each rule lives:
 //! - which instances count (health, warning state): [`WarningPolicy`];
-//! - how an entry becomes an [`Instance`] (address, weight, duplicates,
-//!   caps): [`Instance`] and [`Problem`];
-//! - blocking-query index rules, rate limit and back-off: [`watch_with`].
+//! - how an entry becomes an [`Instance`] (address, tag, weight,
+//!   duplicates, caps): [`Instance`] and [`Problem`];
+//! - blocking-query index rules, confirming reads, rate limit and back-off:
+//!   [`watch_with`].
 
 mod client;
 mod entries;
@@ -196,7 +198,10 @@ impl fmt::Display for ServiceQuery {
 ///
 /// From a health entry: `address` is `Service.Address`, or `Node.Address`
 /// when that is empty (Consul's documented fallback); an address that is
-/// not an IP (a hostname) skips the instance. `weight` is
+/// not an IP (a hostname), or is one no backend can have ([`Unusable`]: a
+/// dev agent's `Node.Address` is 127.0.0.1), skips the instance. For a
+/// query with a tag, an entry without it is skipped too, whatever the agent
+/// answered (see [`watch_with`]). `weight` is
 /// `Service.Weights.Passing`, or `Weights.Warning` for a warning instance
 /// (1 when Consul sends no weights), replaced by the service meta key
 /// [`WEIGHT_META_KEY`] in either state when that holds a valid u32; it is
@@ -229,6 +234,8 @@ pub struct Instance {
 pub enum Problem {
     /// Neither `Service.Address` nor `Node.Address` is an IP address.
     BadAddress { instance: String, address: String },
+    /// The address is an IP, but not one a backend can have.
+    UnusableAddress { instance: String, address: IpAddr, source: AddressSource, why: Unusable },
     /// `Service.Port` is outside 0–65535.
     BadPort { instance: String, port: i64 },
     /// The weight meta key is not a u32; Consul's weight was used.
@@ -247,6 +254,16 @@ impl fmt::Display for Problem {
             Problem::BadAddress { instance, address } => {
                 write!(f, "instance {instance}: address {address:?} is not an IP address; skipped")
             }
+            Problem::UnusableAddress { instance, address, source: AddressSource::Service, why } => write!(
+                f,
+                "instance {instance}: Service.Address {address} is {why}: skipped \
+                 (register the service with the backend's own address)"
+            ),
+            Problem::UnusableAddress { instance, address, source: AddressSource::Node, why } => write!(
+                f,
+                "instance {instance}: no Service.Address, and Node.Address {address} is {why}: skipped \
+                 (register the service with an Address)"
+            ),
             Problem::BadPort { instance, port } => {
                 write!(f, "instance {instance}: port {port} is out of range; skipped")
             }
@@ -268,12 +285,68 @@ impl fmt::Display for Problem {
     }
 }
 
+/// Where an instance's address came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AddressSource {
+    /// `Service.Address`.
+    Service,
+    /// `Node.Address`, as `Service.Address` was empty.
+    Node,
+}
+
+/// Why an IP address cannot be a backend's: packets to it would never
+/// leave this host or would reach many hosts at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unusable {
+    Unspecified,
+    Loopback,
+    Multicast,
+    Broadcast,
+}
+
+impl Unusable {
+    /// Why `address` cannot be a backend's, or `None` if it can. An
+    /// IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
+    pub fn of(address: IpAddr) -> Option<Unusable> {
+        let address = address.to_canonical();
+        if address.is_unspecified() {
+            Some(Unusable::Unspecified)
+        } else if address.is_loopback() {
+            Some(Unusable::Loopback)
+        } else if address.is_multicast() {
+            Some(Unusable::Multicast)
+        } else if address == IpAddr::from([255, 255, 255, 255]) {
+            Some(Unusable::Broadcast)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Unusable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unusable::Unspecified => "the unspecified address",
+            Unusable::Loopback => "a loopback address",
+            Unusable::Multicast => "a multicast address",
+            Unusable::Broadcast => "the broadcast address",
+        })
+    }
+}
+
 /// What [`watch`] reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Update {
-    /// The instances now (sorted by node, then id). Sent for the first
-    /// answer, for every change, and for the first answer after failures.
-    Instances { query: ServiceQuery, instances: Vec<Instance>, index: u64 },
+    /// The instances now (sorted by node, then id) and the answer's
+    /// problems (everything skipped or changed on the way). Sent for the
+    /// first answer, when the instances or the problems change, and for the
+    /// first answer after failures.
+    Instances { query: ServiceQuery, instances: Vec<Instance>, problems: Vec<Problem>, index: u64 },
+    /// Consul answered, and the instances and problems last sent still
+    /// stand. Sent for every other answer, so that a consumer can tell how
+    /// long ago Consul last answered apart from how long ago the set last
+    /// changed.
+    Unchanged { query: ServiceQuery, index: u64 },
     /// A query failed; the last instances sent still stand. The next
     /// attempt is `retry_in` from now.
     Failed { query: ServiceQuery, error: String, consecutive_failures: u32, retry_in: Duration },

@@ -1,5 +1,5 @@
-//! The blocking-query loop and its pure parts: index rules, rate limit,
-//! back-off.
+//! The blocking-query loop and its pure parts: index rules, confirming
+//! reads, rate limit, back-off.
 
 use std::{
     hash::{BuildHasher, RandomState},
@@ -17,6 +17,14 @@ pub struct WatchOptions {
     /// firewalls with 60 s idle timeouts between xlb and Consul do not cut
     /// a held query.
     pub wait: Duration,
+    /// `wait` of each blocking query for a tag (at most `wait`). Such a
+    /// query's answer is only a wake-up, confirmed by a plain read (see
+    /// [`watch_with`]), so a stale streaming view that does not wake the
+    /// query hides a change for at most this long. 15 s keeps a backend
+    /// that left the tag in service no longer than a health check at the
+    /// common 10 s interval takes to notice a failure, for one more plain
+    /// read per 15 s per tagged service.
+    pub tagged_wait: Duration,
     /// Queries allowed back to back before the rate limit applies.
     pub rate_burst: u32,
     /// Past the burst, at most one query per `rate_interval`.
@@ -31,6 +39,7 @@ impl Default for WatchOptions {
     fn default() -> Self {
         WatchOptions {
             wait: Duration::from_secs(55),
+            tagged_wait: Duration::from_secs(15),
             rate_burst: 5,
             rate_interval: Duration::from_millis(100),
             backoff_base: Duration::from_millis(100),
@@ -39,17 +48,25 @@ impl Default for WatchOptions {
     }
 }
 
+impl WatchOptions {
+    /// The `wait` of blocking queries for `query`.
+    fn wait_for(&self, query: &ServiceQuery) -> Duration {
+        if query.tag.is_some() { self.wait.min(self.tagged_wait) } else { self.wait }
+    }
+}
+
 /// [`watch_with`] with [`WatchOptions::default`].
 pub async fn watch(client: Client, query: ServiceQuery, updates: mpsc::Sender<Update>) {
     watch_with(client, query, WatchOptions::default(), updates).await;
 }
 
-/// Follows `query` until `updates` is closed, one blocking query at a
-/// time, and sends an [`Update`]: `Instances` for the first answer, for
-/// each answer whose instances differ from the last ones sent, and for the
-/// first answer after failures (so a consumer that marked the source stale
-/// sees it recover); `Failed` for each failed query. After a failure the
-/// last instances sent still stand.
+/// Follows `query` until `updates` is closed, one query at a time, and
+/// sends an [`Update`] for each: `Instances` for the first answer, for
+/// each answer whose instances or problems differ from the last ones sent,
+/// and for the first answer after failures (so a consumer that marked the
+/// source stale sees it recover); `Unchanged` for every other answer;
+/// `Failed` for each failed query. After a failure the last instances sent
+/// still stand.
 ///
 /// The rules, after Consul's "Blocking Queries" page
 /// (<https://developer.hashicorp.com/consul/api-docs/features/blocking>):
@@ -61,9 +78,26 @@ pub async fn watch(client: Client, query: ServiceQuery, updates: mpsc::Sender<Up
 ///   1, which "is always safe" and blocks; a missing or non-numeric
 ///   `X-Consul-Index` is a failed query (a proxy stripping it would
 ///   otherwise turn the loop into polling).
-/// - **Same index**: the wait ran out with no change; nothing is sent, as
-///   nothing changed (instances are compared anyway, since an answer is no
-///   guarantee of a change either way).
+/// - **Nothing changed** (the wait ran out, or the query woke for a write
+///   that left the instances as they were): the next query is a plain read
+///   without `index`, which confirms the blocking answer (`take`). Since
+///   Consul 1.10 an agent answers blocking health queries from its
+///   streaming backend, a view of the service that the agent keeps up to
+///   date from the servers, while a plain read asks the servers; a view
+///   that fell behind would otherwise go unnoticed for as long as it keeps
+///   answering. The read costs one request per `wait`.
+/// - **A tag** (`ServiceQuery::tag`): a blocking answer is not used at
+///   all, only taken as a sign that something may have changed; the plain
+///   read that follows it is used instead (`take`), and blocking queries
+///   wait only `tagged_wait`. Agents before Consul 1.10.11, 1.11.6 and
+///   1.12.1 (Consul PR 12640) keep, in a filtered streaming view, an
+///   instance that no longer matches the filter, so tag-filtered blocking
+///   queries go on answering an instance that lost the tag while a plain
+///   read shows it gone. The stale view answers every later blocking query
+///   too: confirming only the answers that changed nothing would let each
+///   change of the service bring the instance back until the next wait
+///   ran out. Tags are also checked on xlb's side (see
+///   [`Instance`](super::Instance)).
 /// - **Index jumps forward**: taken as it is. The index is a raft index,
 ///   which every write in the cluster advances, so a large step between two
 ///   answers is normal. A wrong, too-high index would hold the next query
@@ -71,7 +105,8 @@ pub async fn watch(client: Client, query: ServiceQuery, updates: mpsc::Sender<Up
 ///   of more than `SUSPECT_JUMP` the next query waits only `PROBE_WAIT`
 ///   (`next_wait`): a genuine index comes back unchanged and the loop goes
 ///   on as usual, a wrong one comes back lower and resets it by the first
-///   rule.
+///   rule. A plain read is a step from the index known before it, not
+///   from 0.
 /// - **Rate limit**: a token bucket (GCRA) with a burst of `rate_burst`
 ///   and one query per `rate_interval` after it, as the page recommends
 ///   over a sleep per iteration: changes are delivered at once when rare,
@@ -98,49 +133,43 @@ pub async fn watch_with(
     updates: mpsc::Sender<Update>,
 ) {
     let mut limiter = RateLimiter::new(options.rate_burst, options.rate_interval);
+    let base_wait = options.wait_for(&query);
+    let mut wait = base_wait;
+    // The index Consul last gave; the next query blocks on it unless
+    // `confirm` makes it a plain read.
     let mut index = 0;
-    let mut wait = options.wait;
-    let mut sent: Option<Vec<Instance>> = None;
+    let mut confirm = false;
+    let mut sent: Option<Said> = None;
     let mut failures = 0_u32;
-    let mut reported: Vec<Problem> = Vec::new();
     loop {
+        let queried = if confirm { 0 } else { index };
         let send_at = limiter.acquire(Instant::now());
         let fetched = tokio::select! {
             biased;
             () = updates.closed() => return,
             fetched = async {
                 tokio::time::sleep_until(send_at).await;
-                client.fetch(&query, index, wait).await
+                client.fetch(&query, queried, wait).await
             } => fetched,
         };
         let (update, retry_in) = match fetched {
             Ok(snapshot) => {
-                wait = next_wait(index, snapshot.index, options.wait);
+                wait = next_wait(index, snapshot.index, base_wait);
                 index = next_index(index, snapshot.index);
-                for problem in new_problems(&reported, &snapshot.problems) {
-                    tracing::warn!(service = %query, "consul: {problem}");
-                }
-                reported = snapshot.problems;
-                let recovered = failures > 0;
-                failures = 0;
-                if !recovered && sent.as_ref() == Some(&snapshot.instances) {
+                let said = Said { instances: snapshot.instances, problems: snapshot.problems };
+                let changed = is_news(sent.as_ref(), &said, failures > 0);
+                let verdict = take(queried > 0, query.tag.is_some(), changed);
+                confirm = verdict != Take::Use;
+                if verdict == Take::Confirm {
                     continue;
                 }
-                tracing::debug!(service = %query, index = snapshot.index, count = snapshot.instances.len(), "consul: instances");
-                sent = Some(snapshot.instances.clone());
-                (
-                    Update::Instances {
-                        query: query.clone(),
-                        instances: snapshot.instances,
-                        index: snapshot.index,
-                    },
-                    None,
-                )
+                failures = 0;
+                (report(&query, &mut sent, said, changed, snapshot.index), None)
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
                 index = 0;
-                wait = options.wait;
+                wait = base_wait;
                 let retry_in = backoff(failures, options.backoff_base, options.backoff_cap, random());
                 let error = error_chain(&error);
                 tracing::warn!(service = %query, failures, ?retry_in, "consul: {error}");
@@ -159,6 +188,62 @@ pub async fn watch_with(
                 () = tokio::time::sleep(delay) => {}
             }
         }
+    }
+}
+
+/// What an answer said, as far as the consumer is told.
+#[derive(Debug, PartialEq, Eq)]
+struct Said {
+    instances: Vec<Instance>,
+    problems: Vec<Problem>,
+}
+
+/// Whether an answer tells the consumer something: it differs from what
+/// was last sent, or it is the first after failures.
+fn is_news(sent: Option<&Said>, said: &Said, after_failures: bool) -> bool {
+    after_failures || sent != Some(said)
+}
+
+/// The update for a used answer; a changed one becomes what was last sent,
+/// and its new problems are logged.
+fn report(query: &ServiceQuery, sent: &mut Option<Said>, said: Said, changed: bool, index: u64) -> Update {
+    if !changed {
+        return Update::Unchanged { query: query.clone(), index };
+    }
+    let before = sent.as_ref().map_or(&[][..], |s| &s.problems);
+    for problem in new_problems(before, &said.problems) {
+        tracing::warn!(service = %query, "consul: {problem}");
+    }
+    tracing::debug!(service = %query, index, count = said.instances.len(), "consul: instances");
+    let update = Update::Instances {
+        query: query.clone(),
+        instances: said.instances.clone(),
+        problems: said.problems.clone(),
+        index,
+    };
+    *sent = Some(said);
+    update
+}
+
+/// How [`watch_with`] takes a successful answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Used; the next query blocks.
+    Use,
+    /// Used, and confirmed by a plain read next.
+    UseAndConfirm,
+    /// Not used: a plain read follows, and that is used.
+    Confirm,
+}
+
+/// How to take an answer, given whether its query blocked, whether it
+/// was for a tag, and whether it changed what was last sent.
+pub(crate) fn take(blocking: bool, tagged: bool, changed: bool) -> Take {
+    match (blocking, tagged, changed) {
+        (false, _, _) => Take::Use,
+        (true, true, _) => Take::Confirm,
+        (true, false, true) => Take::Use,
+        (true, false, false) => Take::UseAndConfirm,
     }
 }
 
@@ -318,6 +403,78 @@ mod tests {
         let mut single = RateLimiter::new(0, Duration::from_millis(100));
         assert_eq!(single.acquire(start), start);
         assert_eq!(single.acquire(start), start + Duration::from_millis(100));
+    }
+
+    fn instance(id: &str) -> Instance {
+        Instance {
+            node: "n1".into(),
+            id: id.into(),
+            address: std::net::IpAddr::from([10, 0, 0, 1]),
+            tagged: vec![],
+            port: 80,
+            weight: 1,
+            warning: false,
+        }
+    }
+
+    fn query(tag: Option<&str>) -> ServiceQuery {
+        ServiceQuery { service: "web".into(), tag: tag.map(Into::into) }
+    }
+
+    #[test]
+    fn blocking_answers_that_change_nothing_are_confirmed_by_a_plain_read() {
+        assert_eq!(take(true, false, false), Take::UseAndConfirm);
+        assert_eq!(take(true, false, true), Take::Use);
+        assert_eq!(take(false, false, false), Take::Use, "a plain read is itself the confirmation");
+        assert_eq!(take(false, false, true), Take::Use);
+    }
+
+    #[test]
+    fn tagged_blocking_answers_are_only_wake_ups() {
+        assert_eq!(take(true, true, true), Take::Confirm, "a stale view may bring an instance back");
+        assert_eq!(take(true, true, false), Take::Confirm, "a stale view may hide a change");
+        assert_eq!(take(false, true, true), Take::Use);
+        assert_eq!(take(false, true, false), Take::Use);
+    }
+
+    #[test]
+    fn tagged_queries_block_for_less_time() {
+        let options = WatchOptions::default();
+        assert_eq!(options.wait_for(&query(None)), Duration::from_secs(55));
+        assert_eq!(options.wait_for(&query(Some("blue"))), Duration::from_secs(15));
+        let short = WatchOptions { wait: Duration::from_secs(5), ..options };
+        assert_eq!(short.wait_for(&query(Some("blue"))), Duration::from_secs(5), "never longer than wait");
+    }
+
+    #[test]
+    fn news_is_a_change_of_instances_or_problems_or_a_recovery() {
+        let said = |ids: &[&str], problems: Vec<Problem>| Said {
+            instances: ids.iter().map(|id| instance(id)).collect(),
+            problems,
+        };
+        let problem = Problem::BadPort { instance: "n1/b".into(), port: -1 };
+        let sent = said(&["a"], vec![]);
+        assert!(is_news(None, &said(&[], vec![]), false), "the first answer");
+        assert!(!is_news(Some(&sent), &said(&["a"], vec![]), false));
+        assert!(is_news(Some(&sent), &said(&["a", "b"], vec![]), false));
+        assert!(is_news(Some(&sent), &said(&["a"], vec![problem]), false), "a new problem alone");
+        assert!(is_news(Some(&sent), &said(&["a"], vec![]), true), "the first answer after failures");
+    }
+
+    #[test]
+    fn every_used_answer_is_reported_and_news_carries_the_instances() {
+        let q = query(None);
+        let mut sent = None;
+        let said = || Said { instances: vec![instance("a")], problems: vec![] };
+        match report(&q, &mut sent, said(), true, 7) {
+            Update::Instances { instances, problems, index, .. } => {
+                assert_eq!((instances, problems, index), (vec![instance("a")], vec![], 7));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(sent, Some(said()));
+        assert_eq!(report(&q, &mut sent, said(), false, 8), Update::Unchanged { query: q.clone(), index: 8 });
+        assert_eq!(sent, Some(said()));
     }
 
     #[test]
