@@ -1,10 +1,10 @@
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
-use xlb::observe::admin::Change;
 use xlb::cli::{
     self,
     args::{Cli, Command, LogFormat},
 };
+use xlb::observe::admin::Change;
 
 fn main() -> std::process::ExitCode {
     let args = Cli::parse();

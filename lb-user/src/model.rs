@@ -145,6 +145,46 @@ impl fmt::Display for BackendRole {
     }
 }
 
+/// Why an IP address cannot be a backend's: packets to it would never
+/// leave this host or would reach many hosts at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Unusable {
+    Unspecified,
+    Loopback,
+    Multicast,
+    Broadcast,
+}
+
+impl Unusable {
+    /// Why `address` cannot be a backend's, or `None` if it can. An
+    /// IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
+    pub fn of(address: IpAddr) -> Option<Unusable> {
+        let address = address.to_canonical();
+        if address.is_unspecified() {
+            Some(Unusable::Unspecified)
+        } else if address.is_loopback() {
+            Some(Unusable::Loopback)
+        } else if address.is_multicast() {
+            Some(Unusable::Multicast)
+        } else if address == IpAddr::from([255, 255, 255, 255]) {
+            Some(Unusable::Broadcast)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Unusable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unusable::Unspecified => "the unspecified address",
+            Unusable::Loopback => "a loopback address",
+            Unusable::Multicast => "a multicast address",
+            Unusable::Broadcast => "the broadcast address",
+        })
+    }
+}
+
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }

@@ -10,6 +10,8 @@ pub mod run;
 mod stats;
 mod status;
 mod target;
+#[cfg(test)]
+mod tests;
 
 pub use check::check;
 pub use decap::decap;

@@ -12,9 +12,9 @@ use serde::Deserialize;
 
 use super::{
     AdminConfig, Backend, Backends, Capacities, Config, ConfigError, ConsulSettings, LiveConfig, MAX_WEIGHT,
-    ServiceQuery, StartConfig, TokenSource, Vip, default_pin_dir, usable_unicast,
+    ServiceQuery, StartConfig, TokenSource, Vip, default_pin_dir,
 };
-use crate::model::{Forward, Protocol, VipAddr, XdpMode};
+use crate::model::{Forward, Protocol, Unusable, VipAddr, XdpMode};
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9300";
 /// The longest `drain_timeout` accepted.
@@ -225,7 +225,11 @@ impl File {
                 ),
             ));
         }
-        Ok(LiveConfig { drain_timeout: Duration::from_secs(self.drain_timeout), consul: self.consul.clone(), vips })
+        Ok(LiveConfig {
+            drain_timeout: Duration::from_secs(self.drain_timeout),
+            consul: self.consul.clone(),
+            vips,
+        })
     }
 }
 
@@ -304,10 +308,10 @@ impl VipFile {
                     ),
                 ));
             }
-            if !usable_unicast(address) {
+            if let Some(why) = Unusable::of(address) {
                 return Err(Invalid::new(
                     format!("{field}.address"),
-                    format!("{address} is not a unicast host address"),
+                    format!("{address} is not a unicast host address: it is {why}"),
                 ));
             }
             if !seen.insert(address) {

@@ -10,6 +10,7 @@
 //! Validation is complete before anything touches the data plane, and every
 //! error names the file and the field it is about.
 
+pub mod consul;
 mod file;
 #[cfg(test)]
 mod tests;
@@ -23,7 +24,8 @@ use std::{
 use anyhow::Context as _;
 pub use file::DEFAULT_ADMIN_LISTEN;
 
-pub use crate::discovery::consul::{ConsulSettings, EmptyPolicy, ServiceQuery};
+pub use consul::{ConsulSettings, EmptyPolicy, ServiceQuery};
+
 use crate::model::{Forward, VipAddr, XdpMode};
 
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +159,11 @@ impl AdminConfig {
     pub fn local_url(&self) -> String {
         let mut listen = self.listen;
         if listen.ip().is_unspecified() {
-            listen.set_ip(if listen.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
+            listen.set_ip(if listen.is_ipv4() {
+                Ipv4Addr::LOCALHOST.into()
+            } else {
+                Ipv6Addr::LOCALHOST.into()
+            });
         }
         format!("http://{listen}")
     }
@@ -281,11 +287,4 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 
 pub fn default_pin_dir(interface: &str) -> PathBuf {
     Path::new("/sys/fs/bpf/xlb").join(interface)
-}
-
-/// Not unspecified, multicast, loopback or broadcast: an address a backend
-/// can have.
-pub fn usable_unicast(addr: IpAddr) -> bool {
-    !(addr.is_unspecified() || addr.is_multicast() || addr.is_loopback())
-        && addr != IpAddr::from([255, 255, 255, 255])
 }

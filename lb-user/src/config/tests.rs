@@ -44,8 +44,16 @@ fn every_invalid_config_is_rejected_naming_the_field() {
             vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\", mac = \"x\" }} ]")),
             &["unknown field `mac`"],
         ),
-        ("missing name", vip("address = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\""), &["missing field `name`"]),
-        ("port of the wrong type", vip(&base.replace("port = 80", "port = \"80\"")), &["port", "invalid type"]),
+        (
+            "missing name",
+            vip("address = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\""),
+            &["missing field `name`"],
+        ),
+        (
+            "port of the wrong type",
+            vip(&base.replace("port = 80", "port = \"80\"")),
+            &["port", "invalid type"],
+        ),
         ("port out of range", vip(&base.replace("port = 80", "port = 70000")), &["port"]),
         ("port zero", vip(&base.replace("port = 80", "port = 0")), &["vip[0] (web).port"]),
         ("bad address", vip(&base.replace("192.0.2.10", "192.0.2.300")), &["address", "invalid IP address"]),
@@ -62,7 +70,9 @@ fn every_invalid_config_is_rejected_naming_the_field() {
         ),
         (
             "duplicate backend",
-            vip(&format!("{base}\nbackends = [ {{ address = \"10.0.0.1\" }}, {{ address = \"10.0.0.1\" }} ]")),
+            vip(&format!(
+                "{base}\nbackends = [ {{ address = \"10.0.0.1\" }}, {{ address = \"10.0.0.1\" }} ]"
+            )),
             &["backends[1].address", "duplicate backend"],
         ),
         (
@@ -82,7 +92,9 @@ fn every_invalid_config_is_rejected_naming_the_field() {
         ),
         (
             "vip name with a slash",
-            format!("{GOOD}\n[[vip]]\nname = \"web/x\"\naddress = \"192.0.2.11\"\nport = 80\nprotocol = \"tcp\""),
+            format!(
+                "{GOOD}\n[[vip]]\nname = \"web/x\"\naddress = \"192.0.2.11\"\nport = 80\nprotocol = \"tcp\""
+            ),
             &["vip[1].name", "web/x"],
         ),
         (
@@ -100,7 +112,10 @@ fn every_invalid_config_is_rejected_naming_the_field() {
         ("max_vips too small", format!("max_vips = 0\n{GOOD}"), &["max_vips"]),
         (
             "more vips than max_vips",
-            format!("max_vips = 1\n{GOOD}\n[[vip]]\n{}", base.replace("\"web\"", "\"b\"").replace("80", "81")),
+            format!(
+                "max_vips = 1\n{GOOD}\n[[vip]]\n{}",
+                base.replace("\"web\"", "\"b\"").replace("80", "81")
+            ),
             &["vip", "max_vips = 1"],
         ),
         ("backends over max_backends", format!("max_backends = 2\n{GOOD}"), &["max_backends"]),
@@ -112,14 +127,22 @@ fn every_invalid_config_is_rejected_naming_the_field() {
             format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9300\""),
             &["admin.listen", "token"],
         ),
-        ("admin token twice", format!("{GOOD}\n[admin]\ntoken = \"a\"\ntoken_file = \"/t\""), &["admin.token_file"]),
+        (
+            "admin token twice",
+            format!("{GOOD}\n[admin]\ntoken = \"a\"\ntoken_file = \"/t\""),
+            &["admin.token_file"],
+        ),
         ("empty admin token", format!("{GOOD}\n[admin]\ntoken = \"\""), &["admin.token", "empty"]),
         (
             "consul and static backends together",
             GOOD.replace("forward = \"dr\"", "forward = \"dr\"\nconsul = { service = \"web\" }"),
             &["vip[0] (web).consul", "not both"],
         ),
-        ("empty consul service", vip(&format!("{base}\nconsul = {{ service = \"\" }}")), &["vip[0] (web).consul.service"]),
+        (
+            "empty consul service",
+            vip(&format!("{base}\nconsul = {{ service = \"\" }}")),
+            &["vip[0] (web).consul.service"],
+        ),
         ("unknown consul field", format!("{GOOD}\n[consul]\nadress = \"x\""), &["unknown field `adress`"]),
     ];
     let mut failures = Vec::new();
@@ -173,7 +196,11 @@ fn each_start_only_field_is_named_when_it_changes() {
 }
 
 fn reload(text: &str, running: &StartConfig) -> Result<Reload, String> {
-    let path = std::env::temp_dir().join(format!("xlb-reload-{}-{:?}.toml", std::process::id(), std::thread::current().id()));
+    let path = std::env::temp_dir().join(format!(
+        "xlb-reload-{}-{:?}.toml",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::write(&path, text).unwrap();
     let result = Config::reload(&path, running).map_err(|e| crate::errors::error_chain(&e));
     std::fs::remove_file(&path).unwrap();
@@ -198,7 +225,11 @@ fn a_reload_takes_the_live_part_and_names_the_start_only_fields_it_refuses() {
         "max_vips = 2\n{GOOD}\n[[vip]]\nname = \"b\"\naddress = \"192.0.2.11\"\nport = 80\nprotocol = \"tcp\"\n"
     );
     let err = reload(&two, &small).unwrap_err();
-    assert!(err.contains("vip: 2 VIPs configured but max_vips = 1") && err.contains("max_vips apply only at start"), "{err}");
+    assert!(
+        err.contains("vip: 2 VIPs configured but max_vips = 1")
+            && err.contains("max_vips apply only at start"),
+        "{err}"
+    );
     // A file that is invalid on its own is refused as such.
     let err = reload("interface = [", &running).unwrap_err();
     assert!(err.contains("TOML") || err.contains("expected"), "{err}");

@@ -6,10 +6,10 @@
 use std::{collections::HashMap, fmt, net::IpAddr, time::Duration};
 
 use crate::{
-    config::{Backends, Capacities, LiveConfig, usable_unicast},
+    config::{Backends, Capacities, LiveConfig},
     control::overrides::Overrides,
     discovery::{Discovery, consul::Instance},
-    model::{Forward, VipAddr},
+    model::{Forward, Unusable, VipAddr},
 };
 
 /// What configuration and discovery want.
@@ -105,35 +105,37 @@ pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> (Desired, Vec<Note>) {
                     (list.iter().map(|b| backend(b.address, b.weight)).collect(), Leave::Drain, false)
                 }
                 // Instances leave discovery's healthy set by failing: no drain.
-                Backends::Consul(query) => match inputs.discovery.view(query).and_then(|s| s.instances.as_ref()) {
-                    None => (Vec::new(), Leave::AtOnce, true),
-                    Some(instances) => {
-                        let mut list = Vec::new();
-                        for i in instances {
-                            match admit(i, v.addr, v.forward) {
-                                Ok(addr) => list.push(backend(addr, i.weight)),
-                                Err(why) => notes.push(Note {
-                                    vip: v.name.clone(),
-                                    text: format!("{query} instance {}/{} {why}; skipped", i.node, i.id),
-                                }),
+                Backends::Consul(query) => {
+                    match inputs.discovery.view(query).and_then(|s| s.instances.as_ref()) {
+                        None => (Vec::new(), Leave::AtOnce, true),
+                        Some(instances) => {
+                            let mut list = Vec::new();
+                            for i in instances {
+                                match admit(i, v.addr, v.forward) {
+                                    Ok(addr) => list.push(backend(addr, i.weight)),
+                                    Err(why) => notes.push(Note {
+                                        vip: v.name.clone(),
+                                        text: format!("{query} instance {}/{} {why}; skipped", i.node, i.id),
+                                    }),
+                                }
                             }
-                        }
-                        if list.len() > budget {
-                            notes.push(Note {
-                                vip: v.name.clone(),
-                                text: format!(
-                                    "{query} has {} instances but only {budget} backend ids are left \
+                            if list.len() > budget {
+                                notes.push(Note {
+                                    vip: v.name.clone(),
+                                    text: format!(
+                                        "{query} has {} instances but only {budget} backend ids are left \
                                      (max_backends); using the first {budget} by address",
-                                    list.len()
-                                ),
-                            });
-                            list.sort_by_key(|b| b.addr);
-                            list.truncate(budget);
+                                        list.len()
+                                    ),
+                                });
+                                list.sort_by_key(|b| b.addr);
+                                list.truncate(budget);
+                            }
+                            budget -= list.len();
+                            (list, Leave::AtOnce, false)
                         }
-                        budget -= list.len();
-                        (list, Leave::AtOnce, false)
                     }
-                },
+                }
             };
             DesiredVip { name: v.name.clone(), addr: v.addr, forward: v.forward, backends, leave, hold }
         })
@@ -147,8 +149,8 @@ fn admit(instance: &Instance, vip: VipAddr, forward: Forward) -> Result<IpAddr, 
     let Some(addr) = instance_address(instance, vip.ip) else {
         return Err(format!("has no {family} address (the VIP is {family})"));
     };
-    if !usable_unicast(addr) {
-        return Err(format!("has address {addr}, which is not a unicast host address"));
+    if let Some(why) = Unusable::of(addr) {
+        return Err(format!("has address {addr}, which is {why}"));
     }
     if instance.port != 0 && instance.port != vip.port {
         let mode = if forward == Forward::Tun { "TUN" } else { "DR" };
@@ -183,7 +185,15 @@ mod tests {
     }
 
     fn instance(i: u32, address: IpAddr, port: u16, weight: u32) -> Instance {
-        Instance { node: format!("n{i}"), id: format!("web-{i}"), address, tagged: vec![], port, weight, warning: false }
+        Instance {
+            node: format!("n{i}"),
+            id: format!("web-{i}"),
+            address,
+            tagged: vec![],
+            port,
+            weight,
+            warning: false,
+        }
     }
 
     fn discovery(instances: Vec<Instance>) -> Discovery {
@@ -218,12 +228,16 @@ mod tests {
         let (desired, notes) = build_with(&config(4096), &d);
         let addrs: Vec<_> = desired.vips[0].backends.iter().map(|b| (b.addr, b.weight)).collect();
         let v4 = |d| IpAddr::from([10, 0, 0, d]);
-        assert_eq!(addrs, [(v4(1), 1), (v4(4), 1_000_000), (v4(5), 2)], "a dual-stack instance by its tagged address");
+        assert_eq!(
+            addrs,
+            [(v4(1), 1), (v4(4), 1_000_000), (v4(5), 2)],
+            "a dual-stack instance by its tagged address"
+        );
         let texts: Vec<String> = notes.iter().map(ToString::to_string).collect();
         assert_eq!(texts.len(), 3, "{texts:?}");
         assert!(texts[0].contains("n2/web-2 has no IPv4 address"), "{texts:?}");
         assert!(texts[1].contains("port 8080"), "{texts:?}");
-        assert!(texts[2].contains("127.0.0.1, which is not a unicast host address"), "{texts:?}");
+        assert!(texts[2].contains("127.0.0.1, which is a loopback address"), "{texts:?}");
         assert_eq!(desired.vips[0].leave, Leave::AtOnce, "failed instances leave at once");
     }
 

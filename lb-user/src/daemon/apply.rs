@@ -47,7 +47,9 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
             }
             // What found no id is retried on the next tick (ids free up as
             // backends leave).
-            Ok(()) if !shortfalls.is_empty() => Sync::Short { shortfalls: shortfalls.iter().map(ToString::to_string).collect() },
+            Ok(()) if !shortfalls.is_empty() => {
+                Sync::Short { shortfalls: shortfalls.iter().map(ToString::to_string).collect() }
+            }
             Ok(()) => Sync::InSync,
         };
         self.shortfalls = shortfalls;

@@ -20,9 +20,11 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
         };
         let known = match &vip.backends {
             Backends::Static(list) => list.iter().any(|b| b.address == cmd.backend),
-            Backends::Consul(q) => self.discovery.view(q).and_then(|v| v.instances.as_ref()).is_some_and(|i| {
-                i.iter().any(|i| instance_address(i, vip.addr.ip) == Some(cmd.backend))
-            }),
+            Backends::Consul(q) => self
+                .discovery
+                .view(q)
+                .and_then(|v| v.instances.as_ref())
+                .is_some_and(|i| i.iter().any(|i| instance_address(i, vip.addr.ip) == Some(cmd.backend))),
         };
         if !known {
             return Err(ApiError::new(404, format!("VIP {:?} has no backend {}", cmd.vip, cmd.backend)));

@@ -28,7 +28,8 @@ pub(super) fn check_tun(interface: &str, live: &LiveConfig, params: &Params) -> 
         }
         // While a next hop resolves, xlb hands tunnelled packets to the
         // kernel, which forwards them only with these settings.
-        let delivery = if ip.is_ipv4() { Sysctl::accept_local(interface) } else { Sysctl::ipv6_forwarding_all() };
+        let delivery =
+            if ip.is_ipv4() { Sysctl::accept_local(interface) } else { Sysctl::ipv6_forwarding_all() };
         if !delivery.is_on() {
             warn!(
                 vip = %v.name,

@@ -21,9 +21,9 @@ mod reload;
 mod resolver;
 mod sources;
 mod start;
-mod watchers;
 #[cfg(test)]
 mod tests;
+mod watchers;
 
 use std::{
     collections::HashMap,
@@ -40,7 +40,11 @@ pub use watchers::{WatchFn, consul_watch};
 
 use crate::{
     config::{Config, LiveConfig, StartConfig},
-    control::{desired::Note, overrides::Overrides, reconcile::{Reconciler, Shortfall}},
+    control::{
+        desired::Note,
+        overrides::Overrides,
+        reconcile::{Reconciler, Shortfall},
+    },
     dataplane::{Maps, Store, loader::Params},
     discovery::{Discovery, consul::Update},
     files::RunFiles,
@@ -129,8 +133,18 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
     /// The daemon, following the config's discovery sources, and the
     /// channel its status is published on.
     pub fn new(parts: Parts<S, R>) -> anyhow::Result<(Self, watch::Receiver<admin::Published>)> {
-        let Parts { config_path, config, params, maps, reconciler, mut resolver, files, attachment, events, watch } =
-            parts;
+        let Parts {
+            config_path,
+            config,
+            params,
+            maps,
+            reconciler,
+            mut resolver,
+            files,
+            attachment,
+            events,
+            watch,
+        } = parts;
         let overrides = Overrides::load(&files.overrides()).unwrap_or_else(|e| {
             warn!(error = %e, path = %files.overrides().display(), "ignoring unreadable drain/weight overrides");
             Overrides::default()

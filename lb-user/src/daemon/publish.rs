@@ -81,7 +81,12 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
             max_backends: caps.max_backends,
             conntrack_size: caps.conntrack_size,
             vips: self.reconciler.vips().iter().map(|(addr, vip)| self.vip_status(addr, vip)).collect(),
-            discovery: self.discovery.services().iter().map(|(q, view)| source(q.to_string(), view, now)).collect(),
+            discovery: self
+                .discovery
+                .services()
+                .iter()
+                .map(|(q, view)| source(q.to_string(), view, now))
+                .collect(),
             ..Status::default()
         }
     }
@@ -125,7 +130,9 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
 }
 
 fn source(service: String, view: &ServiceView, (now, wall): (Instant, SystemTime)) -> SourceStatus {
-    let at = |t: Option<Instant>| t.and_then(|t| wall.checked_sub(now.saturating_duration_since(t))).map(unix_secs);
+    let at = |t: Option<Instant>| {
+        t.and_then(|t| wall.checked_sub(now.saturating_duration_since(t))).map(unix_secs)
+    };
     SourceStatus {
         service,
         instances: view.instances.as_ref().map(Vec::len),

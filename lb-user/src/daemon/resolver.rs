@@ -31,7 +31,11 @@ pub struct NetResolver {
 
 impl NetResolver {
     pub fn new(handle: rtnetlink::Handle, ifindex: u32) -> Self {
-        NetResolver { neighbours: Neighbours::new(handle.clone(), ifindex), next_hops: NextHops::new(handle), ifindex }
+        NetResolver {
+            neighbours: Neighbours::new(handle.clone(), ifindex),
+            next_hops: NextHops::new(handle),
+            ifindex,
+        }
     }
 }
 

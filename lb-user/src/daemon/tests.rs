@@ -41,7 +41,11 @@ fn mac(addr: IpAddr) -> [u8; 6] {
 }
 
 /// A watcher that reports nothing: the tests send discovery's reports.
-fn quiet(_: consul::Client, _: ServiceQuery, updates: mpsc::Sender<consul::Update>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+fn quiet(
+    _: consul::Client,
+    _: ServiceQuery,
+    updates: mpsc::Sender<consul::Update>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move { updates.closed().await })
 }
 
@@ -55,7 +59,11 @@ struct Lab {
 
 impl Lab {
     async fn new(config: &str) -> Lab {
-        let dir = std::env::temp_dir().join(format!("xlb-daemon-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let dir = std::env::temp_dir().join(format!(
+            "xlb-daemon-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         Self::in_dir(dir, config).await
     }
@@ -155,7 +163,11 @@ async fn a_drain_during_a_shortfall_answers_200_and_readiness_says_why() {
     let Sync::Short { shortfalls } = &lab.daemon.sync else { panic!("{:?}", lab.daemon.sync) };
     assert!(shortfalls[0].contains("10.0.0.3") && shortfalls[0].contains("max_backends"), "{shortfalls:?}");
 
-    assert_eq!(lab.command("web", [10, 0, 0, 1], Change::Drain).await, Ok(()), "the drain itself was applied");
+    assert_eq!(
+        lab.command("web", [10, 0, 0, 1], Change::Drain).await,
+        Ok(()),
+        "the drain itself was applied"
+    );
     assert_eq!(lab.flags([10, 0, 0, 1]), Some(BACKEND_DRAINING));
     let sync = &lab.published().daemon.clone().unwrap().sync;
     assert!(matches!(sync, Sync::Short { .. }) && sync.describe().contains("10.0.0.3"), "{sync:?}");
@@ -231,7 +243,10 @@ fn instance(last: u8) -> Instance {
 fn answer_at(epoch: u64, service: &str, backends: &[u8]) -> Event {
     let query = ServiceQuery { service: service.into(), tag: None };
     let instances = backends.iter().map(|b| instance(*b)).collect();
-    Event::Discovery { epoch, update: consul::Update::Instances { query, instances, problems: vec![], index: 5 } }
+    Event::Discovery {
+        epoch,
+        update: consul::Update::Instances { query, instances, problems: vec![], index: 5 },
+    }
 }
 
 const CONSUL_WEB: &str = "interface = \"eth0\"\n[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\nconsul = { service = \"web\" }\n";

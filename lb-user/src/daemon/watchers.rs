@@ -17,7 +17,8 @@ use crate::{
 
 /// Watches one Consul service with a client, reporting on a channel until
 /// it closes.
-pub type WatchFn = fn(consul::Client, ServiceQuery, mpsc::Sender<Update>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+pub type WatchFn =
+    fn(consul::Client, ServiceQuery, mpsc::Sender<Update>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The real watcher: Consul's blocking queries.
 pub fn consul_watch(

@@ -9,7 +9,8 @@ use aya::{
     maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
 use lb_common::{
-    BackendId, BackendInfo, ConnEntry, Counter, FlowKey, GlobalStats, MaglevChunk, Meta, VipInfo, VipKey, maps,
+    BackendId, BackendInfo, ConnEntry, Counter, FlowKey, GlobalStats, MaglevChunk, Meta, VipInfo, VipKey,
+    maps,
 };
 
 use super::{
@@ -50,7 +51,12 @@ fn dup<K: aya::Pod, V, M: IterableMap<K, V>, T: TryFrom<Map, Error = MapError>>(
     map: &M,
     name: &'static str,
 ) -> Result<T, DataplaneError> {
-    let fd = map.map().fd().as_fd().try_clone_to_owned().map_err(|source| DataplaneError::Dup { map: name, source })?;
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DataplaneError::Dup { map: name, source })?;
     let data = MapData::from_fd(fd).map_err(map_err(name, "open"))?;
     Map::from_map_data(data).and_then(T::try_from).map_err(map_err(name, "open"))
 }
@@ -59,7 +65,9 @@ fn dup<K: aya::Pod, V, M: IterableMap<K, V>, T: TryFrom<Map, Error = MapError>>(
 fn pinned(dir: &Path) -> impl FnMut(&'static str) -> Result<Map, DataplaneError> + '_ {
     move |name| {
         let path = dir.join(name);
-        MapData::from_pin(&path).and_then(Map::from_map_data).map_err(|source| DataplaneError::Pinned { path, source })
+        MapData::from_pin(&path)
+            .and_then(Map::from_map_data)
+            .map_err(|source| DataplaneError::Pinned { path, source })
     }
 }
 
@@ -83,7 +91,9 @@ impl KernelStore {
         Self::build(&mut pinned(dir))
     }
 
-    fn build(get: &mut impl FnMut(&'static str) -> Result<Map, DataplaneError>) -> Result<Self, DataplaneError> {
+    fn build(
+        get: &mut impl FnMut(&'static str) -> Result<Map, DataplaneError>,
+    ) -> Result<Self, DataplaneError> {
         Ok(Self {
             vips: typed(get, maps::VIPS)?,
             backends: typed(get, maps::BACKENDS)?,
@@ -180,7 +190,11 @@ impl KernelCounters {
         })
     }
 
-    fn sum(map: &PerCpuArray<MapData, Counter>, name: &'static str, index: u32) -> Result<Counter, DataplaneError> {
+    fn sum(
+        map: &PerCpuArray<MapData, Counter>,
+        name: &'static str,
+        index: u32,
+    ) -> Result<Counter, DataplaneError> {
         let values = map.get(&index, 0).map_err(map_err(name, "read"))?;
         let mut total = Counter::default();
         for v in values.iter() {

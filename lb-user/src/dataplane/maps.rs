@@ -121,7 +121,11 @@ impl<S: Store> Maps<S> {
             .store
             .backend_entries()?
             .iter()
-            .map(|(id, info)| BackendSlot { id: *id, generation: info.generation, entry: BackendEntry::try_from(info) })
+            .map(|(id, info)| BackendSlot {
+                id: *id,
+                generation: info.generation,
+                entry: BackendEntry::try_from(info),
+            })
             .collect())
     }
 
@@ -213,9 +217,13 @@ impl<S: Store> Maps<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{dataplane::store::MemoryStore, model::{Forward, Protocol}};
+    use crate::{
+        dataplane::store::MemoryStore,
+        model::{Forward, Protocol},
+    };
 
-    const CAPS: Capacities = Capacities { table_size: 13, max_vips: 4, max_backends: 16, conntrack_size: 1024 };
+    const CAPS: Capacities =
+        Capacities { table_size: 13, max_vips: 4, max_backends: 16, conntrack_size: 1024 };
 
     fn vip(last: u8) -> VipAddr {
         VipAddr { ip: [192, 0, 2, last].into(), port: 80, protocol: Protocol::Tcp }

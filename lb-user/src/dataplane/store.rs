@@ -117,7 +117,10 @@ impl Store for MemoryStore {
         // Whatever the order of writes, no packet may ever be sent to a
         // zero MAC.
         let unaddressed = info.mode() == lb_common::MODE_DR && info.mac == [0; 6];
-        assert!(!(info.takes_established() && unaddressed), "BACKENDS[{id}]: DR entry without a MAC: {info:?}");
+        assert!(
+            !(info.takes_established() && unaddressed),
+            "BACKENDS[{id}]: DR entry without a MAC: {info:?}"
+        );
         self.write(maps::BACKENDS)?;
         if self.log_writes {
             self.backend_writes.push(*info);
@@ -131,7 +134,12 @@ impl Store for MemoryStore {
     }
 
     fn backend_entries(&self) -> Result<Vec<(BackendId, BackendInfo)>, DataplaneError> {
-        Ok(self.backends.iter().filter(|(_, b)| **b != BackendInfo::default()).map(|(id, b)| (*id, *b)).collect())
+        Ok(self
+            .backends
+            .iter()
+            .filter(|(_, b)| **b != BackendInfo::default())
+            .map(|(id, b)| (*id, *b))
+            .collect())
     }
 
     fn chunk_put(&mut self, index: u32, chunk: &MaglevChunk) -> Result<(), DataplaneError> {

@@ -232,7 +232,14 @@ mod tests {
             (BackendUse::Draining, Forward::Tun),
             (BackendUse::Active, Forward::Tun),
         ] {
-            let b = BackendEntry { addr: [10, 0, 0, 1].into(), mac: [2, 0, 0, 0, 0, 1], used, forward, generation: 9, vip: 3 };
+            let b = BackendEntry {
+                addr: [10, 0, 0, 1].into(),
+                mac: [2, 0, 0, 0, 0, 1],
+                used,
+                forward,
+                generation: 9,
+                vip: 3,
+            };
             assert_eq!(BackendEntry::try_from(&BackendInfo::from(&b)), Ok(b));
         }
         let unused = BackendInfo::from(&BackendEntry::unused(42));
@@ -265,7 +272,11 @@ mod tests {
         assert_eq!(VipEntry::try_from(&info), Err(WireError::Mode(9)));
         let b = BackendInfo { flags: BACKEND_ACTIVE, family: 0, ..BackendInfo::default() };
         assert_eq!(BackendEntry::try_from(&b), Err(WireError::Family(0)));
-        let b = BackendInfo { flags: BACKEND_ACTIVE | BACKEND_DRAINING, family: FAMILY_V4, ..BackendInfo::default() };
+        let b = BackendInfo {
+            flags: BACKEND_ACTIVE | BACKEND_DRAINING,
+            family: FAMILY_V4,
+            ..BackendInfo::default()
+        };
         assert_eq!(BackendEntry::try_from(&b), Err(WireError::Flags(3)));
     }
 }

@@ -9,11 +9,11 @@ pub mod sysctl;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt as _;
+pub use neighbours::Neighbours;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressScope},
     link::{LinkAttribute, LinkXdp},
 };
-pub use neighbours::Neighbours;
 pub use routes::{NextHops, next_hop};
 use rtnetlink::Handle;
 
@@ -102,4 +102,3 @@ pub async fn addresses(
     }
     Ok((v4, v6))
 }
-

@@ -138,4 +138,3 @@ impl Neighbours {
             .map_err(|source| NetError::Netlink { op: "neighbour solicit", source })
     }
 }
-

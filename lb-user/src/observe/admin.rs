@@ -264,7 +264,12 @@ async fn read(shared: &Api) -> Result<Arc<Status>, ApiError> {
     })
     .await
     .map_err(|e| ApiError::new(500, format!("status reader failed: {e}")))?
-    .map_err(|e| ApiError::new(503, format!("cannot read the data plane's counters: {}", crate::errors::error_chain(&e))))?;
+    .map_err(|e| {
+        ApiError::new(
+            503,
+            format!("cannot read the data plane's counters: {}", crate::errors::error_chain(&e)),
+        )
+    })?;
     let s = Arc::new(s);
     *shared.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((version, started, s.clone()));
     Ok(s)
@@ -400,7 +405,12 @@ mod tests {
         let web: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(web["backends"][0]["weight"], 3, "{body}");
         let (_, metrics) = api.get("/metrics").await;
-        assert!(metrics.contains("xlb_vip_packets_total{vip=\"web\",address=\"192.0.2.10\",port=\"80\",protocol=\"tcp\"} 5"), "{metrics}");
+        assert!(
+            metrics.contains(
+                "xlb_vip_packets_total{vip=\"web\",address=\"192.0.2.10\",port=\"80\",protocol=\"tcp\"} 5"
+            ),
+            "{metrics}"
+        );
         assert!(metrics.contains("xlb_maps_in_sync 1"), "{metrics}");
     }
 
@@ -422,7 +432,7 @@ mod tests {
     #[tokio::test]
     async fn changes_go_to_the_daemon_and_its_answer_comes_back() {
         let api = serve_api(|cmd| match cmd.change {
-            Change::Weight(w) if w == 7 => Err(ApiError::new(409, "from Consul")),
+            Change::Weight(7) => Err(ApiError::new(409, "from Consul")),
             _ => Ok(()),
         })
         .await;
@@ -430,7 +440,14 @@ mod tests {
         let r = api.http.post(&drain).header("content-type", "application/json").send().await.unwrap();
         assert_eq!(r.status(), 200);
         let weight = format!("{}/api/v1/vips/web/backends/10.0.0.1/weight", api.url);
-        let r = api.http.put(&weight).header("content-type", "application/json").body(r#"{"weight": 7}"#).send().await.unwrap();
+        let r = api
+            .http
+            .put(&weight)
+            .header("content-type", "application/json")
+            .body(r#"{"weight": 7}"#)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 409);
         assert!(r.text().await.unwrap().contains("from Consul"));
     }

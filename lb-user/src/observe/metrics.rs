@@ -54,19 +54,20 @@ pub fn render(s: &Status) -> String {
     o.family("xlb_maglev_table_size", "gauge", "Maglev table size M.");
     o.sample("xlb_maglev_table_size", &[], s.table_size);
 
-    let vip_labels = |v: &VipStatus| {
-        (v.name.clone().unwrap_or_default(), v.address.to_string(), v.port.to_string())
-    };
+    let vip_labels =
+        |v: &VipStatus| (v.name.clone().unwrap_or_default(), v.address.to_string(), v.port.to_string());
     o.family("xlb_vip_packets_total", "counter", "Packets forwarded for a VIP.");
     for v in &s.vips {
         let (name, addr, port) = vip_labels(v);
-        let labels = [("vip", &*name), ("address", &*addr), ("port", &*port), ("protocol", v.protocol.name())];
+        let labels =
+            [("vip", &*name), ("address", &*addr), ("port", &*port), ("protocol", v.protocol.name())];
         o.sample("xlb_vip_packets_total", &labels, v.packets);
     }
     o.family("xlb_vip_bytes_total", "counter", "Bytes forwarded for a VIP.");
     for v in &s.vips {
         let (name, addr, port) = vip_labels(v);
-        let labels = [("vip", &*name), ("address", &*addr), ("port", &*port), ("protocol", v.protocol.name())];
+        let labels =
+            [("vip", &*name), ("address", &*addr), ("port", &*port), ("protocol", v.protocol.name())];
         o.sample("xlb_vip_bytes_total", &labels, v.bytes);
     }
     o.family("xlb_maglev_table_swaps_total", "counter", "Table switches of a VIP since the daemon started.");

@@ -28,7 +28,8 @@ pub fn read(pin_dir: &Path, interface: Option<&str>, files: Option<&RunFiles>) -
     let caps = capacities(&store.meta()?);
     let maps = Maps::new(store, caps);
     let counters = KernelCounters::open(pin_dir)?;
-    let labels: Option<Status> = files.and_then(|f| serde_json::from_slice(&std::fs::read(f.state()).ok()?).ok());
+    let labels: Option<Status> =
+        files.and_then(|f| serde_json::from_slice(&std::fs::read(f.state()).ok()?).ok());
     let alive = labels.as_ref().and_then(|l| l.daemon_pid).filter(|pid| is_xlb(*pid));
     let mut vips = Vec::new();
     for (addr, entry) in maps.vips()?.into_iter().flatten() {
@@ -95,7 +96,9 @@ fn vip_status(
             _ => known.and_then(|k| k.mac.clone()),
         };
         backends.push(BackendStatus {
-            address: known.and_then(|k| k.address).or(found.filter(|e| e.used != BackendUse::Unused).map(|e| e.addr)),
+            address: known
+                .and_then(|k| k.address)
+                .or(found.filter(|e| e.used != BackendUse::Unused).map(|e| e.addr)),
             id,
             state,
             weight: known.and_then(|k| k.weight),

@@ -8,13 +8,16 @@ use crate::model::Forward;
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
     let daemon = match (s.daemon_pid, &s.daemon) {
-        (Some(pid), Some(d)) => format!("daemon running (pid {pid}, attached {}): {}", d.attachment, d.sync.describe()),
+        (Some(pid), Some(d)) => {
+            format!("daemon running (pid {pid}, attached {}): {}", d.attachment, d.sync.describe())
+        }
         (Some(pid), None) => format!("daemon running (pid {pid})"),
         (None, _) => "daemon NOT running: forwarding continues with the last tables".to_owned(),
     };
     let _ = writeln!(out, "xlb on {} ({}) — {daemon}", s.interface, s.pin_dir.display());
     if let Some(d) = s.daemon.as_ref().filter(|d| !d.restart_needed.is_empty()) {
-        let _ = writeln!(out, "RESTART NEEDED: the config changes {} (start-only)", d.restart_needed.join(", "));
+        let _ =
+            writeln!(out, "RESTART NEEDED: the config changes {} (start-only)", d.restart_needed.join(", "));
     }
     let _ = writeln!(
         out,
@@ -49,7 +52,11 @@ fn vip(out: &mut String, v: &VipStatus, s: &Status) {
         a => format!("{a}:{}", v.port),
     };
     let name = v.name.as_deref().unwrap_or("(unnamed)");
-    let _ = writeln!(out, "VIP {name} {} {addr} ({})  packets {}  bytes {}", v.protocol, v.forward, v.packets, v.bytes);
+    let _ = writeln!(
+        out,
+        "VIP {name} {} {addr} ({})  packets {}  bytes {}",
+        v.protocol, v.forward, v.packets, v.bytes
+    );
     if let Some(service) = &v.consul {
         let view = s.discovery.iter().find(|d| &d.service == service);
         let _ = writeln!(out, "  backends from Consul service {service}: {}", describe_source(view));
@@ -86,7 +93,9 @@ fn describe_source(view: Option<&SourceStatus>) -> String {
     let ago = |t: Option<f64>| t.map_or_else(|| "never".into(), |s| format!("{s:.1} s ago"));
     let (answer, change) = (ago(d.synced_secs_ago), ago(d.changed_secs_ago));
     let mut text = match (d.instances, d.stale) {
-        (None, _) if d.empty_kept => "Consul reports no healthy instance; keeping the backends the tables hold".into(),
+        (None, _) if d.empty_kept => {
+            "Consul reports no healthy instance; keeping the backends the tables hold".into()
+        }
         (None, _) => format!("waiting for Consul's first answer ({} errors)", d.errors_total),
         (Some(n), false) => format!("in sync, {n} instances, last answer {answer}, last change {change}"),
         (Some(n), true) => format!(

@@ -60,9 +60,13 @@ pub enum Sync {
     Starting,
     InSync,
     /// A map write failed; the daemon retries with a full rewrite.
-    Retrying { error: String },
+    Retrying {
+        error: String,
+    },
     /// Everything that has an id is applied; these have none.
-    Short { shortfalls: Vec<String> },
+    Short {
+        shortfalls: Vec<String>,
+    },
 }
 
 impl Sync {

@@ -15,6 +15,7 @@
 mod ids;
 #[cfg(test)]
 mod tests;
+mod vip;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,18 +26,15 @@ use std::{
 
 use ids::IdPool;
 use tracing::{info, warn};
+use vip::{free_expired, mark_leavers, switch_table, update_backend};
 
 use crate::{
     config::Capacities,
-    control::{
-        desired::{Desired, DesiredVip, Leave},
-        maglev,
-    },
+    control::desired::{Desired, DesiredVip, Leave},
     dataplane::{
-        BackendEntry, BackendId, BackendUse, DataplaneError, Maps, NO_BACKEND, Side, StatsOf, Store, VipEntry,
-        VipId,
+        BackendEntry, BackendId, BackendUse, DataplaneError, Maps, NO_BACKEND, Side, StatsOf, Store, VipId,
     },
-    model::{BackendRole, Forward, VipAddr, format_mac},
+    model::{BackendRole, Forward, VipAddr},
 };
 
 /// What is wanted but has no id left: left out, not an error.
@@ -50,7 +48,10 @@ impl fmt::Display for Shortfall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Shortfall::Vip { vip, max_vips } => {
-                write!(f, "VIP {vip} left out: all {max_vips} VIP ids are in use (raise max_vips and restart)")
+                write!(
+                    f,
+                    "VIP {vip} left out: all {max_vips} VIP ids are in use (raise max_vips and restart)"
+                )
             }
             Shortfall::Backend { vip, backend, max_backends } => write!(
                 f,
@@ -304,7 +305,12 @@ impl Reconciler {
     /// rewrites everything, whatever failed half-way. Memory changes only
     /// after the writes it stands for succeeded, so it never claims more
     /// than the maps hold.
-    pub fn apply(&mut self, desired: &Desired, now: Instant, maps: &mut Maps<impl Store>) -> Result<(), DataplaneError> {
+    pub fn apply(
+        &mut self,
+        desired: &Desired,
+        now: Instant,
+        maps: &mut Maps<impl Store>,
+    ) -> Result<(), DataplaneError> {
         if std::mem::take(&mut self.resync) {
             for vip in self.vips.values_mut() {
                 vip.tables = [None, None];
@@ -323,7 +329,12 @@ impl Reconciler {
         &self.shortfalls
     }
 
-    fn apply_all(&mut self, desired: &Desired, now: Instant, maps: &mut Maps<impl Store>) -> Result<(), DataplaneError> {
+    fn apply_all(
+        &mut self,
+        desired: &Desired,
+        now: Instant,
+        maps: &mut Maps<impl Store>,
+    ) -> Result<(), DataplaneError> {
         let wanted: BTreeSet<VipAddr> = desired.vips.iter().map(|v| v.addr).collect();
         let gone: Vec<VipAddr> = self.vips.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for addr in gone {
@@ -445,172 +456,4 @@ impl Reconciler {
         switch_table(vip, want, now, caps, maps)?;
         free_expired(vip, now, maps, backend_ids, |_| true)
     }
-}
-
-/// Marks backends of `vip` that `want` no longer lists as leaving.
-fn mark_leavers(vip: &mut VipState, want: &DesiredVip, until: Instant, drain_timeout: Duration) {
-    let wanted: BTreeSet<IpAddr> = want.backends.iter().map(|b| b.addr).collect();
-    for (addr, state) in vip.backends.iter_mut() {
-        if !wanted.contains(addr) && !matches!(state.role, Role::Leaving { .. }) {
-            if drain_timeout.is_zero() {
-                info!(vip = %vip.name, backend = %addr, "backend removed");
-            } else {
-                info!(vip = %vip.name, backend = %addr, timeout = ?drain_timeout, "backend removed; draining");
-            }
-            state.role = Role::Leaving { until };
-        }
-    }
-}
-
-/// Takes in a wanted backend's weight and MAC, and the role they give it.
-fn update_backend(vip: &str, addr: IpAddr, state: &mut BackendState, weight: u32, mac: Option<[u8; 6]>) {
-    if state.weight != weight {
-        if state.weight_known {
-            info!(vip = %vip, backend = %addr, from = state.weight, to = weight, "backend weight changed");
-        }
-        state.weight = weight;
-    }
-    state.weight_known = true;
-    if state.mac != mac {
-        match mac {
-            Some(mac) => info!(vip = %vip, backend = %addr, mac = %format_mac(&mac), "backend MAC resolved"),
-            None => warn!(vip = %vip, backend = %addr, "backend MAC unresolved: out of the table until it resolves"),
-        }
-        state.mac = mac;
-    }
-    let role = if weight > 0 && mac.is_some() { Role::Active } else { Role::Idle };
-    if role != state.role {
-        if matches!(state.role, Role::Leaving { .. }) {
-            info!(vip = %vip, backend = %addr, "backend back before its drain ended");
-        } else if state.role == Role::Active && weight == 0 {
-            info!(vip = %vip, backend = %addr, "backend draining (weight 0)");
-        }
-        state.role = role;
-    }
-}
-
-/// Writes the backends' entries and, if its inputs changed, the VIP's new
-/// table, then switches to it.
-///
-/// Backends joining the table are written before a table names them;
-/// those already in it only after the switch, so a change of use (say,
-/// draining) comes with the table that drops them. Each entry carries its
-/// mode and the MAC that mode needs, so it is consistent on its own
-/// whichever side of the switch it is written. While the VIP is TUN every
-/// entry goes first all the same: on a change to DR the backends turn DR
-/// (with their MACs) no later than the table.
-fn switch_table(
-    vip: &mut VipState,
-    want: &DesiredVip,
-    now: Instant,
-    caps: Capacities,
-    maps: &mut Maps<impl Store>,
-) -> Result<(), DataplaneError> {
-    let forward = want.forward;
-    let was_tun = vip.forward == Forward::Tun;
-    for (addr, state) in vip.backends.iter_mut() {
-        if state.role == Role::Active && (state.slots == 0 || state.written.is_none() || was_tun) {
-            write_backend(maps, (vip.id, forward), *addr, state)?;
-        }
-    }
-    let inputs: Vec<MaglevInput> =
-        vip.backends.iter().filter(|(_, b)| b.role == Role::Active).map(|(a, b)| (*a, b.id, b.weight)).collect();
-    let live = vip.live_table();
-    // Building dominates an apply: skip it when the live table was built
-    // from these very inputs. Its slot counts then stand too (a backend
-    // new to the VIP has an id from the pool, which no table names).
-    let known = live.is_some() && vip.built_from.as_ref() == Some(&inputs);
-    if !known || vip.forward != forward {
-        let table = match live {
-            Some(live) if known => live.to_vec(),
-            _ => build_table(&inputs, caps.table_size),
-        };
-        if vip.forward != forward || live != Some(&table[..]) {
-            let target = vip.live.other();
-            let previous = vip.table_mut(target).take();
-            maps.write_table(vip.id, target, &table, previous.as_deref())?;
-            maps.put_vip(&want.addr, &VipEntry { id: vip.id, live: target, forward })?;
-            *vip.table_mut(target) = Some(table);
-            vip.live = target;
-            vip.forward = forward;
-            vip.generation += 1;
-            vip.swapped_at = Some(SystemTime::now());
-        }
-        vip.built_from = Some(inputs);
-        count_slots(vip, caps.max_backends);
-    }
-    // After the switch: everyone else's entry (draining, changed MACs),
-    // except leavers whose time is up: they lose their id next.
-    for (addr, state) in vip.backends.iter_mut() {
-        if !matches!(state.role, Role::Leaving { until } if until <= now) {
-            write_backend(maps, (vip.id, forward), *addr, state)?;
-        }
-    }
-    Ok(())
-}
-
-/// The Maglev table of `inputs`.
-fn build_table(inputs: &[MaglevInput], m: u32) -> Vec<BackendId> {
-    let names: Vec<String> = inputs.iter().map(|(addr, _, _)| addr.to_string()).collect();
-    let entries: Vec<maglev::Entry<'_>> = inputs
-        .iter()
-        .zip(&names)
-        .map(|(&(_, id, weight), identity)| maglev::Entry { identity, id, weight })
-        .collect();
-    maglev::build(&entries, m)
-}
-
-/// Sets each backend's `slots` from the live table.
-fn count_slots(vip: &mut VipState, max_backends: u32) {
-    let mut by_id = vec![0u32; max_backends as usize];
-    for id in vip.live_table().unwrap_or_default() {
-        if let Some(n) = by_id.get_mut(*id as usize) {
-            *n += 1;
-        }
-    }
-    for state in vip.backends.values_mut() {
-        state.slots = by_id.get(state.id as usize).copied().unwrap_or(0);
-    }
-}
-
-/// Frees the backends of `vip` that are leaving with their time up and
-/// match `ready`: marks their entries unused, then forgets them and
-/// releases their ids.
-fn free_expired(
-    vip: &mut VipState,
-    now: Instant,
-    maps: &mut Maps<impl Store>,
-    ids: &mut IdPool,
-    ready: impl Fn(&BackendState) -> bool,
-) -> Result<(), DataplaneError> {
-    let expired: Vec<IpAddr> = vip
-        .backends
-        .iter()
-        .filter(|(_, b)| matches!(b.role, Role::Leaving { until } if until <= now) && ready(b))
-        .map(|(a, _)| *a)
-        .collect();
-    for addr in expired {
-        maps.put_backend(vip.backends[&addr].id, &BackendEntry::unused(vip.backends[&addr].generation))?;
-        let state = vip.backends.remove(&addr).expect("present");
-        info!(vip = %vip.name, backend = %addr, "backend gone; its recorded flows move to the others");
-        ids.release(state.id as u32);
-    }
-    Ok(())
-}
-
-/// Writes `BACKENDS[id]` if it does not hold this backend's current state
-/// under its VIP (id and mode).
-fn write_backend(
-    maps: &mut Maps<impl Store>,
-    (vip, forward): (VipId, Forward),
-    addr: IpAddr,
-    state: &mut BackendState,
-) -> Result<(), DataplaneError> {
-    let entry = state.entry(addr, vip, forward);
-    if state.written != Some(entry) {
-        state.written = None;
-        maps.put_backend(state.id, &entry)?;
-        state.written = Some(entry);
-    }
-    Ok(())
 }

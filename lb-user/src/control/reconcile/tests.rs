@@ -1,9 +1,11 @@
-
-use lb_common::{BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TUN, BackendInfo, VipInfo, VipKey, maps::{BACKENDS, VIPS}};
+use lb_common::{
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TUN, BackendInfo, VipInfo, VipKey,
+    maps::{BACKENDS, VIPS},
+};
 
 use super::*;
 use crate::{
-    control::desired::DesiredBackend,
+    control::{desired::DesiredBackend, maglev},
     dataplane::{MemoryMaps, MemoryStore},
     model::Protocol,
 };
@@ -68,12 +70,7 @@ fn expected(v: &DesiredVip) -> Vec<IpAddr> {
     maglev::build(&entries, G.table_size).iter().map(|id| live[*id as usize - 1].addr).collect()
 }
 
-fn backend<'m>(
-    maps: &'m MemoryMaps,
-    r: &Reconciler,
-    v: &DesiredVip,
-    last: u8,
-) -> Option<&'m BackendInfo> {
+fn backend<'m>(maps: &'m MemoryMaps, r: &Reconciler, v: &DesiredVip, last: u8) -> Option<&'m BackendInfo> {
     let state = r.vips()[&v.addr].backends.get(&IpAddr::from([10, 0, 0, last]))?;
     maps.store().backends.get(&state.id)
 }
@@ -110,7 +107,10 @@ fn a_change_goes_to_the_other_table_then_flips() {
     let before = maps.store().chunk_writes;
     apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1), (3, 1)])], &mut maps).unwrap();
     assert_eq!(maps.store().vips[&VipKey::from(&key)].table, first.table);
-    assert!(maps.store().chunk_writes - before < crate::dataplane::maps::table_chunks(&G) as usize / 2, "diff, not a full rewrite");
+    assert!(
+        maps.store().chunk_writes - before < crate::dataplane::maps::table_chunks(&G) as usize / 2,
+        "diff, not a full rewrite"
+    );
 }
 
 #[test]
@@ -227,8 +227,13 @@ fn weight_zero_drains_and_removal_drains_until_the_timeout() {
 
     at(&mut r, &mut maps, std::slice::from_ref(&removed), t0 + timeout);
     assert!(!r.vips()[&all.addr].backends.contains_key(&IpAddr::from([10, 0, 0, 3])));
-    let id =
-        maps.store().backends.iter().find(|(_, b)| b.generation == gone.generation).map(|(id, _)| *id).unwrap();
+    let id = maps
+        .store()
+        .backends
+        .iter()
+        .find(|(_, b)| b.generation == gone.generation)
+        .map(|(id, _)| *id)
+        .unwrap();
     assert_eq!(maps.store().backends[&id].flags, 0, "freed after the timeout");
     assert_eq!(r.next_deadline(), None);
 
@@ -245,7 +250,8 @@ fn a_reused_id_gets_a_new_generation() {
     let mut maps = mem();
     let mut r = Reconciler::new(Capacities { max_backends: 3, ..G });
     apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1)])], &mut maps).unwrap();
-    let old: BTreeMap<BackendId, u32> = maps.store().backends.iter().map(|(id, b)| (*id, b.generation)).collect();
+    let old: BTreeMap<BackendId, u32> =
+        maps.store().backends.iter().map(|(id, b)| (*id, b.generation)).collect();
     apply(&mut r, &[vip("a", 1, &[])], &mut maps).unwrap();
     apply(&mut r, &[vip("a", 1, &[(3, 1), (4, 1)])], &mut maps).unwrap();
     assert_eq!(maps.store().backends.len(), 2, "the same two ids, reused");
@@ -363,8 +369,7 @@ fn a_backend_leaving_a_tun_vip_that_turns_dr_stops_taking_flows() {
     let mut r = Reconciler::new(G);
     let both = tun(&vip("a", 1, &[(1, 1), (2, 1)]));
     let t0 = Instant::now();
-    let drain =
-        |vips: &[DesiredVip]| Desired { vips: vips.to_vec(), drain_timeout: Duration::from_secs(30) };
+    let drain = |vips: &[DesiredVip]| Desired { vips: vips.to_vec(), drain_timeout: Duration::from_secs(30) };
     r.apply(&drain(std::slice::from_ref(&both)), t0, &mut maps).unwrap();
     r.apply(&drain(&[tun(&vip("a", 1, &[(1, 1)]))]), t0, &mut maps).unwrap();
     assert_eq!(backend(&maps, &r, &both, 2).unwrap().flags, BACKEND_DRAINING | BACKEND_TUN);
@@ -380,7 +385,11 @@ fn a_removed_vip_frees_its_backends_before_its_entry_goes() {
     apply(&mut r, &[vip("a", 1, &[(1, 1), (2, 1)])], &mut maps).unwrap();
     maps.store_mut().log_writes = true;
     apply(&mut r, &[], &mut maps).unwrap();
-    assert_eq!(maps.store().writes, [BACKENDS, BACKENDS, VIPS, lb_common::maps::VIP_FILTER], "the filter bit last");
+    assert_eq!(
+        maps.store().writes,
+        [BACKENDS, BACKENDS, VIPS, lb_common::maps::VIP_FILTER],
+        "the filter bit last"
+    );
     assert!(maps.store().vips.is_empty() && maps.store().backends.values().all(|b| b.flags == 0));
 }
 
@@ -397,7 +406,11 @@ fn pinned_backends_that_cannot_be_adopted_stop_taking_flows() {
     let mut adopted = Reconciler::adopt(&maps).unwrap();
     apply(&mut adopted, &want, &mut maps).unwrap();
     assert_eq!(maps.store().backends[&9].flags, 0, "no VIP has id 3");
-    assert_eq!(maps.store().backends[&9].generation, 77, "its generation stays, so it is not handed out again");
+    assert_eq!(
+        maps.store().backends[&9].generation,
+        77,
+        "its generation stays, so it is not handed out again"
+    );
     assert_eq!(backend(&maps, &adopted, &want[0], 1).unwrap().flags, BACKEND_ACTIVE);
 }
 
