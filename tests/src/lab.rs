@@ -12,7 +12,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use xlb::helpers;
+use crate::aux;
 
 use crate::{netns::Netns, unique_id};
 
@@ -37,7 +37,7 @@ impl Backend {
 
 /// Fields drop in order: helper program, backends, lb, client, bridge.
 pub struct Lab {
-    _pass: helpers::Attached,
+    _pass: aux::Attached,
     pub backends: Vec<Backend>,
     pub lb: Netns,
     pub client: Netns,
@@ -115,7 +115,7 @@ impl Lab {
             list.push(Backend { ns, name, v4, v6 });
         }
         // A veth delivers XDP_TX frames only to a peer running XDP.
-        let pass = helpers::attach("xdp_pass", "lb", Some(&bridge.path()))?;
+        let pass = aux::attach("xdp_pass", "lb", &bridge)?;
         Ok(Lab { _pass: pass, backends: list, lb, client, bridge, lb_if })
     }
 

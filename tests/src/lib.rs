@@ -1,9 +1,11 @@
-//! Test harness for xlb: network namespaces and the DR lab topology, the
-//! daemon as a child process, small servers and clients, and frame
-//! builders for BPF_PROG_TEST_RUN. Every resource is an RAII guard with a
-//! unique name, torn down on drop, so tests run in parallel and leave
-//! nothing behind when they fail.
+//! The test kit for xlb, used by the tests and by `cargo xtask bench`:
+//! network namespaces and lab topologies, the daemon as a child process,
+//! small servers and clients, frame builders, program `xlb` loaded for
+//! BPF_PROG_TEST_RUN (`plane`), and the helper programs (`aux`). Every
+//! resource is an RAII guard with a unique name, torn down on drop, so
+//! tests run in parallel and leave nothing behind when they fail.
 
+pub mod aux;
 pub mod capture;
 pub mod cmd;
 pub mod consul_fake;
@@ -12,9 +14,9 @@ pub mod frames;
 pub mod http;
 pub mod lab;
 pub mod netns;
+pub mod plane;
 pub mod servers;
 pub mod sweep;
-pub mod testrun;
 pub mod traffic;
 pub mod tun_lab;
 

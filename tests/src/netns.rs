@@ -1,6 +1,11 @@
 //! Network namespace guards.
 
-use std::{fs::File, os::fd::AsRawFd as _, path::PathBuf};
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    thread::JoinHandle,
+};
 
 use anyhow::Context as _;
 
@@ -87,20 +92,36 @@ impl Netns {
     /// Runs `f` on a thread inside the namespace. Sockets it creates stay in
     /// the namespace wherever they are used later.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let file = File::open(self.path())
-            .with_context(|| format!("open {}", self.path().display()))
-            .expect("namespace exists");
+        let path = self.path();
         std::thread::scope(|s| {
             s.spawn(|| {
-                // SAFETY: setns on a valid namespace fd affects only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                enter(&path).expect("enter the namespace");
                 f()
             })
             .join()
             .expect("thread in namespace panicked")
         })
     }
+
+    /// Starts a thread that lives inside the namespace.
+    pub fn spawn<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> JoinHandle<R> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter(&path).expect("enter the namespace");
+            f()
+        })
+    }
+}
+
+/// Moves the calling thread into the network namespace bound at `path`
+/// (e.g. /run/netns/NAME); other threads stay where they are.
+pub fn enter(path: &Path) -> anyhow::Result<()> {
+    let file = File::open(path).with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        anyhow::bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for Netns {

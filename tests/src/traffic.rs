@@ -74,13 +74,7 @@ impl Arrivals {
         let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (o, f, e, s) = (ok.clone(), failed.clone(), errors.clone(), stop.clone());
-        let path = client.path();
-        let thread = std::thread::spawn(move || {
-            // This thread stays in the client's namespace.
-            let file = std::fs::File::open(path).expect("client namespace");
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0);
+        let thread = client.spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match tcp_ask(addr) {
                     Ok(_) => o.fetch_add(1, Ordering::Relaxed),

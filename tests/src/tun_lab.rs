@@ -12,7 +12,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use xlb::helpers;
+use crate::aux;
 
 use crate::{
     cmd,
@@ -53,7 +53,7 @@ impl TunBackend {
 /// Fields drop in order: helper program, backends (detaching xlb_decap),
 /// then the namespaces.
 pub struct TunLab {
-    _pass: helpers::Attached,
+    _pass: aux::Attached,
     pub backends: Vec<TunBackend>,
     pub lb: Netns,
     pub client: Netns,
@@ -124,7 +124,7 @@ impl TunLab {
             ])?;
             list.push(backend);
         }
-        let pass = helpers::attach("xdp_pass", "lb", Some(&seg1.path()))?;
+        let pass = aux::attach("xdp_pass", "lb", &seg1)?;
         Ok(TunLab { _pass: pass, backends: list, lb, client, router, seg1, seg2, lb_if })
     }
 

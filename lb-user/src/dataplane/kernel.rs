@@ -14,6 +14,7 @@ use lb_common::{
 };
 
 use super::{
+    Maps,
     counters::Counters,
     store::{DataplaneError, StatsOf, Store, map_err},
     wire::VipId,
@@ -117,6 +118,15 @@ impl KernelStore {
     /// The filter's words, as the data plane sees them.
     pub fn vip_filter(&self) -> Result<Vec<u64>, DataplaneError> {
         self.vip_filter.iter().collect::<Result<_, _>>().map_err(map_err(maps::VIP_FILTER, "read"))
+    }
+}
+
+impl Maps<KernelStore> {
+    /// The maps pinned under `dir`, with the capacities their `META` records.
+    pub fn open_pinned(dir: &Path) -> Result<Self, DataplaneError> {
+        let store = KernelStore::open(dir)?;
+        let caps = super::loader::capacities(&store.meta()?);
+        Ok(Maps::new(store, caps))
     }
 }
 

@@ -64,6 +64,12 @@ impl<S: Store> Maps<S> {
         self.caps
     }
 
+    /// The store, for another layout-keeping wrapper (the benchmark's
+    /// write-counting one, say).
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
     /// Writes a VIP's entry; its filter bit is set first, so no packet to
     /// it ever meets a clear bit.
     pub fn put_vip(&mut self, addr: &VipAddr, entry: &VipEntry) -> Result<(), DataplaneError> {

@@ -12,9 +12,7 @@ use anyhow::Context as _;
 
 use super::status::{BackendStatus, Status, VipStatus};
 use crate::{
-    dataplane::{
-        BackendId, BackendUse, KernelCounters, KernelStore, Maps, NO_BACKEND, VipEntry, loader::capacities,
-    },
+    dataplane::{BackendId, BackendUse, KernelCounters, KernelStore, Maps, NO_BACKEND, VipEntry},
     files::RunFiles,
     model::{BackendRole, Forward, VipAddr, format_mac},
 };
@@ -22,11 +20,10 @@ use crate::{
 /// Reads the data plane pinned at `pin_dir`, labelled from `files` (when
 /// the interface is known).
 pub fn read(pin_dir: &Path, interface: Option<&str>, files: Option<&RunFiles>) -> anyhow::Result<Status> {
-    let store = KernelStore::open(pin_dir).with_context(|| {
+    let maps = Maps::open_pinned(pin_dir).with_context(|| {
         format!("no xlb data plane pinned at {} (is `xlb run` started?)", pin_dir.display())
     })?;
-    let caps = capacities(&store.meta()?);
-    let maps = Maps::new(store, caps);
+    let caps = maps.capacities();
     let counters = KernelCounters::open(pin_dir)?;
     let labels: Option<Status> =
         files.and_then(|f| serde_json::from_slice(&std::fs::read(f.state()).ok()?).ok());

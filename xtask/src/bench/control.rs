@@ -7,26 +7,30 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     hint::black_box,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, ensure};
-use lb_common::{
-    BackendId, BackendInfo, MAGLEV_LANES, MODE_DR, MaglevChunk, NO_BACKEND, PROTO_TCP, VipInfo, VipKey,
-    limits,
-};
+use lb_common::{BackendId, BackendInfo, MAGLEV_LANES, MaglevChunk, VipInfo, VipKey, limits};
 use xlb::{
-    dataplane::{DataplaneError, Geometry, KernelMaps, MapWriter},
-    loader::Params,
-    maglev,
-    reconcile::{Desired, DesiredBackend, DesiredVip, Leave},
+    config::Capacities,
+    control::{
+        desired::{Desired, DesiredBackend, DesiredVip},
+        maglev,
+        reconcile::Reconciler,
+    },
+    dataplane::{
+        DataplaneError, KernelStore, Maps, Side, StatsOf, Store,
+        loader::{self, Params},
+        maps::table_chunks,
+    },
+    model::Protocol,
 };
-use xlb_tests::{daemon::Daemon, netns::Netns, unique_id};
+use xlb_tests::{daemon::Daemon, netns::Netns, plane::dr_vip, unique_id};
 
 use super::{
-    Opts,
-    kit::{self, Loaded},
+    Opts, kit,
     quality::{M, entries, names},
     report::{Row, Section, Target},
 };
@@ -76,45 +80,44 @@ fn maglev_builds(section: &mut Section, runs: usize) {
     }
 }
 
-fn geometry(max_vips: u32, max_backends: u32) -> Geometry {
-    Geometry { table_size: M, max_vips, max_backends, conntrack_size: 4096 }
+fn capacities(max_vips: u32, max_backends: u32) -> Capacities {
+    Capacities { table_size: M, max_vips, max_backends, conntrack_size: 4096 }
 }
 
-fn params(geometry: Geometry) -> Params {
-    Params {
-        geometry,
-        conn_insert_limit: 0,
-        tun_source_v4: Ipv4Addr::UNSPECIFIED,
-        tun_source_v6: Ipv6Addr::UNSPECIFIED,
-    }
+/// Program `xlb` loaded (attached nowhere) with its maps behind a
+/// write-counting store, and a reconciler for them.
+struct Loaded {
+    _ebpf: aya::Ebpf,
+    maps: Maps<Counting>,
+    reconciler: Reconciler,
 }
 
-/// Writes the chunks of `table` whose index `changed` accepts into table
-/// slot `slot`; returns how many it wrote.
-fn write_chunks(
-    maps: &mut KernelMaps,
-    geometry: &Geometry,
-    slot: u32,
-    table: &[BackendId],
-    changed: impl Fn(usize) -> bool,
-) -> anyhow::Result<usize> {
-    let lanes = MAGLEV_LANES as usize;
-    let mut written = 0;
-    for (c, ids) in table.chunks(lanes).enumerate() {
-        if !changed(c) {
-            continue;
-        }
-        let mut chunk: MaglevChunk = [NO_BACKEND; MAGLEV_LANES as usize];
-        chunk[..ids.len()].copy_from_slice(ids);
-        maps.put_chunk(slot * geometry.table_chunks() + c as u32, &chunk)?;
-        written += 1;
+impl Loaded {
+    fn new(caps: Capacities) -> anyhow::Result<Self> {
+        let (ebpf, maps, _) = loader::load_detached(Params::plain(caps), [2, 0, 0, 0, 0, 2])?;
+        let store = Counting { store: maps.into_store(), chunks: 0, backends: 0 };
+        Ok(Loaded { _ebpf: ebpf, maps: Maps::new(store, caps), reconciler: Reconciler::new(caps) })
     }
-    Ok(written)
+
+    /// Applies `vips` now; removed backends are freed at once.
+    fn apply(&mut self, vips: &[DesiredVip]) -> anyhow::Result<()> {
+        let desired = Desired { vips: vips.to_vec(), drain_timeout: Duration::ZERO };
+        self.reconciler.apply(&desired, Instant::now(), &mut self.maps)?;
+        Ok(())
+    }
+
+    /// Writes `table` to table `side` of VIP 1, diffed against `previous`;
+    /// returns how many chunks it wrote.
+    fn write_table(&mut self, table: &[BackendId], previous: Option<&[BackendId]>) -> anyhow::Result<usize> {
+        let before = self.maps.store().chunks;
+        self.maps.write_table(1, Side::Second, table, previous)?;
+        Ok(self.maps.store().chunks - before)
+    }
 }
 
 fn table_writes(section: &mut Section, runs: usize) -> anyhow::Result<()> {
-    let g = geometry(4, 512);
-    let mut loaded = Loaded::new(params(g), [2, 0, 0, 0, 0, 2])?;
+    let g = capacities(4, 512);
+    let mut loaded = Loaded::new(g)?;
     let names = names(100, 0);
     let all = entries(&names);
     let a = maglev::build(&all, M);
@@ -124,30 +127,30 @@ fn table_writes(section: &mut Section, runs: usize) -> anyhow::Result<()> {
     let differs = |c: usize| {
         a[c * lanes..(c * lanes + lanes).min(a.len())] != b[c * lanes..(c * lanes + lanes).min(b.len())]
     };
-    let diff_chunks = (0..g.table_chunks() as usize).filter(|&c| differs(c)).count();
+    let diff_chunks = (0..table_chunks(&g) as usize).filter(|&c| differs(c)).count();
 
     let mut full = Vec::new();
     let mut diff = Vec::new();
     for r in 0..runs {
         let table = if r % 2 == 0 { &a } else { &b };
         let start = Instant::now();
-        let n = write_chunks(&mut loaded.maps, &g, 1, table, |_| true)?;
+        let n = loaded.write_table(table, None)?;
         full.push(ms(start.elapsed()));
-        ensure!(n == g.table_chunks() as usize);
-        // The slot holds `table`; write the other table's differing chunks.
+        ensure!(n == table_chunks(&g) as usize);
+        // The table holds `table`; write the other table's differing chunks.
         let other = if r % 2 == 0 { &b } else { &a };
         let start = Instant::now();
-        let n = write_chunks(&mut loaded.maps, &g, 1, other, differs)?;
+        let n = loaded.write_table(other, Some(table))?;
         diff.push(ms(start.elapsed()));
         ensure!(n == diff_chunks);
     }
     section.push(
         Row::new(
-            format!("table write, whole ({} chunks of {MAGLEV_LANES} ids)", g.table_chunks()),
+            format!("table write, whole ({} chunks of {MAGLEV_LANES} ids)", table_chunks(&g)),
             "ms",
             full,
         )
-        .extra("chunks", g.table_chunks()),
+        .extra("chunks", table_chunks(&g)),
     );
     section.push(
         Row::new(format!("table write, 1 of 100 backends removed ({diff_chunks} chunks)"), "ms", diff)
@@ -156,70 +159,73 @@ fn table_writes(section: &mut Section, runs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A `MapWriter` that counts what goes through it.
-struct Counting<'a> {
-    maps: &'a mut KernelMaps,
+/// The kernel's maps, counting chunk and backend writes on their way.
+struct Counting {
+    store: KernelStore,
     chunks: usize,
     backends: usize,
 }
 
-impl MapWriter for Counting<'_> {
-    fn put_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
-        self.maps.put_vip(key, info)
+impl Store for Counting {
+    fn vip_put(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
+        self.store.vip_put(key, info)
     }
-    fn delete_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
-        self.maps.delete_vip(key)
+    fn vip_delete(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        self.store.vip_delete(key)
     }
-    fn vip_keys(&self) -> Result<Vec<VipKey>, DataplaneError> {
-        self.maps.vip_keys()
+    fn vip_entries(&self) -> Result<Vec<(VipKey, VipInfo)>, DataplaneError> {
+        self.store.vip_entries()
     }
-    fn put_backend(&mut self, id: BackendId, info: &BackendInfo) -> Result<(), DataplaneError> {
+    fn backend_put(&mut self, id: BackendId, info: &BackendInfo) -> Result<(), DataplaneError> {
         self.backends += 1;
-        self.maps.put_backend(id, info)
+        self.store.backend_put(id, info)
     }
-    fn put_chunk(&mut self, index: u32, chunk: &MaglevChunk) -> Result<(), DataplaneError> {
+    fn backend_get(&self, id: BackendId) -> Result<BackendInfo, DataplaneError> {
+        self.store.backend_get(id)
+    }
+    fn backend_entries(&self) -> Result<Vec<(BackendId, BackendInfo)>, DataplaneError> {
+        self.store.backend_entries()
+    }
+    fn chunk_put(&mut self, index: u32, chunk: &MaglevChunk) -> Result<(), DataplaneError> {
         self.chunks += 1;
-        self.maps.put_chunk(index, chunk)
+        self.store.chunk_put(index, chunk)
     }
-    fn reset_vip_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
-        self.maps.reset_vip_stats(id)
+    fn chunk_get(&self, index: u32) -> Result<MaglevChunk, DataplaneError> {
+        self.store.chunk_get(index)
     }
-    fn reset_backend_stats(&mut self, id: BackendId) -> Result<(), DataplaneError> {
-        self.maps.reset_backend_stats(id)
+    fn filter_put(&mut self, word: u32, bits: u64) -> Result<(), DataplaneError> {
+        self.store.filter_put(word, bits)
+    }
+    fn stats_reset(&mut self, of: StatsOf, id: u32) -> Result<(), DataplaneError> {
+        self.store.stats_reset(of, id)
     }
 }
 
 fn vip(i: usize, backends: impl IntoIterator<Item = usize>) -> DesiredVip {
-    DesiredVip {
-        name: format!("v{i}"),
-        key: xlb::addr::vip_key(IpAddr::from([192, 0, 2, i as u8 + 1]), 80, PROTO_TCP),
-        mode: MODE_DR,
-        backends: backends
-            .into_iter()
-            .map(|j| DesiredBackend {
-                addr: IpAddr::from([10, 64 + (i / 256) as u8, (i % 256) as u8, j as u8 + 1]),
-                weight: 1,
-                mac: Some([2, 0, 0, 0, i as u8, j as u8]),
-            })
-            .collect(),
-        leave: Leave::Drain,
-        hold: false,
-    }
+    let list = backends
+        .into_iter()
+        .map(|j| DesiredBackend {
+            addr: IpAddr::from([10, 64 + (i / 256) as u8, (i % 256) as u8, j as u8 + 1]),
+            weight: 1,
+            mac: Some([2, 0, 0, 0, i as u8, j as u8]),
+        })
+        .collect();
+    dr_vip(&format!("v{i}"), IpAddr::from([192, 0, 2, i as u8 + 1]), 80, Protocol::Tcp, list)
 }
 
 /// Times `apply(desired)` on `loaded`, counting chunk and backend writes.
 fn timed_apply(loaded: &mut Loaded, vips: Vec<DesiredVip>) -> anyhow::Result<(f64, usize, usize)> {
     let desired = Desired { vips, drain_timeout: Duration::ZERO };
-    let mut counting = Counting { maps: &mut loaded.maps, chunks: 0, backends: 0 };
+    let (chunks, backends) = (loaded.maps.store().chunks, loaded.maps.store().backends);
     let start = Instant::now();
-    loaded.reconciler.apply(&desired, Instant::now(), &mut counting)?;
+    loaded.reconciler.apply(&desired, Instant::now(), &mut loaded.maps)?;
     let t = ms(start.elapsed());
-    Ok((t, counting.chunks, counting.backends))
+    Ok((t, loaded.maps.store().chunks - chunks, loaded.maps.store().backends - backends))
 }
 
 fn reconcile(section: &mut Section, runs: usize) -> anyhow::Result<()> {
     // A new VIP: the whole table is written.
-    let mut loaded = Loaded::new(params(geometry(4, 512)), [2, 0, 0, 0, 0, 2])?;
+    let mut loaded = Loaded::new(capacities(4, 512))?;
     let (mut samples, mut chunks) = (Vec::new(), Vec::new());
     for r in 0..runs {
         loaded.apply(&[])?;
@@ -233,7 +239,7 @@ fn reconcile(section: &mut Section, runs: usize) -> anyhow::Result<()> {
 
     // One backend removed, for 1 VIP and for 100 VIPs of 100 backends each.
     for vips in [1, 100] {
-        let mut loaded = Loaded::new(params(geometry(128, 16_384)), [2, 0, 0, 0, 0, 2])?;
+        let mut loaded = Loaded::new(capacities(128, 16_384))?;
         let full = |_: usize| (0..vips).map(|i| vip(i, 0..100)).collect::<Vec<_>>();
         loaded.apply(&full(0))?;
         // Once untimed, so both table slots hold a table (the first change
@@ -273,9 +279,9 @@ fn reconcile(section: &mut Section, runs: usize) -> anyhow::Result<()> {
 }
 
 /// Total `memlock` of the maps a load with `geometry` creates, per map.
-fn map_memory(geometry: Geometry) -> anyhow::Result<BTreeMap<String, u64>> {
+fn map_memory(caps: Capacities) -> anyhow::Result<BTreeMap<String, u64>> {
     let before: Vec<u32> = kit::map_memory("self")?.into_iter().map(|m| m.0).collect();
-    let loaded = Loaded::new(params(geometry), [2, 0, 0, 0, 0, 2])?;
+    let loaded = Loaded::new(caps)?;
     let mut maps = BTreeMap::new();
     for (id, name, memlock) in kit::map_memory("self")? {
         if !before.contains(&id) {
@@ -287,7 +293,7 @@ fn map_memory(geometry: Geometry) -> anyhow::Result<BTreeMap<String, u64>> {
 }
 
 fn memory(section: &mut Section) -> anyhow::Result<()> {
-    let base = Geometry {
+    let base = Capacities {
         table_size: M,
         max_vips: limits::DEFAULT_MAX_VIPS,
         max_backends: limits::DEFAULT_MAX_BACKENDS,
@@ -308,14 +314,14 @@ fn memory(section: &mut Section) -> anyhow::Result<()> {
         .extra("per_map_bytes", &at_base),
     );
     let cpus = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
-    let slope = |g: Geometry, units: u32, case: &str, note: String| -> anyhow::Result<Row> {
+    let slope = |g: Capacities, units: u32, case: &str, note: String| -> anyhow::Result<Row> {
         let m = map_memory(g)?;
         let per = (total(&m) - b) / units as f64;
         Ok(Row::new(case, "bytes", vec![per]).note(note).extra("per_map_bytes", &m))
     };
-    let chunks = base.table_chunks() as u64;
+    let chunks = table_chunks(&base) as u64;
     section.push(slope(
-        Geometry { max_vips: base.max_vips * 2, ..base },
+        Capacities { max_vips: base.max_vips * 2, ..base },
         base.max_vips,
         "map memory per VIP",
         format!(
@@ -326,13 +332,13 @@ fn memory(section: &mut Section) -> anyhow::Result<()> {
         ),
     )?);
     section.push(slope(
-        Geometry { max_backends: base.max_backends * 2, ..base },
+        Capacities { max_backends: base.max_backends * 2, ..base },
         base.max_backends,
         "map memory per backend (VIP–backend pair)",
         "A BACKENDS entry (32 bytes) and per-CPU backend counters.".into(),
     )?);
     section.push(slope(
-        Geometry { conntrack_size: base.conntrack_size * 2, ..base },
+        Capacities { conntrack_size: base.conntrack_size * 2, ..base },
         base.conntrack_size,
         "map memory per connection-table entry",
         "Preallocated LRU hash element: 40-byte key, 8-byte value, the kernel's element header and \

@@ -14,18 +14,23 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, bail, ensure};
 use aya::{Ebpf, programs::Xdp};
-use lb_common::{Event, FAMILY_V4, FAMILY_V6, FlowKey, MODE_DR, MODE_TUN, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{Event, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 use xlb::{
-    dataplane::Geometry,
-    helpers,
-    loader::Params,
-    reconcile::{DesiredVip, Leave},
+    config::Capacities,
+    control::desired::DesiredVip,
+    dataplane::{Counters as _, wire::addr_to_wire},
+    model::{Forward, Protocol},
 };
-use xlb_tests::{frames::*, netns::Netns, unique_id};
+use xlb_tests::{
+    aux,
+    frames::*,
+    netns::Netns,
+    plane::{self, Outcome, Params, Plane, XDP_PASS, XDP_TX, backends},
+    unique_id,
+};
 
 use super::{
-    Opts,
-    kit::{self, Loaded, Outcome, XDP_PASS, XDP_TX},
+    Opts, kit,
     report::{Row, Section, Target, median},
 };
 
@@ -161,7 +166,7 @@ impl Case {
             dport_be: dport.to_be(),
             ..FlowKey::default()
         };
-        let (s, d) = (xlb::addr::to_bytes(self.client(k)).0, xlb::addr::to_bytes(self.vip()).0);
+        let (s, d) = (addr_to_wire(self.client(k)).0, addr_to_wire(self.vip()).0);
         f.src = s;
         f.dst = d;
         f
@@ -224,7 +229,7 @@ fn all_cases() -> Vec<Case> {
 
 fn params(conntrack_size: u32) -> Params {
     Params {
-        geometry: Geometry { table_size: 65_537, max_vips: 16, max_backends: 256, conntrack_size },
+        capacities: Capacities { table_size: 65_537, max_vips: 16, max_backends: 256, conntrack_size },
         // No flood guard: every new flow takes the insert path.
         conn_insert_limit: 0,
         tun_source_v4: LB4,
@@ -235,27 +240,23 @@ fn params(conntrack_size: u32) -> Params {
 fn vips() -> Vec<DesiredVip> {
     let v4 = |net: u8| (11..21).map(move |i| IpAddr::from([10, net, 0, i]));
     let v6 = |net: u16| (0x11..0x1b).map(move |i| IpAddr::from(Ipv6Addr::new(net, 0, 0, 0, 0, 0, 0, i)));
-    let vip = |name: &str, addr: IpAddr, port: u16, proto: u8, mode: u8, backends: Vec<IpAddr>| DesiredVip {
-        name: name.into(),
-        key: xlb::addr::vip_key(addr, port, proto),
-        mode,
-        backends: kit::backends(backends),
-        leave: Leave::Drain,
-        hold: false,
+    let vip = |name: &str, ip: IpAddr, port: u16, protocol, forward, addrs: Vec<IpAddr>| DesiredVip {
+        forward,
+        ..plane::dr_vip(name, ip, port, protocol, backends(addrs))
     };
     vec![
-        vip("dr4", VIP4_DR.into(), 80, PROTO_TCP, MODE_DR, v4(0).collect()),
-        vip("dr4-udp", VIP4_DR.into(), 53, PROTO_UDP, MODE_DR, v4(0).collect()),
-        vip("dr6", VIP6_DR.into(), 80, PROTO_TCP, MODE_DR, v6(0xfd00).collect()),
-        vip("tun4", VIP4_TUN.into(), 80, PROTO_TCP, MODE_TUN, v4(2).collect()),
-        vip("tun4-udp", VIP4_TUN.into(), 53, PROTO_UDP, MODE_TUN, v4(2).collect()),
-        vip("tun6", VIP6_TUN.into(), 80, PROTO_TCP, MODE_TUN, v6(0xfd02).collect()),
+        vip("dr4", VIP4_DR.into(), 80, Protocol::Tcp, Forward::Dr, v4(0).collect()),
+        vip("dr4-udp", VIP4_DR.into(), 53, Protocol::Udp, Forward::Dr, v4(0).collect()),
+        vip("dr6", VIP6_DR.into(), 80, Protocol::Tcp, Forward::Dr, v6(0xfd00).collect()),
+        vip("tun4", VIP4_TUN.into(), 80, Protocol::Tcp, Forward::Tun, v4(2).collect()),
+        vip("tun4-udp", VIP4_TUN.into(), 53, Protocol::Udp, Forward::Tun, v4(2).collect()),
+        vip("tun6", VIP6_TUN.into(), 80, Protocol::Tcp, Forward::Tun, v6(0xfd02).collect()),
     ]
 }
 
 struct Measured {
     case: Case,
-    plane: Loaded,
+    plane: Plane,
     samples: Vec<f64>,
     wall: Vec<f64>,
     events: u64,
@@ -310,17 +311,17 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
 
 fn measure_all(runs: usize, packets: u32, ifindex: u32, t0_mac: [u8; 6]) -> anyhow::Result<Vec<Row>> {
     let pinned = kit::pin_thread(kit::bench_cpu());
-    let mut reference = Loaded::new(params(262_144), LB_MAC)?;
+    let mut reference = Plane::new(params(262_144))?;
     reference.apply(&vips())?;
     let mut baselines = Vec::new();
     for name in ["xdp_tx", "xdp_macswap"] {
-        let ebpf = helpers::load(name).with_context(|| format!("cannot load {name}"))?;
+        let ebpf = aux::load(name).with_context(|| format!("cannot load {name}"))?;
         baselines.push(Baseline { name, ebpf, samples: Vec::new(), wall: Vec::new() });
     }
     let mut measured = Vec::new();
     for case in all_cases() {
         let conntrack = if case.kind == Kind::SynEvict { SMALL_CONNTRACK } else { 262_144 };
-        let mut plane = Loaded::new(params(conntrack), LB_MAC)?;
+        let mut plane = Plane::new(params(conntrack))?;
         plane.apply(&vips())?;
         prepare(&case, &plane, &reference, packets, ifindex, t0_mac)
             .with_context(|| format!("preparing {}", case.name()))?;
@@ -342,13 +343,13 @@ fn measure_all(runs: usize, packets: u32, ifindex: u32, t0_mac: [u8; 6]) -> anyh
             let frames: Vec<Vec<u8>> = flows.map(|k| case.frame(k)).collect();
             let expected = frames
                 .iter()
-                .map(|f| kit::outcome(reference.program(), f, ifindex))
+                .map(|f| plane::outcome(reference.program(), f, ifindex))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let (events, reason) = case.expect();
-            let before = m.plane.maps.global_stats()?;
+            let before = m.plane.counters.global()?;
             let (ns, wall) =
                 timed(m.plane.program(), &frames, &expected, ifindex).with_context(|| case.name())?;
-            let after = m.plane.maps.global_stats()?;
+            let after = m.plane.counters.global()?;
             let got = after.reasons[reason as usize].packets - before.reasons[reason as usize].packets;
             ensure!(
                 got == packets as u64,
@@ -420,15 +421,15 @@ fn measure_all(runs: usize, packets: u32, ifindex: u32, t0_mac: [u8; 6]) -> anyh
 /// checks the reference against the control plane's model on a flow.
 fn prepare(
     case: &Case,
-    plane: &Loaded,
-    reference: &Loaded,
+    plane: &Plane,
+    reference: &Plane,
     packets: u32,
     ifindex: u32,
     t0_mac: [u8; 6],
 ) -> anyhow::Result<()> {
     check_model(case, reference, ifindex, t0_mac)?;
     let establish = |frame: Vec<u8>| -> anyhow::Result<()> {
-        let out = kit::outcome(plane.program(), &frame, ifindex)?;
+        let out = plane::outcome(plane.program(), &frame, ifindex)?;
         ensure!(out.action == XDP_TX, "set-up packet not forwarded: action {}", out.action);
         Ok(())
     };
@@ -446,9 +447,9 @@ fn prepare(
 
 /// The reference instance's output for flow 0 against what the control
 /// plane's model says it must be.
-fn check_model(case: &Case, reference: &Loaded, ifindex: u32, t0_mac: [u8; 6]) -> anyhow::Result<()> {
+fn check_model(case: &Case, reference: &Plane, ifindex: u32, t0_mac: [u8; 6]) -> anyhow::Result<()> {
     let frame = case.frame(0);
-    let out = kit::outcome(reference.program(), &frame, ifindex)?;
+    let out = plane::outcome(reference.program(), &frame, ifindex)?;
     if case.kind == Kind::NotVip {
         ensure!(out == Outcome { action: XDP_PASS, frame }, "{}: not passed untouched", case.name());
         return Ok(());
@@ -457,11 +458,9 @@ fn check_model(case: &Case, reference: &Loaded, ifindex: u32, t0_mac: [u8; 6]) -
     let flow = case.flow(0);
     let backend = reference.expected_backend(&flow).context("no backend in the model")?;
     let f = &out.frame;
-    match (case.mode, backend) {
+    match (case.mode, backend.addr) {
         (Mode::Dr, _) => {
-            let vip = &reference.reconciler.vips()[&flow.vip_key()];
-            let mac = vip.backends[&backend].mac.context("backend without MAC")?;
-            let mut want = mac.to_vec();
+            let mut want = backend.mac.to_vec();
             want.extend(LB_MAC);
             want.extend(&frame[12..]);
             ensure!(*f == want, "{}: DR frame differs from the model", case.name());
@@ -500,7 +499,7 @@ fn timed(
     let mut kernel_ns = 0u64;
     let start = std::time::Instant::now();
     for (i, (frame, want)) in frames.iter().zip(expected).enumerate() {
-        let (action, len, ns) = kit::test_run(program, frame, ifindex, &mut out)?;
+        let (action, len, ns) = plane::test_run(program, frame, ifindex, &mut out)?;
         if action != want.action || out[..len] != want.frame[..] {
             bail!(
                 "packet {i}: got action {action} and {} bytes, expected action {} and {} bytes{}",

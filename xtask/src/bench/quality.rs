@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use lb_common::BackendId;
-use xlb::maglev::{self, Entry};
+use xlb::control::maglev::{self, Entry};
 
 use super::{
     Opts,

@@ -21,18 +21,23 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use lb_common::{Event, GlobalStats, MODE_DR, MODE_TUN, PROTO_TCP, PROTO_UDP, Reason, limits};
+use lb_common::{Event, GlobalStats, Reason, limits};
 use xlb::{
-    dataplane::Geometry,
-    helpers,
-    loader::Params,
-    reconcile::{DesiredVip, Leave},
+    config::Capacities,
+    control::desired::DesiredVip,
+    dataplane::Counters as _,
+    model::{Forward, Protocol, format_mac},
 };
-use xlb_tests::{netns::Netns, unique_id};
+use xlb_tests::{
+    aux,
+    netns::Netns,
+    plane::{Params, Plane, backends, dr_vip},
+    unique_id,
+};
 
 use super::{
     Opts,
-    kit::{self, Group, Loaded, TempDir},
+    kit::{self, Group, TempDir},
     report::{Row, Section, Target, median},
 };
 
@@ -44,7 +49,7 @@ const FLOWS: u32 = 1024;
 /// The two namespaces and the veth between them; torn down on drop
 /// (helper programs first).
 struct Pair {
-    _drop_on_g0: helpers::Attached,
+    _drop_on_g0: aux::Attached,
     lb: Netns,
     gen_ns: Netns,
     g0_mac: [u8; 6],
@@ -72,10 +77,10 @@ impl Pair {
         let (_, x0_mac) = lb.link("x0")?;
         // TUN: the backends' network is routed back toward the generator.
         lb.ip("route add 10.2.0.0/24 via 10.1.0.254")?;
-        lb.ip(&format!("neigh add 10.1.0.254 lladdr {} nud permanent dev x0", kit::format_mac(&g0_mac)))?;
+        lb.ip(&format!("neigh add 10.1.0.254 lladdr {} nud permanent dev x0", format_mac(&g0_mac)))?;
         lb.sysctl(&["net.ipv4.conf.x0.forwarding=1"])?;
         // veth delivers XDP_TX frames only to a peer running XDP.
-        let drop = helpers::attach("xdp_drop", "g0", Some(&gen_ns.path()))?;
+        let drop = aux::attach("xdp_drop", "g0", &gen_ns)?;
         Ok(Pair { _drop_on_g0: drop, lb, gen_ns, g0_mac, x0_mac })
     }
 }
@@ -133,7 +138,7 @@ impl Generator {
 
 /// trafgen's packet configuration: 60-byte frames to x0.
 fn trafgen_config(pair: &Pair, traffic: Traffic) -> String {
-    let eth = format!("eth(da={}, sa={})", kit::format_mac(&pair.x0_mac), kit::format_mac(&pair.g0_mac));
+    let eth = format!("eth(da={}, sa={})", format_mac(&pair.x0_mac), format_mac(&pair.g0_mac));
     let mut conf = String::new();
     match traffic {
         Traffic::Established(vip) => {
@@ -171,7 +176,7 @@ impl Pktgen {
     }
 
     fn start(pair: &Pair, vip: Ipv4Addr) -> anyhow::Result<Pktgen> {
-        let dst_mac = kit::format_mac(&pair.x0_mac);
+        let dst_mac = format_mac(&pair.x0_mac);
         pair.gen_ns.run(|| -> anyhow::Result<()> {
             // /proc/thread-self/net: this thread's namespace, not the process's.
             let pg = Path::new("/proc/thread-self/net/pktgen");
@@ -202,16 +207,8 @@ impl Pktgen {
             Ok(())
         })?;
         let gen_ns_path = pair.gen_ns.path();
-        let path = gen_ns_path.clone();
         // "start" blocks until "stop".
-        let thread = std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path)?;
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            std::fs::write("/proc/thread-self/net/pktgen/pgctrl", "start")
-        });
+        let thread = pair.gen_ns.spawn(|| std::fs::write("/proc/thread-self/net/pktgen/pgctrl", "start"));
         Ok(Pktgen { gen_ns_path, thread: Some(thread) })
     }
 }
@@ -219,13 +216,9 @@ impl Pktgen {
 impl Drop for Pktgen {
     fn drop(&mut self) {
         let path = self.gen_ns_path.clone();
-        let stop = std::thread::spawn(move || -> std::io::Result<()> {
-            let ns = std::fs::File::open(&path)?;
-            // SAFETY: as above.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            std::fs::write("/proc/thread-self/net/pktgen/pgctrl", "stop")
+        let stop = std::thread::spawn(move || -> anyhow::Result<()> {
+            xlb_tests::netns::enter(&path)?;
+            Ok(std::fs::write("/proc/thread-self/net/pktgen/pgctrl", "stop")?)
         });
         let _ = stop.join();
         if let Some(t) = self.thread.take() {
@@ -259,7 +252,7 @@ struct Measured {
 
 fn xlb_params() -> Params {
     Params {
-        geometry: Geometry { table_size: 65_537, max_vips: 8, max_backends: 64, conntrack_size: 262_144 },
+        capacities: Capacities { table_size: 65_537, max_vips: 8, max_backends: 64, conntrack_size: 262_144 },
         conn_insert_limit: limits::DEFAULT_CONN_INSERT_LIMIT,
         tun_source_v4: Ipv4Addr::new(10, 1, 0, 2),
         tun_source_v6: std::net::Ipv6Addr::UNSPECIFIED,
@@ -267,19 +260,15 @@ fn xlb_params() -> Params {
 }
 
 fn xlb_vips() -> Vec<DesiredVip> {
-    let vip = |name: &str, addr: Ipv4Addr, port, proto, mode, net: u8| DesiredVip {
-        name: name.into(),
-        key: xlb::addr::vip_key(addr.into(), port, proto),
-        mode,
-        backends: kit::backends((11..21).map(|i| [10, net, 0, i].into())),
-        leave: Leave::Drain,
-        hold: false,
+    let vip = |name: &str, addr: Ipv4Addr, port, protocol, forward, net: u8| DesiredVip {
+        forward,
+        ..dr_vip(name, addr.into(), port, protocol, backends((11..21).map(|i| [10, net, 0, i].into())))
     };
     vec![
-        vip("dr", VIP_DR, 80, PROTO_TCP, MODE_DR, 0),
-        vip("dr-udp", VIP_DR, 53, PROTO_UDP, MODE_DR, 0),
-        vip("tun", VIP_TUN, 80, PROTO_TCP, MODE_TUN, 2),
-        vip("tun-udp", VIP_TUN, 53, PROTO_UDP, MODE_TUN, 2),
+        vip("dr", VIP_DR, 80, Protocol::Tcp, Forward::Dr, 0),
+        vip("dr-udp", VIP_DR, 53, Protocol::Udp, Forward::Dr, 0),
+        vip("tun", VIP_TUN, 80, Protocol::Tcp, Forward::Tun, 2),
+        vip("tun-udp", VIP_TUN, 53, Protocol::Udp, Forward::Tun, 2),
     ]
 }
 
@@ -345,21 +334,21 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
         },
     ];
     let mut results = Vec::new();
-    let mut xlb: Option<Loaded> = None;
-    let mut helper: Option<(&str, helpers::Attached)> = None;
+    let mut xlb: Option<Plane> = None;
+    let mut helper: Option<(&str, aux::Attached)> = None;
     for case in &cases {
         match case.under {
             Under::Helper(name) => {
                 if helper.as_ref().map(|h| h.0) != Some(name) {
                     // One XDP program per interface: detach the previous one first.
                     drop(helper.take());
-                    helper = Some((name, helpers::attach(name, "x0", Some(&pair.lb.path()))?));
+                    helper = Some((name, aux::attach(name, "x0", &pair.lb)?));
                 }
             }
             Under::Xlb => {
                 helper = None;
                 if xlb.is_none() {
-                    let mut loaded = Loaded::new(xlb_params(), pair.x0_mac)?;
+                    let mut loaded = Plane::with_mac(xlb_params(), pair.x0_mac)?;
                     loaded.apply(&xlb_vips())?;
                     loaded.attach(&pair.lb, "x0")?;
                     xlb = Some(loaded);
@@ -436,7 +425,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
 fn measure(
     pair: &Pair,
     case: &Case,
-    xlb: Option<&Loaded>,
+    xlb: Option<&Plane>,
     dir: &Path,
     use_pktgen: bool,
     warmup: f64,
@@ -457,7 +446,7 @@ fn measure(
             generator.check()?;
         }
     }
-    let stats_before = xlb.map(|x| x.maps.global_stats()).transpose()?;
+    let stats_before = xlb.map(|x| x.counters.global()).transpose()?;
     let first = kit::counters(&pair.lb, "x0")?;
     let mut last = first;
     let (mut rates, mut offered) = (Vec::new(), Vec::new());
@@ -472,7 +461,7 @@ fn measure(
         last = now;
     }
     generator.check()?;
-    let stats_after = xlb.map(|x| x.maps.global_stats()).transpose()?;
+    let stats_after = xlb.map(|x| x.counters.global()).transpose()?;
     let name = generator.name();
     drop(generator);
     if rates.iter().all(|r| *r == 0.0) {

@@ -4,10 +4,15 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
-use xlb::{addr, dataplane::Geometry, reconcile::DesiredBackend};
+use xlb::{
+    config::Capacities,
+    control::desired::DesiredBackend,
+    dataplane::{Counters as _, wire::addr_to_wire},
+    model::{Protocol, VipAddr},
+};
 use xlb_tests::{
     frames::*,
-    testrun::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip as vip, params},
+    plane::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip as vip, params},
 };
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -21,17 +26,17 @@ fn backends(addrs: &[IpAddr]) -> Vec<DesiredBackend> {
 }
 
 fn plane() -> Plane {
-    let geometry = Geometry { table_size: 65_537, max_vips: 8, max_backends: 64, conntrack_size: 4096 };
-    let mut plane = Plane::new(params(geometry)).expect("load program xlb");
+    let capacities = Capacities { table_size: 65_537, max_vips: 8, max_backends: 64, conntrack_size: 4096 };
+    let mut plane = Plane::new(params(capacities)).expect("load program xlb");
     let v4: Vec<IpAddr> = (11..14).map(|i| IpAddr::from([10, 0, 0, i])).collect();
     let v6: Vec<IpAddr> =
         (0x11..0x14).map(|i| IpAddr::from(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i))).collect();
     plane
         .apply(&[
-            vip("web4", VIP4.into(), 80, PROTO_TCP, backends(&v4)),
-            vip("dns4", VIP4.into(), 53, PROTO_UDP, backends(&v4)),
-            vip("web6", VIP6.into(), 80, PROTO_TCP, backends(&v6)),
-            vip("empty", EMPTY_VIP4.into(), 80, PROTO_TCP, vec![]),
+            vip("web4", VIP4.into(), 80, Protocol::Tcp, backends(&v4)),
+            vip("dns4", VIP4.into(), 53, Protocol::Udp, backends(&v4)),
+            vip("web6", VIP6.into(), 80, Protocol::Tcp, backends(&v6)),
+            vip("empty", EMPTY_VIP4.into(), 80, Protocol::Tcp, vec![]),
         ])
         .expect("apply");
     plane
@@ -219,7 +224,7 @@ fn frames_get_the_expected_action_output_and_counters() {
     for case in cases() {
         let (reason, expected) = match &case.expect {
             Expect::Forward(flow) => {
-                let (_, mac) = plane.expected_backend(flow).expect("model has a backend for the flow");
+                let mac = plane.expected_backend(flow).expect("model has a backend for the flow").mac;
                 let mut out = case.frame.clone();
                 out[0..6].copy_from_slice(&mac);
                 out[6..12].copy_from_slice(&LB_MAC);
@@ -249,21 +254,20 @@ fn frames_get_the_expected_action_output_and_counters() {
 #[test]
 fn vip_and_backend_counters_follow_forwarded_packets() {
     let plane = plane();
-    let key = addr::vip_key(VIP4.into(), 80, PROTO_TCP);
-    let vip_id = plane.reconciler.vips()[&key].id;
+    let vip_id = plane.reconciler.vips()[&VipAddr { ip: VIP4.into(), port: 80, protocol: Protocol::Tcp }].id;
     let mut per_backend = std::collections::BTreeMap::<u16, u64>::new();
     for sport in 1000..1300u16 {
         let frame = tcp4(sport, VIP4, 80);
-        let (id, _) = plane.expected_backend(&flow4(PROTO_TCP, sport, VIP4, 80)).unwrap();
+        let id = plane.expected_backend(&flow4(PROTO_TCP, sport, VIP4, 80)).unwrap().id;
         *per_backend.entry(id).or_default() += 1;
         assert_eq!(plane.run(&frame).unwrap().action, XDP_TX);
     }
     let frame_len = tcp4(1, VIP4, 80).len() as u64;
-    let vip = plane.maps.vip_stats(vip_id).unwrap();
+    let vip = plane.counters.vip(vip_id).unwrap();
     assert_eq!((vip.packets, vip.bytes), (300, 300 * frame_len));
     assert_eq!(per_backend.len(), 3, "300 flows reach all three backends");
     for (id, n) in per_backend {
-        let c = plane.maps.backend_stats(id).unwrap();
+        let c = plane.counters.backend(id).unwrap();
         assert_eq!((c.packets, c.bytes), (n, n * frame_len), "backend id {id}");
     }
 }
@@ -276,7 +280,7 @@ fn a_changed_backend_set_takes_effect_at_once() {
         weight: 1,
         mac: Some([0x02, 0, 0, 0, 9, 9]),
     }];
-    plane.apply(&[vip("web4", VIP4.into(), 80, PROTO_TCP, one)]).unwrap();
+    plane.apply(&[vip("web4", VIP4.into(), 80, Protocol::Tcp, one)]).unwrap();
     for sport in 2000..2050u16 {
         let out = plane.run(&tcp4(sport, VIP4, 80)).unwrap();
         assert_eq!(out.action, XDP_TX);
@@ -291,7 +295,7 @@ fn a_changed_backend_set_takes_effect_at_once() {
 fn filter_of(addrs: &[IpAddr]) -> Vec<u64> {
     let mut words = vec![0u64; lb_common::VIP_FILTER_WORDS as usize];
     for a in addrs {
-        let (bytes, family) = addr::to_bytes(*a);
+        let (bytes, family) = addr_to_wire(*a);
         let bit = lb_common::vip_filter_bit(&bytes, family);
         words[(bit / 64) as usize] |= 1 << (bit % 64);
     }
@@ -302,16 +306,16 @@ fn filter_of(addrs: &[IpAddr]) -> Vec<u64> {
 fn the_vip_filter_holds_exactly_the_vip_addresses() {
     let mut plane = plane();
     let all = [VIP4.into(), VIP6.into(), EMPTY_VIP4.into()];
-    assert_eq!(plane.maps.vip_filter().unwrap(), filter_of(&all));
+    assert_eq!(plane.maps.store().vip_filter().unwrap(), filter_of(&all));
 
     // web4 and dns4 share an address: the bit stays while one is left.
     let v4 = backends(&[IpAddr::from([10, 0, 0, 11])]);
-    plane.apply(&[vip("dns4", VIP4.into(), 53, PROTO_UDP, v4.clone())]).unwrap();
-    assert_eq!(plane.maps.vip_filter().unwrap(), filter_of(&[VIP4.into()]));
+    plane.apply(&[vip("dns4", VIP4.into(), 53, Protocol::Udp, v4.clone())]).unwrap();
+    assert_eq!(plane.maps.store().vip_filter().unwrap(), filter_of(&[VIP4.into()]));
     assert_eq!(plane.run(&v4_frame(CLIENT4, VIP4, PROTO_UDP, &udp(1, 53, b"q"))).unwrap().action, XDP_TX);
 
     plane.apply(&[]).unwrap();
-    assert!(plane.maps.vip_filter().unwrap().iter().all(|w| *w == 0));
+    assert!(plane.maps.store().vip_filter().unwrap().iter().all(|w| *w == 0));
     let before = plane.reason(Reason::PassNotVip).unwrap().packets;
     assert_eq!(plane.run(&tcp4(1, VIP4, 80)).unwrap().action, XDP_PASS);
     assert_eq!(plane.reason(Reason::PassNotVip).unwrap().packets, before + 1);

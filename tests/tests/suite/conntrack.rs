@@ -10,27 +10,26 @@ use std::{
 
 use lb_common::{Event, PROTO_TCP, PROTO_UDP, Reason};
 use xlb::{
-    dataplane::{Geometry, MapReader as _, MapWriter as _},
-    loader::Params,
-    reconcile::DesiredVip,
+    config::Capacities, control::desired::DesiredVip, dataplane::Counters as _, dataplane::loader::Params,
+    model::Protocol,
 };
 use xlb_tests::{
     frames::*,
-    testrun::{Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, params},
+    plane::{Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, params},
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 
 fn plane(conn_insert_limit: u64) -> Plane {
-    let geometry = Geometry { table_size: 251, max_vips: 4, max_backends: 32, conntrack_size: 4096 };
-    Plane::new(Params { conn_insert_limit, ..params(geometry) }).expect("load program xlb")
+    let capacities = Capacities { table_size: 251, max_vips: 4, max_backends: 32, conntrack_size: 4096 };
+    Plane::new(Params { conn_insert_limit, ..params(capacities) }).expect("load program xlb")
 }
 
 /// Backends 10.0.0.1..=n (MAC tag = last byte) with the given weights.
 fn web(weights: &[(u8, u32)]) -> DesiredVip {
     let backends = weights.iter().map(|&(b, w)| backend(IpAddr::from([10, 0, 0, b]), w, b)).collect();
-    dr_vip("web", VIP.into(), 80, PROTO_TCP, backends)
+    dr_vip("web", VIP.into(), 80, Protocol::Tcp, backends)
 }
 
 fn tcp_frame(sport: u16, flags: u8) -> Vec<u8> {
@@ -80,7 +79,7 @@ fn established_flows_stay_across_table_changes_and_syns_choose_afresh() {
 fn udp_flows_are_recorded_too() {
     let before = web(&[(1, 1), (2, 1)]);
     let after = web(&[(1, 1), (2, 1), (3, 1)]);
-    let udp_vip = |v: &DesiredVip| dr_vip("dns", VIP.into(), 53, PROTO_UDP, v.backends.clone());
+    let udp_vip = |v: &DesiredVip| dr_vip("dns", VIP.into(), 53, Protocol::Udp, v.backends.clone());
     let frame = |p: u16| v4_frame(CLIENT, VIP, PROTO_UDP, &udp(p, 53, b"q"));
     let mut plane = plane(0);
     plane.apply(&[udp_vip(&before)]).unwrap();
@@ -127,7 +126,7 @@ fn an_established_flow_of_a_removed_vip_goes_to_the_host() {
     let mut plane = plane(0);
     plane.apply(&[web(&[(1, 1), (2, 1)])]).unwrap();
     sent_to(&plane, &tcp_frame(4000, TCP_SYN));
-    assert_eq!(plane.maps.conntrack_entries(), 1);
+    assert_eq!(plane.counters.conntrack_entries(), 1);
     plane.apply(&[]).unwrap();
     let ack = tcp_frame(4000, TCP_ACK);
     let out = plane.run(&ack).unwrap();
@@ -142,14 +141,14 @@ fn a_table_entry_naming_another_vips_backend_is_neither_used_nor_recorded() {
     let mut plane = plane(0);
     let want = web(&[(1, 1)]);
     plane.apply(std::slice::from_ref(&want)).unwrap();
-    let id = plane.reconciler.vips()[&want.key].backends[&IpAddr::from([10, 0, 0, 1])].id;
-    let mut info = plane.maps.backend(id).unwrap();
-    info.vip_id += 1;
-    plane.maps.put_backend(id, &info).unwrap();
+    let id = plane.reconciler.vips()[&want.addr].backends[&IpAddr::from([10, 0, 0, 1])].id;
+    let mut entry = plane.maps.backend(id).unwrap().unwrap();
+    entry.vip += 1;
+    plane.maps.put_backend(id, &entry).unwrap();
     let out = plane.run(&tcp_frame(4100, TCP_SYN)).unwrap();
     assert_eq!(out.action, XDP_DROP);
     assert_eq!(plane.reason(Reason::DropNoBackend).unwrap().packets, 1);
-    assert_eq!(plane.maps.conntrack_entries(), 0, "nothing recorded for the flow");
+    assert_eq!(plane.counters.conntrack_entries(), 0, "nothing recorded for the flow");
 }
 
 #[test]
@@ -161,5 +160,5 @@ fn the_flood_guard_stops_recording_new_flows_beyond_the_limit() {
     }
     assert_eq!(plane.event(Event::ConnNew).unwrap(), 20, "every SYN still gets a backend");
     assert_eq!(plane.event(Event::ConnInsertSkipped).unwrap(), 15);
-    assert_eq!(plane.maps.conntrack_entries(), 5, "established entries are not pushed out");
+    assert_eq!(plane.counters.conntrack_entries(), 5, "established entries are not pushed out");
 }

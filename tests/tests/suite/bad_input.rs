@@ -6,10 +6,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{Event, PROTO_TCP, PROTO_UDP, Reason};
-use xlb::dataplane::Geometry;
+use xlb::{config::Capacities, model::Protocol};
 use xlb_tests::{
     frames::*,
-    testrun::{Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip, params},
+    plane::{Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip, params},
 };
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -20,16 +20,16 @@ const PROTO_ICMP: u8 = 1;
 const PROTO_ICMPV6: u8 = 58;
 
 fn plane() -> Plane {
-    let geometry = Geometry { table_size: 251, max_vips: 8, max_backends: 32, conntrack_size: 1024 };
-    let mut plane = Plane::new(params(geometry)).unwrap();
+    let capacities = Capacities { table_size: 251, max_vips: 8, max_backends: 32, conntrack_size: 1024 };
+    let mut plane = Plane::new(params(capacities)).unwrap();
     let v4: Vec<_> = (1..4).map(|i| backend(IpAddr::from([10, 0, 0, i]), 1, i)).collect();
     let v6: Vec<_> =
         (1..4).map(|i| backend(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i as u16).into(), 1, i)).collect();
     plane
         .apply(&[
-            dr_vip("tcp4", VIP4.into(), 80, PROTO_TCP, v4.clone()),
-            dr_vip("udp4", VIP4.into(), 53, PROTO_UDP, v4),
-            dr_vip("tcp6", VIP6.into(), 80, PROTO_TCP, v6),
+            dr_vip("tcp4", VIP4.into(), 80, Protocol::Tcp, v4.clone()),
+            dr_vip("udp4", VIP4.into(), 53, Protocol::Udp, v4),
+            dr_vip("tcp6", VIP6.into(), 80, Protocol::Tcp, v6),
         ])
         .unwrap();
     plane

@@ -3,11 +3,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::{TestRun as _, TestRunOptions, maps::PerCpuArray};
+use aya::maps::PerCpuArray;
 use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, maps};
 use xlb_tests::{
     frames::*,
-    testrun::{Outcome, XDP_PASS},
+    plane::{Outcome, XDP_PASS, outcome},
 };
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -31,20 +31,11 @@ impl Decap {
     fn new() -> Decap {
         xlb_tests::require_root();
         let vips = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
-        Decap { ebpf: xlb::decap::load_detached(&vips).expect("xlb_decap loads") }
+        Decap { ebpf: xlb::dataplane::decap::load_detached(&vips).expect("xlb_decap loads") }
     }
 
     fn run(&mut self, frame: &[u8]) -> Outcome {
-        let mut out = vec![0u8; frame.len() + 64];
-        let result = xlb::decap::program_mut(&mut self.ebpf)
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .expect("test run");
-        out.truncate(result.data_size_out as usize);
-        Outcome { action: result.return_value, frame: out }
+        outcome(xlb::dataplane::decap::program_mut(&mut self.ebpf), frame, 0).expect("test run")
     }
 
     /// (decapsulated, passed, not ours), summed over CPUs.

@@ -7,12 +7,17 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::{Event, FAMILY_V4, FAMILY_V6, FlowKey, MODE_TUN, PROTO_TCP, Reason};
-use xlb::{dataplane::Geometry, loader::Params, reconcile::DesiredVip};
+use lb_common::{Event, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, Reason};
+use xlb::{
+    config::Capacities,
+    control::desired::DesiredVip,
+    dataplane::loader::Params,
+    model::{Forward, Protocol},
+};
 use xlb_tests::{
     frames::*,
     netns::Netns,
-    testrun::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, params},
+    plane::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, params},
     unique_id,
 };
 
@@ -45,13 +50,13 @@ fn fib_net() -> FibNet {
 
 fn tun_vip(name: &str, vip: IpAddr, backends: &[IpAddr]) -> DesiredVip {
     let list = backends.iter().enumerate().map(|(i, a)| backend(*a, 1, i as u8 + 1)).collect();
-    DesiredVip { mode: MODE_TUN, ..dr_vip(name, vip, 80, PROTO_TCP, list) }
+    DesiredVip { forward: Forward::Tun, ..dr_vip(name, vip, 80, Protocol::Tcp, list) }
 }
 
 fn plane() -> Plane {
-    let geometry = Geometry { table_size: 251, max_vips: 8, max_backends: 32, conntrack_size: 1024 };
+    let capacities = Capacities { table_size: 251, max_vips: 8, max_backends: 32, conntrack_size: 1024 };
     let mut plane =
-        Plane::new(Params { tun_source_v4: LB4, tun_source_v6: LB6, ..params(geometry) }).unwrap();
+        Plane::new(Params { tun_source_v4: LB4, tun_source_v6: LB6, ..params(capacities) }).unwrap();
     let v4 = |c: u8, d: u8| IpAddr::from([10, c, 0, d]);
     let v6 = |d: u16| IpAddr::from(Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, d));
     plane
@@ -92,9 +97,7 @@ fn tcp6(sport: u16, ip_len: usize) -> Vec<u8> {
 }
 
 fn backend_addr(plane: &Plane, flow: &FlowKey) -> IpAddr {
-    let (id, _) = plane.expected_backend(flow).unwrap();
-    let vip = &plane.reconciler.vips()[&flow.vip_key()];
-    *vip.backends.iter().find(|(_, b)| b.id == id).unwrap().0
+    plane.expected_backend(flow).unwrap().addr
 }
 
 /// The outer IPv4 header xlb must write, with the ID it chose.
@@ -130,7 +133,7 @@ fn established_flows_follow_a_change_of_forwarding_mode() {
     let (net, mut plane) = (fib_net(), plane());
     let addrs = [IpAddr::from([10, 2, 0, 11]), IpAddr::from([10, 2, 0, 12])];
     let tun = tun_vip("tun4", VIP4.into(), &addrs);
-    let dr = DesiredVip { mode: lb_common::MODE_DR, ..tun.clone() };
+    let dr = DesiredVip { forward: Forward::Dr, ..tun.clone() };
     let syn = v4_frame(CLIENT4, VIP4, PROTO_TCP, &tcp(41000, 80, TCP_SYN, b""));
     let ack = tcp4(VIP4, 41000, 100, true);
     let is_dr = |out: &Outcome, sent: &[u8]| {
@@ -147,9 +150,9 @@ fn established_flows_follow_a_change_of_forwarding_mode() {
     for (want, label) in [(&tun, "DR → TUN"), (&dr, "TUN → DR")] {
         plane.apply(std::slice::from_ref(want)).unwrap();
         let out = run(&net, &plane, &ack);
-        let ok = if want.mode == MODE_TUN { is_tun(&out, &ack) } else { is_dr(&out, &ack) };
+        let ok = if want.forward == Forward::Tun { is_tun(&out, &ack) } else { is_dr(&out, &ack) };
         assert!(ok, "{label}: {out:?}");
-        if want.mode != MODE_TUN {
+        if want.forward != Forward::Tun {
             assert_eq!(out.frame[5], first.frame[5], "{label}: the same backend throughout");
         }
     }

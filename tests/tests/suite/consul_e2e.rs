@@ -7,7 +7,7 @@ use std::{
 };
 
 use serde_json::json;
-use xlb::dataplane::{KernelMaps, MapReader as _};
+use xlb::dataplane::{BackendUse, Maps};
 use xlb_tests::{
     consul_fake::FakeConsul,
     daemon::Daemon,
@@ -73,14 +73,14 @@ fn backends_follow_consul_health_and_survive_its_outage() {
 
     // Health to table: fail be2's check, time until its id stops taking
     // flows (the table without it is live by then); pass it, it returns.
-    let maps = KernelMaps::open(&xlb::config::default_pin_dir(&lab.lb_if)).unwrap();
+    let maps = Maps::open_pinned(&xlb::config::default_pin_dir(&lab.lb_if)).unwrap();
     let be2: IpAddr = lab.backends[1].v4.into();
     let mut latencies = Vec::new();
     for _ in 0..10 {
         let id = table_id(&daemon, be2).expect("be2 in the table");
         let started = Instant::now();
         consul.fail(&check(&lab, 1));
-        while maps.backend(id).unwrap().flags != 0 {
+        while maps.backend(id).unwrap().is_ok_and(|e| e.used != BackendUse::Unused) {
             assert!(started.elapsed() < Duration::from_secs(1), "be2 still in the table after 1 s");
             std::thread::sleep(Duration::from_micros(500));
         }

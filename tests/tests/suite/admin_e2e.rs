@@ -195,7 +195,7 @@ fn drains_survive_a_restart() {
     assert_eq!(api(&lab, "POST", &format!("/api/v1/vips/web/backends/{be1}/drain"), None, None).status, 200);
     daemon.restart(&lab.lb).unwrap();
     assert_eq!(spread(&lab, 40), ["be2"], "still drained after the restart");
-    let _ = std::fs::remove_file(xlb::overrides::Overrides::path(&lab.lb_if));
+    let _ = std::fs::remove_file(xlb::files::RunFiles::new(&lab.lb_if).overrides());
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::{
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use xlb::consul::{
+use xlb::discovery::consul::{
     AddressSource, Client, ConsulError, ConsulSettings, Instance, Problem, ServiceQuery, Unusable, Update,
     WarningPolicy, WatchOptions, watch_with,
 };
