@@ -4,7 +4,7 @@
 #   sudo ./scripts/setup.sh            install what is missing, build, run `cargo xtask demo`
 #   sudo ./scripts/setup.sh --no-demo  install and build only (CI)
 #
-# Installs: Debian packages (LLVM matching the nightly's, test tools), the
+# Installs: Debian packages (LLVM matching the nightly's, test tools, BIRD for the fleet tests), the
 # nightly `rust-src` component, bpf-linker built against that LLVM, and
 # cargo-fuzz (the tests fuzz the packet parser).
 # Every step checks first, so running it again is quick.
@@ -44,7 +44,7 @@ echo "nightly uses LLVM $llvm"
 say "Debian packages"
 packages=(
   "llvm-$llvm-dev" "libpolly-$llvm-dev" libzstd-dev zlib1g-dev pkg-config g++
-  iproute2 ethtool iputils-ping procps util-linux tcpdump netsniff-ng iperf3 curl prometheus
+  iproute2 ethtool iputils-ping procps util-linux tcpdump netsniff-ng iperf3 curl prometheus bird2
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
         Command::Drain(a) => cli::change(&a, Change::Drain),
         Command::Undrain(a) => cli::change(&a, Change::Undrain),
         Command::Weight(a) => cli::change(&a.backend, Change::Weight(a.weight)),
+        Command::Announce(a) => cli::announce(a),
         Command::Detach(a) => cli::detach(a),
         Command::Decap(c) => runtime().and_then(|rt| rt.block_on(cli::decap(c))),
     };

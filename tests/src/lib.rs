@@ -6,10 +6,12 @@
 //! tests run in parallel and leave nothing behind when they fail.
 
 pub mod aux;
+pub mod bird;
 pub mod capture;
 pub mod cmd;
 pub mod consul_fake;
 pub mod daemon;
+pub mod fleet;
 pub mod frames;
 pub mod http;
 pub mod lab;

@@ -5,11 +5,11 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{netns::Netns, servers::tcp_ask};
@@ -65,33 +65,74 @@ impl Conversation {
 pub struct Arrivals {
     pub ok: Arc<AtomicU64>,
     pub failed: Arc<AtomicU64>,
-    pub errors: Arc<std::sync::Mutex<Vec<String>>>,
+    troubles: Arc<Mutex<Vec<Trouble>>>,
     thread: JoinHandle<()>,
 }
+
+/// A connection that failed, or took long enough that its SYN must have
+/// been sent again.
+#[derive(Clone, Debug)]
+pub struct Trouble {
+    /// When it was tried, since the stream began.
+    pub at: Duration,
+    pub took: Duration,
+    /// Why it failed; `None`: it succeeded, late.
+    pub error: Option<String>,
+}
+
+/// What a stream of new connections saw.
+#[derive(Debug)]
+pub struct Arrived {
+    pub ok: u64,
+    pub failed: u64,
+    pub troubles: Vec<Trouble>,
+}
+
+impl Arrived {
+    pub fn errors(&self) -> Vec<String> {
+        self.troubles.iter().filter_map(|t| t.error.clone()).collect()
+    }
+
+    /// From the first trouble's start to the last one's end: how long new
+    /// connections could not be made at once.
+    pub fn gap(&self) -> Duration {
+        let start = self.troubles.iter().map(|t| t.at).min().unwrap_or_default();
+        let end = self.troubles.iter().map(|t| t.at + t.took).max().unwrap_or_default();
+        end.saturating_sub(start)
+    }
+}
+
+/// A connection slower than this needed a retransmission.
+const SLOW: Duration = Duration::from_millis(200);
 
 impl Arrivals {
     pub fn start(client: &Netns, addr: SocketAddr, every: Duration, stop: &Arc<AtomicBool>) -> Arrivals {
         let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (o, f, e, s) = (ok.clone(), failed.clone(), errors.clone(), stop.clone());
+        let troubles = Arc::new(Mutex::new(Vec::new()));
+        let (o, f, t, s) = (ok.clone(), failed.clone(), troubles.clone(), stop.clone());
         let thread = client.spawn(move || {
+            let began = Instant::now();
             while !s.load(Ordering::Relaxed) {
-                match tcp_ask(addr) {
+                let at = began.elapsed();
+                let result = tcp_ask(addr);
+                let took = began.elapsed() - at;
+                match result {
                     Ok(_) => o.fetch_add(1, Ordering::Relaxed),
-                    Err(err) => {
-                        e.lock().unwrap().push(err.to_string());
-                        f.fetch_add(1, Ordering::Relaxed)
-                    }
+                    Err(_) => f.fetch_add(1, Ordering::Relaxed),
                 };
+                if result.is_err() || took > SLOW {
+                    let error = result.err().map(|e| e.to_string());
+                    t.lock().unwrap().push(Trouble { at, took, error });
+                }
                 std::thread::sleep(every);
             }
         });
-        Arrivals { ok, failed, errors, thread }
+        Arrivals { ok, failed, troubles, thread }
     }
 
-    pub fn finish(self) -> (u64, u64, Vec<String>) {
+    pub fn finish(self) -> Arrived {
         self.thread.join().expect("arrivals thread");
-        let errors = self.errors.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), errors)
+        let troubles = self.troubles.lock().unwrap().clone();
+        Arrived { ok: self.ok.load(Ordering::Relaxed), failed: self.failed.load(Ordering::Relaxed), troubles }
     }
 }

@@ -73,6 +73,16 @@ pub enum Command {
     /// Change the weight of a statically configured backend until the
     /// config says otherwise (an override, like drain).
     Weight(WeightArgs),
+    /// Withdraw every VIP of this node from BGP for maintenance, or
+    /// announce them again.
+    ///
+    /// `off` removes the node's VIP routes from the announce table (BIRD
+    /// withdraws them, routers move flows to the other nodes), then waits
+    /// `announce.withdraw_wait` before returning, so the node is idle when
+    /// the command ends; forwarding goes on meanwhile. `on` announces again
+    /// every VIP that can serve. Survives restarts. Needs the running daemon
+    /// and an `[announce]` section.
+    Announce(AnnounceArgs),
     /// Detach program `xlb` and remove its pinned maps and link.
     Detach(TargetArgs),
     /// The backend side of TUN mode: program `xlb_decap` strips the outer
@@ -224,6 +234,26 @@ pub struct WeightArgs {
 
     /// New weight, 0 to 10000.
     pub weight: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct AnnounceArgs {
+    /// `off` for maintenance, `on` to serve again.
+    #[arg(value_enum)]
+    pub switch: Switch,
+
+    /// Return once the routes are withdrawn, without waiting for routers.
+    #[arg(long)]
+    pub no_wait: bool,
+
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Debug, Args)]

@@ -79,6 +79,23 @@ impl AdminClient {
         Ok(serde_json::from_slice(&body).context("unexpected status JSON from the admin API")?)
     }
 
+    /// Switches announcing; the daemon's `withdraw_wait` in seconds.
+    pub fn announce(&self, on: bool) -> anyhow::Result<Option<f64>> {
+        let url = format!("{}/api/v1/announce/{}", self.base, if on { "on" } else { "off" });
+        let req = self.http.post(url).header(reqwest::header::CONTENT_TYPE, "application/json");
+        let body = match self.checked(req) {
+            Ok(body) => body,
+            Err(ClientError::Unreachable { url, .. }) => {
+                bail!(
+                    "the daemon's admin API at {url} is not reachable: announcing needs a running `xlb run`"
+                )
+            }
+            Err(ClientError::Other(e)) => return Err(e),
+        };
+        let answer: serde_json::Value = serde_json::from_slice(&body).context("unexpected answer")?;
+        Ok(answer["withdraw_wait"].as_f64())
+    }
+
     pub fn change(&self, vip: &str, backend: IpAddr, change: Change) -> anyhow::Result<()> {
         let base = format!("{}/api/v1/vips/{vip}/backends/{backend}", self.base);
         let req = match change {

@@ -1,5 +1,6 @@
 //! Subcommands: one file per verb, the clap tree in `args`.
 
+mod announce;
 pub mod args;
 mod check;
 mod client;
@@ -13,6 +14,7 @@ mod target;
 #[cfg(test)]
 mod tests;
 
+pub use announce::announce;
 pub use check::check;
 pub use decap::decap;
 pub use detach::detach;

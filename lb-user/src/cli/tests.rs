@@ -73,6 +73,16 @@ fn backend_changes_name_the_vip_the_backend_and_the_weight() {
 }
 
 #[test]
+fn announce_switches_on_or_off() {
+    let cli = parse("xlb announce off --no-wait -i eth0").unwrap();
+    let Command::Announce(a) = &cli.command else { panic!() };
+    assert_eq!((a.switch, a.no_wait), (super::args::Switch::Off, true));
+    assert!(matches!(parse("xlb announce on --config xlb.toml").unwrap().command, Command::Announce(_)));
+    assert!(parse("xlb announce maybe").is_err());
+    assert!(parse("xlb announce").is_err());
+}
+
+#[test]
 fn decap_verbs() {
     let cli =
         parse("xlb decap attach -i eth0 --vip 192.0.2.10 --vip 2001:db8::10 --xdp-mode generic").unwrap();
@@ -91,7 +101,9 @@ fn decap_verbs() {
 
 #[test]
 fn every_verb_explains_itself() {
-    for verb in ["run", "check", "status", "stats", "drain", "undrain", "weight", "detach", "decap"] {
+    for verb in
+        ["run", "check", "status", "stats", "drain", "undrain", "weight", "announce", "detach", "decap"]
+    {
         let help = parse(&format!("xlb {verb} --help")).unwrap_err();
         assert!(help.contains("Usage: xlb"), "{verb}: {help}");
     }

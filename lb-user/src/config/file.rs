@@ -11,12 +11,16 @@ use lb_common::limits;
 use serde::Deserialize;
 
 use super::{
-    AdminConfig, Backend, Backends, Capacities, Config, ConfigError, ConsulSettings, LiveConfig, MAX_WEIGHT,
-    ServiceQuery, StartConfig, TokenSource, Vip, default_pin_dir,
+    AdminConfig, AnnounceConfig, Backend, Backends, Capacities, Config, ConfigError, ConsulSettings,
+    LiveConfig, MAX_WEIGHT, ServiceQuery, StartConfig, TokenSource, Vip, default_pin_dir,
 };
 use crate::model::{Forward, Protocol, Unusable, VipAddr, XdpMode};
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9300";
+/// Where Debian's bird2 puts its control socket.
+pub const DEFAULT_BIRD_SOCKET: &str = "/run/bird/bird.ctl";
+/// The longest `announce.withdraw_wait` accepted.
+const MAX_WITHDRAW_WAIT: u64 = 600;
 /// The longest `drain_timeout` accepted.
 const MAX_DRAIN_SECS: u64 = 86_400;
 
@@ -44,6 +48,7 @@ pub(super) struct File {
     consul: Option<ConsulSettings>,
     #[serde(default)]
     admin: AdminFile,
+    announce: Option<AnnounceFile>,
     #[serde(default, rename = "vip")]
     vips: Vec<VipFile>,
 }
@@ -61,6 +66,16 @@ impl Default for AdminFile {
     fn default() -> Self {
         AdminFile { listen: default_admin_listen(), token: None, token_file: None }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnnounceFile {
+    table: u32,
+    #[serde(default = "default_withdraw_wait")]
+    withdraw_wait: u64,
+    #[serde(default = "default_bird_socket")]
+    bird_socket: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +120,12 @@ fn default_drain_timeout() -> u64 {
 }
 fn default_weight() -> u32 {
     1
+}
+fn default_withdraw_wait() -> u64 {
+    5
+}
+fn default_bird_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_BIRD_SOCKET)
 }
 fn default_admin_listen() -> SocketAddr {
     DEFAULT_ADMIN_LISTEN.parse().expect("a socket address")
@@ -182,6 +203,7 @@ impl File {
             tun_source_v4,
             tun_source_v6,
             admin: self.admin.validate()?,
+            announce: self.announce.as_ref().map(AnnounceFile::validate).transpose()?,
         })
     }
 
@@ -254,6 +276,35 @@ impl AdminFile {
             ));
         }
         Ok(AdminConfig { listen: self.listen, token })
+    }
+}
+
+impl AnnounceFile {
+    fn validate(&self) -> Result<AnnounceConfig, Invalid> {
+        let reserved = match self.table {
+            0 => Some("0 is not a routing table"),
+            253 => Some("253 is the kernel's default table"),
+            254 => Some("254 is the kernel's main table"),
+            255 => Some("255 is the kernel's local table"),
+            _ => None,
+        };
+        if let Some(why) = reserved {
+            return Err(Invalid::new(
+                "announce.table",
+                format!("{why}: give xlb a table of its own (e.g. 200) for BIRD's kernel protocol to learn"),
+            ));
+        }
+        if self.withdraw_wait > MAX_WITHDRAW_WAIT {
+            return Err(Invalid::new(
+                "announce.withdraw_wait",
+                format!("{} s is over {MAX_WITHDRAW_WAIT} s", self.withdraw_wait),
+            ));
+        }
+        Ok(AnnounceConfig {
+            table: self.table,
+            withdraw_wait: Duration::from_secs(self.withdraw_wait),
+            bird_socket: self.bird_socket.clone(),
+        })
     }
 }
 

@@ -22,7 +22,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-pub use file::DEFAULT_ADMIN_LISTEN;
+pub use file::{DEFAULT_ADMIN_LISTEN, DEFAULT_BIRD_SOCKET};
 
 pub use consul::{ConsulSettings, EmptyPolicy, ServiceQuery};
 
@@ -72,11 +72,13 @@ pub struct StartConfig {
     pub tun_source_v4: Option<Ipv4Addr>,
     pub tun_source_v6: Option<Ipv6Addr>,
     pub admin: AdminConfig,
+    /// VIP routes for a BGP speaker to announce; `None`: xlb announces nothing.
+    pub announce: Option<AnnounceConfig>,
 }
 
 impl StartConfig {
     /// Every start-only field, as the file spells it.
-    pub const FIELDS: [&'static str; 11] = [
+    pub const FIELDS: [&'static str; 12] = [
         "interface",
         "xdp_mode",
         "pin_dir",
@@ -88,6 +90,7 @@ impl StartConfig {
         "tun_source_v4",
         "tun_source_v6",
         "admin",
+        "announce",
     ];
 
     /// The fields (from [`Self::FIELDS`]) whose values differ in `other`.
@@ -105,6 +108,7 @@ impl StartConfig {
             a.tun_source_v4 != b.tun_source_v4,
             a.tun_source_v6 != b.tun_source_v6,
             a.admin != b.admin,
+            a.announce != b.announce,
         ];
         Self::FIELDS.iter().zip(differs).filter(|(_, d)| *d).map(|(f, _)| *f).collect()
     }
@@ -128,6 +132,19 @@ pub struct AdminConfig {
     /// Where the admin API listens. Anything but loopback needs a token.
     pub listen: SocketAddr,
     pub token: Option<TokenSource>,
+}
+
+/// `[announce]`: xlb keeps a host route for every VIP that can serve in a
+/// kernel routing table of its own, for a BGP speaker (BIRD's kernel
+/// protocol) to learn and announce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnnounceConfig {
+    pub table: u32,
+    /// How long a graceful stop (or `xlb announce off`) waits after
+    /// withdrawing, for routers to move flows away.
+    pub withdraw_wait: Duration,
+    /// BIRD's control socket, read for its sessions' state in `xlb status`.
+    pub bird_socket: PathBuf,
 }
 
 /// Where the admin API's bearer token comes from.

@@ -144,6 +144,21 @@ fn every_invalid_config_is_rejected_naming_the_field() {
             &["vip[0] (web).consul.service"],
         ),
         ("unknown consul field", format!("{GOOD}\n[consul]\nadress = \"x\""), &["unknown field `adress`"]),
+        (
+            "announce into the main table",
+            format!("{GOOD}\n[announce]\ntable = 254"),
+            &["announce.table", "main table"],
+        ),
+        (
+            "announce without a table",
+            format!("{GOOD}\n[announce]\nwithdraw_wait = 3"),
+            &["missing field `table`"],
+        ),
+        (
+            "withdraw wait too long",
+            format!("{GOOD}\n[announce]\ntable = 200\nwithdraw_wait = 601"),
+            &["announce.withdraw_wait"],
+        ),
     ];
     let mut failures = Vec::new();
     for (name, text, needles) in cases {
@@ -179,6 +194,7 @@ fn start_only_edits() -> Vec<(&'static str, String)> {
         ("tun_source_v4", add("tun_source_v4 = \"10.9.9.9\"")),
         ("tun_source_v6", add("tun_source_v6 = \"fd00::9\"")),
         ("admin", format!("{GOOD}\n[admin]\nlisten = \"127.0.0.1:9400\"")),
+        ("announce", format!("{GOOD}\n[announce]\ntable = 200")),
     ]
 }
 

@@ -20,6 +20,9 @@ pub struct Override {
 pub struct Overrides {
     /// VIP name → backend → override.
     vips: BTreeMap<String, BTreeMap<IpAddr, Override>>,
+    /// `xlb announce off`: nothing is announced until `xlb announce on`.
+    #[serde(default)]
+    pub announce_off: bool,
 }
 
 impl Overrides {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, warn};
 
-use super::{Daemon, Resolve};
+use super::{Daemon, Host};
 use crate::{
     control::desired::{self, Desired, Inputs},
     dataplane::{DataplaneError, Store},
@@ -14,7 +14,7 @@ use crate::{
     observe::status::Sync,
 };
 
-impl<S: Store, R: Resolve> Daemon<S, R> {
+impl<S: Store, R: Host> Daemon<S, R> {
     /// The desired state now; instances left out are logged when they
     /// first are.
     pub(super) fn desired(&mut self) -> Desired {
@@ -68,7 +68,7 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
                 Forward::Tun => tun.extend(addrs),
             }
         }
-        match self.resolver.resolve(&dr, &tun, patience).await {
+        match self.host.resolve(&dr, &tun, patience).await {
             Ok(macs) if macs != self.macs => {
                 self.macs = macs;
                 true

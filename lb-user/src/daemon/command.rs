@@ -1,36 +1,63 @@
 //! Operators' changes through the admin API.
 
+use std::net::IpAddr;
+
 use tracing::{info, warn};
 
-use super::{Daemon, Resolve};
+use super::{Daemon, Host};
 use crate::{
     config::Backends,
     control::desired::instance_address,
     dataplane::Store,
-    observe::admin::{ApiError, Change, Command},
+    observe::admin::{Action, ApiError, Change},
 };
 
-impl<S: Store, R: Resolve> Daemon<S, R> {
+impl<S: Store, R: Host> Daemon<S, R> {
+    /// An operator's change, in effect before the answer goes back.
+    pub(super) async fn command(&mut self, action: &Action) -> Result<(), ApiError> {
+        match action {
+            Action::Backend { vip, backend, change } => self.backend_change(vip, *backend, *change),
+            Action::Announce { on } => self.announce_switch(*on).await,
+        }
+    }
+
+    /// `xlb announce on|off`, kept across restarts like the other overrides.
+    async fn announce_switch(&mut self, on: bool) -> Result<(), ApiError> {
+        if self.set_announcing(on).await.is_none() {
+            return Err(ApiError::new(409, "announcements are not configured: add an [announce] section"));
+        }
+        self.overrides.announce_off = !on;
+        self.save_overrides();
+        info!(announce = if on { "on" } else { "off" }, "operator change");
+        Ok(())
+    }
+
+    fn save_overrides(&self) {
+        if let Err(e) = self.overrides.save(&self.files.overrides()) {
+            warn!(error = %e, "cannot save the operator's overrides; they will not survive a restart");
+        }
+    }
+
     /// A drain, undrain or weight change, in the maps before the answer
     /// goes back. The answer is about this change: a shortfall elsewhere
     /// does not make it fail.
-    pub(super) fn command(&mut self, cmd: &Command) -> Result<(), ApiError> {
-        let Some(vip) = self.live.vip(&cmd.vip) else {
-            return Err(ApiError::new(404, format!("no VIP named {:?}", cmd.vip)));
+    fn backend_change(&mut self, name: &str, backend: IpAddr, change: Change) -> Result<(), ApiError> {
+        let Some(vip) = self.live.vip(name) else {
+            return Err(ApiError::new(404, format!("no VIP named {name:?}")));
         };
         let known = match &vip.backends {
-            Backends::Static(list) => list.iter().any(|b| b.address == cmd.backend),
+            Backends::Static(list) => list.iter().any(|b| b.address == backend),
             Backends::Consul(q) => self
                 .discovery
                 .view(q)
                 .and_then(|v| v.instances.as_ref())
-                .is_some_and(|i| i.iter().any(|i| instance_address(i, vip.addr.ip) == Some(cmd.backend))),
+                .is_some_and(|i| i.iter().any(|i| instance_address(i, vip.addr.ip) == Some(backend))),
         };
         if !known {
-            return Err(ApiError::new(404, format!("VIP {:?} has no backend {}", cmd.vip, cmd.backend)));
+            return Err(ApiError::new(404, format!("VIP {:?} has no backend {}", name, backend)));
         }
-        let mut value = self.overrides.get(&cmd.vip, cmd.backend);
-        match (cmd.change, &vip.backends) {
+        let mut value = self.overrides.get(name, backend);
+        match (change, &vip.backends) {
             (Change::Drain, _) => value.drained = true,
             (Change::Undrain, _) => value.drained = false,
             (Change::Weight(_), Backends::Consul(_)) => {
@@ -38,17 +65,15 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
                     409,
                     format!(
                         "backends of VIP {:?} come from Consul: set weights there (Weights or meta xlb-weight)",
-                        cmd.vip
+                        name
                     ),
                 ));
             }
             (Change::Weight(w), Backends::Static(_)) => value.weight = Some(w),
         }
-        self.overrides.set(&cmd.vip, cmd.backend, value);
-        if let Err(e) = self.overrides.save(&self.files.overrides()) {
-            warn!(error = %e, "cannot save drain/weight overrides; they will not survive a restart");
-        }
-        info!(vip = %cmd.vip, backend = %cmd.backend, change = ?cmd.change, "operator change");
+        self.overrides.set(name, backend, value);
+        self.save_overrides();
+        info!(vip = %name, backend = %backend, change = ?change, "operator change");
         self.apply()
             .map_err(|_| ApiError::new(500, "the change is recorded but the map update failed; retrying"))
     }

@@ -1,42 +1,99 @@
-//! What the host must provide for the config: TUN mode's outer source
-//! addresses and forwarding sysctls.
+//! What the daemon asks of the host's network: MACs (the neighbour entries
+//! of DR backends and of the next hops toward TUN backends, kept fresh so
+//! the data plane's FIB lookups find them resolved), VIP routes in the
+//! announce table, and BIRD's session state.
 
-use tracing::warn;
+use std::{collections::HashMap, future::Future, net::IpAddr, path::Path, time::Duration};
 
-use crate::{config::LiveConfig, dataplane::loader::Params, model::Forward, net::sysctl::Sysctl};
+use rtnetlink::Handle;
 
-/// TUN VIPs need an outer source address of their family, and IP
-/// forwarding on the interface: the kernel's FIB helper answers only for
-/// interfaces that forward, and the kernel forwards what xlb hands it while
-/// a next hop resolves.
-pub(super) fn check_tun(interface: &str, live: &LiveConfig, params: &Params) -> anyhow::Result<()> {
-    for v in live.vips.iter().filter(|v| v.forward == Forward::Tun) {
-        let ip = v.addr.ip;
-        if params.tun_source_for(ip).is_none() {
-            let field = if ip.is_ipv4() { "tun_source_v4" } else { "tun_source_v6" };
-            anyhow::bail!(
-                "VIP {:?} uses forward = \"tun\" but {interface} has no global address of its family; set {field}",
-                v.name
-            );
-        }
-        let forwarding = Sysctl::forwarding(interface, ip);
-        if !forwarding.is_on() {
-            anyhow::bail!(
-                "VIP {:?} uses forward = \"tun\", which needs IP forwarding on {interface}: `sysctl -w {forwarding}=1`",
-                v.name
-            );
-        }
-        // While a next hop resolves, xlb hands tunnelled packets to the
-        // kernel, which forwards them only with these settings.
-        let delivery =
-            if ip.is_ipv4() { Sysctl::accept_local(interface) } else { Sysctl::ipv6_forwarding_all() };
-        if !delivery.is_on() {
-            warn!(
-                vip = %v.name,
-                "{delivery} is off: packets to a next hop without a neighbour entry are lost until xlb \
-                 resolves it (about a second); set {delivery}=1 to let the kernel deliver them"
-            );
+use crate::net::{
+    Neighbours, NetError, NextHops,
+    bird::{self, BirdError},
+    table::{self, TableRoutes},
+};
+
+pub trait Host {
+    /// The MACs of DR backends `dr` and of the next hops toward TUN
+    /// backends `tun` that have one, soliciting the rest; waits up to
+    /// `patience` for addresses never asked about before.
+    fn resolve(
+        &mut self,
+        dr: &[IpAddr],
+        tun: &[IpAddr],
+        patience: Duration,
+    ) -> impl Future<Output = Result<HashMap<IpAddr, [u8; 6]>, NetError>>;
+
+    /// MACs known from elsewhere (the pinned maps after a restart), kept
+    /// until the neighbour table says otherwise.
+    fn seed(&mut self, macs: Vec<(IpAddr, [u8; 6])>);
+
+    /// The routes of routing table `table`.
+    fn routes(&mut self, table: u32) -> impl Future<Output = Result<TableRoutes, NetError>>;
+
+    /// Adds xlb's host route for `ip` to `table`.
+    fn add_route(&mut self, table: u32, ip: IpAddr) -> impl Future<Output = Result<(), NetError>>;
+
+    /// Removes xlb's host route for `ip` from `table` (never anyone else's).
+    fn delete_route(&mut self, table: u32, ip: IpAddr) -> impl Future<Output = Result<(), NetError>>;
+
+    /// BIRD's protocols, from its control socket.
+    fn bird(&mut self, socket: &Path) -> impl Future<Output = Result<Vec<bird::Protocol>, BirdError>>;
+}
+
+/// The kernel's tables over netlink, and BIRD's socket.
+pub struct NetHost {
+    handle: Handle,
+    neighbours: Neighbours,
+    next_hops: NextHops,
+    ifindex: u32,
+    lo_index: u32,
+}
+
+impl NetHost {
+    pub fn new(handle: Handle, ifindex: u32, lo_index: u32) -> Self {
+        NetHost {
+            neighbours: Neighbours::new(handle.clone(), ifindex),
+            next_hops: NextHops::new(handle.clone()),
+            handle,
+            ifindex,
+            lo_index,
         }
     }
-    Ok(())
+}
+
+impl Host for NetHost {
+    async fn resolve(
+        &mut self,
+        dr: &[IpAddr],
+        tun: &[IpAddr],
+        patience: Duration,
+    ) -> Result<HashMap<IpAddr, [u8; 6]>, NetError> {
+        let mut targets = dr.to_vec();
+        let hops = self.next_hops.lookup(tun).await?;
+        targets.extend(hops.into_iter().filter(|(_, oif)| *oif == self.ifindex).map(|(hop, _)| hop));
+        targets.sort();
+        targets.dedup();
+        self.neighbours.resolve(&targets, patience).await
+    }
+
+    fn seed(&mut self, macs: Vec<(IpAddr, [u8; 6])>) {
+        self.neighbours.seed(macs);
+    }
+
+    async fn routes(&mut self, table: u32) -> Result<TableRoutes, NetError> {
+        table::list(&self.handle, table).await
+    }
+
+    async fn add_route(&mut self, table: u32, ip: IpAddr) -> Result<(), NetError> {
+        table::add(&self.handle, table, self.lo_index, ip).await
+    }
+
+    async fn delete_route(&mut self, table: u32, ip: IpAddr) -> Result<(), NetError> {
+        table::delete(&self.handle, table, ip).await
+    }
+
+    async fn bird(&mut self, socket: &Path) -> Result<Vec<bird::Protocol>, BirdError> {
+        bird::protocols(socket).await
+    }
 }

@@ -10,15 +10,16 @@
 //! status the admin API and the state file show.
 //!
 //! Its environment comes in through [`Parts`]: the maps' [`Store`], a
-//! [`Resolve`]r for MACs, the function that watches a discovery source.
+//! [`Host`]r for MACs, the function that watches a discovery source.
 //! [`start`] puts together the real ones; the tests use in-memory ones.
 
+mod announce;
 mod apply;
+mod checks;
 mod command;
 mod host;
 mod publish;
 mod reload;
-mod resolver;
 mod sources;
 mod start;
 #[cfg(test)]
@@ -32,7 +33,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-pub use resolver::{NetResolver, Resolve};
+pub use host::{Host, NetHost};
 pub use start::{Running, start};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -51,6 +52,7 @@ use crate::{
     model::Attachment,
     observe::{admin, status::Sync},
 };
+use announce::Announcing;
 use publish::Publisher;
 use watchers::Watchers;
 
@@ -93,7 +95,7 @@ pub struct Parts<S, R> {
     pub params: Params,
     pub maps: Maps<S>,
     pub reconciler: Reconciler,
-    pub resolver: R,
+    pub host: R,
     pub files: RunFiles,
     pub attachment: Attachment,
     /// Where watchers send their reports (the daemon's own event channel).
@@ -115,7 +117,7 @@ pub struct Daemon<S, R> {
     reconciler: Reconciler,
     discovery: Discovery,
     watchers: Watchers,
-    resolver: R,
+    host: R,
     /// Resolved MACs of DR backends (and TUN next hops).
     macs: HashMap<IpAddr, [u8; 6]>,
     /// Drains and weights set through the admin API.
@@ -127,9 +129,11 @@ pub struct Daemon<S, R> {
     shortfalls: Vec<Shortfall>,
     attachment: Attachment,
     publisher: Publisher,
+    /// VIP routes for BGP, when configured.
+    announcing: Option<Announcing>,
 }
 
-impl<S: Store, R: Resolve> Daemon<S, R> {
+impl<S: Store, R: Host> Daemon<S, R> {
     /// The daemon, following the config's discovery sources, and the
     /// channel its status is published on.
     pub fn new(parts: Parts<S, R>) -> anyhow::Result<(Self, watch::Receiver<admin::Published>)> {
@@ -139,7 +143,7 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
             params,
             maps,
             reconciler,
-            mut resolver,
+            mut host,
             files,
             attachment,
             events,
@@ -151,7 +155,7 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
         });
         // After a restart, DR backends keep the MACs their pinned entries
         // hold while the neighbour table catches up.
-        resolver.seed(
+        host.seed(
             reconciler
                 .vips()
                 .values()
@@ -163,6 +167,7 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
         let mut watchers = Watchers::new(events, watch);
         watchers.follow(&config.live, &mut discovery)?;
         let (publisher, published) = Publisher::new(files.state());
+        let announcing = config.start.announce.clone().map(|a| Announcing::new(a, overrides.announce_off));
         let mut daemon = Daemon {
             config_mtime: mtime(&config_path),
             config_path,
@@ -174,7 +179,7 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
             reconciler,
             discovery,
             watchers,
-            resolver,
+            host,
             macs: HashMap::new(),
             overrides,
             files,
@@ -183,6 +188,7 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
             shortfalls: Vec::new(),
             attachment,
             publisher,
+            announcing,
         };
         daemon.publish();
         Ok((daemon, published))
@@ -192,6 +198,8 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
     pub async fn begin(&mut self) {
         self.refresh_macs(INITIAL_RESOLVE).await;
         let _ = self.apply();
+        self.announce().await;
+        self.poll_bird().await;
         self.publish();
         info!(vips = self.live.vips.len(), admin = %self.start.admin.listen, "xlb ready");
     }
@@ -208,37 +216,43 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
     /// Deals with one event to the end: whatever it changed is in the maps
     /// (or the failure is recorded for a retry) and published.
     pub async fn handle(&mut self, event: Event) -> Flow {
-        match event {
+        let changed = match event {
             Event::Stop => return Flow::Stop,
             Event::Api(cmd) => {
-                let result = self.command(&cmd);
+                let result = self.command(&cmd.action).await;
+                self.announce().await;
                 self.publish();
                 let _ = cmd.reply.send(result);
+                return Flow::Continue;
             }
             Event::Discovery { epoch, update } => {
                 if self.discovery_update(epoch, update) {
                     self.settle(CHANGE_RESOLVE, false).await;
                 }
-                self.publish();
+                // Every answer moves the source's age.
+                true
             }
             Event::Reload => self.reload_and_settle().await,
             Event::Tick if mtime(&self.config_path) != self.config_mtime => self.reload_and_settle().await,
-            Event::Tick => {
-                if self.settle(Duration::ZERO, false).await {
-                    self.publish();
-                }
-            }
+            Event::Tick => self.settle(Duration::ZERO, false).await,
+        };
+        let announced = self.announce().await;
+        let bird = self.poll_bird().await;
+        if changed || announced || bird {
+            self.publish();
         }
         Flow::Continue
     }
 
-    async fn reload_and_settle(&mut self) {
+    /// Whether it reloaded.
+    async fn reload_and_settle(&mut self) -> bool {
         let reloaded = self.reload();
         self.settle(if reloaded { CHANGE_RESOLVE } else { Duration::ZERO }, reloaded).await;
         if reloaded && !matches!(self.sync, Sync::Retrying { .. }) {
             info!(vips = self.live.vips.len(), sync = %self.sync.describe(), "config applied");
         }
-        self.publish();
+        // A refused edit changes what status says (restart needed).
+        true
     }
 
     /// Takes in a watcher's report; whether it changed the instances in force.

@@ -13,7 +13,7 @@ use std::{
 use tokio::sync::watch;
 use tracing::warn;
 
-use super::{Daemon, Resolve};
+use super::{Daemon, Host};
 use crate::{
     config::Backends,
     control::reconcile::VipState,
@@ -55,7 +55,7 @@ impl Publisher {
     }
 }
 
-impl<S: Store, R: Resolve> Daemon<S, R> {
+impl<S: Store, R: Host> Daemon<S, R> {
     pub(super) fn publish(&mut self) {
         let status = self.status();
         self.publisher.publish(status);
@@ -87,6 +87,7 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
                 .iter()
                 .map(|(q, view)| source(q.to_string(), view, now))
                 .collect(),
+            announce: self.announcing.as_ref().map(super::announce::Announcing::status),
             ..Status::default()
         }
     }
@@ -125,6 +126,7 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
                 })
                 .collect(),
             notes: self.notes.iter().filter(|n| n.vip == vip.name).map(|n| n.text.clone()).collect(),
+            announce: self.announcing.as_ref().and_then(|a| a.plan.vips.get(&vip.name).copied()),
         }
     }
 }

@@ -2,10 +2,10 @@
 
 use tracing::{error, info};
 
-use super::{Daemon, Resolve, host, mtime};
+use super::{Daemon, Host, checks, mtime};
 use crate::{config::Config, dataplane::Store, errors::error_chain};
 
-impl<S: Store, R: Resolve> Daemon<S, R> {
+impl<S: Store, R: Host> Daemon<S, R> {
     /// Rereads the config file and takes in its live part; start-only
     /// fields it changed keep their running values and are named. Returns
     /// whether the live config changed.
@@ -19,7 +19,7 @@ impl<S: Store, R: Resolve> Daemon<S, R> {
                 return false;
             }
         };
-        if let Err(e) = host::check_tun(&self.start.interface, &reload.live, &self.params) {
+        if let Err(e) = checks::check_tun(&self.start.interface, &reload.live, &self.params) {
             error!(error = %e, "config rejected; the running config stays in force");
             return false;
         }

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tracing::info;
 
-use super::{Daemon, Event, NetResolver, Parts, consul_watch, host, sources};
+use super::{Daemon, Event, NetHost, Parts, checks, consul_watch, sources};
 use crate::{
     config::Config,
     control::reconcile::Reconciler,
@@ -29,7 +29,7 @@ const COMMAND_QUEUE: usize = 16;
 
 /// A started daemon with what feeds it.
 pub struct Running {
-    daemon: Daemon<KernelStore, NetResolver>,
+    daemon: Daemon<KernelStore, NetHost>,
     events: mpsc::Receiver<Event>,
     tasks: Vec<JoinHandle<()>>,
     program: Loaded,
@@ -48,7 +48,12 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
         .with_context(|| format!("{}: field `interface`", path.display()))?;
     let (iface_v4, iface_v6) = net::addresses(&handle, iface.index).await?;
     let params = Params::new(start, iface_v4, iface_v6);
-    host::check_tun(&start.interface, &config.live, &params)?;
+    checks::check_tun(&start.interface, &config.live, &params)?;
+    if let Some(announce) = &start.announce {
+        checks::check_announce_table(&handle, announce.table, &config.live).await?;
+    }
+    let lo =
+        net::interface(&handle, "lo").await.context("the loopback interface (VIP routes point at it)")?;
     if !config.live.consul_services().is_empty() {
         consul::Client::new(&config.live.consul_settings()).context("field `consul`")?;
     }
@@ -78,7 +83,7 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
         params,
         maps: dataplane.maps,
         reconciler,
-        resolver: NetResolver::new(handle, iface.index),
+        host: NetHost::new(handle, iface.index, lo.index),
         attachment: dataplane.attachment,
         events: sender.clone(),
         watch: consul_watch,
@@ -93,10 +98,41 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
 }
 
 impl Running {
-    /// Runs the daemon until a signal stops it; then the program stays
+    /// Waits `wait`, or until a second signal to stop; changes asked for
+    /// meanwhile are refused.
+    async fn linger(&mut self, wait: std::time::Duration) {
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => return,
+                event = self.events.recv() => match event {
+                    None | Some(Event::Stop) => return,
+                    Some(Event::Api(cmd)) => {
+                        let _ = cmd.reply.send(Err(admin::ApiError::new(503, "the daemon is shutting down")));
+                    }
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+
+    /// Runs the daemon until a signal stops it. Announced VIPs are
+    /// withdrawn first, and routers given `withdraw_wait` to move flows
+    /// away while the program goes on forwarding. Then the program stays
     /// attached with the last tables, or with `detach` is removed.
     pub async fn run(mut self, detach: bool) -> anyhow::Result<()> {
         self.daemon.run(&mut self.events).await;
+        if let Some(wait) = self.daemon.withdraw_for_stop().await
+            && !wait.is_zero()
+        {
+            info!(
+                wait = ?wait,
+                "VIP routes withdrawn; waiting for routers to move flows away (forwarding goes on; \
+                 SIGTERM again to stop at once)"
+            );
+            self.linger(wait).await;
+        }
         self.tasks.iter().for_each(JoinHandle::abort);
         let (maps, start, files) = self.daemon.finish();
         if detach {

@@ -1,8 +1,13 @@
-//! The daemon's event handling, against in-memory maps and a resolver
+//! The daemon's event handling, against in-memory maps and a host
 //! that knows every MAC.
 
 use std::{
-    collections::HashMap, future::Future, net::IpAddr, os::unix::ffi::OsStrExt as _, path::PathBuf, pin::Pin,
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    net::IpAddr,
+    os::unix::ffi::OsStrExt as _,
+    path::PathBuf,
+    pin::Pin,
     time::Duration,
 };
 
@@ -15,13 +20,23 @@ use crate::{
     dataplane::{MemoryStore, loader::Params},
     discovery::consul::{self, Instance},
     model::{Protocol, VipAddr},
-    observe::admin::{ApiError, Change, Command},
+    net::{
+        bird,
+        table::{HostRoute, RTPROT_XLB, TableRoutes},
+    },
+    observe::admin::{Action, ApiError, Change, Command},
 };
 
-/// Every DR backend resolves, to 02:00:<its IPv4 address>.
-struct KnownMacs;
+/// A host where every DR backend resolves, to 02:00:<its IPv4 address>,
+/// with routing tables in memory and a BIRD that answers or not.
+#[derive(Default)]
+struct FakeHost {
+    /// (table, address) → routing protocol number.
+    routes: BTreeMap<(u32, IpAddr), u8>,
+    bird: Option<Vec<bird::Protocol>>,
+}
 
-impl Resolve for KnownMacs {
+impl Host for FakeHost {
     async fn resolve(
         &mut self,
         dr: &[IpAddr],
@@ -32,6 +47,35 @@ impl Resolve for KnownMacs {
     }
 
     fn seed(&mut self, _: Vec<(IpAddr, [u8; 6])>) {}
+
+    async fn routes(&mut self, table: u32) -> Result<TableRoutes, crate::net::NetError> {
+        let hosts = self
+            .routes
+            .iter()
+            .filter(|((t, _), _)| *t == table)
+            .map(|((_, ip), proto)| HostRoute { ip: *ip, proto: *proto })
+            .collect();
+        Ok(TableRoutes { hosts, others: vec![] })
+    }
+
+    async fn add_route(&mut self, table: u32, ip: IpAddr) -> Result<(), crate::net::NetError> {
+        assert!(self.routes.insert((table, ip), RTPROT_XLB).is_none(), "{ip} was routed already");
+        Ok(())
+    }
+
+    async fn delete_route(&mut self, table: u32, ip: IpAddr) -> Result<(), crate::net::NetError> {
+        if self.routes.get(&(table, ip)) == Some(&RTPROT_XLB) {
+            self.routes.remove(&(table, ip));
+        }
+        Ok(())
+    }
+
+    async fn bird(&mut self, socket: &std::path::Path) -> Result<Vec<bird::Protocol>, bird::BirdError> {
+        self.bird.clone().ok_or_else(|| bird::BirdError::Connect {
+            path: socket.display().to_string(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })
+    }
 }
 
 fn mac(addr: IpAddr) -> [u8; 6] {
@@ -52,7 +96,7 @@ fn quiet(
 struct Lab {
     dir: PathBuf,
     config: PathBuf,
-    daemon: Daemon<MemoryStore, KnownMacs>,
+    daemon: Daemon<MemoryStore, FakeHost>,
     status: watch::Receiver<admin::Published>,
     _events: mpsc::Receiver<Event>,
 }
@@ -69,6 +113,10 @@ impl Lab {
     }
 
     async fn in_dir(dir: PathBuf, text: &str) -> Lab {
+        Self::with_host(dir, text, FakeHost::default()).await
+    }
+
+    async fn with_host(dir: PathBuf, text: &str, host: FakeHost) -> Lab {
         let path = dir.join("xlb.toml");
         std::fs::write(&path, text).unwrap();
         let config = Config::load(&path).unwrap();
@@ -80,7 +128,7 @@ impl Lab {
             config,
             maps: Maps::new(MemoryStore::default(), caps),
             reconciler: Reconciler::new(caps),
-            resolver: KnownMacs,
+            host,
             files: RunFiles::in_dir(&dir, "eth0"),
             attachment: Attachment::Native,
             events,
@@ -99,7 +147,8 @@ impl Lab {
 
     async fn command(&mut self, vip: &str, backend: [u8; 4], change: Change) -> Result<(), ApiError> {
         let (reply, answer) = oneshot::channel();
-        let cmd = Command { vip: vip.into(), backend: backend.into(), change, reply };
+        let action = Action::Backend { vip: vip.into(), backend: backend.into(), change };
+        let cmd = Command { action, reply };
         self.daemon.handle(Event::Api(cmd)).await;
         answer.await.unwrap()
     }
@@ -287,4 +336,116 @@ async fn the_table_changes_while_the_state_file_cannot_be_written() {
     let state = std::fs::read(RunFiles::in_dir(&lab.dir, "eth0").state()).unwrap();
     let written: crate::observe::status::Status = serde_json::from_slice(&state).unwrap();
     assert_eq!(written.vips[0].backends.len(), 3, "the latest status");
+}
+
+const TABLE: u32 = 200;
+
+fn announcing(head: &str, backends: &[u8]) -> String {
+    config(&format!("{head}\n[announce]\ntable = {TABLE}\nwithdraw_wait = 0\n"), backends).replacen(
+        "\n[announce]",
+        "\n\n[announce]",
+        1,
+    )
+}
+
+impl Lab {
+    /// The addresses xlb routes in the announce table.
+    fn announced(&self) -> Vec<IpAddr> {
+        let routes = &self.daemon.host.routes;
+        routes.iter().filter(|((t, _), p)| *t == TABLE && **p == RTPROT_XLB).map(|((_, ip), _)| *ip).collect()
+    }
+
+    fn announcement(&self, vip: &str) -> String {
+        let status = self.published();
+        status.vip(vip).and_then(|v| v.announce).map(|a| a.to_string()).unwrap_or_default()
+    }
+}
+
+fn web_ip() -> IpAddr {
+    IpAddr::from([192, 0, 2, 10])
+}
+
+#[tokio::test]
+async fn a_vip_is_announced_while_it_has_a_backend() {
+    let mut lab = Lab::new(&announcing("", &[1, 2])).await;
+    assert_eq!(lab.announced(), [web_ip()]);
+    assert_eq!(lab.announcement("web"), "announced");
+
+    lab.reload(&announcing("", &[])).await;
+    assert!(lab.announced().is_empty(), "no backend: withdrawn");
+    assert_eq!(lab.announcement("web"), "withdrawn: no usable backend");
+    lab.reload(&announcing("", &[2])).await;
+    assert_eq!(lab.announced(), [web_ip()], "a backend is back: announced again");
+
+    // Draining the last active backend withdraws too; a failed write as well.
+    assert_eq!(lab.command("web", [10, 0, 0, 2], Change::Drain).await, Ok(()));
+    assert!(lab.announced().is_empty());
+    assert_eq!(lab.command("web", [10, 0, 0, 2], Change::Undrain).await, Ok(()));
+    lab.daemon.maps.store_mut().fail_writes = true;
+    lab.reload(&announcing("", &[2, 3])).await;
+    assert!(lab.announced().is_empty(), "maps not in sync: withdrawn");
+    assert_eq!(lab.announcement("web"), "withdrawn: maps not in sync");
+    lab.daemon.maps.store_mut().fail_writes = false;
+    lab.daemon.handle(Event::Tick).await;
+    assert_eq!(lab.announced(), [web_ip()]);
+}
+
+#[tokio::test]
+async fn maintenance_withdraws_everything_and_outlives_a_restart() {
+    let text = announcing("", &[1]);
+    let mut lab = Lab::new(&text).await;
+    let (reply, answer) = oneshot::channel();
+    lab.daemon.handle(Event::Api(Command { action: Action::Announce { on: false }, reply })).await;
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    assert!(lab.announced().is_empty());
+    assert_eq!(lab.announcement("web"), "withdrawn: maintenance (xlb announce off)");
+
+    // A restart (same run directory) keeps it off.
+    let dir = std::mem::take(&mut lab.dir);
+    drop(lab);
+    let mut lab = Lab::in_dir(dir, &text).await;
+    assert!(lab.announced().is_empty(), "still in maintenance after a restart");
+    let (reply, answer) = oneshot::channel();
+    lab.daemon.handle(Event::Api(Command { action: Action::Announce { on: true }, reply })).await;
+    assert_eq!(answer.await.unwrap(), Ok(()));
+    assert_eq!(lab.announced(), [web_ip()]);
+}
+
+#[tokio::test]
+async fn a_graceful_stop_withdraws_first() {
+    let mut lab = Lab::new(&announcing("", &[1])).await;
+    assert_eq!(lab.announced(), [web_ip()]);
+    assert_eq!(lab.daemon.withdraw_for_stop().await, Some(Duration::ZERO));
+    assert!(lab.announced().is_empty());
+    assert_eq!(lab.announcement("web"), "withdrawn: the daemon is stopping");
+}
+
+#[tokio::test]
+async fn a_route_someone_else_put_there_is_left_alone_and_bird_being_down_changes_nothing() {
+    let dir = std::env::temp_dir().join(format!("xlb-daemon-foreign-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let host = FakeHost { routes: BTreeMap::from([((TABLE, web_ip()), 4)]), bird: None };
+    let mut lab = Lab::with_host(dir, &announcing("", &[1]), host).await;
+    assert_eq!(lab.daemon.host.routes[&(TABLE, web_ip())], 4, "not replaced");
+    assert!(lab.announcement("web").contains("did not add (proto 4)"), "{}", lab.announcement("web"));
+    lab.reload(&announcing("", &[])).await;
+    assert_eq!(lab.daemon.host.routes[&(TABLE, web_ip())], 4, "nor withdrawn");
+    let announce = lab.published().announce.clone().unwrap();
+    assert!(announce.bird.error.unwrap().contains("cannot reach BIRD"));
+}
+
+#[tokio::test]
+async fn birds_sessions_are_shown() {
+    let dir = std::env::temp_dir().join(format!("xlb-daemon-bird-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let up = bird::Protocol {
+        name: "up4".into(),
+        proto: "BGP".into(),
+        state: "up".into(),
+        info: "Established".into(),
+    };
+    let host = FakeHost { bird: Some(vec![up.clone()]), ..FakeHost::default() };
+    let lab = Lab::with_host(dir, &announcing("", &[1]), host).await;
+    let announce = lab.published().announce.clone().unwrap();
+    assert_eq!((announce.table, announce.bird.error, announce.bird.protocols), (TABLE, None, vec![up]));
 }

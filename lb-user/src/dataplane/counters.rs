@@ -1,6 +1,7 @@
 //! What the data plane counts, summed over CPUs: per verdict reason and
 //! event, per VIP, per backend, and the connection table's fill.
 
+#[cfg(test)]
 use std::{collections::BTreeMap, sync::Mutex};
 
 use lb_common::{BackendId, Counter, GlobalStats};
@@ -17,11 +18,13 @@ pub trait Counters {
 }
 
 /// Counters set by hand, for tests of everything that shows them.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct MemoryCounters {
     pub values: Mutex<MemoryValues>,
 }
 
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct MemoryValues {
     pub global: GlobalStats,
@@ -30,12 +33,14 @@ pub struct MemoryValues {
     pub conntrack_entries: usize,
 }
 
+#[cfg(test)]
 impl MemoryCounters {
     fn with<R>(&self, f: impl FnOnce(&MemoryValues) -> R) -> R {
         f(&self.values.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
+#[cfg(test)]
 impl Counters for MemoryCounters {
     fn global(&self) -> Result<GlobalStats, DataplaneError> {
         Ok(self.with(|v| v.global))

@@ -14,11 +14,16 @@ pub mod maps;
 pub mod store;
 pub mod wire;
 
-pub use counters::{Counters, MemoryCounters};
+pub use counters::Counters;
+#[cfg(test)]
+pub use counters::MemoryCounters;
 pub use kernel::{KernelCounters, KernelStore};
 pub use maps::{BackendSlot, Maps};
-pub use store::{DataplaneError, MemoryStore, StatsOf, Store};
+#[cfg(test)]
+pub use store::MemoryStore;
+pub use store::{DataplaneError, StatsOf, Store};
 pub use wire::{BackendEntry, BackendId, BackendUse, NO_BACKEND, Side, VipEntry, VipId, WireError};
 
 /// The maps in memory, for tests of everything above the data plane.
+#[cfg(test)]
 pub type MemoryMaps = Maps<MemoryStore>;

@@ -1,12 +1,16 @@
 //! The maps' raw storage: one `Store` trait over the kernel's maps
-//! (`kernel::KernelStore`) and an in-memory stand-in with the same
-//! semantics ([`MemoryStore`]), so everything above is tested without a
-//! kernel. A store knows map names and wire values, nothing of layout.
+//! (`kernel::KernelStore`) and, for unit tests, an in-memory stand-in with
+//! the same semantics (`MemoryStore`), so everything above is tested
+//! without a kernel. A store knows map names and wire values, nothing of
+//! layout.
 
+#[cfg(test)]
 use std::collections::BTreeMap;
 
 use aya::maps::MapError;
-use lb_common::{BackendId, BackendInfo, MaglevChunk, VipInfo, VipKey, maps};
+#[cfg(test)]
+use lb_common::maps;
+use lb_common::{BackendId, BackendInfo, MaglevChunk, VipInfo, VipKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -64,6 +68,7 @@ pub trait Store {
 }
 
 /// Maps in memory with the kernel's semantics, instrumented for tests.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     pub vips: BTreeMap<VipKey, VipInfo>,
@@ -84,6 +89,7 @@ pub struct MemoryStore {
     pub backend_writes: Vec<BackendInfo>,
 }
 
+#[cfg(test)]
 impl MemoryStore {
     fn write(&mut self, map: &'static str) -> Result<(), DataplaneError> {
         if self.log_writes {
@@ -96,6 +102,7 @@ impl MemoryStore {
     }
 }
 
+#[cfg(test)]
 impl Store for MemoryStore {
     fn vip_put(&mut self, key: &VipKey, info: &VipInfo) -> Result<(), DataplaneError> {
         self.write(maps::VIPS)?;

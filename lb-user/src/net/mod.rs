@@ -1,10 +1,14 @@
 //! The host's network, from the kernel over netlink: the interface xlb
 //! attaches to and its addresses, backends' MACs from the neighbour table,
-//! next hops toward TUN backends, and the sysctls TUN mode needs.
+//! next hops toward TUN backends, the sysctls TUN mode needs, VIP routes
+//! for a BGP speaker in a table of xlb's own, and that speaker's (BIRD's)
+//! session state.
 
+pub mod bird;
 mod neighbours;
 mod routes;
 pub mod sysctl;
+pub mod table;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -38,10 +38,22 @@ pub enum Change {
 
 #[derive(Debug)]
 pub struct Command {
-    pub vip: String,
-    pub backend: IpAddr,
-    pub change: Change,
+    pub action: Action,
     pub reply: oneshot::Sender<Result<(), ApiError>>,
+}
+
+/// What an operator asks the daemon to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Backend {
+        vip: String,
+        backend: IpAddr,
+        change: Change,
+    },
+    /// `xlb announce on|off`.
+    Announce {
+        on: bool,
+    },
 }
 
 /// An HTTP status and a message, sent as `{"error": message}`.
@@ -233,15 +245,31 @@ async fn handle(req: Request<Incoming>, shared: &Api) -> Reply {
                 .parse::<IpAddr>()
                 .map_err(|_| ApiError::new(400, format!("{addr:?} is not an IP address")));
             match (change, backend) {
-                (Ok(change), Ok(backend)) => match command(shared, name, backend, change).await {
-                    Ok(()) => {
-                        json_reply(StatusCode::OK, &json!({ "vip": name, "backend": backend.to_string() }))
+                (Ok(change), Ok(backend)) => {
+                    match command(shared, Action::Backend { vip: (*name).to_owned(), backend, change }).await
+                    {
+                        Ok(()) => json_reply(
+                            StatusCode::OK,
+                            &json!({ "vip": name, "backend": backend.to_string() }),
+                        ),
+                        Err(e) => error(e),
                     }
-                    Err(e) => error(e),
-                },
+                }
                 (Err(e), _) | (_, Err(e)) => error(e),
             }
         }
+        (Method::POST, ["api", "v1", "announce", switch @ ("on" | "off")]) => {
+            let on = *switch == "on";
+            match command(shared, Action::Announce { on }).await {
+                Ok(()) => {
+                    let published = shared.status.borrow().1.clone();
+                    let wait = published.announce.as_ref().map(|a| a.withdraw_wait);
+                    json_reply(StatusCode::OK, &json!({ "announce": switch, "withdraw_wait": wait }))
+                }
+                Err(e) => error(e),
+            }
+        }
+        (_, ["api", "v1", "announce", "on" | "off"]) => error(ApiError::new(405, "use POST")),
         _ => error(ApiError::new(404, "no such endpoint; see the README's admin API section")),
     }
 }
@@ -297,9 +325,9 @@ async fn weight(req: Request<Incoming>) -> Result<u32, ApiError> {
 
 /// Hands a change to the daemon; it answers once the change is applied
 /// and published, so the next read shows it.
-async fn command(shared: &Api, vip: &str, backend: IpAddr, change: Change) -> Result<(), ApiError> {
+async fn command(shared: &Api, action: Action) -> Result<(), ApiError> {
     let (reply, answer) = oneshot::channel();
-    let cmd = Command { vip: vip.to_owned(), backend, change, reply };
+    let cmd = Command { action, reply };
     shared.commands.send(cmd).await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?;
     answer.await.map_err(|_| ApiError::new(503, "the daemon is shutting down"))?
 }
@@ -350,6 +378,7 @@ mod tests {
                     bytes: 0,
                 }],
                 notes: vec![],
+                announce: None,
             }],
             ..Status::default()
         }
@@ -431,8 +460,8 @@ mod tests {
 
     #[tokio::test]
     async fn changes_go_to_the_daemon_and_its_answer_comes_back() {
-        let api = serve_api(|cmd| match cmd.change {
-            Change::Weight(7) => Err(ApiError::new(409, "from Consul")),
+        let api = serve_api(|cmd| match cmd.action {
+            Action::Backend { change: Change::Weight(7), .. } => Err(ApiError::new(409, "from Consul")),
             _ => Ok(()),
         })
         .await;

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::status::{Status, VipStatus};
+use crate::control::announce::{Announcement, Switch};
 
 /// Escapes a label value.
 fn esc(value: &str) -> String {
@@ -26,8 +27,37 @@ impl Out {
     }
 }
 
+/// Announcement state per VIP and BIRD's sessions, when `[announce]` is set.
+fn announce(o: &mut Out, s: &Status) {
+    let Some(a) = &s.announce else { return };
+    o.family(
+        "xlb_vip_announced",
+        "gauge",
+        "1 while a VIP's address is announced for BGP (its route is in the announce table).",
+    );
+    for v in &s.vips {
+        let on =
+            matches!(v.announce, Some(Announcement::Announced | Announcement::AnnouncedForShared { .. }));
+        o.sample("xlb_vip_announced", &[("vip", v.name.as_deref().unwrap_or(""))], u8::from(on));
+    }
+    o.family(
+        "xlb_announce_maintenance",
+        "gauge",
+        "1 while announcing is off (xlb announce off) or the daemon is stopping.",
+    );
+    o.sample("xlb_announce_maintenance", &[], u8::from(a.switch != Switch::On));
+    o.family("xlb_bird_reachable", "gauge", "1 while BIRD's control socket answers.");
+    o.sample("xlb_bird_reachable", &[], u8::from(a.bird.error.is_none() && a.bird.checked_at.is_some()));
+    o.family("xlb_bird_protocol_up", "gauge", "1 for a BIRD protocol that is up (for BGP: Established).");
+    for p in &a.bird.protocols {
+        let up = p.state == "up" && (p.proto != "BGP" || p.info.starts_with("Established"));
+        o.sample("xlb_bird_protocol_up", &[("protocol", &p.name), ("proto", &p.proto)], u8::from(up));
+    }
+}
+
 pub fn render(s: &Status) -> String {
     let mut o = Out(String::new());
+    announce(&mut o, s);
     o.family("xlb_build_info", "gauge", "Version of the running xlb.");
     o.sample("xlb_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
     o.family("xlb_daemon_up", "gauge", "1 while the daemon runs (the data plane forwards either way).");

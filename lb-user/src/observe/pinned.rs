@@ -49,6 +49,7 @@ pub fn read(pin_dir: &Path, interface: Option<&str>, files: Option<&RunFiles>) -
     };
     if let Some(labels) = labels {
         status.discovery = labels.discovery;
+        status.announce = labels.announce;
         status.daemon = labels.daemon.filter(|_| alive.is_some());
     }
     status.count(&counters)?;
@@ -120,6 +121,8 @@ fn vip_status(
         bytes: 0,
         backends,
         notes: label.map(|l| l.notes.clone()).unwrap_or_default(),
+        // What the daemon last published: the routes it left stay as they were.
+        announce: label.and_then(|l| l.announce),
     })
 }
 

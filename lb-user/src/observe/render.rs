@@ -3,7 +3,7 @@
 use std::{fmt::Write as _, net::IpAddr};
 
 use super::status::{SourceStatus, Status, VipStatus};
-use crate::model::Forward;
+use crate::{control::announce::Switch, model::Forward};
 
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
@@ -15,6 +15,32 @@ pub fn render(s: &Status) -> String {
         (None, _) => "daemon NOT running: forwarding continues with the last tables".to_owned(),
     };
     let _ = writeln!(out, "xlb on {} ({}) — {daemon}", s.interface, s.pin_dir.display());
+    if let Some(a) = &s.announce {
+        let bird = match (&a.bird.error, a.bird.protocols.as_slice()) {
+            (Some(e), _) => format!("BIRD: {e}"),
+            (None, []) => format!("BIRD at {}: no protocols", a.bird.socket.display()),
+            (None, protocols) => {
+                let bgp: Vec<String> = protocols
+                    .iter()
+                    .filter(|p| p.proto == "BGP" || p.proto == "BFD")
+                    .map(|p| format!("{} {} {}", p.name, p.state, p.info).trim_end().to_owned())
+                    .collect();
+                format!(
+                    "BIRD: {}",
+                    if bgp.is_empty() { "no BGP sessions".to_owned() } else { bgp.join(", ") }
+                )
+            }
+        };
+        let switch = match a.switch {
+            Switch::On => String::new(),
+            Switch::Maintenance => " — ANNOUNCING OFF (xlb announce on to resume)".to_owned(),
+            Switch::Stopping => " — stopping: withdrawn".to_owned(),
+        };
+        let _ = writeln!(out, "announcing VIP routes in table {}{switch}; {bird}", a.table);
+        if let Some(e) = &a.error {
+            let _ = writeln!(out, "ANNOUNCE TABLE ERROR: {e}");
+        }
+    }
     if let Some(d) = s.daemon.as_ref().filter(|d| !d.restart_needed.is_empty()) {
         let _ =
             writeln!(out, "RESTART NEEDED: the config changes {} (start-only)", d.restart_needed.join(", "));
@@ -57,6 +83,9 @@ fn vip(out: &mut String, v: &VipStatus, s: &Status) {
         "VIP {name} {} {addr} ({})  packets {}  bytes {}",
         v.protocol, v.forward, v.packets, v.bytes
     );
+    if let Some(announce) = &v.announce {
+        let _ = writeln!(out, "  {announce}");
+    }
     if let Some(service) = &v.consul {
         let view = s.discovery.iter().find(|d| &d.service == service);
         let _ = writeln!(out, "  backends from Consul service {service}: {}", describe_source(view));

@@ -15,8 +15,10 @@ use lb_common::{Counter, Event, Reason};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    control::announce::{Announcement, Switch},
     dataplane::{BackendId, Counters, DataplaneError, VipId},
     model::{Attachment, BackendRole, Forward, Protocol},
+    net::bird,
 };
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -38,6 +40,32 @@ pub struct Status {
     pub vips: Vec<VipStatus>,
     /// Watched discovery sources (Consul services).
     pub discovery: Vec<SourceStatus>,
+    /// VIP routes for BGP, when `[announce]` is configured.
+    #[serde(default)]
+    pub announce: Option<AnnounceStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// The routing table the VIP routes are kept in.
+    pub table: u32,
+    /// Seconds a graceful stop or `xlb announce off` waits after withdrawing.
+    pub withdraw_wait: f64,
+    pub switch: Switch,
+    /// The last failure to read or change the table, if it persists.
+    pub error: Option<String>,
+    pub bird: BirdStatus,
+}
+
+/// What BIRD's control socket said last.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BirdStatus {
+    pub socket: PathBuf,
+    /// Why it could not be read; `None` when it answered.
+    pub error: Option<String>,
+    pub protocols: Vec<bird::Protocol>,
+    /// When it was last asked (seconds since the Unix epoch).
+    pub checked_at: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -117,6 +145,9 @@ pub struct VipStatus {
     /// Discovered instances left out of this VIP, and why.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Whether its address is announced for BGP, and why not.
+    #[serde(default)]
+    pub announce: Option<Announcement>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -211,6 +211,32 @@ fn a_token_guards_every_request() {
     assert_eq!(api(&lab, "GET", "/healthz", Some("wrong"), None).status, 401);
     assert_eq!(api(&lab, "GET", "/api/v1/vips", Some("s3cret"), None).status, 200);
     assert_eq!(api(&lab, "GET", "/healthz", Some("s3cret"), None).status, 200);
+
+    // The CLI finds the daemon from its config, and a token given on the
+    // command line or in the environment replaces the config's.
+    let status = |token: Option<(&str, &str)>| {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net={}", lab.lb.path().display())).arg(cmd::xlb_bin());
+        command.args(["status", "--json", "--config", daemon.config.to_str().unwrap()]);
+        match token {
+            Some(("--token", t)) => command.args(["--token", t]),
+            Some((var, t)) => command.env(var, t),
+            None => &mut command,
+        };
+        let out = command.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = status(None);
+    assert!(ok && out.contains("via the daemon's admin API"), "{out}");
+    let (ok, out) = status(Some(("--token", "s3cret")));
+    assert!(ok && out.contains("via the daemon's admin API"), "{out}");
+    let (ok, out) = status(Some(("--token", "wrong")));
+    assert!(!ok && out.contains("401"), "{out}");
+    let (ok, out) = status(Some(("XLB_ADMIN_TOKEN", "wrong")));
+    assert!(!ok && out.contains("401"), "{out}");
     drop(daemon);
 }
 

@@ -104,6 +104,14 @@ fn backends_follow_consul_health_and_survive_its_outage() {
     register(&consul, &lab, 3);
     eventually(|| spread(&lab, 60).len() == 4, &daemon, "be4 joins");
 
+    // One registered without an address falls back to the dev agent's
+    // Node.Address, 127.0.0.1: left out, and status says why.
+    consul.register(json!({ "Name": "web", "ID": "web-noaddr", "Port": 80 }));
+    let problems = || daemon.status().unwrap()["discovery"][0]["problems"].to_string();
+    eventually(|| problems().contains("web-noaddr: no Service.Address"), &daemon, "the problem is shown");
+    assert!(problems().contains("127.0.0.1 is a loopback address"), "{}", problems());
+    assert_eq!(spread(&lab, 60).len(), 4, "the four good instances still serve");
+
     // Consul goes away: the last known set keeps serving, status says stale.
     consul.set_down(true);
     eventually(

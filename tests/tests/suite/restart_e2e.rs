@@ -88,7 +88,8 @@ fn kill_restart_reconfigure_and_program_swap_break_nothing() {
             broken.push(e);
         }
     }
-    let (ok, failed, errors) = arrivals.finish();
+    let arrived = arrivals.finish();
+    let (ok, failed, errors) = (arrived.ok, arrived.failed, arrived.errors());
     let lost = retransmits(&lab) - retrans_before;
     eprintln!(
         "restarts under traffic: {ok} new connections, {failed} failed, {lost} TCP segments retransmitted"

@@ -427,3 +427,25 @@ fn unresolved_backends_stay_out_of_the_table() {
     apply(&mut r, std::slice::from_ref(&want), &mut maps).unwrap();
     assert_eq!(live(&maps)[&want.addr], expected(&want));
 }
+
+#[test]
+fn nodes_with_other_histories_and_orders_build_the_same_tables() {
+    // A fleet's nodes pick the same backend for a flow none of them has seen
+    // only if their tables name the same backends slot by slot, whatever
+    // ids each gave them.
+    let want = [vip("a", 1, &[(1, 1), (2, 2), (3, 1)]), vip("b", 2, &[(4, 1), (5, 1)])];
+    let (mut one, mut node_one) = (mem(), Reconciler::new(G));
+    apply(&mut node_one, &want, &mut one).unwrap();
+
+    let (mut two, mut node_two) = (mem(), Reconciler::new(G));
+    apply(&mut node_two, &[vip("z", 3, &[(9, 1), (8, 1), (7, 1)]), vip("b", 2, &[(6, 1)])], &mut two)
+        .unwrap();
+    let mut reordered: Vec<DesiredVip> = want.iter().rev().cloned().collect();
+    reordered.iter_mut().for_each(|v| v.backends.reverse());
+    apply(&mut node_two, &reordered, &mut two).unwrap();
+
+    assert_eq!(live(&one), live(&two), "the same backend in every slot");
+    let ids =
+        |r: &Reconciler| -> Vec<BackendId> { r.vips()[&addr(1)].backends.values().map(|b| b.id).collect() };
+    assert_ne!(ids(&node_one), ids(&node_two), "though the ids differ");
+}

@@ -1,0 +1,230 @@
+//! The fleet lab: three xlb nodes behind a router that learns the VIPs
+//! from each node's BIRD over BGP (with BFD) and spreads flows by ECMP.
+//!
+//! ```text
+//!   client 10.9.0.2 ── router 10.9.0.1 │ 10.8.0.1 ─┐
+//!                                                   ├ bridge (one L2 segment)
+//!   n1 10.8.0.11, n2 .12, n3 .13 (xlb + BIRD) ──────┤
+//!   be1 10.8.0.21, be2 .22, be3 .23 (VIPs on lo) ───┘
+//! ```
+//! Each node runs `xlb run` in DR mode on its segment interface and its own
+//! BIRD; the router's BIRD merges the three paths into one ECMP route per
+//! VIP, hashed on the 5-tuple. Backends answer the client through the
+//! router. Every address has an IPv6 twin (fd08::…, fd09::…).
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    aux,
+    bird::{self, Bird},
+    daemon::Daemon,
+    lab::{Backend, VIP4, VIP6, host, plug, segment},
+    netns::Netns,
+    unique_id,
+};
+
+/// The announce table every node uses.
+pub const TABLE: u32 = 200;
+pub const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 8, 0, 1);
+pub const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd08, 0, 0, 0, 0, 0, 0, 1);
+
+pub struct Node {
+    pub ns: Netns,
+    pub name: String,
+    /// Its segment interface (unique: pins are global).
+    pub interface: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    pub bird: Option<Bird>,
+    pub xlb: Option<Daemon>,
+}
+
+impl Node {
+    pub fn xlb(&self) -> &Daemon {
+        self.xlb.as_ref().expect("xlb runs on the node")
+    }
+
+    pub fn xlb_mut(&mut self) -> &mut Daemon {
+        self.xlb.as_mut().expect("xlb runs on the node")
+    }
+
+    /// Packets the node's data plane forwarded for VIP `vip`.
+    pub fn forwarded(&self, vip: &str) -> anyhow::Result<u64> {
+        let status = self.xlb().status()?;
+        let vips = status["vips"].as_array().context("no vips")?;
+        let v = vips.iter().find(|v| v["name"] == vip).with_context(|| format!("no VIP {vip}"))?;
+        v["packets"].as_u64().context("no packets")
+    }
+
+    /// Kills the node outright: its link goes (the program with it), then
+    /// every process of it, BIRD included, without a chance to clean up.
+    pub fn die(&mut self) -> anyhow::Result<()> {
+        self.ns.ip(&format!("link del {}", self.interface))?;
+        if let Some(bird) = self.bird.as_mut() {
+            bird.kill();
+        }
+        if let Some(xlb) = self.xlb.as_mut() {
+            xlb.kill9()?;
+        }
+        Ok(())
+    }
+}
+
+/// Fields drop in order: helper programs, nodes (xlb, BIRD), backends,
+/// router, client, bridge.
+pub struct Fleet {
+    _pass: Vec<aux::Attached>,
+    pub nodes: Vec<Node>,
+    pub backends: Vec<Backend>,
+    pub router_bird: Bird,
+    pub router: Netns,
+    pub client: Netns,
+    pub bridge: Netns,
+}
+
+impl Fleet {
+    /// The topology with BIRD running everywhere; xlb not started yet.
+    pub fn new(nodes: usize, backends: usize) -> anyhow::Result<Fleet> {
+        crate::require_root();
+        let id = unique_id();
+        let prefix = format!("xf{id:06x}");
+        let bridge = segment(&format!("{prefix}-br"))?;
+
+        let router = host(&format!("{prefix}-rt"))?;
+        plug(&bridge, &router, "eth0", "rt", ROUTER4, ROUTER6)?;
+        router.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            // Flows, not packets, spread over the nodes: hash on the 5-tuple.
+            "net.ipv4.fib_multipath_hash_policy=1",
+            "net.ipv6.fib_multipath_hash_policy=1",
+        ])?;
+        let client = host(&format!("{prefix}-cl"))?;
+        crate::cmd::ip(&format!(
+            "link add eth1 netns {} type veth peer name eth0 netns {}",
+            router.name, client.name
+        ))?;
+        router.ip("addr add 10.9.0.1/24 dev eth1")?;
+        router.ip("-6 addr add fd09::1/64 dev eth1 nodad")?;
+        router.ip("link set eth1 up")?;
+        client.ip("addr add 10.9.0.2/24 dev eth0")?;
+        client.ip("-6 addr add fd09::2/64 dev eth0 nodad")?;
+        client.ip("link set eth0 up")?;
+        client.ip("route add default via 10.9.0.1")?;
+        client.ip("-6 route add default via fd09::1")?;
+
+        let mut pass = Vec::new();
+        let mut list = Vec::new();
+        for i in 0..nodes {
+            let name = format!("n{}", i + 1);
+            let ns = host(&format!("{prefix}-{name}"))?;
+            let interface = format!("xn{id:06x}{i}");
+            let (v4, v6) = (
+                Ipv4Addr::new(10, 8, 0, 11 + i as u8),
+                Ipv6Addr::new(0xfd08, 0, 0, 0, 0, 0, 0, 0x11 + i as u16),
+            );
+            plug(&bridge, &ns, &interface, &name, v4, v6)?;
+            // XDP sees frames for any MAC: a frame flooded to every port
+            // (its destination unknown, a dead node's say) would be
+            // balanced by every node. A switch floods too, but only until
+            // it learns; here it must not hide a node's death.
+            bridge.exec("bridge", &["link", "set", "dev", &name, "flood", "off"])?;
+            // veth delivers XDP_TX frames only to a peer running XDP.
+            pass.push(aux::attach("xdp_pass", &name, &bridge)?);
+            let bird = Bird::start(&ns, &bird::node_config((v4, v6), (ROUTER4, ROUTER6), TABLE))?;
+            list.push(Node { ns, name, interface, v4, v6, bird: Some(bird), xlb: None });
+        }
+        let peers: Vec<(Ipv4Addr, Ipv6Addr)> = list.iter().map(|n| (n.v4, n.v6)).collect();
+        let router_bird = Bird::start(&router, &bird::router_config((ROUTER4, ROUTER6), &peers))?;
+
+        let mut be = Vec::new();
+        for i in 0..backends {
+            let name = format!("be{}", i + 1);
+            let ns = host(&format!("{prefix}-{name}"))?;
+            ns.sysctl(&["net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"])?;
+            let v4 = Ipv4Addr::new(10, 8, 0, 21 + i as u8);
+            let v6 = Ipv6Addr::new(0xfd08, 0, 0, 0, 0, 0, 0, 0x21 + i as u16);
+            plug(&bridge, &ns, "eth0", &name, v4, v6)?;
+            ns.ip(&format!("addr add {VIP4}/32 dev lo"))?;
+            ns.ip(&format!("-6 addr add {VIP6}/128 dev lo nodad"))?;
+            // Replies go to the client through the router, not the nodes.
+            ns.ip(&format!("route add default via {ROUTER4}"))?;
+            ns.ip(&format!("-6 route add default via {ROUTER6}"))?;
+            be.push(Backend { ns, name, v4, v6 });
+        }
+        Ok(Fleet { _pass: pass, nodes: list, backends: be, router_bird, router, client, bridge })
+    }
+
+    /// Node `i`'s config: the VIPs of `vips` (TOML `[[vip]]` tables) with
+    /// announcing into [`TABLE`], `withdraw_wait` seconds of grace.
+    pub fn config(&self, i: usize, withdraw_wait: u64, vips: &str) -> String {
+        let node = &self.nodes[i];
+        let socket = node.bird.as_ref().map(|b| b.socket.display().to_string()).unwrap_or_default();
+        format!(
+            "interface = \"{}\"\ndrain_timeout = 5\n\n[announce]\ntable = {TABLE}\nwithdraw_wait = {withdraw_wait}\n\
+             bird_socket = \"{socket}\"\n\n{vips}",
+            node.interface
+        )
+    }
+
+    /// `backends = [ … ]` with every backend of the family, in `order`.
+    pub fn backend_list(&self, v6: bool, order: &[usize]) -> String {
+        let items: Vec<String> =
+            order.iter().map(|&i| format!("{{ address = \"{}\" }}", self.backends[i].addr(v6))).collect();
+        format!("backends = [ {} ]", items.join(", "))
+    }
+
+    /// Starts xlb on node `i` with `config`.
+    pub fn start_xlb(&mut self, i: usize, config: &str) -> anyhow::Result<()> {
+        let node = &mut self.nodes[i];
+        node.xlb = Some(Daemon::start(&node.ns, &node.interface, config)?);
+        Ok(())
+    }
+
+    /// Waits until every BGP session of the router is up.
+    pub fn wait_sessions(&self) -> anyhow::Result<()> {
+        self.router_bird.wait_established(Duration::from_secs(20))
+    }
+
+    /// The next hops the router's kernel has for `vip`.
+    pub fn paths(&self, vip: IpAddr) -> anyhow::Result<Vec<IpAddr>> {
+        let family = if vip.is_ipv4() { "-4" } else { "-6" };
+        let text = self.router.ip(&format!("{family} -j route show {vip}"))?;
+        let json: serde_json::Value =
+            serde_json::from_str(if text.trim().is_empty() { "[]" } else { &text })?;
+        let mut hops = Vec::new();
+        for route in json.as_array().into_iter().flatten() {
+            let gateways = match route["nexthops"].as_array() {
+                Some(list) => list.iter().map(|h| &h["gateway"]).collect(),
+                None => vec![&route["gateway"]],
+            };
+            hops.extend(gateways.iter().filter_map(|g| g.as_str()?.parse::<IpAddr>().ok()));
+        }
+        hops.sort();
+        Ok(hops)
+    }
+
+    /// Waits until the router has exactly `count` paths for `vip`; how long it took.
+    pub fn wait_paths(&self, vip: IpAddr, count: usize, timeout: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let paths = self.paths(vip)?;
+            if paths.len() == count {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "router has {} paths for {vip}, not {count}, after {timeout:?}: {paths:?}\n{}",
+                    paths.len(),
+                    self.router_bird.birdc("show route all").unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

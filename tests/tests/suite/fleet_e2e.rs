@@ -1,0 +1,301 @@
+//! Three xlb nodes behind a router that learns the VIPs over BGP from each
+//! node's BIRD and spreads flows by ECMP: flows spread, every node picks the
+//! same backend for a flow, and a node's death or drain breaks no flow.
+//! Needs root and BIRD (Debian's bird2).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    sync::{Arc, atomic::AtomicBool},
+    time::{Duration, Instant},
+};
+
+use xlb_tests::{
+    cmd,
+    fleet::{Fleet, TABLE},
+    lab::{VIP4, VIP6},
+    servers::{self, tcp_spread},
+    traffic::{Arrivals, Conversation},
+};
+
+/// What the VIPs of a test are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Vips {
+    Web,
+    WebAndDns,
+    /// As `Web`, with no backend for the IPv4 VIP.
+    WebEmpty,
+}
+
+/// VIP tables for node `i`: the same VIPs and backends on every node, but
+/// listed in another order on each, so nothing node-local decides a table.
+fn vips(fleet: &Fleet, i: usize, which: Vips) -> String {
+    let order = [[0, 1, 2], [2, 1, 0], [1, 2, 0]][i % 3];
+    let vip = |name: &str, addr: IpAddr, port: u16, protocol: &str| {
+        let backends = if which == Vips::WebEmpty && name == "web" {
+            "backends = []".to_owned()
+        } else {
+            fleet.backend_list(addr.is_ipv6(), &order)
+        };
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"{addr}\"\nport = {port}\nprotocol = \"{protocol}\"\n{backends}\n"
+        )
+    };
+    let mut all = vec![vip("web", VIP4.into(), 80, "tcp"), vip("web6", VIP6.into(), 80, "tcp")];
+    if which == Vips::WebAndDns {
+        all.push(vip("dns", VIP4.into(), 53, "udp"));
+    }
+    if i % 2 == 1 {
+        all.reverse();
+    }
+    all.concat()
+}
+
+/// Starts xlb on every node and waits until the router has a path to each.
+fn start(fleet: &mut Fleet, withdraw_wait: u64, which: Vips) {
+    for i in 0..fleet.nodes.len() {
+        let config = fleet.config(i, withdraw_wait, &vips(fleet, i, which));
+        fleet.start_xlb(i, &config).unwrap();
+    }
+    fleet.wait_sessions().unwrap();
+    let n = fleet.nodes.len();
+    for vip in [IpAddr::from(VIP4), IpAddr::from(VIP6)] {
+        let took = fleet.wait_paths(vip, n, Duration::from_secs(15)).unwrap();
+        eprintln!("router: {n} paths to {vip} after {took:?}");
+    }
+}
+
+fn forwarded(fleet: &Fleet, vip: &str) -> Vec<u64> {
+    fleet.nodes.iter().map(|n| n.forwarded(vip).unwrap()).collect()
+}
+
+#[test]
+fn connections_spread_over_every_node_and_every_node_picks_the_same_backend() {
+    let mut fleet = Fleet::new(3, 3).unwrap();
+    let _servers = servers::start(&fleet.backends, 80, 53);
+    start(&mut fleet, 1, Vips::WebAndDns);
+    for (vip, name) in [(IpAddr::from(VIP4), "web"), (IpAddr::from(VIP6), "web6")] {
+        let before = forwarded(&fleet, name);
+        let answers = fleet
+            .client
+            .run(|| tcp_spread(SocketAddr::new(vip, 80), 300))
+            .expect("every connection completes");
+        let after = forwarded(&fleet, name);
+        let per_node: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        eprintln!("{vip}: 300 connections; packets per node {per_node:?}; answers per backend {answers:?}");
+        assert!(per_node.iter().all(|&p| p > 0), "every node carries flows: {per_node:?}");
+        assert_eq!(answers.len(), 3, "every backend answers: {answers:?}");
+    }
+
+    // The same 5-tuples through each node in turn: the router sends the
+    // client's DNS queries through one chosen node (a table of their own).
+    fleet.router.ip("rule add from 10.9.0.2 ipproto udp dport 53 lookup 100 pref 100").unwrap();
+    let mut chosen: Vec<BTreeMap<u16, String>> = Vec::new();
+    for node in 0..fleet.nodes.len() {
+        fleet.router.ip(&format!("route replace {VIP4}/32 via {} table 100", fleet.nodes[node].v4)).unwrap();
+        let before = fleet.nodes[node].forwarded("dns").unwrap();
+        let answers = fleet.client.run(|| {
+            (30_000..30_100u16)
+                .map(|port| {
+                    let socket = UdpSocket::bind(("10.9.0.2", port)).unwrap();
+                    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    socket.send_to(b"who", (VIP4, 53)).unwrap();
+                    let mut buf = [0u8; 64];
+                    let n = socket.recv(&mut buf).expect("an answer");
+                    (port, String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+                })
+                .collect::<BTreeMap<_, _>>()
+        });
+        let through = fleet.nodes[node].forwarded("dns").unwrap() - before;
+        assert_eq!(through, 100, "node {node} carried the 100 queries");
+        chosen.push(answers);
+    }
+    let spread: BTreeMap<&String, usize> = chosen[0].values().fold(BTreeMap::new(), |mut m, b| {
+        *m.entry(b).or_default() += 1;
+        m
+    });
+    eprintln!("100 UDP 5-tuples through each of 3 nodes: backends {spread:?}");
+    assert!(spread.len() > 1, "the flows spread over backends");
+    for (node, answers) in chosen.iter().enumerate().skip(1) {
+        let differ = answers.iter().filter(|(port, b)| chosen[0][port] != **b).count();
+        assert_eq!(differ, 0, "node {node} picked another backend for {differ} of 100 flows");
+    }
+}
+
+#[test]
+fn a_node_dies_under_load_and_no_long_flow_breaks() {
+    let mut fleet = Fleet::new(3, 3).unwrap();
+    let _servers = servers::start(&fleet.backends, 80, 53);
+    start(&mut fleet, 1, Vips::Web);
+    let vip = SocketAddr::from((VIP4, 80));
+    let stop = Arc::new(AtomicBool::new(false));
+    let talks: Vec<Conversation> = (0..40).map(|_| Conversation::start(&fleet.client, vip, &stop)).collect();
+    let arrivals = Arrivals::start(&fleet.client, vip, Duration::from_millis(20), &stop);
+    std::thread::sleep(Duration::from_secs(1));
+    let carried = fleet.nodes[1].forwarded("web").unwrap();
+    assert!(carried > 0, "the node that dies carries flows");
+
+    let died = Instant::now();
+    fleet.nodes[1].die().unwrap();
+    let withdrawn = fleet.wait_paths(VIP4.into(), 2, Duration::from_secs(10)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let broken: Vec<String> = talks.into_iter().filter_map(|t| t.finish().err()).collect();
+    let arrived = arrivals.finish();
+    eprintln!(
+        "node n2 died: router withdrew it after {withdrawn:?} (BFD 100 ms x 3); 40 long flows, {} broke; \
+         {} new connections, {} failed, {} slow; new connections were delayed or failing for {} ms; \
+         {:?} since the death",
+        broken.len(),
+        arrived.ok,
+        arrived.failed,
+        arrived.troubles.len(),
+        arrived.gap().as_millis(),
+        died.elapsed()
+    );
+    assert!(broken.is_empty(), "long flows broke: {broken:#?}");
+    assert!(arrived.gap() < Duration::from_secs(3), "{:?}", arrived.troubles);
+    assert!(arrived.ok > 100, "the arrival stream kept going ({})", arrived.ok);
+}
+
+#[test]
+fn a_drained_node_and_a_gracefully_stopped_one_lose_no_flow() {
+    let mut fleet = Fleet::new(3, 3).unwrap();
+    let _servers = servers::start(&fleet.backends, 80, 53);
+    start(&mut fleet, 2, Vips::Web);
+    let vip = SocketAddr::from((VIP4, 80));
+    let stop = Arc::new(AtomicBool::new(false));
+    let talks: Vec<Conversation> = (0..30).map(|_| Conversation::start(&fleet.client, vip, &stop)).collect();
+    let arrivals = Arrivals::start(&fleet.client, vip, Duration::from_millis(20), &stop);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Maintenance: `xlb announce off` returns after withdraw_wait.
+    let xlb = cmd::xlb_bin();
+    let n1 = &fleet.nodes[0];
+    let started = Instant::now();
+    let out = n1.ns.exec(xlb.to_str().unwrap(), &["announce", "off", "-i", &n1.interface]).unwrap();
+    let returned = started.elapsed();
+    assert!(out.contains("withdrawn") && returned >= Duration::from_secs(2), "{out} after {returned:?}");
+    assert_eq!(fleet.paths(VIP4.into()).unwrap().len(), 2, "n1 withdrawn");
+    let status = fleet.nodes[0].xlb().status().unwrap();
+    assert_eq!(status["vips"][0]["announce"]["state"], "withdrawn", "{status}");
+
+    // A graceful stop of n3: withdraw, wait, exit; the program forwards on.
+    let started = Instant::now();
+    fleet.nodes[2].xlb_mut().stop().unwrap();
+    let stopped = started.elapsed();
+    assert!(stopped >= Duration::from_secs(2), "the stop waited withdraw_wait: {stopped:?}");
+    assert_eq!(fleet.paths(VIP4.into()).unwrap().len(), 1, "only n2 left");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let broken: Vec<String> = talks.into_iter().filter_map(|t| t.finish().err()).collect();
+    let arrived = arrivals.finish();
+    eprintln!(
+        "n1 drained (announce off returned after {returned:?}), n3 stopped gracefully ({stopped:?}): \
+         30 long flows, {} broke; {} new connections, {} failed, {} slow",
+        broken.len(),
+        arrived.ok,
+        arrived.failed,
+        arrived.troubles.len()
+    );
+    assert!(broken.is_empty(), "long flows broke: {broken:#?}");
+    assert_eq!(arrived.failed, 0, "new connections failed: {:?}", arrived.errors());
+
+    // Back in service.
+    let n1 = &fleet.nodes[0];
+    n1.ns.exec(xlb.to_str().unwrap(), &["announce", "on", "-i", &n1.interface]).unwrap();
+    fleet.wait_paths(VIP4.into(), 2, Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn a_vip_without_backends_is_withdrawn_everywhere_and_a_killed_daemon_stays_announced() {
+    let mut fleet = Fleet::new(3, 3).unwrap();
+    let _servers = servers::start(&fleet.backends, 80, 53);
+    start(&mut fleet, 0, Vips::Web);
+    for i in 0..3 {
+        let config = fleet.config(i, 0, &vips(&fleet, i, Vips::WebEmpty));
+        fleet.nodes[i].xlb_mut().apply_config(&config).unwrap();
+    }
+    let gone = fleet.wait_paths(VIP4.into(), 0, Duration::from_secs(10)).unwrap();
+    assert_eq!(fleet.paths(VIP6.into()).unwrap().len(), 3, "the IPv6 VIP still has its backends");
+    let status = fleet.nodes[0].xlb().status().unwrap();
+    let web = status["vips"].as_array().unwrap().iter().find(|v| v["name"] == "web").unwrap().clone();
+    assert_eq!(web["announce"]["reason"], "no_usable_backend", "{web}");
+    for i in 0..3 {
+        let config = fleet.config(i, 0, &vips(&fleet, i, Vips::Web));
+        fleet.nodes[i].xlb_mut().apply_config(&config).unwrap();
+    }
+    let back = fleet.wait_paths(VIP4.into(), 3, Duration::from_secs(10)).unwrap();
+    eprintln!("all backends gone: withdrawn by every node within {gone:?}; back within {back:?}");
+
+    // SIGKILL n1's daemon: the route stays, BIRD keeps announcing, the
+    // program keeps forwarding.
+    fleet.nodes[0].xlb_mut().kill9().unwrap();
+    let before = fleet.nodes[0].forwarded("web").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fleet.paths(VIP4.into()).unwrap().len(), 3, "still announced");
+    let answers = fleet
+        .client
+        .run(|| tcp_spread(SocketAddr::from((VIP4, 80)), 150))
+        .expect("every connection completes");
+    let after = fleet.nodes[0].forwarded("web").unwrap();
+    eprintln!(
+        "n1's daemon killed: 3 paths stay; 150 connections {answers:?}; n1 forwarded {} packets",
+        after - before
+    );
+    assert!(after > before, "the killed daemon's node keeps forwarding");
+    let routes = fleet.nodes[0].ns.ip(&format!("route show table {TABLE}")).unwrap();
+    assert!(routes.contains(&VIP4.to_string()), "{routes}");
+}
+
+#[test]
+fn announcing_copes_with_no_bird_a_table_in_use_and_someone_elses_route() {
+    use xlb_tests::{
+        daemon::{Daemon, run_refused},
+        lab::Lab,
+    };
+    let lab = Lab::new(1).unwrap();
+    let web = format!(
+        "[[vip]]\nname = \"web\"\naddress = \"{VIP4}\"\nport = 80\nprotocol = \"tcp\"\n{}\n\n\
+         [[vip]]\nname = \"web6\"\naddress = \"{VIP6}\"\nport = 80\nprotocol = \"tcp\"\n{}\n",
+        lab.backend_list(false),
+        lab.backend_list(true)
+    );
+    let config = |extra: &str| {
+        lab.config(&format!(
+            "[announce]\ntable = {TABLE}\nbird_socket = \"/nonexistent/bird.ctl\"\n{extra}\n{web}"
+        ))
+    };
+
+    // A table someone else uses is refused, naming the field.
+    lab.lb.ip(&format!("route add 10.77.0.0/16 dev lo table {TABLE}")).unwrap();
+    let path = std::env::temp_dir().join(format!("xlb-announce-{:06x}.toml", xlb_tests::unique_id()));
+    std::fs::write(&path, config("")).unwrap();
+    let (code, err) = run_refused(&lab.lb, &path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("announce.table") && err.contains("10.77.0.0/16"), "{err}");
+    lab.lb.ip(&format!("route del 10.77.0.0/16 dev lo table {TABLE}")).unwrap();
+
+    // A host route for a VIP put there by someone else is left alone; BIRD
+    // not running is said, and announcing goes on without it.
+    lab.lb.ip(&format!("-6 route add {VIP6}/128 dev lo table {TABLE} proto static")).unwrap();
+    let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config("")).unwrap();
+    let routes = lab.lb.ip(&format!("route show table {TABLE}")).unwrap();
+    let routes6 = lab.lb.ip(&format!("-6 route show table {TABLE}")).unwrap();
+    assert!(routes.contains(&format!("{VIP4} dev lo proto 247")), "{routes}");
+    assert!(routes6.contains("proto static"), "untouched: {routes6}");
+    let status = daemon.status().unwrap();
+    let announce = |name: &str| {
+        let vips = status["vips"].as_array().unwrap();
+        vips.iter().find(|v| v["name"] == name).unwrap()["announce"].clone()
+    };
+    assert_eq!(announce("web")["state"], "announced", "{status}");
+    assert_eq!(announce("web6")["state"], "foreign", "{status}");
+    let bird = status["announce"]["bird"]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(bird.contains("cannot reach BIRD at /nonexistent/bird.ctl"), "{status}");
+    let text = cmd::run(cmd::xlb_bin().to_str().unwrap(), &["status", "--interface", &lab.lb_if]).unwrap();
+    assert!(text.contains("announced") && text.contains("did not add (proto 4)"), "{text}");
+    drop(daemon);
+    lab.lb.ip(&format!("-6 route del {VIP6}/128 dev lo table {TABLE} proto static")).unwrap();
+}
