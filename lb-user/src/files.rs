@@ -37,10 +37,12 @@ impl RunFiles {
         self.dir.join(format!("{}.overrides.json", self.interface))
     }
 
-    /// Removes both (`xlb detach`).
+    /// Removes both, and a state file half written when its writer was
+    /// killed (`xlb detach`).
     pub fn forget(&self) {
-        let _ = std::fs::remove_file(self.state());
-        let _ = std::fs::remove_file(self.overrides());
+        for path in [self.state(), self.state().with_extension("json.tmp"), self.overrides()] {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

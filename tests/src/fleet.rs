@@ -123,7 +123,7 @@ impl Fleet {
         for i in 0..nodes {
             let name = format!("n{}", i + 1);
             let ns = host(&format!("{prefix}-{name}"))?;
-            let interface = format!("xn{id:06x}{i}");
+            let interface = format!("xn{id:06x}-{i}");
             let (v4, v6) = (
                 Ipv4Addr::new(10, 8, 0, 11 + i as u8),
                 Ipv6Addr::new(0xfd08, 0, 0, 0, 0, 0, 0, 0x11 + i as u16),

@@ -13,14 +13,22 @@ pub fn stale() -> Vec<String> {
     let dead = |id: u32| !live.contains(&(id >> 8));
     let mut removed = Vec::new();
 
+    // BIRD first: it would outlive its namespace.
+    for (pid, id) in birds() {
+        if dead(id) {
+            // SAFETY: kill on a pid read from /proc; at worst it is gone.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            removed.push(format!("bird process {pid}"));
+        }
+    }
     for name in entries(Path::new("/run/netns")) {
-        if owner(&name, &["xt", "xb"]).is_some_and(dead)
+        if owner(&name, &["xt", "xb", "xf"]).is_some_and(dead)
             && crate::cmd::ip(&format!("netns del {name}")).is_ok()
         {
             removed.push(format!("namespace {name}"));
         }
     }
-    for (dir, prefixes) in [("/sys/fs/bpf/xlb", &["xl"][..]), ("/sys/fs/bpf/xlb-decap", &["xt"][..])] {
+    for (dir, prefixes) in [("/sys/fs/bpf/xlb", &["xl", "xn"][..]), ("/sys/fs/bpf/xlb-decap", &["xt"][..])] {
         for name in entries(Path::new(dir)) {
             let path = Path::new(dir).join(&name);
             if owner(&name, prefixes).is_some_and(dead) && fs::remove_dir_all(&path).is_ok() {
@@ -30,7 +38,7 @@ pub fn stale() -> Vec<String> {
     }
     let tmp = std::env::temp_dir();
     for name in entries(&tmp) {
-        let id = ["xlb-test-", "xlb-capture-", "xlb-bench-"]
+        let id = ["xlb-test-", "xlb-capture-", "xlb-bench-", "xlb-bird-"]
             .iter()
             .find_map(|p| name.strip_prefix(p))
             .and_then(|rest| trailing_id(rest.trim_end_matches(".pcap")));
@@ -43,6 +51,22 @@ pub fn stale() -> Vec<String> {
         }
     }
     removed
+}
+
+/// BIRD processes the test kit started: (pid, the id in their socket's
+/// scratch directory, `…/xlb-bird-<id>/bird.ctl`).
+fn birds() -> Vec<(u32, u32)> {
+    entries(Path::new("/proc"))
+        .iter()
+        .filter_map(|n| n.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmdline);
+            let dir = text.split('\0').find_map(|arg| arg.strip_suffix("/bird.ctl"))?;
+            let id = dir.rsplit('/').next()?.strip_prefix("xlb-bird-")?;
+            Some((pid, parse_id(id)?))
+        })
+        .collect()
 }
 
 /// `pid & 0xffff` of every live process: the tag `unique_id` embeds.
@@ -83,6 +107,7 @@ mod tests {
     fn ids_are_read_only_from_our_names() {
         assert_eq!(owner("xt085901-gen", &["xt", "xb"]), Some(0x085901));
         assert_eq!(owner("xb0a0b0c", &["xt", "xb"]), Some(0x0a0b0c));
+        assert_eq!(owner("xn0a0b0c-1", &["xl", "xn"]), Some(0x0a0b0c), "a fleet node's pins");
         assert_eq!(owner("xtra-netns", &["xt"]), None);
         assert_eq!(owner("xt0859012", &["xt"]), None);
         assert_eq!(owner("eth0", &["xl"]), None);

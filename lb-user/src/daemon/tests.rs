@@ -182,6 +182,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The state writer must not recreate the directory afterwards.
+        self.daemon.publisher.finish();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
