@@ -97,6 +97,16 @@ impl Daemon {
         }
     }
 
+    /// Polls `done` for up to five seconds (changes apply within a
+    /// second); fails with the log.
+    pub fn eventually(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `xlb status --json` for this daemon's interface.
     pub fn status(&self) -> anyhow::Result<serde_json::Value> {
         let bin = cmd::xlb_bin();

@@ -23,7 +23,7 @@ use crate::{
     aux,
     bird::{self, Bird},
     daemon::Daemon,
-    lab::{Backend, VIP4, VIP6, host, plug, segment},
+    lab::{Backend, dr_backend, host, plug, segment},
     netns::Netns,
     unique_id,
 };
@@ -144,18 +144,13 @@ impl Fleet {
 
         let mut be = Vec::new();
         for i in 0..backends {
-            let name = format!("be{}", i + 1);
-            let ns = host(&format!("{prefix}-{name}"))?;
-            ns.sysctl(&["net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"])?;
             let v4 = Ipv4Addr::new(10, 8, 0, 21 + i as u8);
             let v6 = Ipv6Addr::new(0xfd08, 0, 0, 0, 0, 0, 0, 0x21 + i as u16);
-            plug(&bridge, &ns, "eth0", &name, v4, v6)?;
-            ns.ip(&format!("addr add {VIP4}/32 dev lo"))?;
-            ns.ip(&format!("-6 addr add {VIP6}/128 dev lo nodad"))?;
+            let backend = dr_backend(&bridge, &prefix, i, v4, v6)?;
             // Replies go to the client through the router, not the nodes.
-            ns.ip(&format!("route add default via {ROUTER4}"))?;
-            ns.ip(&format!("-6 route add default via {ROUTER6}"))?;
-            be.push(Backend { ns, name, v4, v6 });
+            backend.ns.ip(&format!("route add default via {ROUTER4}"))?;
+            backend.ns.ip(&format!("-6 route add default via {ROUTER6}"))?;
+            be.push(backend);
         }
         Ok(Fleet { _pass: pass, nodes: list, backends: be, router_bird, router, client, bridge })
     }

@@ -86,6 +86,24 @@ pub(crate) fn plug(
     Ok(())
 }
 
+/// DR backend `be<i + 1>` on the bridge's segment: the VIPs on its
+/// loopback, and quiet about them in ARP.
+pub(crate) fn dr_backend(
+    bridge: &Netns,
+    prefix: &str,
+    i: usize,
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+) -> anyhow::Result<Backend> {
+    let name = format!("be{}", i + 1);
+    let ns = host(&format!("{prefix}-{name}"))?;
+    ns.sysctl(&["net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"])?;
+    plug(bridge, &ns, "eth0", &name, v4, v6)?;
+    ns.ip(&format!("addr add {VIP4}/32 dev lo"))?;
+    ns.ip(&format!("-6 addr add {VIP6}/128 dev lo nodad"))?;
+    Ok(Backend { ns, name, v4, v6 })
+}
+
 impl Lab {
     pub fn new(backends: usize) -> anyhow::Result<Lab> {
         crate::require_root();
@@ -104,19 +122,21 @@ impl Lab {
 
         let mut list = Vec::new();
         for i in 0..backends {
-            let name = format!("be{}", i + 1);
-            let ns = host(&format!("{prefix}-{name}"))?;
-            ns.sysctl(&["net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"])?;
             let v4 = Ipv4Addr::new(10, 0, 0, 11 + i as u8);
             let v6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x11 + i as u16);
-            plug(&bridge, &ns, "eth0", &name, v4, v6)?;
-            ns.ip(&format!("addr add {VIP4}/32 dev lo"))?;
-            ns.ip(&format!("-6 addr add {VIP6}/128 dev lo nodad"))?;
-            list.push(Backend { ns, name, v4, v6 });
+            list.push(dr_backend(&bridge, &prefix, i, v4, v6)?);
         }
         // A veth delivers XDP_TX frames only to a peer running XDP.
         let pass = aux::attach("xdp_pass", "lb", &bridge)?;
         Ok(Lab { _pass: pass, backends: list, lb, client, bridge, lb_if })
+    }
+
+    /// The backends that answer `n` TCP connections to VIP4:80 from the
+    /// client (every connection must complete).
+    pub fn spread(&self, n: usize) -> Vec<String> {
+        let vip = std::net::SocketAddr::from((VIP4, 80));
+        let counts = self.client.run(|| crate::servers::tcp_spread(vip, n)).expect("requests succeed");
+        counts.into_keys().collect()
     }
 
     /// A config for this lab: `vips` is the TOML of the [[vip]] tables.

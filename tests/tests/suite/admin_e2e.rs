@@ -3,7 +3,7 @@
 
 use std::{
     io::Write as _,
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{IpAddr, UdpSocket},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -13,7 +13,7 @@ use xlb_tests::{
     daemon::Daemon,
     http::{Reply, request, request_with},
     lab::{Lab, VIP4},
-    servers::{self, tcp_spread},
+    servers,
 };
 
 const ADMIN: &str = "127.0.0.1:9300";
@@ -43,10 +43,6 @@ fn sample(metrics: &str, name: &str, labels: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no sample {name} with {labels}"))
-}
-
-fn spread(lab: &Lab, n: usize) -> Vec<String> {
-    lab.client.run(|| tcp_spread(SocketAddr::from((VIP4, 80)), n)).unwrap().into_keys().collect()
 }
 
 #[test]
@@ -125,12 +121,12 @@ fn the_api_shows_vips_and_changes_backends_live() {
     let web = get(&lab, "/api/v1/vips/web").json();
     let b2 = web["backends"].as_array().unwrap().iter().find(|b| b["address"] == be2.to_string()).unwrap();
     assert_eq!((b2["state"].as_str(), b2["slots"].as_u64()), (Some("draining"), Some(0)));
-    assert_eq!(spread(&lab, 60), ["be1", "be3"]);
+    assert_eq!(lab.spread(60), ["be1", "be3"]);
     assert_eq!(
         api(&lab, "POST", &format!("/api/v1/vips/web/backends/{be2}/undrain"), None, None).status,
         200
     );
-    assert_eq!(spread(&lab, 60), ["be1", "be2", "be3"]);
+    assert_eq!(lab.spread(60), ["be1", "be2", "be3"]);
 
     // Weight 3 for be1: three fifths of the table.
     let r =
@@ -180,7 +176,7 @@ fn the_api_shows_vips_and_changes_backends_live() {
     let drained =
         lab.lb.exec(xlb.to_str().unwrap(), &["drain", "web", &be1.to_string(), "-i", &lab.lb_if]).unwrap();
     assert!(drained.contains("draining"), "{drained}");
-    assert_eq!(spread(&lab, 60), ["be2", "be3"]);
+    assert_eq!(lab.spread(60), ["be2", "be3"]);
     let stats =
         lab.lb.exec(xlb.to_str().unwrap(), &["stats", "-i", &lab.lb_if, "--interval", "0.2"]).unwrap();
     assert!(stats.contains("packets/s") && stats.contains(&be1.to_string()), "{stats}");
@@ -194,7 +190,7 @@ fn drains_survive_a_restart() {
     let be1: IpAddr = lab.backends[0].v4.into();
     assert_eq!(api(&lab, "POST", &format!("/api/v1/vips/web/backends/{be1}/drain"), None, None).status, 200);
     daemon.restart(&lab.lb).unwrap();
-    assert_eq!(spread(&lab, 40), ["be2"], "still drained after the restart");
+    assert_eq!(lab.spread(40), ["be2"], "still drained after the restart");
     let _ = std::fs::remove_file(xlb::files::RunFiles::new(&lab.lb_if).overrides());
 }
 
@@ -249,5 +245,5 @@ fn sighup_with_a_broken_file_keeps_the_old_config_serving() {
     daemon.rewrite_config("interface = \"broken").unwrap();
     daemon.hangup().unwrap();
     daemon.wait_for_log_count("config rejected", rejected + 1, Duration::from_secs(5)).unwrap();
-    assert_eq!(spread(&lab, 40), ["be1", "be2"], "the old config keeps serving");
+    assert_eq!(lab.spread(40), ["be1", "be2"], "the old config keeps serving");
 }

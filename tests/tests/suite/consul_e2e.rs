@@ -30,19 +30,6 @@ fn check(lab: &Lab, i: usize) -> String {
     format!("service:web-{}", lab.backends[i].name)
 }
 
-fn spread(lab: &Lab, n: usize) -> Vec<String> {
-    let counts = lab.client.run(|| tcp_spread(SocketAddr::from((VIP4, 80)), n)).expect("requests succeed");
-    counts.into_keys().collect()
-}
-
-fn eventually(mut done: impl FnMut() -> bool, daemon: &Daemon, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}:\n{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The backend id of `addr` in the status, if it is in the live table.
 fn table_id(daemon: &Daemon, addr: IpAddr) -> Option<u16> {
     let status = daemon.status().unwrap();
@@ -69,7 +56,7 @@ fn backends_follow_consul_health_and_survive_its_outage() {
          [[vip]]\nname = \"web\"\naddress = \"{VIP4}\"\nport = 80\nprotocol = \"tcp\"\nconsul = {{ service = \"web\" }}\n"
     ));
     let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config).unwrap();
-    eventually(|| spread(&lab, 60) == ["be1", "be2", "be3"], &daemon, "three registered backends answer");
+    daemon.eventually("three registered backends answer", || lab.spread(60) == ["be1", "be2", "be3"]);
 
     // Health to table: fail be2's check, time until its id stops taking
     // flows (the table without it is live by then); pass it, it returns.
@@ -85,9 +72,9 @@ fn backends_follow_consul_health_and_survive_its_outage() {
             std::thread::sleep(Duration::from_micros(500));
         }
         latencies.push(started.elapsed());
-        assert!(!spread(&lab, 30).contains(&"be2".to_owned()), "no new connection reaches a failed backend");
+        assert!(!lab.spread(30).contains(&"be2".to_owned()), "no new connection reaches a failed backend");
         consul.pass(&check(&lab, 1));
-        eventually(|| table_id(&daemon, be2).is_some(), &daemon, "be2 back after passing");
+        daemon.eventually("be2 back after passing", || table_id(&daemon, be2).is_some());
     }
     latencies.sort();
     let median = latencies[latencies.len() / 2];
@@ -98,28 +85,24 @@ fn backends_follow_consul_health_and_survive_its_outage() {
         latencies[latencies.len() - 1]
     );
     assert!(median < Duration::from_millis(200), "median {median:?}");
-    assert_eq!(spread(&lab, 90), ["be1", "be2", "be3"], "be2 takes connections again");
+    assert_eq!(lab.spread(90), ["be1", "be2", "be3"], "be2 takes connections again");
 
     // A fourth instance gets its share.
     register(&consul, &lab, 3);
-    eventually(|| spread(&lab, 60).len() == 4, &daemon, "be4 joins");
+    daemon.eventually("be4 joins", || lab.spread(60).len() == 4);
 
     // One registered without an address falls back to the dev agent's
     // Node.Address, 127.0.0.1: left out, and status says why.
     consul.register(json!({ "Name": "web", "ID": "web-noaddr", "Port": 80 }));
     let problems = || daemon.status().unwrap()["discovery"][0]["problems"].to_string();
-    eventually(|| problems().contains("web-noaddr: no Service.Address"), &daemon, "the problem is shown");
+    daemon.eventually("the problem is shown", || problems().contains("web-noaddr: no Service.Address"));
     assert!(problems().contains("127.0.0.1 is a loopback address"), "{}", problems());
-    assert_eq!(spread(&lab, 60).len(), 4, "the four good instances still serve");
+    assert_eq!(lab.spread(60).len(), 4, "the four good instances still serve");
 
     // Consul goes away: the last known set keeps serving, status says stale.
     consul.set_down(true);
-    eventually(
-        || daemon.status().unwrap()["discovery"][0]["stale"] == true,
-        &daemon,
-        "discovery marked stale",
-    );
-    assert_eq!(spread(&lab, 90).len(), 4, "traffic keeps flowing to the last known set");
+    daemon.eventually("discovery marked stale", || daemon.status().unwrap()["discovery"][0]["stale"] == true);
+    assert_eq!(lab.spread(90).len(), 4, "traffic keeps flowing to the last known set");
     let human = xlb_tests::cmd::run(
         xlb_tests::cmd::xlb_bin().to_str().unwrap(),
         &["status", "--interface", &lab.lb_if],
@@ -130,12 +113,8 @@ fn backends_follow_consul_health_and_survive_its_outage() {
     // Changes made while it was away arrive once it is back.
     consul.fail(&check(&lab, 0));
     lab.lb.run(|| consul.set_down(false));
-    eventually(|| daemon.status().unwrap()["discovery"][0]["stale"] == false, &daemon, "discovery resyncs");
-    eventually(
-        || spread(&lab, 60) == ["be2", "be3", "be4"],
-        &daemon,
-        "be1's failure applies after the outage",
-    );
+    daemon.eventually("discovery resyncs", || daemon.status().unwrap()["discovery"][0]["stale"] == false);
+    daemon.eventually("be1's failure applies after the outage", || lab.spread(60) == ["be2", "be3", "be4"]);
 }
 
 #[test]
@@ -167,10 +146,8 @@ fn one_service_backs_an_ipv4_and_an_ipv6_vip() {
     let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config).unwrap();
     for addr in [IpAddr::from(VIP4), IpAddr::from(xlb_tests::lab::VIP6)] {
         let target = SocketAddr::new(addr, 80);
-        eventually(
-            || lab.client.run(|| tcp_spread(target, 40)).map(|c| c.len() == 2).unwrap_or(false),
-            &daemon,
-            &format!("{addr} served by both instances"),
-        );
+        daemon.eventually(&format!("{addr} served by both instances"), || {
+            lab.client.run(|| tcp_spread(target, 40)).map(|c| c.len() == 2).unwrap_or(false)
+        });
     }
 }

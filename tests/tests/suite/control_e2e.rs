@@ -1,33 +1,16 @@
 //! The daemon's life: live config changes, rejected configs, restarts.
 //! Needs root.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use xlb_tests::{
     daemon::{Daemon, run_refused},
     lab::{Lab, VIP4},
-    servers::{self, tcp_spread},
+    servers,
 };
 
 fn web(backends: &str) -> String {
     format!("[[vip]]\nname = \"web\"\naddress = \"{VIP4}\"\nport = 80\nprotocol = \"tcp\"\n{backends}\n")
-}
-
-fn spread(lab: &Lab, n: usize) -> Vec<String> {
-    let counts = lab.client.run(|| tcp_spread(SocketAddr::from((VIP4, 80)), n)).expect("requests succeed");
-    counts.into_keys().collect()
-}
-
-/// Polls `done` for up to five seconds (config changes apply within a second).
-fn eventually(mut done: impl FnMut() -> bool, daemon: &Daemon, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}:\n{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Runs `xlb run` with `config` in the lb namespace; returns (exit code, stderr).
@@ -65,7 +48,7 @@ fn bad_configs_exit_non_zero_and_leave_the_data_plane_alone() {
     let after = daemon.status().unwrap()["vips"].clone();
     assert_eq!(after.as_array().unwrap().len(), 1);
     assert_eq!(after[0]["backends"], before[0]["backends"], "tables untouched");
-    assert_eq!(spread(&lab, 60).len(), 2, "still balancing across both backends");
+    assert_eq!(lab.spread(60).len(), 2, "still balancing across both backends");
 }
 
 #[test]
@@ -73,22 +56,22 @@ fn config_edits_apply_live_and_a_broken_edit_keeps_the_old_config() {
     let lab = Lab::new(3).unwrap();
     let _servers = servers::start(&lab.backends, 80, 53);
     let mut daemon = Daemon::start(&lab.lb, &lab.lb_if, &lab.config(&web(&lab.backend_list(false)))).unwrap();
-    assert_eq!(spread(&lab, 90), ["be1", "be2", "be3"]);
+    assert_eq!(lab.spread(90), ["be1", "be2", "be3"]);
 
     daemon
         .rewrite_config(
             &lab.config(&web("backends = [ { address = \"10.0.0.11\" }, { address = \"10.0.0.13\" } ]")),
         )
         .unwrap();
-    eventually(|| spread(&lab, 60) == ["be1", "be3"], &daemon, "be2 still gets new connections");
-    assert_eq!(spread(&lab, 90), ["be1", "be3"]);
+    daemon.eventually("be2 still gets new connections", || lab.spread(60) == ["be1", "be3"]);
+    assert_eq!(lab.spread(90), ["be1", "be3"]);
 
     daemon.rewrite_config("interface = [ this is not toml").unwrap();
     daemon.wait_for_log("config rejected", Duration::from_secs(5)).unwrap();
-    assert_eq!(spread(&lab, 90), ["be1", "be3"], "the old config stays in force");
+    assert_eq!(lab.spread(90), ["be1", "be3"], "the old config stays in force");
 
     daemon.rewrite_config(&lab.config(&web(&lab.backend_list(false)))).unwrap();
-    eventually(|| spread(&lab, 60).len() == 3, &daemon, "be2 never came back");
+    daemon.eventually("be2 never came back", || lab.spread(60).len() == 3);
 }
 
 #[test]
@@ -99,7 +82,7 @@ fn forwarding_survives_the_daemon_and_a_restart_adopts_it() {
     let table = daemon.status().unwrap()["vips"][0]["backends"].clone();
 
     daemon.stop().unwrap();
-    assert_eq!(spread(&lab, 60), ["be1", "be2", "be3"], "forwarding continues without the daemon");
+    assert_eq!(lab.spread(60), ["be1", "be2", "be3"], "forwarding continues without the daemon");
     assert!(daemon.status().unwrap()["daemon_pid"].is_null(), "status says the daemon is down");
 
     daemon.restart(&lab.lb).unwrap();
@@ -109,5 +92,5 @@ fn forwarding_survives_the_daemon_and_a_restart_adopts_it() {
     for (a, b) in after.as_array().unwrap().iter().zip(table.as_array().unwrap()) {
         assert_eq!((&a["id"], &a["slots"]), (&b["id"], &b["slots"]), "same ids and table after the restart");
     }
-    assert_eq!(spread(&lab, 60), ["be1", "be2", "be3"]);
+    assert_eq!(lab.spread(60), ["be1", "be2", "be3"]);
 }
