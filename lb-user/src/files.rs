@@ -37,6 +37,13 @@ impl RunFiles {
         self.dir.join(format!("{}.overrides.json", self.interface))
     }
 
+    /// Held by the daemon that announces through routing table `table` of
+    /// network namespace `netns` (its inode; each namespace has tables of
+    /// its own): one table, one daemon.
+    pub fn announce_lock(&self, netns: u64, table: u32) -> PathBuf {
+        self.dir.join(format!("announce-{netns}-{table}.lock"))
+    }
+
     /// Removes both, and a state file half written when its writer was
     /// killed (`xlb detach`).
     pub fn forget(&self) {

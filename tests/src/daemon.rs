@@ -29,6 +29,8 @@ pub struct Daemon {
     pub config: PathBuf,
     log: PathBuf,
     pub interface: String,
+    /// The namespace it runs in (/run/netns/NAME).
+    netns: PathBuf,
     /// Extra `xlb run` arguments, kept for restarts.
     args: Vec<String>,
 }
@@ -50,6 +52,7 @@ impl Daemon {
             log: dir.join("xlb.log"),
             dir,
             interface: interface.to_owned(),
+            netns: ns.path(),
             args: args.iter().map(|a| a.to_string()).collect(),
         };
         std::fs::write(&d.config, config)?;
@@ -105,6 +108,16 @@ impl Daemon {
             assert!(Instant::now() < deadline, "{what}:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs `xlb ARGS…` in the daemon's namespace (with the host's bpffs,
+    /// unlike `ip netns exec`).
+    pub fn xlb(&self, args: &[&str]) -> anyhow::Result<String> {
+        let net = format!("--net={}", self.netns.display());
+        let bin = cmd::xlb_bin();
+        let mut all = vec![net.as_str(), bin.to_str().expect("utf-8 path")];
+        all.extend_from_slice(args);
+        cmd::run("nsenter", &all)
     }
 
     /// `xlb status --json` for this daemon's interface.
@@ -219,10 +232,7 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             eprintln!("--- xlb log ---\n{}--- end of xlb log ---", self.log());
         }
-        let bin = cmd::xlb_bin();
-        if let Err(e) =
-            cmd::run(bin.to_str().expect("utf-8 path"), &["detach", "--interface", &self.interface])
-        {
+        if let Err(e) = self.xlb(&["detach", "--interface", &self.interface]) {
             eprintln!("teardown: {e}");
         }
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -7,10 +7,12 @@
 //!   n1 10.8.0.11, n2 .12, n3 .13 (xlb + BIRD) ──────┤
 //!   be1 10.8.0.21, be2 .22, be3 .23 (VIPs on lo) ───┘
 //! ```
-//! Each node runs `xlb run` in DR mode on its segment interface and its own
-//! BIRD; the router's BIRD merges the three paths into one ECMP route per
-//! VIP, hashed on the 5-tuple. Backends answer the client through the
-//! router. Every address has an IPv6 twin (fd08::…, fd09::…).
+//! Each node runs `xlb run` on its segment interface and its own BIRD; the
+//! router's BIRD merges the three paths into one ECMP route per VIP, hashed
+//! on the 5-tuple. DR backends share the segment; TUN backends sit behind a
+//! second router (10.8.0.254 on the segment, 10.2.0.254 on theirs) and run
+//! xlb_decap. Backends answer the client through the routers. Every address
+//! has an IPv6 twin (fd08::…, fd09::…, fd02::…).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -25,23 +27,29 @@ use crate::{
     daemon::Daemon,
     lab::{Backend, dr_backend, host, plug, segment},
     netns::Netns,
+    tun_lab::{TunBackend, tun_backend},
     unique_id,
 };
+
+/// The VIPs of the TUN backends.
+pub const TUN_VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
+pub const TUN_VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
 
 /// The announce table every node uses.
 pub const TABLE: u32 = 200;
 pub const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 8, 0, 1);
 pub const ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd08, 0, 0, 0, 0, 0, 0, 1);
 
+/// Fields drop in order: xlb, BIRD, then the namespace.
 pub struct Node {
+    pub xlb: Option<Daemon>,
+    pub bird: Option<Bird>,
     pub ns: Netns,
     pub name: String,
     /// Its segment interface (unique: pins are global).
     pub interface: String,
     pub v4: Ipv4Addr,
     pub v6: Ipv6Addr,
-    pub bird: Option<Bird>,
-    pub xlb: Option<Daemon>,
 }
 
 impl Node {
@@ -76,20 +84,25 @@ impl Node {
 }
 
 /// Fields drop in order: helper programs, nodes (xlb, BIRD), backends,
-/// router, client, bridge.
+/// routers, client, segments.
 pub struct Fleet {
     _pass: Vec<aux::Attached>,
     pub nodes: Vec<Node>,
     pub backends: Vec<Backend>,
+    pub tun_backends: Vec<TunBackend>,
     pub router_bird: Bird,
     pub router: Netns,
+    /// Between the segment and the TUN backends' one.
+    _tun_router: Option<Netns>,
     pub client: Netns,
     pub bridge: Netns,
+    _tun_segment: Option<Netns>,
 }
 
 impl Fleet {
-    /// The topology with BIRD running everywhere; xlb not started yet.
-    pub fn new(nodes: usize, backends: usize) -> anyhow::Result<Fleet> {
+    /// The topology with BIRD running everywhere, `backends` DR and
+    /// `tun_backends` TUN backends; xlb not started yet.
+    pub fn new(nodes: usize, backends: usize, tun_backends: usize) -> anyhow::Result<Fleet> {
         crate::require_root();
         let id = unique_id();
         let prefix = format!("xf{id:06x}");
@@ -129,6 +142,15 @@ impl Fleet {
                 Ipv6Addr::new(0xfd08, 0, 0, 0, 0, 0, 0, 0x11 + i as u16),
             );
             plug(&bridge, &ns, &interface, &name, v4, v6)?;
+            // TUN: the backends' segment is behind the second router; the
+            // FIB helper answers only where the interface forwards.
+            ns.ip("route add 10.2.0.0/24 via 10.8.0.254")?;
+            ns.ip("-6 route add fd02::/64 via fd08::fe")?;
+            ns.sysctl(&[
+                &format!("net.ipv4.conf.{interface}.forwarding=1"),
+                &format!("net.ipv4.conf.{interface}.accept_local=1"),
+                "net.ipv6.conf.all.forwarding=1",
+            ])?;
             // XDP sees frames for any MAC: a frame flooded to every port
             // (its destination unknown, a dead node's say) would be
             // balanced by every node. A switch floods too, but only until
@@ -152,7 +174,35 @@ impl Fleet {
             backend.ns.ip(&format!("-6 route add default via {ROUTER6}"))?;
             be.push(backend);
         }
-        Ok(Fleet { _pass: pass, nodes: list, backends: be, router_bird, router, client, bridge })
+        let (tun_segment, tun_router, tun_backends) = match tun_backends {
+            0 => (None, None, Vec::new()),
+            n => {
+                let seg2 = segment(&format!("{prefix}-s2"))?;
+                let r2 = host(&format!("{prefix}-r2"))?;
+                plug(&bridge, &r2, "lan1", "r2", Ipv4Addr::new(10, 8, 0, 254), "fd08::fe".parse()?)?;
+                plug(&seg2, &r2, "lan2", "r2", Ipv4Addr::new(10, 2, 0, 254), "fd02::fe".parse()?)?;
+                r2.sysctl(&["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+                r2.ip(&format!("route add 10.9.0.0/24 via {ROUTER4}"))?;
+                r2.ip(&format!("-6 route add fd09::/64 via {ROUTER6}"))?;
+                let vips = [TUN_VIP4.into(), TUN_VIP6.into()];
+                let list = (0..n)
+                    .map(|i| tun_backend(&seg2, &format!("{prefix}-t"), i, &vips))
+                    .collect::<anyhow::Result<_>>()?;
+                (Some(seg2), Some(r2), list)
+            }
+        };
+        Ok(Fleet {
+            _pass: pass,
+            nodes: list,
+            backends: be,
+            tun_backends,
+            router_bird,
+            router,
+            _tun_router: tun_router,
+            client,
+            bridge,
+            _tun_segment: tun_segment,
+        })
     }
 
     /// Node `i`'s config: the VIPs of `vips` (TOML `[[vip]]` tables) with
@@ -167,11 +217,15 @@ impl Fleet {
         )
     }
 
-    /// `backends = [ … ]` with every backend of the family, in `order`.
+    /// `backends = [ … ]` with every DR backend of the family, in `order`.
     pub fn backend_list(&self, v6: bool, order: &[usize]) -> String {
-        let items: Vec<String> =
-            order.iter().map(|&i| format!("{{ address = \"{}\" }}", self.backends[i].addr(v6))).collect();
-        format!("backends = [ {} ]", items.join(", "))
+        list(order.iter().map(|&i| self.backends[i].addr(v6)))
+    }
+
+    /// The same for the TUN backends (those `order` names that exist).
+    pub fn tun_backend_list(&self, v6: bool, order: &[usize]) -> String {
+        let addr = |b: &TunBackend| -> IpAddr { if v6 { b.v6.into() } else { b.v4.into() } };
+        list(order.iter().filter_map(|&i| self.tun_backends.get(i)).map(addr))
     }
 
     /// Starts xlb on node `i` with `config`.
@@ -222,4 +276,9 @@ impl Fleet {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+fn list(addrs: impl Iterator<Item = IpAddr>) -> String {
+    let items: Vec<String> = addrs.map(|a| format!("{{ address = \"{a}\" }}")).collect();
+    format!("backends = [ {} ]", items.join(", "))
 }

@@ -36,6 +36,14 @@ pub fn stale() -> Vec<String> {
             }
         }
     }
+    // State files of killed daemons: /run/xlb/<interface>.json and friends.
+    for name in entries(Path::new("/run/xlb")) {
+        let interface = name.split('.').next().unwrap_or_default();
+        let path = Path::new("/run/xlb").join(&name);
+        if owner(interface, &["xl", "xn", "xr"]).is_some_and(dead) && fs::remove_file(&path).is_ok() {
+            removed.push(format!("state file {}", path.display()));
+        }
+    }
     let tmp = std::env::temp_dir();
     for name in entries(&tmp) {
         let id = ["xlb-test-", "xlb-capture-", "xlb-bench-", "xlb-bird-"]

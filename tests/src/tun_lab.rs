@@ -63,6 +63,37 @@ pub struct TunLab {
     pub lb_if: String,
 }
 
+/// TUN backend `be<i + 1>` on segment 2 (10.2.0.11 + i, fd02::11 + i,
+/// default route via the router at .254): `vips` on its loopback, and
+/// xlb_decap attached for them.
+pub(crate) fn tun_backend(
+    seg2: &Netns,
+    prefix: &str,
+    i: usize,
+    vips: &[IpAddr],
+) -> anyhow::Result<TunBackend> {
+    let name = format!("be{}", i + 1);
+    let ns = host(&format!("{prefix}-{name}"))?;
+    let v4 = Ipv4Addr::new(10, 2, 0, 11 + i as u8);
+    let v6 = Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, 0x11 + i as u16);
+    plug(seg2, &ns, "eth0", &name, v4, v6)?;
+    ns.ip("route add default via 10.2.0.254")?;
+    ns.ip("-6 route add default via fd02::fe")?;
+    let mut args = vec!["decap".to_owned(), "attach".into(), "-i".into(), "eth0".into(), "--pin-dir".into()];
+    let pin_dir = format!("/sys/fs/bpf/xlb-decap/{}", ns.name);
+    args.push(pin_dir.clone());
+    for vip in vips {
+        match vip {
+            IpAddr::V4(a) => ns.ip(&format!("addr add {a}/32 dev lo"))?,
+            IpAddr::V6(a) => ns.ip(&format!("-6 addr add {a}/128 dev lo nodad"))?,
+        };
+        args.extend(["--vip".to_owned(), vip.to_string()]);
+    }
+    let backend = TunBackend { ns, name, v4, v6, pin_dir };
+    backend.xlb(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    Ok(backend)
+}
+
 impl TunLab {
     pub fn new(backends: usize) -> anyhow::Result<TunLab> {
         crate::require_root();
@@ -98,31 +129,7 @@ impl TunLab {
 
         let mut list = Vec::new();
         for i in 0..backends {
-            let name = format!("be{}", i + 1);
-            let ns = host(&format!("{prefix}-{name}"))?;
-            let v4 = Ipv4Addr::new(10, 2, 0, 11 + i as u8);
-            let v6 = Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, 0x11 + i as u16);
-            plug(&seg2, &ns, "eth0", &name, v4, v6)?;
-            ns.ip("route add default via 10.2.0.254")?;
-            ns.ip("-6 route add default via fd02::fe")?;
-            ns.ip(&format!("addr add {VIP4}/32 dev lo"))?;
-            ns.ip(&format!("-6 addr add {VIP6}/128 dev lo nodad"))?;
-            let pin_dir = format!("/sys/fs/bpf/xlb-decap/{}", ns.name);
-            let backend = TunBackend { ns, name, v4, v6, pin_dir };
-            let (vip4, vip6) = (VIP4.to_string(), VIP6.to_string());
-            backend.xlb(&[
-                "decap",
-                "attach",
-                "-i",
-                "eth0",
-                "--pin-dir",
-                &backend.pin_dir,
-                "--vip",
-                &vip4,
-                "--vip",
-                &vip6,
-            ])?;
-            list.push(backend);
+            list.push(tun_backend(&seg2, &prefix, i, &[VIP4.into(), VIP6.into()])?);
         }
         let pass = aux::attach("xdp_pass", "lb", &seg1)?;
         Ok(TunLab { _pass: pass, backends: list, lb, client, router, seg1, seg2, lb_if })

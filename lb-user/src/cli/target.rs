@@ -13,6 +13,8 @@ use crate::{
 pub struct Target {
     pub interface: Option<String>,
     pub pin_dir: PathBuf,
+    /// The config's `announce.table`, when found from a config.
+    pub announce_table: Option<u32>,
     /// The admin API base URL and token.
     pub admin: String,
     pub token: Option<String>,
@@ -45,6 +47,7 @@ impl Target {
             return Ok(Target {
                 token: c.admin.token()?,
                 admin: c.admin.local_url(),
+                announce_table: c.announce.map(|a| a.table),
                 pin_dir: c.pin_dir,
                 interface: Some(c.interface),
             });
@@ -55,10 +58,17 @@ impl Target {
                 interface: Some(interface.clone()),
                 admin,
                 token: None,
+                announce_table: None,
             });
         }
         if let Some(pin_dir) = &args.pin_dir {
-            return Ok(Target { pin_dir: pin_dir.clone(), interface: None, admin, token: None });
+            return Ok(Target {
+                pin_dir: pin_dir.clone(),
+                interface: None,
+                admin,
+                token: None,
+                announce_table: None,
+            });
         }
         let root = Path::new("/sys/fs/bpf/xlb");
         let found: Vec<String> = std::fs::read_dir(root)
@@ -68,7 +78,13 @@ impl Target {
             .filter_map(|e| e.file_name().into_string().ok())
             .collect();
         match found.as_slice() {
-            [one] => Ok(Target { pin_dir: root.join(one), interface: Some(one.clone()), admin, token: None }),
+            [one] => Ok(Target {
+                pin_dir: root.join(one),
+                interface: Some(one.clone()),
+                admin,
+                token: None,
+                announce_table: None,
+            }),
             [] => bail!("no data plane found under {} (is `xlb run` started?)", root.display()),
             many => bail!("several data planes ({}); pick one with --interface", many.join(", ")),
         }

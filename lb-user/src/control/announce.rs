@@ -25,6 +25,8 @@ pub enum Withdrawn {
     Maintenance,
     /// The daemon is stopping gracefully.
     Stopping,
+    /// Its route could not be added to the table.
+    TableError,
 }
 
 impl fmt::Display for Withdrawn {
@@ -35,6 +37,7 @@ impl fmt::Display for Withdrawn {
             Withdrawn::NotInSync => "maps not in sync",
             Withdrawn::Maintenance => "maintenance (xlb announce off)",
             Withdrawn::Stopping => "the daemon is stopping",
+            Withdrawn::TableError => "its route could not be added (see the announce table error)",
         })
     }
 }

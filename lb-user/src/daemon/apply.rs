@@ -40,6 +40,11 @@ impl<S: Store, R: Host> Daemon<S, R> {
         for s in shortfalls.iter().filter(|s| !self.shortfalls.contains(s)) {
             warn!("{s}");
         }
+        self.retrying_since = match (&result, self.retrying_since) {
+            (Err(_), None) => Some(Instant::now()),
+            (Err(_), since) => since,
+            (Ok(()), _) => None,
+        };
         self.sync = match &result {
             Err(e) => {
                 error!(error = %error_chain(e), "map update failed; retrying with a full resync");

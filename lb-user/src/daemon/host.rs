@@ -1,15 +1,14 @@
 //! What the daemon asks of the host's network: MACs (the neighbour entries
 //! of DR backends and of the next hops toward TUN backends, kept fresh so
-//! the data plane's FIB lookups find them resolved), VIP routes in the
-//! announce table, and BIRD's session state.
+//! the data plane's FIB lookups find them resolved) and VIP routes in the
+//! announce table.
 
-use std::{collections::HashMap, future::Future, net::IpAddr, path::Path, time::Duration};
+use std::{collections::HashMap, future::Future, net::IpAddr, time::Duration};
 
 use rtnetlink::Handle;
 
 use crate::net::{
     Neighbours, NetError, NextHops,
-    bird::{self, BirdError},
     table::{self, TableRoutes},
 };
 
@@ -36,12 +35,9 @@ pub trait Host {
 
     /// Removes xlb's host route for `ip` from `table` (never anyone else's).
     fn delete_route(&mut self, table: u32, ip: IpAddr) -> impl Future<Output = Result<(), NetError>>;
-
-    /// BIRD's protocols, from its control socket.
-    fn bird(&mut self, socket: &Path) -> impl Future<Output = Result<Vec<bird::Protocol>, BirdError>>;
 }
 
-/// The kernel's tables over netlink, and BIRD's socket.
+/// The kernel's tables over netlink.
 pub struct NetHost {
     handle: Handle,
     neighbours: Neighbours,
@@ -91,9 +87,5 @@ impl Host for NetHost {
 
     async fn delete_route(&mut self, table: u32, ip: IpAddr) -> Result<(), NetError> {
         table::delete(&self.handle, table, ip).await
-    }
-
-    async fn bird(&mut self, socket: &Path) -> Result<Vec<bird::Protocol>, BirdError> {
-        bird::protocols(socket).await
     }
 }

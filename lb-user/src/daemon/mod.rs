@@ -50,6 +50,7 @@ use crate::{
     discovery::{Discovery, consul::Update},
     files::RunFiles,
     model::Attachment,
+    net::bird,
     observe::{admin, status::Sync},
 };
 use announce::Announcing;
@@ -77,6 +78,8 @@ pub enum Event {
     Discovery { epoch: u64, update: Update },
     /// An operator's change through the admin API.
     Api(admin::Command),
+    /// What BIRD's control socket said (every few seconds, when announcing).
+    Bird(Result<Vec<bird::Protocol>, String>),
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -124,6 +127,8 @@ pub struct Daemon<S, R> {
     overrides: Overrides,
     files: RunFiles,
     sync: Sync,
+    /// Since when map writes have been failing.
+    retrying_since: Option<std::time::Instant>,
     /// Discovered instances left out, and what found no id, as last logged.
     notes: Vec<Note>,
     shortfalls: Vec<Shortfall>,
@@ -149,9 +154,19 @@ impl<S: Store, R: Host> Daemon<S, R> {
             events,
             watch,
         } = parts;
+        // Unreadable overrides fail closed: a node an operator took out of
+        // service must not come back by itself.
         let overrides = Overrides::load(&files.overrides()).unwrap_or_else(|e| {
-            warn!(error = %e, path = %files.overrides().display(), "ignoring unreadable drain/weight overrides");
-            Overrides::default()
+            let path = files.overrides();
+            warn!(
+                error = %e,
+                path = %path.display(),
+                "cannot read the operator's overrides: drains and weights are lost, and announcing (if \
+                 configured) starts off; fix or remove the file, then `xlb announce on`"
+            );
+            let mut fail_closed = Overrides::default();
+            fail_closed.announce_off = true;
+            fail_closed
         });
         // After a restart, DR backends keep the MACs their pinned entries
         // hold while the neighbour table catches up.
@@ -184,6 +199,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
             overrides,
             files,
             sync: Sync::Starting,
+            retrying_since: None,
             notes: Vec::new(),
             shortfalls: Vec::new(),
             attachment,
@@ -199,7 +215,6 @@ impl<S: Store, R: Host> Daemon<S, R> {
         self.refresh_macs(INITIAL_RESOLVE).await;
         let _ = self.apply();
         self.announce().await;
-        self.poll_bird().await;
         self.publish();
         info!(vips = self.live.vips.len(), admin = %self.start.admin.listen, "xlb ready");
     }
@@ -232,13 +247,13 @@ impl<S: Store, R: Host> Daemon<S, R> {
                 // Every answer moves the source's age.
                 true
             }
+            Event::Bird(answer) => self.announcing.as_mut().is_some_and(|a| a.bird(answer)),
             Event::Reload => self.reload_and_settle().await,
             Event::Tick if mtime(&self.config_path) != self.config_mtime => self.reload_and_settle().await,
             Event::Tick => self.settle(Duration::ZERO, false).await,
         };
         let announced = self.announce().await;
-        let bird = self.poll_bird().await;
-        if changed || announced || bird {
+        if changed || announced {
             self.publish();
         }
         Flow::Continue

@@ -204,6 +204,16 @@ impl StateWriter {
     }
 }
 
+impl Drop for StateWriter {
+    /// A daemon dropped without `finish` (a test's, say) lets its writer
+    /// end after the write in hand instead of waiting forever.
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).closing = true;
+        wake.notify_all();
+    }
+}
+
 fn write_loop(path: &std::path::Path, shared: &(Mutex<Pending>, Condvar)) {
     let (lock, wake) = shared;
     let mut failing = false;

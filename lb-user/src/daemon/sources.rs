@@ -44,6 +44,25 @@ pub(super) fn ticks(events: mpsc::Sender<Event>) -> JoinHandle<()> {
     })
 }
 
+/// How often BIRD's sessions are looked at.
+const BIRD_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Asks BIRD for its protocols now and then, off the daemon's loop (a
+/// stuck BIRD must not hold up a health change).
+pub(super) fn bird(socket: std::path::PathBuf, events: mpsc::Sender<Event>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(BIRD_EVERY);
+        loop {
+            tick.tick().await;
+            let answer =
+                crate::net::bird::protocols(&socket).await.map_err(|e| crate::errors::error_chain(&e));
+            if events.send(Event::Bird(answer)).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// Forwards the admin API's commands as events.
 pub(super) fn commands(mut commands: mpsc::Receiver<Command>, events: mpsc::Sender<Event>) -> JoinHandle<()> {
     tokio::spawn(async move {

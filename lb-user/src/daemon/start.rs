@@ -33,6 +33,9 @@ pub struct Running {
     events: mpsc::Receiver<Event>,
     tasks: Vec<JoinHandle<()>>,
     program: Loaded,
+    handle: rtnetlink::Handle,
+    /// Held while this daemon owns its announce table.
+    _announce_lock: Option<std::fs::File>,
 }
 
 /// Starts the daemon for the config at `path`: everything that can fail
@@ -49,9 +52,9 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
     let (iface_v4, iface_v6) = net::addresses(&handle, iface.index).await?;
     let params = Params::new(start, iface_v4, iface_v6);
     checks::check_tun(&start.interface, &config.live, &params)?;
-    if let Some(announce) = &start.announce {
-        checks::check_announce_table(&handle, announce.table, &config.live).await?;
-    }
+    let files = RunFiles::new(&iface.name);
+    let announce_lock = checks::prepare_announcing(&handle, &files, &config).await?;
+    let start_announce = start.announce.clone();
     let lo =
         net::interface(&handle, "lo").await.context("the loopback interface (VIP routes point at it)")?;
     if !config.live.consul_services().is_empty() {
@@ -78,12 +81,12 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
     );
     let (mut daemon, published) = Daemon::new(Parts {
         config_path: path.to_owned(),
-        files: RunFiles::new(&iface.name),
+        files,
         config,
         params,
         maps: dataplane.maps,
         reconciler,
-        host: NetHost::new(handle, iface.index, lo.index),
+        host: NetHost::new(handle.clone(), iface.index, lo.index),
         attachment: dataplane.attachment,
         events: sender.clone(),
         watch: consul_watch,
@@ -93,13 +96,17 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
     let api = Arc::new(Api::new(token, published, Arc::new(dataplane.counters), commands));
     tasks.push(tokio::spawn(admin::serve(listener, api)));
     tasks.push(sources::commands(command_queue, sender.clone()));
+    if let Some(announce) = &start_announce {
+        tasks.push(sources::bird(announce.bird_socket.clone(), sender.clone()));
+    }
     tasks.push(sources::ticks(sender));
-    Ok(Running { daemon, events, tasks, program: dataplane.program })
+    Ok(Running { daemon, events, tasks, program: dataplane.program, handle, _announce_lock: announce_lock })
 }
 
 impl Running {
-    /// Waits `wait`, or until a second signal to stop; changes asked for
-    /// meanwhile are refused.
+    /// Waits `wait`, or until a second signal to stop. Health changes and
+    /// ticks are still handled (flows are still arriving); changes asked
+    /// for through the API are refused.
     async fn linger(&mut self, wait: std::time::Duration) {
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
@@ -111,7 +118,9 @@ impl Running {
                     Some(Event::Api(cmd)) => {
                         let _ = cmd.reply.send(Err(admin::ApiError::new(503, "the daemon is shutting down")));
                     }
-                    Some(_) => {}
+                    Some(event) => {
+                        self.daemon.handle(event).await;
+                    }
                 },
             }
         }
@@ -137,6 +146,10 @@ impl Running {
         let (maps, start, files) = self.daemon.finish();
         if detach {
             drop((maps, self.program));
+            // No route may announce a data plane that is gone.
+            if let Some(announce) = &start.announce {
+                net::table::delete_all_ours(&self.handle, announce.table).await?;
+            }
             loader::detach(&start.pin_dir)?;
             files.forget();
             info!(interface = %start.interface, "detached");

@@ -33,7 +33,6 @@ use crate::{
 struct FakeHost {
     /// (table, address) → routing protocol number.
     routes: BTreeMap<(u32, IpAddr), u8>,
-    bird: Option<Vec<bird::Protocol>>,
 }
 
 impl Host for FakeHost {
@@ -68,13 +67,6 @@ impl Host for FakeHost {
             self.routes.remove(&(table, ip));
         }
         Ok(())
-    }
-
-    async fn bird(&mut self, socket: &std::path::Path) -> Result<Vec<bird::Protocol>, bird::BirdError> {
-        self.bird.clone().ok_or_else(|| bird::BirdError::Connect {
-            path: socket.display().to_string(),
-            source: std::io::ErrorKind::NotFound.into(),
-        })
     }
 }
 
@@ -379,16 +371,10 @@ async fn a_vip_is_announced_while_it_has_a_backend() {
     lab.reload(&announcing("", &[2])).await;
     assert_eq!(lab.announced(), [web_ip()], "a backend is back: announced again");
 
-    // Draining the last active backend withdraws too; a failed write as well.
+    // Draining the last active backend withdraws too.
     assert_eq!(lab.command("web", [10, 0, 0, 2], Change::Drain).await, Ok(()));
     assert!(lab.announced().is_empty());
     assert_eq!(lab.command("web", [10, 0, 0, 2], Change::Undrain).await, Ok(()));
-    lab.daemon.maps.store_mut().fail_writes = true;
-    lab.reload(&announcing("", &[2, 3])).await;
-    assert!(lab.announced().is_empty(), "maps not in sync: withdrawn");
-    assert_eq!(lab.announcement("web"), "withdrawn: maps not in sync");
-    lab.daemon.maps.store_mut().fail_writes = false;
-    lab.daemon.handle(Event::Tick).await;
     assert_eq!(lab.announced(), [web_ip()]);
 }
 
@@ -426,8 +412,9 @@ async fn a_graceful_stop_withdraws_first() {
 async fn a_route_someone_else_put_there_is_left_alone_and_bird_being_down_changes_nothing() {
     let dir = std::env::temp_dir().join(format!("xlb-daemon-foreign-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let host = FakeHost { routes: BTreeMap::from([((TABLE, web_ip()), 4)]), bird: None };
+    let host = FakeHost { routes: BTreeMap::from([((TABLE, web_ip()), 4)]) };
     let mut lab = Lab::with_host(dir, &announcing("", &[1]), host).await;
+    lab.daemon.handle(Event::Bird(Err("cannot reach BIRD at /run/bird/bird.ctl".into()))).await;
     assert_eq!(lab.daemon.host.routes[&(TABLE, web_ip())], 4, "not replaced");
     assert!(lab.announcement("web").contains("did not add (proto 4)"), "{}", lab.announcement("web"));
     lab.reload(&announcing("", &[])).await;
@@ -446,8 +433,38 @@ async fn birds_sessions_are_shown() {
         state: "up".into(),
         info: "Established".into(),
     };
-    let host = FakeHost { bird: Some(vec![up.clone()]), ..FakeHost::default() };
-    let lab = Lab::with_host(dir, &announcing("", &[1]), host).await;
+    let mut lab = Lab::in_dir(dir, &announcing("", &[1])).await;
+    lab.daemon.handle(Event::Bird(Ok(vec![up.clone()]))).await;
     let announce = lab.published().announce.clone().unwrap();
     assert_eq!((announce.table, announce.bird.error, announce.bird.protocols), (TABLE, None, vec![up]));
+}
+
+#[tokio::test]
+async fn routes_a_previous_run_left_for_gone_vips_are_withdrawn_and_shared_addresses_stay() {
+    let dir = std::env::temp_dir().join(format!("xlb-daemon-leftover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gone = IpAddr::from([192, 0, 2, 99]);
+    let host = FakeHost { routes: BTreeMap::from([((TABLE, gone), RTPROT_XLB)]) };
+    let dns =
+        "[[vip]]\nname = \"dns\"\naddress = \"192.0.2.10\"\nport = 53\nprotocol = \"udp\"\nbackends = []\n";
+    let mut lab = Lab::with_host(dir, &format!("{}{dns}", announcing("", &[1])), host).await;
+    assert_eq!(lab.announced(), [web_ip()], "the leftover is withdrawn, web's address announced");
+    assert!(lab.announcement("dns").starts_with("announced for another VIP"), "{}", lab.announcement("dns"));
+    lab.reload(&format!("{}{dns}", announcing("", &[]))).await;
+    assert!(lab.announced().is_empty(), "neither can serve: withdrawn");
+}
+
+#[tokio::test]
+async fn a_short_write_failure_holds_the_announcements() {
+    let mut lab = Lab::new(&announcing("", &[1])).await;
+    lab.daemon.maps.store_mut().fail_writes = true;
+    lab.reload(&announcing("", &[1, 2])).await;
+    assert!(matches!(lab.daemon.sync, Sync::Retrying { .. }));
+    assert_eq!(lab.announced(), [web_ip()], "held through a failure shorter than the grace");
+    lab.daemon.retrying_since = Some(std::time::Instant::now() - announce::RETRY_GRACE);
+    lab.daemon.handle(Event::Tick).await;
+    assert!(lab.announced().is_empty(), "a lasting failure withdraws");
+    lab.daemon.maps.store_mut().fail_writes = false;
+    lab.daemon.handle(Event::Tick).await;
+    assert_eq!(lab.announced(), [web_ip()]);
 }

@@ -86,6 +86,16 @@ pub async fn delete(handle: &Handle, table: u32, ip: IpAddr) -> Result<(), NetEr
     }
 }
 
+/// Deletes every route of xlb's in `table`; how many there were.
+pub async fn delete_all_ours(handle: &Handle, table: u32) -> Result<usize, NetError> {
+    let ours: Vec<IpAddr> =
+        list(handle, table).await?.hosts.iter().filter(|r| r.proto == RTPROT_XLB).map(|r| r.ip).collect();
+    for ip in &ours {
+        delete(handle, table, *ip).await?;
+    }
+    Ok(ours.len())
+}
+
 fn message(table: u32, ip: IpAddr) -> RouteMessageBuilder<IpAddr> {
     let builder = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })

@@ -26,7 +26,7 @@ use tokio::{
 };
 
 use super::{metrics, status::Status};
-use crate::{config::MAX_WEIGHT, dataplane::Counters};
+use crate::{config::MAX_WEIGHT, control::announce::Switch, dataplane::Counters};
 
 /// A change an operator asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,7 +204,13 @@ async fn handle(req: Request<Incoming>, shared: &Api) -> Reply {
         (Method::GET, ["healthz"]) => reply(StatusCode::OK, "text/plain", "ok\n"),
         (Method::GET, ["readyz"]) => {
             let published = shared.status.borrow().1.clone();
+            let stopping = published.announce.as_ref().is_some_and(|a| a.switch == Switch::Stopping);
             match published.daemon.as_ref().map(|d| &d.sync) {
+                _ if stopping => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: stopping (VIPs withdrawn, waiting for routers)\n",
+                ),
                 Some(sync) if sync.is_in_sync() => reply(StatusCode::OK, "text/plain", "ready\n"),
                 sync => {
                     let why = sync.map_or_else(|| "the daemon has not started".to_owned(), |s| s.describe());

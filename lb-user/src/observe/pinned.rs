@@ -25,8 +25,7 @@ pub fn read(pin_dir: &Path, interface: Option<&str>, files: Option<&RunFiles>) -
     })?;
     let caps = maps.capacities();
     let counters = KernelCounters::open(pin_dir)?;
-    let labels: Option<Status> =
-        files.and_then(|f| serde_json::from_slice(&std::fs::read(f.state()).ok()?).ok());
+    let labels = files.and_then(published);
     let alive = labels.as_ref().and_then(|l| l.daemon_pid).filter(|pid| is_xlb(*pid));
     let mut vips = Vec::new();
     for (addr, entry) in maps.vips()?.into_iter().flatten() {
@@ -124,6 +123,11 @@ fn vip_status(
         // What the daemon last published: the routes it left stay as they were.
         announce: label.and_then(|l| l.announce),
     })
+}
+
+/// What the daemon last published in its state file.
+pub fn published(files: &RunFiles) -> Option<Status> {
+    serde_json::from_slice(&std::fs::read(files.state()).ok()?).ok()
 }
 
 /// Whether process `pid` is an xlb (the state file's writer, still running).

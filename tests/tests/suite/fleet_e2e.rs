@@ -12,19 +12,21 @@ use std::{
 
 use xlb_tests::{
     cmd,
-    fleet::{Fleet, TABLE},
+    fleet::{Fleet, TABLE, TUN_VIP4, TUN_VIP6},
     lab::{VIP4, VIP6},
     servers::{self, tcp_spread},
     traffic::{Arrivals, Conversation},
 };
 
-/// What the VIPs of a test are.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Vips {
-    Web,
-    WebAndDns,
-    /// As `Web`, with no backend for the IPv4 VIP.
-    WebEmpty,
+/// The VIPs of a test besides web (TCP, IPv4) and web6 (TCP, IPv6).
+#[derive(Clone, Copy, Default)]
+struct Vips {
+    /// dns: UDP on web's address.
+    dns: bool,
+    /// tun and tun6: TCP to the TUN backends.
+    tun: bool,
+    /// web without backends.
+    web_empty: bool,
 }
 
 /// VIP tables for node `i`: the same VIPs and backends on every node, but
@@ -32,18 +34,24 @@ enum Vips {
 fn vips(fleet: &Fleet, i: usize, which: Vips) -> String {
     let order = [[0, 1, 2], [2, 1, 0], [1, 2, 0]][i % 3];
     let vip = |name: &str, addr: IpAddr, port: u16, protocol: &str| {
-        let backends = if which == Vips::WebEmpty && name == "web" {
-            "backends = []".to_owned()
-        } else {
-            fleet.backend_list(addr.is_ipv6(), &order)
+        let backends = match name {
+            "web" if which.web_empty => "backends = []".to_owned(),
+            "tun" | "tun6" => {
+                format!("forward = \"tun\"\n{}", fleet.tun_backend_list(addr.is_ipv6(), &order))
+            }
+            _ => fleet.backend_list(addr.is_ipv6(), &order),
         };
         format!(
             "[[vip]]\nname = \"{name}\"\naddress = \"{addr}\"\nport = {port}\nprotocol = \"{protocol}\"\n{backends}\n"
         )
     };
     let mut all = vec![vip("web", VIP4.into(), 80, "tcp"), vip("web6", VIP6.into(), 80, "tcp")];
-    if which == Vips::WebAndDns {
+    if which.dns {
         all.push(vip("dns", VIP4.into(), 53, "udp"));
+    }
+    if which.tun {
+        all.push(vip("tun", TUN_VIP4.into(), 80, "tcp"));
+        all.push(vip("tun6", TUN_VIP6.into(), 80, "tcp"));
     }
     if i % 2 == 1 {
         all.reverse();
@@ -59,10 +67,19 @@ fn start(fleet: &mut Fleet, withdraw_wait: u64, which: Vips) {
     }
     fleet.wait_sessions().unwrap();
     let n = fleet.nodes.len();
-    for vip in [IpAddr::from(VIP4), IpAddr::from(VIP6)] {
+    let tun = [IpAddr::from(TUN_VIP4), IpAddr::from(TUN_VIP6)];
+    for vip in
+        [IpAddr::from(VIP4), IpAddr::from(VIP6)].into_iter().chain(tun.into_iter().filter(|_| which.tun))
+    {
         let took = fleet.wait_paths(vip, n, Duration::from_secs(15)).unwrap();
         eprintln!("router: {n} paths to {vip} after {took:?}");
     }
+}
+
+/// Name servers on the TUN backends.
+fn tun_servers(fleet: &Fleet) -> servers::NameServers {
+    let hosts: Vec<_> = fleet.tun_backends.iter().map(|b| (&b.ns, b.name.as_str())).collect();
+    servers::start_in(&hosts, 80, 53)
 }
 
 fn forwarded(fleet: &Fleet, vip: &str) -> Vec<u64> {
@@ -71,20 +88,26 @@ fn forwarded(fleet: &Fleet, vip: &str) -> Vec<u64> {
 
 #[test]
 fn connections_spread_over_every_node_and_every_node_picks_the_same_backend() {
-    let mut fleet = Fleet::new(3, 3).unwrap();
+    let mut fleet = Fleet::new(3, 3, 2).unwrap();
     let _servers = servers::start(&fleet.backends, 80, 53);
-    start(&mut fleet, 1, Vips::WebAndDns);
-    for (vip, name) in [(IpAddr::from(VIP4), "web"), (IpAddr::from(VIP6), "web6")] {
+    let _tun_servers = tun_servers(&fleet);
+    start(&mut fleet, 1, Vips { dns: true, tun: true, ..Vips::default() });
+    for (vip, name, n, backends) in [
+        (IpAddr::from(VIP4), "web", 300, 3),
+        (IpAddr::from(VIP6), "web6", 300, 3),
+        (IpAddr::from(TUN_VIP4), "tun", 150, 2),
+        (IpAddr::from(TUN_VIP6), "tun6", 150, 2),
+    ] {
         let before = forwarded(&fleet, name);
-        let answers = fleet
-            .client
-            .run(|| tcp_spread(SocketAddr::new(vip, 80), 300))
-            .expect("every connection completes");
+        let answers =
+            fleet.client.run(|| tcp_spread(SocketAddr::new(vip, 80), n)).expect("every connection completes");
         let after = forwarded(&fleet, name);
         let per_node: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-        eprintln!("{vip}: 300 connections; packets per node {per_node:?}; answers per backend {answers:?}");
+        eprintln!(
+            "{vip} ({name}): {n} connections; packets per node {per_node:?}; answers per backend {answers:?}"
+        );
         assert!(per_node.iter().all(|&p| p > 0), "every node carries flows: {per_node:?}");
-        assert_eq!(answers.len(), 3, "every backend answers: {answers:?}");
+        assert_eq!(answers.len(), backends, "every backend answers: {answers:?}");
     }
 
     // The same 5-tuples through each node in turn: the router sends the
@@ -124,12 +147,17 @@ fn connections_spread_over_every_node_and_every_node_picks_the_same_backend() {
 
 #[test]
 fn a_node_dies_under_load_and_no_long_flow_breaks() {
-    let mut fleet = Fleet::new(3, 3).unwrap();
+    let mut fleet = Fleet::new(3, 3, 2).unwrap();
     let _servers = servers::start(&fleet.backends, 80, 53);
-    start(&mut fleet, 1, Vips::Web);
+    let _tun_servers = tun_servers(&fleet);
+    start(&mut fleet, 1, Vips { tun: true, ..Vips::default() });
     let vip = SocketAddr::from((VIP4, 80));
     let stop = Arc::new(AtomicBool::new(false));
-    let talks: Vec<Conversation> = (0..40).map(|_| Conversation::start(&fleet.client, vip, &stop)).collect();
+    let mut talks: Vec<Conversation> =
+        (0..40).map(|_| Conversation::start(&fleet.client, vip, &stop)).collect();
+    // And 20 through the TUN backends.
+    let tun = SocketAddr::from((TUN_VIP4, 80));
+    talks.extend((0..20).map(|_| Conversation::start(&fleet.client, tun, &stop)));
     let arrivals = Arrivals::start(&fleet.client, vip, Duration::from_millis(20), &stop);
     std::thread::sleep(Duration::from_secs(1));
     let carried = fleet.nodes[1].forwarded("web").unwrap();
@@ -143,7 +171,7 @@ fn a_node_dies_under_load_and_no_long_flow_breaks() {
     let broken: Vec<String> = talks.into_iter().filter_map(|t| t.finish().err()).collect();
     let arrived = arrivals.finish();
     eprintln!(
-        "node n2 died: router withdrew it after {withdrawn:?} (BFD 100 ms x 3); 40 long flows, {} broke; \
+        "node n2 died: router withdrew it after {withdrawn:?} (BFD 100 ms x 3); 40 DR + 20 TUN long flows, {} broke; \
          {} new connections, {} failed, {} slow; new connections were delayed or failing for {} ms; \
          {:?} since the death",
         broken.len(),
@@ -160,9 +188,9 @@ fn a_node_dies_under_load_and_no_long_flow_breaks() {
 
 #[test]
 fn a_drained_node_and_a_gracefully_stopped_one_lose_no_flow() {
-    let mut fleet = Fleet::new(3, 3).unwrap();
+    let mut fleet = Fleet::new(3, 3, 0).unwrap();
     let _servers = servers::start(&fleet.backends, 80, 53);
-    start(&mut fleet, 2, Vips::Web);
+    start(&mut fleet, 2, Vips::default());
     let vip = SocketAddr::from((VIP4, 80));
     let stop = Arc::new(AtomicBool::new(false));
     let talks: Vec<Conversation> = (0..30).map(|_| Conversation::start(&fleet.client, vip, &stop)).collect();
@@ -177,6 +205,7 @@ fn a_drained_node_and_a_gracefully_stopped_one_lose_no_flow() {
     let returned = started.elapsed();
     assert!(out.contains("withdrawn") && returned >= Duration::from_secs(2), "{out} after {returned:?}");
     assert_eq!(fleet.paths(VIP4.into()).unwrap().len(), 2, "n1 withdrawn");
+    assert_eq!(fleet.paths(VIP6.into()).unwrap().len(), 2, "n1 withdrawn (IPv6)");
     let status = fleet.nodes[0].xlb().status().unwrap();
     assert_eq!(status["vips"][0]["announce"]["state"], "withdrawn", "{status}");
 
@@ -186,6 +215,7 @@ fn a_drained_node_and_a_gracefully_stopped_one_lose_no_flow() {
     let stopped = started.elapsed();
     assert!(stopped >= Duration::from_secs(2), "the stop waited withdraw_wait: {stopped:?}");
     assert_eq!(fleet.paths(VIP4.into()).unwrap().len(), 1, "only n2 left");
+    assert_eq!(fleet.paths(VIP6.into()).unwrap().len(), 1, "only n2 left (IPv6)");
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let broken: Vec<String> = talks.into_iter().filter_map(|t| t.finish().err()).collect();
@@ -209,11 +239,11 @@ fn a_drained_node_and_a_gracefully_stopped_one_lose_no_flow() {
 
 #[test]
 fn a_vip_without_backends_is_withdrawn_everywhere_and_a_killed_daemon_stays_announced() {
-    let mut fleet = Fleet::new(3, 3).unwrap();
+    let mut fleet = Fleet::new(3, 3, 0).unwrap();
     let _servers = servers::start(&fleet.backends, 80, 53);
-    start(&mut fleet, 0, Vips::Web);
+    start(&mut fleet, 0, Vips::default());
     for i in 0..3 {
-        let config = fleet.config(i, 0, &vips(&fleet, i, Vips::WebEmpty));
+        let config = fleet.config(i, 0, &vips(&fleet, i, Vips { web_empty: true, ..Vips::default() }));
         fleet.nodes[i].xlb_mut().apply_config(&config).unwrap();
     }
     let gone = fleet.wait_paths(VIP4.into(), 0, Duration::from_secs(10)).unwrap();
@@ -222,7 +252,7 @@ fn a_vip_without_backends_is_withdrawn_everywhere_and_a_killed_daemon_stays_anno
     let web = status["vips"].as_array().unwrap().iter().find(|v| v["name"] == "web").unwrap().clone();
     assert_eq!(web["announce"]["reason"], "no_usable_backend", "{web}");
     for i in 0..3 {
-        let config = fleet.config(i, 0, &vips(&fleet, i, Vips::Web));
+        let config = fleet.config(i, 0, &vips(&fleet, i, Vips::default()));
         fleet.nodes[i].xlb_mut().apply_config(&config).unwrap();
     }
     let back = fleet.wait_paths(VIP4.into(), 3, Duration::from_secs(10)).unwrap();
@@ -296,6 +326,29 @@ fn announcing_copes_with_no_bird_a_table_in_use_and_someone_elses_route() {
     assert!(bird.contains("cannot reach BIRD at /nonexistent/bird.ctl"), "{status}");
     let text = cmd::run(cmd::xlb_bin().to_str().unwrap(), &["status", "--interface", &lab.lb_if]).unwrap();
     assert!(text.contains("announced") && text.contains("did not add (proto 4)"), "{text}");
+
+    // A second daemon (another interface) on the same table is refused.
+    let other = format!("xv{:06x}", xlb_tests::unique_id());
+    lab.lb.ip(&format!("link add {other} type veth peer name {other}p")).unwrap();
+    let second =
+        config("").replace(&format!("interface = \"{}\"", lab.lb_if), &format!("interface = \"{other}\""));
+    std::fs::write(&path, second).unwrap();
+    let (code, err) = run_refused(&lab.lb, &path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(code == Some(1) && err.contains("table 200 is used by another xlb"), "{err}");
+
+    // A killed daemon leaves its routes (the program forwards on); `xlb
+    // detach` removes the data plane, and the routes first.
+    let mut daemon = daemon;
+    daemon.kill9().unwrap();
+    let out = daemon.xlb(&["detach", "--interface", &lab.lb_if]).unwrap();
+    let routes = lab.lb.ip(&format!("route show table {TABLE}")).unwrap();
+    assert!(
+        out.contains("withdrew 1 VIP route(s) from table 200") && !routes.contains("proto 247"),
+        "{out}\n{routes}"
+    );
+    let routes6 = lab.lb.ip(&format!("-6 route show table {TABLE}")).unwrap();
+    assert!(routes6.contains("proto static"), "someone else's stays: {routes6}");
     drop(daemon);
     lab.lb.ip(&format!("-6 route del {VIP6}/128 dev lo table {TABLE} proto static")).unwrap();
 }
