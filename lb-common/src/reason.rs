@@ -113,11 +113,20 @@ pub enum Event {
     /// An ICMP "fragmentation needed" / "packet too big" about a VIP's
     /// connection, sent on to the backend that owns the connection.
     IcmpSteered = 4,
+    /// A TUN packet whose backend had no resolved next hop asked the
+    /// kernel's FIB instead.
+    TunFibLookup = 5,
 }
 
 impl Event {
-    pub const ALL: [Event; 5] =
-        [Event::ConnHit, Event::ConnNew, Event::ConnRebalanced, Event::ConnInsertSkipped, Event::IcmpSteered];
+    pub const ALL: [Event; 6] = [
+        Event::ConnHit,
+        Event::ConnNew,
+        Event::ConnRebalanced,
+        Event::ConnInsertSkipped,
+        Event::IcmpSteered,
+        Event::TunFibLookup,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -126,6 +135,7 @@ impl Event {
             Event::ConnRebalanced => "conntrack_rebalanced",
             Event::ConnInsertSkipped => "conntrack_insert_skipped",
             Event::IcmpSteered => "icmp_to_backend",
+            Event::TunFibLookup => "tun_fib_lookup",
         }
     }
 }

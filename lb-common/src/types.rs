@@ -64,6 +64,11 @@ pub const BACKEND_DRAINING: u8 = 2;
 /// carries its own mode is consistent whatever order entries are written
 /// in. Set only with one of the flags above.
 pub const BACKEND_TUN: u8 = 4;
+/// `BackendInfo::flags`, TUN only: `mac` and `mtu` hold the next hop toward
+/// the backend as the daemon resolved it (our interface, the gateway's MAC,
+/// the path MTU), so the packet path needs no FIB lookup. Without it the
+/// packet path asks the kernel's FIB (counted as `tun_fib_lookup`).
+pub const BACKEND_HOP: u8 = 8;
 
 /// `BACKENDS` value. One entry per VIP-backend pair, so counters are per pair.
 /// An entry with neither flag is unused (or a backend that failed): flows
@@ -72,7 +77,7 @@ pub const BACKEND_TUN: u8 = 4;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendInfo {
     pub addr: [u8; 16],
-    /// Next-hop MAC in DR mode.
+    /// DR: the backend's MAC. TUN with `BACKEND_HOP`: the next hop's.
     pub mac: [u8; 6],
     pub family: u8,
     /// `BACKEND_*`.
@@ -80,8 +85,10 @@ pub struct BackendInfo {
     /// Changes whenever the id is given to another backend, so a connection
     /// recorded for the id's previous owner is not sent to the new one.
     pub generation: u32,
-    /// The VIP this backend serves (its `VipInfo::id`).
-    pub vip_id: u32,
+    /// The VIP this backend serves (its `VipInfo::id`; VIP ids fit 16 bits).
+    pub vip_id: u16,
+    /// TUN with `BACKEND_HOP`: the largest outer packet the path takes.
+    pub mtu: u16,
 }
 const _: () = assert!(size_of::<BackendInfo>() == 32);
 
@@ -96,6 +103,12 @@ impl BackendInfo {
     #[inline(always)]
     pub fn mode(&self) -> u8 {
         if self.flags & BACKEND_TUN != 0 { MODE_TUN } else { MODE_DR }
+    }
+
+    /// Whether `mac` and `mtu` hold a resolved next hop (TUN).
+    #[inline(always)]
+    pub fn has_hop(&self) -> bool {
+        self.flags & BACKEND_HOP != 0
     }
 }
 
@@ -176,7 +189,7 @@ impl FlowKey {
 /// Layout of the maps this build creates. Bump it whenever a map's key,
 /// value, kind or meaning changes, so a daemon never misreads pinned maps
 /// left by another version.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// `META` value (a single entry): the version stamp and the capacities the
 /// maps were created with. The data plane never reads it.

@@ -13,7 +13,7 @@ mod xmit;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{Action, GlobalStats, MODE_TUN, Reason};
+use lb_common::{Action, Event, GlobalStats, MODE_TUN, Reason};
 use lb_ebpf::parse::{Frame as _, Parsed, parse};
 
 use lb_ebpf::ptr::Packet;
@@ -56,6 +56,9 @@ fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
     // Counted before encapsulation: the frame as it arrived.
     let bytes = pkt.len() as u64;
     let reason = if target.backend.mode() == MODE_TUN {
+        if !target.backend.has_hop() {
+            stats::count_event(stats, Event::TunFibLookup);
+        }
         match xmit::to_backend_tun(pkt, parsed, target.backend) {
             Tun::Sent(reason) => reason,
             // No ICMP error about an ICMP error (RFC 1122).
@@ -67,7 +70,7 @@ fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
         xmit::to_backend_l2(pkt, target.backend)?;
         Reason::Forwarded
     };
-    stats::count_vip(target.backend.vip_id, bytes);
+    stats::count_vip(u32::from(target.backend.vip_id), bytes);
     stats::count_backend(target.backend_id, bytes);
     Ok(reason)
 }

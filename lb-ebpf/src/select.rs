@@ -95,7 +95,7 @@ fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendI
     // A packet that read the table just before a switch may find the id
     // freed or handed on; recording it would tie the flow to the id's
     // next owner, maybe another VIP's backend.
-    if backend.vip_id != vip.id || !backend.takes_established() {
+    if u32::from(backend.vip_id) != vip.id || !backend.takes_established() {
         return Err(Reason::DropNoBackend);
     }
     Ok((backend_id, backend))

@@ -1,5 +1,6 @@
 //! Sending the frame on: DR rewrites MACs; TUN wraps the IP packet in an
-//! outer header toward the backend, with the next hop from the kernel's FIB.
+//! outer header toward the backend, to the next hop the daemon resolved
+//! (or, until it has, the one the kernel's FIB names).
 
 use core::mem::{MaybeUninit, align_of, size_of};
 
@@ -59,40 +60,18 @@ fn encapsulate(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Result<Tun, R
     let v4 = p.flow.family == FAMILY_V4;
     let overhead = if v4 { lb_common::TUN_OVERHEAD_V4 } else { lb_common::TUN_OVERHEAD_V6 } as usize;
     let inner_len = p.l3_len;
-    let ingress = pkt.ingress_ifindex();
-
-    let mut fib = MaybeUninit::uninit();
-    let fib = zeroed_fib_params(&mut fib);
-    fib.ifindex = ingress;
-    fib.__bindgen_anon_1.tot_len = (inner_len + overhead) as u16;
-    if v4 {
-        fib.family = AF_INET;
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(TUN_SRC_V4.load());
-        fib.__bindgen_anon_4.ipv4_dst =
-            u32::from_ne_bytes([backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]]);
-    } else {
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = words(&TUN_SRC_V6.load());
-        fib.__bindgen_anon_4.ipv6_dst = words(&backend.addr);
-    }
-    // SAFETY: fib is a valid, correctly sized parameter block.
-    let rc = unsafe {
-        bpf_fib_lookup(pkt.ctx().cast(), fib, size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT)
-    } as u32;
-    let verdict = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS if fib.ifindex == ingress => Reason::Forwarded,
-        BPF_FIB_LKUP_RET_NO_NEIGH if fib.ifindex == ingress => Reason::PassNoNeigh,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
-            // SAFETY: the kernel wrote mtu_result for this return code.
-            let mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as u32;
-            return Ok(Tun::TooBig { mtu: mtu.saturating_sub(overhead as u32) });
+    let (verdict, dst_mac, src_mac) = if backend.has_hop() {
+        // Resolved by the daemon: out of this interface, to this MAC.
+        if inner_len + overhead > backend.mtu as usize {
+            return Ok(Tun::TooBig { mtu: (backend.mtu as u32).saturating_sub(overhead as u32) });
         }
-        _ => return Err(Reason::PassNoRoute),
-    };
-    let (dst_mac, src_mac) = match verdict {
-        Reason::Forwarded => (fib.dmac, fib.smac),
-        // For the kernel: addressed to us, or it would not route the packet.
-        _ => (IFACE_MAC.load(), IFACE_MAC.load()),
+        (Reason::Forwarded, backend.mac, IFACE_MAC.load())
+    } else {
+        match fib_next_hop(pkt, backend, v4, inner_len + overhead) {
+            Ok(hop) => hop,
+            Err(FibMiss::TooBig { mtu }) => return Ok(Tun::TooBig { mtu: mtu.saturating_sub(overhead as u32) }),
+            Err(FibMiss::NoRoute) => return Err(Reason::PassNoRoute),
+        }
     };
 
     // Inner header fields the outer one copies, and some flow entropy.
@@ -119,6 +98,56 @@ fn encapsulate(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Result<Tun, R
         )?;
     }
     Ok(Tun::Sent(verdict))
+}
+
+/// Why the FIB gave no next hop out of this interface.
+enum FibMiss {
+    /// `mtu` is the largest outer packet that fits.
+    TooBig { mtu: u32 },
+    NoRoute,
+}
+
+/// The next hop toward `backend` as the kernel's FIB has it: the verdict
+/// (sent, or handed to the kernel while the neighbour resolves) and the
+/// outer frame's MACs.
+#[inline(always)]
+fn fib_next_hop(
+    pkt: &Packet,
+    backend: &BackendInfo,
+    v4: bool,
+    outer_len: usize,
+) -> Result<(Reason, [u8; 6], [u8; 6]), FibMiss> {
+    let ingress = pkt.ingress_ifindex();
+    let mut fib = MaybeUninit::uninit();
+    let fib = zeroed_fib_params(&mut fib);
+    fib.ifindex = ingress;
+    fib.__bindgen_anon_1.tot_len = outer_len as u16;
+    if v4 {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(TUN_SRC_V4.load());
+        fib.__bindgen_anon_4.ipv4_dst =
+            u32::from_ne_bytes([backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]]);
+    } else {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = words(&TUN_SRC_V6.load());
+        fib.__bindgen_anon_4.ipv6_dst = words(&backend.addr);
+    }
+    // SAFETY: fib is a valid, correctly sized parameter block.
+    let rc = unsafe {
+        bpf_fib_lookup(pkt.ctx().cast(), fib, size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT)
+    } as u32;
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS if fib.ifindex == ingress => Ok((Reason::Forwarded, fib.dmac, fib.smac)),
+        // For the kernel: addressed to us, or it would not route the packet.
+        BPF_FIB_LKUP_RET_NO_NEIGH if fib.ifindex == ingress => {
+            Ok((Reason::PassNoNeigh, IFACE_MAC.load(), IFACE_MAC.load()))
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // SAFETY: the kernel wrote mtu_result for this return code.
+            Err(FibMiss::TooBig { mtu: unsafe { fib.__bindgen_anon_1.mtu_result } as u32 })
+        }
+        _ => Err(FibMiss::NoRoute),
+    }
 }
 
 /// All zeroes, the parameter block's initial state, stored word by word:

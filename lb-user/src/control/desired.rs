@@ -48,8 +48,19 @@ pub struct DesiredBackend {
     pub addr: IpAddr,
     /// 0 drains the backend.
     pub weight: u32,
-    /// Next-hop MAC; a backend without one stays out of the table.
+    /// DR: the backend's MAC; a backend without one stays out of the table.
     pub mac: Option<[u8; 6]>,
+    /// TUN: the next hop toward it; without one the data plane asks the
+    /// kernel's FIB for each packet.
+    pub hop: Option<NextHop>,
+}
+
+/// Where TUN packets to a backend go: out of xlb's interface to this MAC,
+/// on a path that takes outer packets of up to `mtu` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    pub mac: [u8; 6],
+    pub mtu: u16,
 }
 
 /// A discovered instance left out of a VIP, and why.
@@ -78,6 +89,8 @@ pub struct Inputs<'a> {
     pub overrides: &'a Overrides,
     /// Resolved MACs of DR backends.
     pub macs: &'a HashMap<IpAddr, [u8; 6]>,
+    /// Resolved next hops of TUN backends.
+    pub hops: &'a HashMap<IpAddr, NextHop>,
 }
 
 /// The desired state, and notes on discovered instances left out of it.
@@ -92,13 +105,11 @@ pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> (Desired, Vec<Note>) {
         .iter()
         .map(|v| {
             let tun = v.forward == Forward::Tun;
-            // TUN packets go to the next hop the data plane's FIB lookup
-            // finds: nothing to resolve per backend.
-            let mac = |a: &IpAddr| if tun { Some([0; 6]) } else { inputs.macs.get(a).copied() };
             let backend = |addr: IpAddr, weight: u32| DesiredBackend {
                 addr,
                 weight: inputs.overrides.weight(&v.name, addr, weight),
-                mac: mac(&addr),
+                mac: if tun { None } else { inputs.macs.get(&addr).copied() },
+                hop: if tun { inputs.hops.get(&addr).copied() } else { None },
             };
             let (backends, leave, hold) = match &v.backends {
                 Backends::Static(list) => {
@@ -209,6 +220,7 @@ mod tests {
             discovery: d,
             overrides: &Overrides::default(),
             macs: &HashMap::new(),
+            hops: &HashMap::new(),
         };
         build(&config.live, &inputs)
     }

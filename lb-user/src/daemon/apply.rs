@@ -22,7 +22,8 @@ impl<S: Store, R: Host> Daemon<S, R> {
             capacities: &self.start.capacities,
             discovery: &self.discovery,
             overrides: &self.overrides,
-            macs: &self.macs,
+            macs: &self.resolved.macs,
+            hops: &self.resolved.hops,
         };
         let (desired, notes) = desired::build(&self.live, &inputs);
         for note in notes.iter().filter(|n| !self.notes.contains(n)) {
@@ -61,8 +62,9 @@ impl<S: Store, R: Host> Daemon<S, R> {
         result
     }
 
-    /// Refreshes the MACs of DR backends and TUN next hops, waiting up to
-    /// `patience` for addresses never asked about; whether they changed.
+    /// Refreshes the MACs of DR backends and the next hops of TUN ones,
+    /// waiting up to `patience` for addresses never asked about; whether
+    /// they changed.
     pub(super) async fn refresh_macs(&mut self, patience: Duration) -> bool {
         let desired = self.desired();
         let (mut dr, mut tun) = (Vec::new(), Vec::new());
@@ -74,8 +76,8 @@ impl<S: Store, R: Host> Daemon<S, R> {
             }
         }
         match self.host.resolve(&dr, &tun, patience).await {
-            Ok(macs) if macs != self.macs => {
-                self.macs = macs;
+            Ok(resolved) if resolved != self.resolved => {
+                self.resolved = resolved;
                 true
             }
             Ok(_) => false,

@@ -7,21 +7,36 @@ use std::{collections::HashMap, future::Future, net::IpAddr, time::Duration};
 
 use rtnetlink::Handle;
 
-use crate::net::{
-    Neighbours, NetError, NextHops,
-    table::{self, TableRoutes},
+use crate::{
+    control::desired::NextHop,
+    net::{
+        self, Neighbours, NetError, NextHops,
+        table::{self, TableRoutes},
+    },
 };
 
+/// What resolving found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// DR backends' MACs.
+    pub macs: HashMap<IpAddr, [u8; 6]>,
+    /// TUN backends' next hops (out of xlb's interface, neighbour known).
+    pub hops: HashMap<IpAddr, NextHop>,
+}
+
 pub trait Host {
-    /// The MACs of DR backends `dr` and of the next hops toward TUN
-    /// backends `tun` that have one, soliciting the rest; waits up to
-    /// `patience` for addresses never asked about before.
+    /// The MACs of DR backends `dr` and the next hops toward TUN backends
+    /// `tun` that have one, soliciting the neighbours that do not; waits up
+    /// to `patience` for addresses never asked about before.
     fn resolve(
         &mut self,
         dr: &[IpAddr],
         tun: &[IpAddr],
         patience: Duration,
-    ) -> impl Future<Output = Result<HashMap<IpAddr, [u8; 6]>, NetError>>;
+    ) -> impl Future<Output = Result<Resolved, NetError>>;
+
+    /// Routes or links changed: next hops must be looked up again.
+    fn routes_changed(&mut self);
 
     /// MACs known from elsewhere (the pinned maps after a restart), kept
     /// until the neighbour table says otherwise.
@@ -59,18 +74,29 @@ impl NetHost {
 }
 
 impl Host for NetHost {
-    async fn resolve(
-        &mut self,
-        dr: &[IpAddr],
-        tun: &[IpAddr],
-        patience: Duration,
-    ) -> Result<HashMap<IpAddr, [u8; 6]>, NetError> {
+    async fn resolve(&mut self, dr: &[IpAddr], tun: &[IpAddr], patience: Duration) -> Result<Resolved, NetError> {
         let mut targets = dr.to_vec();
-        let hops = self.next_hops.lookup(tun).await?;
-        targets.extend(hops.into_iter().filter(|(_, oif)| *oif == self.ifindex).map(|(hop, _)| hop));
+        // Only next hops out of our own interface: the rest go to the kernel.
+        let routes: Vec<_> =
+            self.next_hops.lookup(tun).await?.into_iter().filter(|r| r.oif == self.ifindex).collect();
+        targets.extend(routes.iter().map(|r| r.via));
         targets.sort();
         targets.dedup();
-        self.neighbours.resolve(&targets, patience).await
+        let macs = self.neighbours.resolve(&targets, patience).await?;
+        let mtu = net::mtu(&self.handle, self.ifindex).await?;
+        let hops = routes
+            .iter()
+            .filter_map(|r| {
+                let mac = *macs.get(&r.via)?;
+                Some((r.dest, NextHop { mac, mtu: r.mtu.unwrap_or(mtu) }))
+            })
+            .collect();
+        let macs = dr.iter().filter_map(|a| Some((*a, *macs.get(a)?))).collect();
+        Ok(Resolved { macs, hops })
+    }
+
+    fn routes_changed(&mut self) {
+        self.next_hops.forget();
     }
 
     fn seed(&mut self, macs: Vec<(IpAddr, [u8; 6])>) {

@@ -27,13 +27,11 @@ mod tests;
 mod watchers;
 
 use std::{
-    collections::HashMap,
-    net::IpAddr,
     path::PathBuf,
     time::{Duration, SystemTime},
 };
 
-pub use host::{Host, NetHost};
+pub use host::{Host, NetHost, Resolved};
 pub use start::{Running, start};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -80,6 +78,8 @@ pub enum Event {
     Api(admin::Command),
     /// What BIRD's control socket said (every few seconds, when announcing).
     Bird(Result<Vec<bird::Protocol>, String>),
+    /// The kernel reported route, link or neighbour changes.
+    Net(crate::net::watch::Changes),
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -121,8 +121,8 @@ pub struct Daemon<S, R> {
     discovery: Discovery,
     watchers: Watchers,
     host: R,
-    /// Resolved MACs of DR backends (and TUN next hops).
-    macs: HashMap<IpAddr, [u8; 6]>,
+    /// Resolved MACs of DR backends and next hops of TUN ones.
+    resolved: Resolved,
     /// Drains and weights set through the admin API.
     overrides: Overrides,
     files: RunFiles,
@@ -195,7 +195,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
             discovery,
             watchers,
             host,
-            macs: HashMap::new(),
+            resolved: Resolved::default(),
             overrides,
             files,
             sync: Sync::Starting,
@@ -248,6 +248,12 @@ impl<S: Store, R: Host> Daemon<S, R> {
                 true
             }
             Event::Bird(answer) => self.announcing.as_mut().is_some_and(|a| a.bird(answer)),
+            Event::Net(changes) => {
+                if changes.routes {
+                    self.host.routes_changed();
+                }
+                self.settle(Duration::ZERO, false).await
+            }
             Event::Reload => self.reload_and_settle().await,
             Event::Tick if mtime(&self.config_path) != self.config_mtime => self.reload_and_settle().await,
             Event::Tick => self.settle(Duration::ZERO, false).await,

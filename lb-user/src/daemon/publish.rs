@@ -118,7 +118,10 @@ impl<S: Store, R: Host> Daemon<S, R> {
                     id: b.id,
                     state: b.shown(),
                     weight: Some(b.weight),
-                    mac: if vip.forward == Forward::Tun { None } else { b.mac.as_ref().map(format_mac) },
+                    mac: match vip.forward {
+                        Forward::Dr => b.mac.as_ref().map(format_mac),
+                        Forward::Tun => b.hop.as_ref().map(|h| format_mac(&h.mac)),
+                    },
                     slots: b.slots,
                     share: b.slots as f64 / table_size,
                     packets: 0,

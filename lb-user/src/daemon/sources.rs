@@ -63,6 +63,17 @@ pub(super) fn bird(socket: std::path::PathBuf, events: mpsc::Sender<Event>) -> J
     })
 }
 
+/// The kernel's route, link and neighbour changes, as events.
+pub(super) fn netlink(mut messages: crate::net::watch::Messages, events: mpsc::Sender<Event>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(changes) = crate::net::watch::next(&mut messages).await {
+            if changes.any() && events.send(Event::Net(changes)).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// Forwards the admin API's commands as events.
 pub(super) fn commands(mut commands: mpsc::Receiver<Command>, events: mpsc::Sender<Event>) -> JoinHandle<()> {
     tokio::spawn(async move {

@@ -46,6 +46,8 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
     let config = Config::load(path)?;
     let start = &config.start;
     let handle = net::connect()?;
+    // Before the first resolve, so no change after it goes unnoticed.
+    let changes = net::watch::subscribe()?;
     let iface = net::interface(&handle, &start.interface)
         .await
         .with_context(|| format!("{}: field `interface`", path.display()))?;
@@ -99,6 +101,7 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
     if let Some(announce) = &start_announce {
         tasks.push(sources::bird(announce.bird_socket.clone(), sender.clone()));
     }
+    tasks.push(sources::netlink(changes, sender.clone()));
     tasks.push(sources::ticks(sender));
     Ok(Running { daemon, events, tasks, program: dataplane.program, handle, _announce_lock: announce_lock })
 }

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TUN, BackendInfo, FAMILY_V4, FAMILY_V6, MODE_DR, MODE_TUN,
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_HOP, BACKEND_TUN, BackendInfo, FAMILY_V4, FAMILY_V6, MODE_DR, MODE_TUN,
     PROTO_TCP, PROTO_UDP, VipInfo, VipKey, limits::TABLES_PER_VIP,
 };
 
@@ -81,13 +81,17 @@ pub enum BackendUse {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendEntry {
     pub addr: IpAddr,
-    /// Next-hop MAC in DR mode (zero in TUN mode).
+    /// DR: the backend's MAC. TUN: the next hop's, when `hop_mtu` is set.
     pub mac: [u8; 6],
     pub used: BackendUse,
     pub forward: Forward,
     /// Changes whenever the id changes owner (see `BackendInfo`).
     pub generation: u32,
     pub vip: VipId,
+    /// TUN: the next hop is resolved (its MAC in `mac`), and this is the
+    /// largest outer packet its path takes; `None`: the data plane asks the
+    /// kernel's FIB.
+    pub hop_mtu: Option<u16>,
 }
 
 impl BackendEntry {
@@ -101,6 +105,7 @@ impl BackendEntry {
             forward: Forward::Dr,
             generation,
             vip: 0,
+            hop_mtu: None,
         }
     }
 }
@@ -188,16 +193,24 @@ impl From<&BackendEntry> for BackendInfo {
             BackendUse::Draining => BACKEND_DRAINING,
         };
         // The data plane takes each entry's mode from BACKEND_TUN.
-        let flags = if b.forward == Forward::Tun { used | BACKEND_TUN } else { used };
+        let mut flags = if b.forward == Forward::Tun { used | BACKEND_TUN } else { used };
+        let mtu = match (b.forward, b.hop_mtu) {
+            (Forward::Tun, Some(mtu)) => {
+                flags |= BACKEND_HOP;
+                mtu
+            }
+            _ => 0,
+        };
         let (addr, family) = addr_to_wire(b.addr);
-        BackendInfo { addr, mac: b.mac, family, flags, generation: b.generation, vip_id: b.vip }
+        // VIP ids are below `limits::MAX_VIPS`, which fits 16 bits.
+        BackendInfo { addr, mac: b.mac, family, flags, generation: b.generation, vip_id: b.vip as u16, mtu }
     }
 }
 
 impl TryFrom<&BackendInfo> for BackendEntry {
     type Error = WireError;
     fn try_from(b: &BackendInfo) -> Result<BackendEntry, WireError> {
-        let used = match b.flags & !BACKEND_TUN {
+        let used = match b.flags & !(BACKEND_TUN | BACKEND_HOP) {
             0 => return Ok(BackendEntry::unused(b.generation)),
             BACKEND_ACTIVE => BackendUse::Active,
             BACKEND_DRAINING => BackendUse::Draining,
@@ -210,7 +223,8 @@ impl TryFrom<&BackendInfo> for BackendEntry {
             used,
             forward,
             generation: b.generation,
-            vip: b.vip_id,
+            vip: VipId::from(b.vip_id),
+            hop_mtu: (forward == Forward::Tun && b.has_hop()).then_some(b.mtu),
         })
     }
 }
@@ -257,8 +271,9 @@ mod tests {
             forward: Forward::Tun,
             generation: 1,
             vip: 5,
+            hop_mtu: Some(1480),
         });
-        assert_eq!(b.flags, BACKEND_DRAINING | BACKEND_TUN);
+        assert_eq!((b.flags, b.mtu, b.vip_id), (BACKEND_DRAINING | BACKEND_TUN | BACKEND_HOP, 1480, 5));
         assert_eq!((&b.addr[..4], b.family), (&[10, 0, 0, 1][..], FAMILY_V4));
     }
 

@@ -9,6 +9,7 @@ mod neighbours;
 mod routes;
 pub mod sysctl;
 pub mod table;
+pub mod watch;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -18,7 +19,7 @@ use netlink_packet_route::{
     address::{AddressAttribute, AddressScope},
     link::{LinkAttribute, LinkXdp},
 };
-pub use routes::{NextHops, next_hop};
+pub use routes::{NextHops, Route, route_to};
 use rtnetlink::Handle;
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,21 @@ pub async fn interface(handle: &Handle, name: &str) -> Result<Interface, NetErro
         _ => None,
     });
     Ok(Interface { name: name.to_owned(), index: link.header.index, mac, xdp_prog_id })
+}
+
+/// The MTU of interface `index`.
+pub async fn mtu(handle: &Handle, index: u32) -> Result<u16, NetError> {
+    let mut links = handle.link().get().match_index(index).execute();
+    let link = links
+        .try_next()
+        .await
+        .map_err(|source| NetError::Netlink { op: "link get", source })?
+        .ok_or_else(|| NetError::NoInterface { name: format!("#{index}") })?;
+    let mtu = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(mtu) => Some(*mtu),
+        _ => None,
+    });
+    Ok(mtu.map_or(1500, |m| u16::try_from(m).unwrap_or(u16::MAX)))
 }
 
 /// The first global IPv4 and IPv6 address of interface `index`.

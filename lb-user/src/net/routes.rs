@@ -10,26 +10,37 @@ use std::{
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
     AddressFamily,
-    route::{RouteAddress, RouteAttribute, RouteMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric},
 };
 use rtnetlink::Handle;
 
 use super::NetError;
 
-/// Next hops toward TUN backends. The kernel answers one destination per
-/// route lookup and routes rarely change, so a destination is looked up
-/// when first wanted and then about every `ROUTE_REFRESH`, each at its own
-/// pace so that thousands of backends do not come due on the same tick.
+/// The kernel's route toward one destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub dest: IpAddr,
+    /// The neighbour packets go to: the gateway, or `dest` when on-link.
+    pub via: IpAddr,
+    /// The interface they leave by.
+    pub oif: u32,
+    /// The route's own MTU (`ip route … mtu N`), if it sets one.
+    pub mtu: Option<u16>,
+}
+
+/// Next hops toward TUN backends. A destination is looked up when first
+/// wanted, again after [`NextHops::forget`] (the daemon calls it when the
+/// kernel reports a route or link change), and, as a backstop, about every
+/// `ROUTE_REFRESH`, each at its own pace so that thousands of backends do
+/// not come due on the same tick.
 pub struct NextHops {
     handle: Handle,
     /// Per destination: the answer, and when to ask again.
-    cache: HashMap<IpAddr, (Option<(IpAddr, u32)>, Instant)>,
+    cache: HashMap<IpAddr, (Option<Route>, Instant)>,
 }
 
-/// The longest a looked-up next hop is trusted: how late a route change
-/// reaches the neighbour refresh (packets follow it at once; the kernel
-/// resolves a new next hop on the first packet meanwhile).
-const ROUTE_REFRESH: Duration = Duration::from_secs(30);
+/// The longest a looked-up route is trusted without a change notification.
+const ROUTE_REFRESH: Duration = Duration::from_secs(60);
 /// How long "no route" is trusted.
 const NO_ROUTE_RETRY: Duration = Duration::from_secs(5);
 
@@ -38,28 +49,33 @@ impl NextHops {
         Self { handle, cache: HashMap::new() }
     }
 
-    /// `next_hop` of each of `dests` that has a route, asking the kernel
-    /// only about those due; destinations not in `dests` are forgotten.
-    pub async fn lookup(&mut self, dests: &[IpAddr]) -> Result<Vec<(IpAddr, u32)>, NetError> {
+    /// The route of each of `dests` that has one, asking the kernel only
+    /// about those due; destinations not in `dests` are forgotten.
+    pub async fn lookup(&mut self, dests: &[IpAddr]) -> Result<Vec<Route>, NetError> {
         let now = Instant::now();
-        let mut hops = Vec::with_capacity(dests.len());
+        let mut routes = Vec::with_capacity(dests.len());
         for &dest in dests {
-            let hop = match self.cache.get(&dest) {
-                Some((hop, due)) if now < *due => *hop,
+            let route = match self.cache.get(&dest) {
+                Some((route, due)) if now < *due => *route,
                 _ => {
-                    let hop = next_hop(&self.handle, dest).await?;
+                    let route = route_to(&self.handle, dest).await?;
                     // A missing route is asked about again soon: one added
-                    // later should have its neighbour kept fresh at once.
-                    let due = if hop.is_some() { refresh_period(dest) } else { NO_ROUTE_RETRY };
-                    self.cache.insert(dest, (hop, now + due));
-                    hop
+                    // later should be followed at once.
+                    let due = if route.is_some() { refresh_period(dest) } else { NO_ROUTE_RETRY };
+                    self.cache.insert(dest, (route, now + due));
+                    route
                 }
             };
-            hops.extend(hop);
+            routes.extend(route);
         }
         let wanted: HashSet<&IpAddr> = dests.iter().collect();
         self.cache.retain(|d, _| wanted.contains(d));
-        Ok(hops)
+        Ok(routes)
+    }
+
+    /// Looks every destination up again on the next `lookup`.
+    pub fn forget(&mut self) {
+        self.cache.clear();
     }
 }
 
@@ -71,9 +87,8 @@ fn refresh_period(dest: IpAddr) -> Duration {
     ROUTE_REFRESH / 2 + ROUTE_REFRESH / 2 * (h.finish() % 1024) as u32 / 1024
 }
 
-/// The neighbour packets to `dest` go to (the gateway, or `dest` itself
-/// when on-link) and the interface they leave by; `None` without a route.
-pub async fn next_hop(handle: &Handle, dest: IpAddr) -> Result<Option<(IpAddr, u32)>, NetError> {
+/// The kernel's route to `dest` (`ip route get`); `None` without one.
+pub async fn route_to(handle: &Handle, dest: IpAddr) -> Result<Option<Route>, NetError> {
     let mut msg = RouteMessage::default();
     let (family, len, addr) = match dest {
         IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
@@ -89,15 +104,20 @@ pub async fn next_hop(handle: &Handle, dest: IpAddr) -> Result<Option<(IpAddr, u
         Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => return Ok(None),
         Err(source) => return Err(NetError::Netlink { op: "route get", source }),
     };
-    let mut hop = dest;
-    let mut oif = None;
+    let (mut via, mut oif, mut mtu) = (dest, None, None);
     for attr in &route.attributes {
         match attr {
-            RouteAttribute::Gateway(RouteAddress::Inet(a)) => hop = IpAddr::V4(*a),
-            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => hop = IpAddr::V6(*a),
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => via = IpAddr::V4(*a),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => via = IpAddr::V6(*a),
             RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Metrics(metrics) => {
+                mtu = metrics.iter().find_map(|m| match m {
+                    RouteMetric::Mtu(mtu) => u16::try_from(*mtu).ok(),
+                    _ => None,
+                })
+            }
             _ => {}
         }
     }
-    Ok(oif.map(|oif| (hop, oif)))
+    Ok(oif.map(|oif| Route { dest, via, oif, mtu }))
 }

@@ -30,7 +30,7 @@ use vip::{free_expired, mark_leavers, switch_table, update_backend};
 
 use crate::{
     config::Capacities,
-    control::desired::{Desired, DesiredVip, Leave},
+    control::desired::{Desired, DesiredVip, Leave, NextHop},
     dataplane::{
         BackendEntry, BackendId, BackendUse, DataplaneError, Maps, NO_BACKEND, Side, StatsOf, Store, VipId,
     },
@@ -119,7 +119,10 @@ pub struct BackendState {
     pub id: BackendId,
     pub generation: u32,
     pub weight: u32,
+    /// DR: the backend's MAC.
     pub mac: Option<[u8; 6]>,
+    /// TUN: the next hop toward it.
+    pub hop: Option<NextHop>,
     pub role: Role,
     /// Table entries this backend holds in the live table.
     pub slots: u32,
@@ -141,12 +144,13 @@ impl BackendState {
     }
 
     /// What its entry should let packets do under a VIP forwarding by
-    /// `forward`. In DR a backend without a real MAC takes no flows: one
-    /// leaving a TUN VIP that turns DR still has TUN's all-zero placeholder.
+    /// `forward`. In DR a backend without a real MAC takes no flows (one
+    /// leaving a TUN VIP that turns DR has none); in TUN an unresolved next
+    /// hop is the FIB's to find.
     fn used(&self, forward: Forward) -> BackendUse {
-        let addressed = match self.mac {
-            Some(mac) => forward == Forward::Tun || mac != [0; 6],
-            None => false,
+        let addressed = match forward {
+            Forward::Tun => true,
+            Forward::Dr => self.mac.is_some_and(|mac| mac != [0; 6]),
         };
         match self.role {
             _ if !addressed => BackendUse::Unused,
@@ -156,13 +160,19 @@ impl BackendState {
     }
 
     fn entry(&self, addr: IpAddr, vip: VipId, forward: Forward) -> BackendEntry {
+        let hop = self.hop.filter(|_| forward == Forward::Tun);
+        let mac = match forward {
+            Forward::Dr => self.mac,
+            Forward::Tun => hop.map(|h| h.mac),
+        };
         BackendEntry {
             addr,
-            mac: self.mac.unwrap_or_default(),
+            mac: mac.unwrap_or_default(),
             used: self.used(forward),
             forward,
             generation: self.generation,
             vip,
+            hop_mtu: hop.map(|h| h.mtu),
         }
     }
 }
@@ -257,11 +267,16 @@ impl Reconciler {
             }
             let slots = vip.live_table().map_or(0, |t| t.iter().filter(|&&t| t == slot.id).count() as u32);
             let role = if entry.used == BackendUse::Active { Role::Active } else { Role::Idle };
+            let (mac, hop) = match (entry.forward, entry.hop_mtu) {
+                (Forward::Dr, _) => (Some(entry.mac), None),
+                (Forward::Tun, mtu) => (None, mtu.map(|mtu| NextHop { mac: entry.mac, mtu })),
+            };
             let state = BackendState {
                 id: slot.id,
                 generation: entry.generation,
                 weight: 0,
-                mac: Some(entry.mac),
+                mac,
+                hop,
                 role,
                 slots,
                 written: Some(entry),
@@ -442,6 +457,7 @@ impl Reconciler {
                         generation: *next_generation,
                         weight: b.weight,
                         mac: b.mac,
+                        hop: b.hop,
                         role: Role::Idle,
                         slots: 0,
                         written: None,
@@ -451,7 +467,7 @@ impl Reconciler {
                     vip.backends.entry(b.addr).or_insert(state)
                 }
             };
-            update_backend(&vip.name, b.addr, state, b.weight, b.mac);
+            update_backend(&vip.name, want.forward, b, state);
         }
         switch_table(vip, want, now, caps, maps)?;
         free_expired(vip, now, maps, backend_ids, |_| true)

@@ -12,7 +12,10 @@ use tracing::{info, warn};
 use super::{BackendState, IdPool, MaglevInput, Role, VipState};
 use crate::{
     config::Capacities,
-    control::{desired::DesiredVip, maglev},
+    control::{
+        desired::{DesiredBackend, DesiredVip},
+        maglev,
+    },
     dataplane::{BackendEntry, BackendId, DataplaneError, Maps, Store, VipEntry, VipId},
     model::{Forward, format_mac},
 };
@@ -32,14 +35,10 @@ pub(super) fn mark_leavers(vip: &mut VipState, want: &DesiredVip, until: Instant
     }
 }
 
-/// Takes in a wanted backend's weight and MAC, and the role they give it.
-pub(super) fn update_backend(
-    vip: &str,
-    addr: IpAddr,
-    state: &mut BackendState,
-    weight: u32,
-    mac: Option<[u8; 6]>,
-) {
+/// Takes in a wanted backend's weight, MAC and next hop, and the role
+/// they give it under a VIP forwarding by `forward`.
+pub(super) fn update_backend(vip: &str, forward: Forward, want: &DesiredBackend, state: &mut BackendState) {
+    let (addr, weight, mac) = (want.addr, want.weight, want.mac);
     if state.weight != weight {
         if state.weight_known {
             info!(vip = %vip, backend = %addr, from = state.weight, to = weight, "backend weight changed");
@@ -49,6 +48,7 @@ pub(super) fn update_backend(
     state.weight_known = true;
     if state.mac != mac {
         match mac {
+            _ if forward == Forward::Tun => {}
             Some(mac) => info!(vip = %vip, backend = %addr, mac = %format_mac(&mac), "backend MAC resolved"),
             None => {
                 warn!(vip = %vip, backend = %addr, "backend MAC unresolved: out of the table until it resolves")
@@ -56,7 +56,24 @@ pub(super) fn update_backend(
         }
         state.mac = mac;
     }
-    let role = if weight > 0 && mac.is_some() { Role::Active } else { Role::Idle };
+    if state.hop != want.hop {
+        match want.hop {
+            Some(hop) => info!(
+                vip = %vip,
+                backend = %addr,
+                mac = %format_mac(&hop.mac),
+                mtu = hop.mtu,
+                "backend next hop resolved"
+            ),
+            None if forward == Forward::Tun => {
+                info!(vip = %vip, backend = %addr, "backend next hop unknown: packets ask the kernel's FIB")
+            }
+            None => {}
+        }
+        state.hop = want.hop;
+    }
+    let addressed = forward == Forward::Tun || mac.is_some();
+    let role = if weight > 0 && addressed { Role::Active } else { Role::Idle };
     if role != state.role {
         if matches!(state.role, Role::Leaving { .. }) {
             info!(vip = %vip, backend = %addr, "backend back before its drain ended");
