@@ -69,7 +69,9 @@ fn encapsulate(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Result<Tun, R
     } else {
         match fib_next_hop(pkt, backend, v4, inner_len + overhead) {
             Ok(hop) => hop,
-            Err(FibMiss::TooBig { mtu }) => return Ok(Tun::TooBig { mtu: mtu.saturating_sub(overhead as u32) }),
+            Err(FibMiss::TooBig { mtu }) => {
+                return Ok(Tun::TooBig { mtu: mtu.saturating_sub(overhead as u32) });
+            }
             Err(FibMiss::NoRoute) => return Err(Reason::PassNoRoute),
         }
     };
@@ -103,7 +105,9 @@ fn encapsulate(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Result<Tun, R
 /// Why the FIB gave no next hop out of this interface.
 enum FibMiss {
     /// `mtu` is the largest outer packet that fits.
-    TooBig { mtu: u32 },
+    TooBig {
+        mtu: u32,
+    },
     NoRoute,
 }
 

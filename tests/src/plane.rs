@@ -47,7 +47,8 @@ pub const XDP_TX: u32 = 3;
 pub struct Expected {
     pub id: BackendId,
     pub addr: IpAddr,
-    pub mac: [u8; 6],
+    /// DR: the backend's MAC.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Plane {
@@ -119,7 +120,7 @@ impl Plane {
         let table = vip.live_table()?;
         let id = table[(flow_hash(flow) % self.reconciler.capacities().table_size) as usize];
         let (addr, backend) = vip.backends.iter().find(|(_, b)| b.id == id)?;
-        Some(Expected { id, addr: *addr, mac: backend.mac? })
+        Some(Expected { id, addr: *addr, mac: backend.mac })
     }
 }
 
@@ -162,7 +163,7 @@ pub fn params(capacities: Capacities) -> Params {
 
 /// A backend with address `addr` and MAC 02:00:00:00:01:`tag`.
 pub fn backend(addr: IpAddr, weight: u32, tag: u8) -> DesiredBackend {
-    DesiredBackend { addr, weight, mac: Some(backend_mac(tag)) }
+    DesiredBackend { addr, weight, mac: Some(backend_mac(tag)), hop: None }
 }
 
 pub fn backend_mac(tag: u8) -> [u8; 6] {
@@ -191,9 +192,10 @@ pub fn dr_vip(
     }
 }
 
-/// A TUN VIP: its backends need no MAC (the data plane's FIB lookup finds
-/// the next hop).
+/// A TUN VIP whose backends have no resolved next hop: the data plane asks
+/// the kernel's FIB for it.
 pub fn tun_vip(name: &str, ip: IpAddr, port: u16, protocol: Protocol, backends: &[IpAddr]) -> DesiredVip {
-    let list = backends.iter().map(|a| DesiredBackend { addr: *a, weight: 1, mac: Some([0; 6]) }).collect();
+    let list =
+        backends.iter().map(|a| DesiredBackend { addr: *a, weight: 1, mac: None, hop: None }).collect();
     DesiredVip { forward: Forward::Tun, ..dr_vip(name, ip, port, protocol, list) }
 }

@@ -135,6 +135,16 @@ impl TunLab {
         Ok(TunLab { _pass: pass, backends: list, lb, client, router, seg1, seg2, lb_if })
     }
 
+    /// A second router between the segments (10.1.0.253 / fd01::fd and
+    /// 10.2.0.253 / fd02::fd): nobody routes through it until told to.
+    pub fn second_router(&self) -> anyhow::Result<Netns> {
+        let r2 = host(&format!("{}-r2", self.seg1.name.trim_end_matches("-s1")))?;
+        plug(&self.seg1, &r2, "lan1", "r2", Ipv4Addr::new(10, 1, 0, 253), "fd01::fd".parse()?)?;
+        plug(&self.seg2, &r2, "lan2", "r2", Ipv4Addr::new(10, 2, 0, 253), "fd02::fd".parse()?)?;
+        r2.sysctl(&["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+        Ok(r2)
+    }
+
     pub fn backend_list(&self, v6: bool) -> String {
         let items: Vec<String> = self
             .backends

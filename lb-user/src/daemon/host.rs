@@ -74,7 +74,12 @@ impl NetHost {
 }
 
 impl Host for NetHost {
-    async fn resolve(&mut self, dr: &[IpAddr], tun: &[IpAddr], patience: Duration) -> Result<Resolved, NetError> {
+    async fn resolve(
+        &mut self,
+        dr: &[IpAddr],
+        tun: &[IpAddr],
+        patience: Duration,
+    ) -> Result<Resolved, NetError> {
         let mut targets = dr.to_vec();
         // Only next hops out of our own interface: the rest go to the kernel.
         let routes: Vec<_> =

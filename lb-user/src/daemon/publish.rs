@@ -23,7 +23,7 @@ use crate::{
     model::{Forward, VipAddr, format_mac},
     observe::{
         admin::Published,
-        status::{BackendStatus, DaemonStatus, SourceStatus, Status, VipStatus, unix_secs},
+        status::{BackendStatus, DaemonStatus, HopStatus, SourceStatus, Status, VipStatus, unix_secs},
     },
 };
 
@@ -118,10 +118,11 @@ impl<S: Store, R: Host> Daemon<S, R> {
                     id: b.id,
                     state: b.shown(),
                     weight: Some(b.weight),
-                    mac: match vip.forward {
-                        Forward::Dr => b.mac.as_ref().map(format_mac),
-                        Forward::Tun => b.hop.as_ref().map(|h| format_mac(&h.mac)),
-                    },
+                    mac: b.mac.as_ref().filter(|_| vip.forward == Forward::Dr).map(format_mac),
+                    next_hop: b
+                        .hop
+                        .filter(|_| vip.forward == Forward::Tun)
+                        .map(|h| HopStatus { mac: format_mac(&h.mac), mtu: h.mtu }),
                     slots: b.slots,
                     share: b.slots as f64 / table_size,
                     packets: 0,

@@ -1,5 +1,5 @@
 //! The tasks that turn the outside world into events: signals, the tick,
-//! admin API commands.
+//! admin API commands, BIRD's state, the kernel's network changes.
 
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -63,14 +63,22 @@ pub(super) fn bird(socket: std::path::PathBuf, events: mpsc::Sender<Event>) -> J
     })
 }
 
-/// The kernel's route, link and neighbour changes, as events.
-pub(super) fn netlink(mut messages: crate::net::watch::Messages, events: mpsc::Sender<Event>) -> JoinHandle<()> {
+/// The kernel's route, link and neighbour changes that matter to
+/// interface `ifindex`, as events.
+pub(super) fn netlink(
+    mut messages: crate::net::watch::Messages,
+    ifindex: u32,
+    events: mpsc::Sender<Event>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
-        while let Some(changes) = crate::net::watch::next(&mut messages).await {
+        while let Some(changes) = crate::net::watch::next(&mut messages, ifindex).await {
             if changes.any() && events.send(Event::Net(changes)).await.is_err() {
                 return;
             }
         }
+        tracing::warn!(
+            "netlink change notifications stopped: TUN next hops are now rechecked only every minute"
+        );
     })
 }
 

@@ -101,7 +101,7 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
     if let Some(announce) = &start_announce {
         tasks.push(sources::bird(announce.bird_socket.clone(), sender.clone()));
     }
-    tasks.push(sources::netlink(changes, sender.clone()));
+    tasks.push(sources::netlink(changes, iface.index, sender.clone()));
     tasks.push(sources::ticks(sender));
     Ok(Running { daemon, events, tasks, program: dataplane.program, handle, _announce_lock: announce_lock })
 }

@@ -2,47 +2,58 @@
 //! that knows every MAC.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    future::Future,
-    net::IpAddr,
-    os::unix::ffi::OsStrExt as _,
-    path::PathBuf,
-    pin::Pin,
-    time::Duration,
+    collections::BTreeMap, future::Future, net::IpAddr, os::unix::ffi::OsStrExt as _, path::PathBuf,
+    pin::Pin, time::Duration,
 };
 
-use lb_common::{BACKEND_ACTIVE, BACKEND_DRAINING};
+use lb_common::{BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_HOP, BACKEND_TUN};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::*;
 use crate::{
     config::ServiceQuery,
+    control::desired::NextHop,
     dataplane::{MemoryStore, loader::Params},
     discovery::consul::{self, Instance},
     model::{Protocol, VipAddr},
     net::{
         bird,
         table::{HostRoute, RTPROT_XLB, TableRoutes},
+        watch::Changes,
     },
-    observe::admin::{Action, ApiError, Change, Command},
+    observe::{
+        admin::{Action, ApiError, Change, Command},
+        status::HopStatus,
+    },
 };
 
 /// A host where every DR backend resolves, to 02:00:<its IPv4 address>,
-/// with routing tables in memory and a BIRD that answers or not.
+/// every TUN backend is behind next hop `hop`, with routing tables in
+/// memory.
 #[derive(Default)]
 struct FakeHost {
     /// (table, address) → routing protocol number.
     routes: BTreeMap<(u32, IpAddr), u8>,
+    hop: Option<NextHop>,
+    /// How many times the daemon said routes changed.
+    route_changes: usize,
 }
 
 impl Host for FakeHost {
     async fn resolve(
         &mut self,
         dr: &[IpAddr],
-        _tun: &[IpAddr],
+        tun: &[IpAddr],
         _patience: Duration,
-    ) -> Result<HashMap<IpAddr, [u8; 6]>, crate::net::NetError> {
-        Ok(dr.iter().map(|a| (*a, mac(*a))).collect())
+    ) -> Result<Resolved, crate::net::NetError> {
+        Ok(Resolved {
+            macs: dr.iter().map(|a| (*a, mac(*a))).collect(),
+            hops: tun.iter().filter_map(|a| Some((*a, self.hop?))).collect(),
+        })
+    }
+
+    fn routes_changed(&mut self) {
+        self.route_changes += 1;
     }
 
     fn seed(&mut self, _: Vec<(IpAddr, [u8; 6])>) {}
@@ -412,7 +423,7 @@ async fn a_graceful_stop_withdraws_first() {
 async fn a_route_someone_else_put_there_is_left_alone_and_bird_being_down_changes_nothing() {
     let dir = std::env::temp_dir().join(format!("xlb-daemon-foreign-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let host = FakeHost { routes: BTreeMap::from([((TABLE, web_ip()), 4)]) };
+    let host = FakeHost { routes: BTreeMap::from([((TABLE, web_ip()), 4)]), ..FakeHost::default() };
     let mut lab = Lab::with_host(dir, &announcing("", &[1]), host).await;
     lab.daemon.handle(Event::Bird(Err("cannot reach BIRD at /run/bird/bird.ctl".into()))).await;
     assert_eq!(lab.daemon.host.routes[&(TABLE, web_ip())], 4, "not replaced");
@@ -444,7 +455,7 @@ async fn routes_a_previous_run_left_for_gone_vips_are_withdrawn_and_shared_addre
     let dir = std::env::temp_dir().join(format!("xlb-daemon-leftover-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let gone = IpAddr::from([192, 0, 2, 99]);
-    let host = FakeHost { routes: BTreeMap::from([((TABLE, gone), RTPROT_XLB)]) };
+    let host = FakeHost { routes: BTreeMap::from([((TABLE, gone), RTPROT_XLB)]), ..FakeHost::default() };
     let dns =
         "[[vip]]\nname = \"dns\"\naddress = \"192.0.2.10\"\nport = 53\nprotocol = \"udp\"\nbackends = []\n";
     let mut lab = Lab::with_host(dir, &format!("{}{dns}", announcing("", &[1])), host).await;
@@ -467,4 +478,40 @@ async fn a_short_write_failure_holds_the_announcements() {
     lab.daemon.maps.store_mut().fail_writes = false;
     lab.daemon.handle(Event::Tick).await;
     assert_eq!(lab.announced(), [web_ip()]);
+}
+
+#[tokio::test]
+async fn a_tun_next_hop_follows_the_kernels_changes_and_falls_back_to_the_fib() {
+    let old = NextHop { mac: [2, 0xee, 0, 0, 0, 1], mtu: 1500 };
+    let host = FakeHost { hop: Some(old), ..FakeHost::default() };
+    let dir = std::env::temp_dir().join(format!("xlb-daemon-hop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = config("", &[1]).replace("protocol = \"tcp\"", "protocol = \"tcp\"\nforward = \"tun\"");
+    let mut lab = Lab::with_host(dir, &text, host).await;
+    let entry = |lab: &Lab| {
+        let state = &lab.daemon.reconciler.vips()[&web()].backends[&ip(1)];
+        lab.daemon.maps.store().backends[&state.id]
+    };
+    let written = entry(&lab);
+    assert_eq!(written.flags, BACKEND_ACTIVE | BACKEND_TUN | BACKEND_HOP);
+    assert_eq!((written.mac, written.mtu), (old.mac, old.mtu));
+
+    // A route change moves the hop: looked up again and rewritten.
+    let new = NextHop { mac: [2, 0xee, 0, 0, 0, 2], mtu: 1400 };
+    lab.daemon.host.hop = Some(new);
+    lab.daemon.handle(Event::Net(Changes { routes: true, neighbours: false })).await;
+    assert_eq!(lab.daemon.host.route_changes, 1);
+    let written = entry(&lab);
+    assert_eq!((written.mac, written.mtu, written.flags & BACKEND_HOP), (new.mac, new.mtu, BACKEND_HOP));
+    let published = lab.published();
+    let shown = published.vips[0].backends[0].next_hop.clone();
+    assert_eq!(shown, Some(HopStatus { mac: "02:ee:00:00:00:02".into(), mtu: 1400 }));
+
+    // The route is gone: the entry stays in use, and the packet path asks
+    // the FIB (which counts tun_no_route while there is none).
+    lab.daemon.host.hop = None;
+    lab.daemon.handle(Event::Net(Changes { routes: true, neighbours: false })).await;
+    assert_eq!(entry(&lab).flags, BACKEND_ACTIVE | BACKEND_TUN);
+    assert_eq!(lab.published().vips[0].backends[0].next_hop, None);
+    assert_eq!(lab.table(), [ip(1)], "still the backend");
 }

@@ -6,8 +6,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_HOP, BACKEND_TUN, BackendInfo, FAMILY_V4, FAMILY_V6, MODE_DR, MODE_TUN,
-    PROTO_TCP, PROTO_UDP, VipInfo, VipKey, limits::TABLES_PER_VIP,
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_HOP, BACKEND_TUN, BackendInfo, FAMILY_V4, FAMILY_V6, MODE_DR,
+    MODE_TUN, PROTO_TCP, PROTO_UDP, VipInfo, VipKey, limits::TABLES_PER_VIP,
 };
 
 use crate::model::{Forward, Protocol, VipAddr};
@@ -241,10 +241,10 @@ mod tests {
             let entry = VipEntry { id: 7, live, forward: Forward::Tun };
             assert_eq!(VipEntry::try_from(&VipInfo::from(&entry)), Ok(entry));
         }
-        for (used, forward) in [
-            (BackendUse::Active, Forward::Dr),
-            (BackendUse::Draining, Forward::Tun),
-            (BackendUse::Active, Forward::Tun),
+        for (used, forward, hop_mtu) in [
+            (BackendUse::Active, Forward::Dr, None),
+            (BackendUse::Draining, Forward::Tun, Some(1480)),
+            (BackendUse::Active, Forward::Tun, None),
         ] {
             let b = BackendEntry {
                 addr: [10, 0, 0, 1].into(),
@@ -253,6 +253,7 @@ mod tests {
                 forward,
                 generation: 9,
                 vip: 3,
+                hop_mtu,
             };
             assert_eq!(BackendEntry::try_from(&BackendInfo::from(&b)), Ok(b));
         }

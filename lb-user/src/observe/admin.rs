@@ -378,6 +378,7 @@ mod tests {
                     state: BackendRole::Active,
                     weight: Some(weight),
                     mac: None,
+                    next_hop: None,
                     slots: 13,
                     share: 1.0,
                     packets: 0,

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::status::{BackendStatus, Status, VipStatus};
+use super::status::{BackendStatus, HopStatus, Status, VipStatus};
 use crate::{
     dataplane::{BackendId, BackendUse, KernelCounters, KernelStore, Maps, NO_BACKEND, VipEntry},
     files::RunFiles,
@@ -92,6 +92,10 @@ fn vip_status(
             (Forward::Dr, Some(e)) if slots > 0 => Some(format_mac(&e.mac)),
             _ => known.and_then(|k| k.mac.clone()),
         };
+        let next_hop = match (entry.forward, found) {
+            (Forward::Tun, Some(e)) => e.hop_mtu.map(|mtu| HopStatus { mac: format_mac(&e.mac), mtu }),
+            _ => None,
+        };
         backends.push(BackendStatus {
             address: known
                 .and_then(|k| k.address)
@@ -100,6 +104,7 @@ fn vip_status(
             state,
             weight: known.and_then(|k| k.weight),
             mac,
+            next_hop,
             slots,
             share: slots as f64 / table_size as f64,
             packets: 0,

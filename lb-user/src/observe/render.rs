@@ -105,7 +105,12 @@ fn vip(out: &mut String, v: &VipStatus, s: &Status) {
             b.address.map(|a| a.to_string()).unwrap_or_else(|| format!("id {}", b.id)),
             b.state,
             b.weight.map(|w| w.to_string()).unwrap_or_else(|| "?".into()),
-            b.mac.as_deref().unwrap_or(if v.forward == Forward::Tun { "-" } else { "unresolved" }),
+            match (v.forward, &b.next_hop) {
+                (Forward::Dr, _) => b.mac.as_deref().unwrap_or("unresolved"),
+                (Forward::Tun, Some(hop)) => hop.mac.as_str(),
+                // The packet path asks the kernel's FIB.
+                (Forward::Tun, None) => "fib",
+            },
             b.share * 100.0,
             b.packets,
             b.bytes

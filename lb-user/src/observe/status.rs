@@ -156,12 +156,25 @@ pub struct BackendStatus {
     pub id: BackendId,
     pub state: BackendRole,
     pub weight: Option<u32>,
+    /// DR: the backend's MAC.
     pub mac: Option<String>,
+    /// TUN: where its packets leave for, as the daemon resolved it; `None`
+    /// while unresolved, when the packet path asks the kernel's FIB.
+    #[serde(default)]
+    pub next_hop: Option<HopStatus>,
     /// Entries in the live Maglev table, and their share of it.
     pub slots: u32,
     pub share: f64,
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// A TUN backend's next hop: the gateway's (or the backend's own) MAC and
+/// the largest outer packet the path takes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopStatus {
+    pub mac: String,
+    pub mtu: u16,
 }
 
 /// A watched discovery source.

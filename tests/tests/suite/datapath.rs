@@ -224,7 +224,8 @@ fn frames_get_the_expected_action_output_and_counters() {
     for case in cases() {
         let (reason, expected) = match &case.expect {
             Expect::Forward(flow) => {
-                let mac = plane.expected_backend(flow).expect("model has a backend for the flow").mac;
+                let mac =
+                    plane.expected_backend(flow).expect("model has a backend for the flow").mac.expect("DR");
                 let mut out = case.frame.clone();
                 out[0..6].copy_from_slice(&mac);
                 out[6..12].copy_from_slice(&LB_MAC);
@@ -279,6 +280,7 @@ fn a_changed_backend_set_takes_effect_at_once() {
         addr: IpAddr::from([10, 0, 0, 99]),
         weight: 1,
         mac: Some([0x02, 0, 0, 0, 9, 9]),
+        hop: None,
     }];
     plane.apply(&[vip("web4", VIP4.into(), 80, Protocol::Tcp, one)]).unwrap();
     for sport in 2000..2050u16 {

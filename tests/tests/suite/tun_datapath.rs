@@ -2,7 +2,9 @@
 //! of a scratch namespace whose routes and neighbours the FIB lookup sees:
 //! exact outer headers for IPv4-in-IPv4 and IPv6-in-IPv6, the fallbacks
 //! (no neighbour, no route), the ICMP errors for too-big packets, and
-//! established flows following a change of forwarding mode.
+//! established flows following a change of forwarding mode; then the same
+//! with the next hop the daemon resolved in the backend entry, where the
+//! FIB must not be asked.
 //! Needs root.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -10,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use lb_common::{Event, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, Reason};
 use xlb::{
     config::Capacities,
-    control::desired::DesiredVip,
+    control::desired::{DesiredBackend, DesiredVip, NextHop},
     dataplane::loader::Params,
     model::{Forward, Protocol},
 };
@@ -319,4 +321,100 @@ fn too_big_ipv6_gets_icmpv6_packet_too_big() {
     assert_eq!((f[58], f[59]), (2, 0), "packet too big");
     assert_eq!(f[66..], tagged[18..66]);
     assert_eq!(icmpv6_checksum(f, 18), 0, "ICMPv6 checksum verifies");
+}
+
+/// A next hop the FIB does not know: frames sent to it prove the entry's
+/// hop was used.
+const CACHED_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xca, 0xfe];
+
+/// TUN VIPs whose backends carry a resolved next hop of MTU `mtu`.
+fn cached_plane(mtu: u16) -> Plane {
+    let capacities = Capacities { table_size: 251, max_vips: 8, max_backends: 32, conntrack_size: 1024 };
+    let mut plane =
+        Plane::new(Params { tun_source_v4: LB4, tun_source_v6: LB6, ..params(capacities) }).unwrap();
+    let hop = Some(NextHop { mac: CACHED_MAC, mtu });
+    let vip = |name: &str, vip: IpAddr, backends: &[IpAddr]| {
+        let list = backends.iter().map(|a| DesiredBackend { addr: *a, weight: 1, mac: None, hop }).collect();
+        DesiredVip { forward: Forward::Tun, ..dr_vip(name, vip, 80, Protocol::Tcp, list) }
+    };
+    let v6 = |d: u16| IpAddr::from(Ipv6Addr::new(0xfd02, 0, 0, 0, 0, 0, 0, d));
+    plane
+        .apply(&[
+            vip("tun4", VIP4.into(), &[IpAddr::from([10, 2, 0, 11]), IpAddr::from([10, 2, 0, 12])]),
+            vip("tun6", VIP6.into(), &[v6(0x11), v6(0x12)]),
+            // No route in the namespace: only the entry knows the way.
+            vip("no-route", VIP4_NO_ROUTE.into(), &[IpAddr::from([10, 9, 9, 9])]),
+        ])
+        .unwrap();
+    plane
+}
+
+#[test]
+fn a_resolved_next_hop_is_used_without_asking_the_fib() {
+    let (net, plane) = (fib_net(), cached_plane(MTU as u16));
+    for (dst, sport) in [(VIP4, 46000), (VIP4, 46001), (VIP4_NO_ROUTE, 46002)] {
+        let frame = tcp4(dst, sport, 100, true);
+        let out = run(&net, &plane, &frame);
+        assert_eq!(out.action, XDP_TX, "{dst} sport {sport}");
+        let inner = &frame[14..];
+        let mut expected = CACHED_MAC.to_vec();
+        expected.extend(LB_MAC);
+        expected.extend([0x08, 0x00]);
+        expected.extend(outer4(
+            backend_addr(&plane, &flow4(dst, sport)),
+            inner,
+            [out.frame[18], out.frame[19]],
+        ));
+        expected.extend(inner);
+        assert_eq!(out.frame, expected, "{dst} sport {sport}: to the cached MAC from the interface's");
+    }
+    let out = run(&net, &plane, &tcp6(46003, 120));
+    assert_eq!(out.action, XDP_TX);
+    assert_eq!(out.frame[..12], [CACHED_MAC, LB_MAC].concat());
+    assert_eq!(out.frame[12..14], [0x86, 0xdd]);
+    assert_eq!(plane.event(Event::TunFibLookup).unwrap(), 0, "the FIB was never asked");
+    assert_eq!(plane.reason(Reason::Forwarded).unwrap().packets, 4);
+
+    // Without a resolved hop every TUN packet is a FIB lookup, counted.
+    let plain = plane_for_fib(&net);
+    assert_eq!(plain.event(Event::TunFibLookup).unwrap(), 2);
+}
+
+/// The FIB-backed plane after two packets, one forwarded and one without
+/// a route.
+fn plane_for_fib(net: &FibNet) -> Plane {
+    let plane = plane();
+    assert_eq!(run(net, &plane, &tcp4(VIP4, 46100, 100, true)).action, XDP_TX);
+    assert_eq!(run(net, &plane, &tcp4(VIP4_NO_ROUTE, 46101, 100, true)).action, XDP_PASS);
+    plane
+}
+
+#[test]
+fn a_resolved_path_mtu_bounds_the_outer_packet() {
+    // Smaller than the interface's 1500, as a route's mtu would make it.
+    let (net, plane) = (fib_net(), cached_plane(1400));
+    assert_eq!(run(&net, &plane, &tcp4(VIP4, 47000, 1380, true)).action, XDP_TX, "exactly 1400 once wrapped");
+    let frame = tcp4(VIP4, 47001, 1381, true);
+    let out = run(&net, &plane, &frame);
+    assert_eq!(out.action, XDP_TX, "bounced to the client");
+    assert_eq!(out.frame[..6], CLIENT_MAC);
+    assert_eq!((out.frame[34], out.frame[35]), (3, 4), "fragmentation needed");
+    assert_eq!(out.frame[40..42], 1380u16.to_be_bytes(), "the hop's MTU less the outer header");
+    assert_eq!(checksum(&out.frame[34..]), 0, "ICMP checksum verifies");
+
+    assert_eq!(run(&net, &plane, &tcp6(47002, 1360)).action, XDP_TX);
+    let out = run(&net, &plane, &tcp6(47003, 1361));
+    assert_eq!(out.action, XDP_TX);
+    assert_eq!((out.frame[54], out.frame[55]), (2, 0), "packet too big");
+    assert_eq!(out.frame[58..62], 1360u32.to_be_bytes());
+    assert_eq!(icmpv6_checksum(&out.frame, 14), 0, "ICMPv6 checksum verifies");
+
+    assert_eq!(
+        run(&net, &plane, &tcp4(VIP4, 47004, 1381, false)).action,
+        XDP_DROP,
+        "DF clear: dropped, counted"
+    );
+    assert_eq!(plane.reason(Reason::IcmpTooBig).unwrap().packets, 2);
+    assert_eq!(plane.reason(Reason::DropTooBig).unwrap().packets, 1);
+    assert_eq!(plane.event(Event::TunFibLookup).unwrap(), 0);
 }

@@ -1,17 +1,30 @@
 //! TUN mode end to end: backends on another subnet behind a router, the
 //! load balancer tunnelling to them, xlb_decap unwrapping, replies going
-//! straight back to the client. Needs root.
+//! straight back to the client; the next hop the daemon resolves following
+//! the kernel's route and neighbour changes. Needs root.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
 
+use xlb::model::format_mac;
 use xlb_tests::{
     capture::Capture,
     daemon::Daemon,
     frames::checksum,
+    http,
     lab::{VIP4, VIP6},
-    servers::{self, tcp_spread},
+    servers::{self, tcp_ask, tcp_spread},
     tun_lab::{LB4, LB6, TunLab},
 };
+
+/// The daemon's admin API, inside the load balancer's namespace.
+const ADMIN: &str = "127.0.0.1:9300";
+
+/// A change to a next hop must reach the data plane within this long of
+/// the kernel's notification.
+const FOLLOW: Duration = Duration::from_millis(100);
 
 fn config(lab: &TunLab) -> String {
     format!(
@@ -87,27 +100,179 @@ fn tcp_over_tunnels_completes_and_replies_bypass_the_load_balancer() {
     assert_eq!(frames.len() as u64, vip_packets(&status), "capture matches xlb's counters");
 }
 
+/// The daemon's published status, from its admin API (no process spawned,
+/// so it can be polled quickly; its counters may be a second old).
+fn api_status(lab: &TunLab) -> serde_json::Value {
+    lab.lb.run(|| http::request(ADMIN.parse().unwrap(), "GET", "/api/v1/status", None, None)).json()
+}
+
+/// The next-hop MAC of each backend of VIP `vip` (`None`: unresolved, the
+/// packet path asks the FIB).
+fn hop_macs(status: &serde_json::Value, vip: &str) -> Vec<Option<String>> {
+    let vips = status["vips"].as_array().unwrap();
+    let v = vips.iter().find(|v| v["name"] == vip).unwrap_or_else(|| panic!("no VIP {vip}"));
+    v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["next_hop"]["mac"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn counter(status: &serde_json::Value, group: &str, name: &str) -> u64 {
+    let c = &status[group][name];
+    c["packets"].as_u64().or(c.as_u64()).unwrap_or_else(|| panic!("no {group}.{name}"))
+}
+
+/// Runs `change` and then polls until every backend of `vip` has next hop
+/// `mac`; the time from just before `change` (so an upper bound on the
+/// time from the kernel's notification).
+fn follow(lab: &TunLab, vip: &str, mac: [u8; 6], change: impl FnOnce()) -> Duration {
+    let want = Some(format_mac(&mac));
+    let started = Instant::now();
+    change();
+    loop {
+        let status = api_status(lab);
+        if hop_macs(&status, vip).iter().all(|m| *m == want) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{vip} never moved to {want:?}: {status:#}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Tunnelled frames (IPIP and IP6IP6) leaving for `router_mac`, while
+/// `n` connections to each VIP complete.
+fn tunnelled_to(lab: &TunLab, capture_ns: &xlb_tests::netns::Netns, router_mac: [u8; 6], n: usize) -> usize {
+    let tunnels = Capture::start(capture_ns, "lan1", "ip proto 4 or ip6 proto 41").unwrap();
+    for addr in [IpAddr::from(VIP4), IpAddr::from(VIP6)] {
+        let counts = lab.client.run(|| tcp_spread(SocketAddr::new(addr, 80), n)).unwrap();
+        assert_eq!(counts.values().sum::<usize>(), n, "{addr}: every connection completes");
+    }
+    let frames = tunnels.stop().unwrap();
+    frames.iter().filter(|f| f[..6] == router_mac).count()
+}
+
 #[test]
-fn a_next_hop_without_neighbour_entry_is_resolved_by_the_kernel_on_the_first_packet() {
+fn a_route_change_to_a_second_router_is_followed() {
+    let lab = TunLab::new(2).unwrap();
+    let r2 = lab.second_router().unwrap();
+    let hosts: Vec<_> = lab.backends.iter().map(|b| (&b.ns, b.name.as_str())).collect();
+    let _servers = servers::start_in(&hosts, 80, 53);
+    let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config(&lab)).unwrap();
+    let (_, r1_mac) = lab.router.link("lan1").unwrap();
+    let (_, r2_mac) = r2.link("lan1").unwrap();
+    follow(&lab, "web4", r1_mac, || {});
+    follow(&lab, "web6", r1_mac, || {});
+    assert!(tunnelled_to(&lab, &lab.router, r1_mac, 20) >= 80, "through the first router");
+
+    // The load balancer knows the second router's MAC already (as it would
+    // a router it talks to): the new hop is complete at once.
+    lab.lb.exec("ping", &["-c1", "-W1", "10.1.0.253"]).unwrap();
+    lab.lb.exec("ping", &["-6", "-c1", "-W1", "fd01::fd"]).unwrap();
+    let fib_before = counter(&daemon.status().unwrap(), "events", "tun_fib_lookup");
+    let v4 = follow(&lab, "web4", r2_mac, || {
+        lab.lb.ip("route replace 10.2.0.0/24 via 10.1.0.253").unwrap();
+    });
+    let v6 = follow(&lab, "web6", r2_mac, || {
+        lab.lb.ip("-6 route replace fd02::/64 via fd01::fd").unwrap();
+    });
+    eprintln!("route change to a second router followed in {v4:?} (IPv4), {v6:?} (IPv6)");
+    assert!(v4 < FOLLOW && v6 < FOLLOW, "followed in {v4:?} / {v6:?}, more than {FOLLOW:?}");
+
+    let r1_frames = Capture::start(&lab.router, "lan1", "ip proto 4 or ip6 proto 41").unwrap();
+    assert!(tunnelled_to(&lab, &r2, r2_mac, 20) >= 80, "through the second router");
+    assert_eq!(r1_frames.stop().unwrap().len(), 0, "nothing tunnelled through the first any more");
+    assert_eq!(counter(&daemon.status().unwrap(), "events", "tun_fib_lookup"), fib_before, "no FIB lookup");
+}
+
+#[test]
+fn a_next_hop_whose_mac_changes_is_followed() {
+    let lab = TunLab::new(1).unwrap();
+    let hosts: Vec<_> = lab.backends.iter().map(|b| (&b.ns, b.name.as_str())).collect();
+    let _servers = servers::start_in(&hosts, 80, 53);
+    let _daemon = Daemon::start(&lab.lb, &lab.lb_if, &config(&lab)).unwrap();
+    let (_, old) = lab.router.link("lan1").unwrap();
+    follow(&lab, "web4", old, || {});
+    follow(&lab, "web6", old, || {});
+
+    // The router is replaced by one with another MAC, which announces
+    // itself; the load balancer's kernel learns the new MAC.
+    let new = [0x02, 0, 0, 0, 0xab, 0xcd];
+    lab.router.ip(&format!("link set lan1 address {}", format_mac(&new))).unwrap();
+    let mut took = Vec::new();
+    for (family, gateway, vip) in [("-4", "10.1.0.254", "web4"), ("-6", "fd01::fe", "web6")] {
+        took.push(follow(&lab, vip, new, || {
+            let cmd = format!(
+                "{family} neigh replace {gateway} lladdr {} nud reachable dev {}",
+                format_mac(&new),
+                lab.lb_if
+            );
+            lab.lb.ip(&cmd).unwrap();
+        }));
+    }
+    eprintln!("new next-hop MAC followed in {:?} (IPv4), {:?} (IPv6)", took[0], took[1]);
+    assert!(took.iter().all(|t| *t < FOLLOW), "followed in {took:?}, more than {FOLLOW:?}");
+    // Frames to the old MAC would reach no one.
+    assert!(tunnelled_to(&lab, &lab.router, new, 10) >= 40, "to the router's new MAC");
+}
+
+#[test]
+fn a_backend_without_a_route_is_passed_as_no_route_until_one_appears() {
+    let lab = TunLab::new(1).unwrap();
+    let hosts: Vec<_> = lab.backends.iter().map(|b| (&b.ns, b.name.as_str())).collect();
+    let _servers = servers::start_in(&hosts, 80, 53);
+    // A backend on a subnet the load balancer has no route to.
+    lab.backends[0].ns.ip("addr add 10.5.0.11/32 dev lo").unwrap();
+    let config = format!(
+        "interface = \"{}\"\n\n[[vip]]\nname = \"lost\"\naddress = \"{VIP4}\"\nport = 80\nprotocol = \"tcp\"\nforward = \"tun\"\nbackends = [ {{ address = \"10.5.0.11\" }} ]\n",
+        lab.lb_if
+    );
+    let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config).unwrap();
+    assert_eq!(hop_macs(&api_status(&lab), "lost"), [None], "no next hop without a route");
+    let before = counter(&daemon.status().unwrap(), "reasons", "tun_no_route");
+    let refused = lab.client.run(|| tcp_ask(SocketAddr::new(VIP4.into(), 80)));
+    assert!(refused.is_err(), "no way to the backend: {refused:?}");
+    let status = daemon.status().unwrap();
+    assert!(counter(&status, "reasons", "tun_no_route") > before, "counted as tun_no_route");
+    assert!(counter(&status, "events", "tun_fib_lookup") > 0, "asked the FIB");
+
+    // A route appears: followed, and the backend answers.
+    let (_, r1_mac) = lab.router.link("lan1").unwrap();
+    lab.router.ip("route add 10.5.0.0/24 via 10.2.0.11").unwrap();
+    let took = follow(&lab, "lost", r1_mac, || {
+        lab.lb.ip("route add 10.5.0.0/24 via 10.1.0.254").unwrap();
+    });
+    eprintln!("a new route followed in {took:?}");
+    assert!(took < FOLLOW, "followed in {took:?}");
+    assert_eq!(lab.client.run(|| tcp_ask(SocketAddr::new(VIP4.into(), 80))).unwrap(), "be1");
+}
+
+#[test]
+fn a_flushed_neighbour_table_does_not_hold_tunnelled_packets_up() {
+    // The resolved next hop stays in force while the kernel re-learns the
+    // neighbour; the first packet after the flush is not handed to the
+    // kernel to wait for ARP.
     let lab = TunLab::new(1).unwrap();
     let hosts: Vec<_> = lab.backends.iter().map(|b| (&b.ns, b.name.as_str())).collect();
     let _servers = servers::start_in(&hosts, 80, 53);
     let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config(&lab)).unwrap();
-    for (addr, family) in [(IpAddr::from(VIP4), "-4"), (IpAddr::from(VIP6), "-6")] {
-        // Warm every other cache on the way (client, router, backend), so
-        // only the load balancer's neighbour entry is missing.
-        lab.client.run(|| xlb_tests::servers::tcp_ask(SocketAddr::new(addr, 80))).unwrap();
+    let (_, r1_mac) = lab.router.link("lan1").unwrap();
+    for (addr, family, vip) in [(IpAddr::from(VIP4), "-4", "web4"), (IpAddr::from(VIP6), "-6", "web6")] {
+        follow(&lab, vip, r1_mac, || {});
+        // Warm every other cache on the way (client, router, backend).
+        lab.client.run(|| tcp_ask(SocketAddr::new(addr, 80))).unwrap();
         lab.lb.ip(&format!("{family} neigh flush dev {}", lab.lb_if)).unwrap();
-        let before = daemon.status().unwrap()["reasons"]["tun_no_neighbour"]["packets"].as_u64().unwrap();
-        let started = std::time::Instant::now();
-        let answer = lab.client.run(|| xlb_tests::servers::tcp_ask(SocketAddr::new(addr, 80))).unwrap();
+        let before = daemon.status().unwrap();
+        let started = Instant::now();
+        let answer = lab.client.run(|| tcp_ask(SocketAddr::new(addr, 80))).unwrap();
         let took = started.elapsed();
         assert_eq!(answer, "be1");
-        let after = daemon.status().unwrap()["reasons"]["tun_no_neighbour"]["packets"].as_u64().unwrap();
-        assert!(after > before, "{addr}: the first packet found no neighbour ({before} → {after})");
-        assert!(
-            took < std::time::Duration::from_millis(900),
-            "{addr}: no SYN retransmission needed ({took:?})"
-        );
+        let after = daemon.status().unwrap();
+        for (group, name) in [("reasons", "tun_no_neighbour"), ("events", "tun_fib_lookup")] {
+            assert_eq!(counter(&after, group, name), counter(&before, group, name), "{addr}: no {name}");
+        }
+        assert!(took < Duration::from_millis(900), "{addr}: no SYN retransmission needed ({took:?})");
+        assert_eq!(hop_macs(&after, vip), [Some(format_mac(&r1_mac))], "{addr}: the hop stays");
     }
 }

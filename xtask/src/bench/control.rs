@@ -208,6 +208,7 @@ fn vip(i: usize, backends: impl IntoIterator<Item = usize>) -> DesiredVip {
             addr: IpAddr::from([10, 64 + (i / 256) as u8, (i % 256) as u8, j as u8 + 1]),
             weight: 1,
             mac: Some([2, 0, 0, 0, i as u8, j as u8]),
+            hop: None,
         })
         .collect();
     dr_vip(&format!("v{i}"), IpAddr::from([192, 0, 2, i as u8 + 1]), 80, Protocol::Tcp, list)

@@ -460,7 +460,7 @@ fn check_model(case: &Case, reference: &Plane, ifindex: u32, t0_mac: [u8; 6]) ->
     let f = &out.frame;
     match (case.mode, backend.addr) {
         (Mode::Dr, _) => {
-            let mut want = backend.mac.to_vec();
+            let mut want = backend.mac.context("a DR backend without MAC")?.to_vec();
             want.extend(LB_MAC);
             want.extend(&frame[12..]);
             ensure!(*f == want, "{}: DR frame differs from the model", case.name());

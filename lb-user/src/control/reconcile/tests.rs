@@ -33,6 +33,7 @@ fn vip(name: &str, last: u8, backends: &[(u8, u32)]) -> DesiredVip {
                 addr: IpAddr::from([10, 0, 0, b]),
                 weight,
                 mac: Some([2, 0, 0, 0, 0, b]),
+                hop: None,
             })
             .collect(),
     }
