@@ -17,7 +17,7 @@ use aya::{Ebpf, programs::Xdp};
 use lb_common::{Event, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 use xlb::{
     config::Capacities,
-    control::desired::DesiredVip,
+    control::desired::{DesiredVip, NextHop},
     dataplane::{Counters as _, wire::addr_to_wire},
     model::{Forward, Protocol},
 };
@@ -38,6 +38,8 @@ const VIP4_DR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const VIP4_TUN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 20);
 const VIP6_DR: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 const VIP6_TUN: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
+const VIP4_TUN_FIB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 21);
+const VIP6_TUN_FIB: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x21);
 const NOT_VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
 const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 254);
 const LB4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
@@ -54,7 +56,10 @@ const SMALL_CONNTRACK: u32 = 8192;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Dr,
+    /// TUN with the next hop the daemon resolved in the backend entry.
     Tun,
+    /// TUN to backends without one: a FIB lookup per packet.
+    TunFib,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -86,6 +91,7 @@ impl Case {
         let mode = match self.mode {
             Mode::Dr => "DR ",
             Mode::Tun => "TUN",
+            Mode::TunFib => "TUN, FIB per packet,",
         };
         let fam = if self.v6 { "IPv6" } else { "IPv4" };
         match self.kind {
@@ -110,6 +116,8 @@ impl Case {
             (Mode::Tun, false) => VIP4_TUN.into(),
             (Mode::Dr, true) => VIP6_DR.into(),
             (Mode::Tun, true) => VIP6_TUN.into(),
+            (Mode::TunFib, false) => VIP4_TUN_FIB.into(),
+            (Mode::TunFib, true) => VIP6_TUN_FIB.into(),
         }
     }
 
@@ -172,17 +180,27 @@ impl Case {
         f
     }
 
-    /// The events every measured packet must add, and its reason.
-    fn expect(&self) -> (Vec<Event>, Reason) {
-        match self.kind {
+    /// The events every measured packet must add, those it must not, and
+    /// its reason.
+    fn expect(&self) -> (Vec<Event>, Vec<Event>, Reason) {
+        let (mut events, reason) = match self.kind {
             Kind::Syn | Kind::SynEvict | Kind::UdpNew => (vec![Event::ConnNew], Reason::Forwarded),
             Kind::Ack | Kind::UdpEst => (vec![Event::ConnHit], Reason::Forwarded),
             Kind::IcmpSteered => (vec![Event::IcmpSteered, Event::ConnHit], Reason::Forwarded),
             Kind::NotVip => (vec![], Reason::PassNotVip),
+        };
+        let mut never = vec![];
+        match self.mode {
+            Mode::TunFib if self.kind != Kind::IcmpSteered => events.push(Event::TunFibLookup),
+            _ => never.push(Event::TunFibLookup),
         }
+        (events, never, reason)
     }
 
     fn target(&self) -> Option<Target> {
+        if self.mode == Mode::TunFib {
+            return None;
+        }
         match self.kind {
             Kind::Ack | Kind::UdpEst => Some(Target::ratio_at_most(2.5)),
             Kind::Syn | Kind::SynEvict | Kind::UdpNew => Some(Target::ratio_at_most(4.5)),
@@ -219,6 +237,9 @@ fn all_cases() -> Vec<Case> {
             cases.push(Case { mode, v6: true, kind });
         }
     }
+    for v6 in [false, true] {
+        cases.push(Case { mode: Mode::TunFib, v6, kind: Kind::Ack });
+    }
     cases.push(Case { mode: Mode::Dr, v6: false, kind: Kind::SynEvict });
     cases.push(Case { mode: Mode::Dr, v6: false, kind: Kind::NotVip });
     for mode in [Mode::Dr, Mode::Tun] {
@@ -240,17 +261,25 @@ fn params(conntrack_size: u32) -> Params {
 fn vips() -> Vec<DesiredVip> {
     let v4 = |net: u8| (11..21).map(move |i| IpAddr::from([10, net, 0, i]));
     let v6 = |net: u16| (0x11..0x1b).map(move |i| IpAddr::from(Ipv6Addr::new(net, 0, 0, 0, 0, 0, 0, i)));
-    let vip = |name: &str, ip: IpAddr, port: u16, protocol, forward, addrs: Vec<IpAddr>| DesiredVip {
-        forward,
-        ..plane::dr_vip(name, ip, port, protocol, backends(addrs))
+    let vip = |name: &str, ip: IpAddr, port: u16, protocol, mode, addrs: Vec<IpAddr>| {
+        let mut list = backends(addrs);
+        if mode != Mode::Dr {
+            // As the daemon resolves them: the router, on t0's 1500 bytes.
+            let hop = (mode == Mode::Tun).then_some(NextHop { mac: ROUTER_MAC, mtu: 1500 });
+            list.iter_mut().for_each(|b| (b.mac, b.hop) = (None, hop));
+        }
+        let forward = if mode == Mode::Dr { Forward::Dr } else { Forward::Tun };
+        DesiredVip { forward, ..plane::dr_vip(name, ip, port, protocol, list) }
     };
     vec![
-        vip("dr4", VIP4_DR.into(), 80, Protocol::Tcp, Forward::Dr, v4(0).collect()),
-        vip("dr4-udp", VIP4_DR.into(), 53, Protocol::Udp, Forward::Dr, v4(0).collect()),
-        vip("dr6", VIP6_DR.into(), 80, Protocol::Tcp, Forward::Dr, v6(0xfd00).collect()),
-        vip("tun4", VIP4_TUN.into(), 80, Protocol::Tcp, Forward::Tun, v4(2).collect()),
-        vip("tun4-udp", VIP4_TUN.into(), 53, Protocol::Udp, Forward::Tun, v4(2).collect()),
-        vip("tun6", VIP6_TUN.into(), 80, Protocol::Tcp, Forward::Tun, v6(0xfd02).collect()),
+        vip("dr4", VIP4_DR.into(), 80, Protocol::Tcp, Mode::Dr, v4(0).collect()),
+        vip("dr4-udp", VIP4_DR.into(), 53, Protocol::Udp, Mode::Dr, v4(0).collect()),
+        vip("dr6", VIP6_DR.into(), 80, Protocol::Tcp, Mode::Dr, v6(0xfd00).collect()),
+        vip("tun4", VIP4_TUN.into(), 80, Protocol::Tcp, Mode::Tun, v4(2).collect()),
+        vip("tun4-udp", VIP4_TUN.into(), 53, Protocol::Udp, Mode::Tun, v4(2).collect()),
+        vip("tun6", VIP6_TUN.into(), 80, Protocol::Tcp, Mode::Tun, v6(0xfd02).collect()),
+        vip("tun4-fib", VIP4_TUN_FIB.into(), 80, Protocol::Tcp, Mode::TunFib, v4(2).collect()),
+        vip("tun6-fib", VIP6_TUN_FIB.into(), 80, Protocol::Tcp, Mode::TunFib, v6(0xfd02).collect()),
     ]
 }
 
@@ -345,7 +374,7 @@ fn measure_all(runs: usize, packets: u32, ifindex: u32, t0_mac: [u8; 6]) -> anyh
                 .iter()
                 .map(|f| plane::outcome(reference.program(), f, ifindex))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let (events, reason) = case.expect();
+            let (events, never, reason) = case.expect();
             let before = m.plane.counters.global()?;
             let (ns, wall) =
                 timed(m.plane.program(), &frames, &expected, ifindex).with_context(|| case.name())?;
@@ -364,6 +393,10 @@ fn measure_all(runs: usize, packets: u32, ifindex: u32, t0_mac: [u8; 6]) -> anyh
                     case.name()
                 );
                 m.events += got;
+            }
+            for event in never {
+                let got = after.events[event as usize] - before.events[event as usize];
+                ensure!(got == 0, "{}: {got} packets counted {event:?}", case.name());
             }
             m.samples.push(ns);
             m.wall.push(wall);
@@ -465,8 +498,8 @@ fn check_model(case: &Case, reference: &Plane, ifindex: u32, t0_mac: [u8; 6]) ->
             want.extend(&frame[12..]);
             ensure!(*f == want, "{}: DR frame differs from the model", case.name());
         }
-        (Mode::Tun, IpAddr::V4(b)) => {
-            ensure!(f[..6] == ROUTER_MAC && f[6..12] == t0_mac, "{}: TUN MACs", case.name());
+        (Mode::Tun | Mode::TunFib, IpAddr::V4(b)) => {
+            ensure!(f[..12] == tun_macs(case.mode, t0_mac), "{}: TUN MACs", case.name());
             ensure!(
                 f[23] == 4 && f[26..30] == LB4.octets() && f[30..34] == b.octets(),
                 "{}: outer header",
@@ -474,8 +507,8 @@ fn check_model(case: &Case, reference: &Plane, ifindex: u32, t0_mac: [u8; 6]) ->
             );
             ensure!(f[34..] == frame[14..], "{}: inner packet changed", case.name());
         }
-        (Mode::Tun, IpAddr::V6(b)) => {
-            ensure!(f[..6] == ROUTER_MAC && f[6..12] == t0_mac, "{}: TUN MACs", case.name());
+        (Mode::Tun | Mode::TunFib, IpAddr::V6(b)) => {
+            ensure!(f[..12] == tun_macs(case.mode, t0_mac), "{}: TUN MACs", case.name());
             ensure!(
                 f[20] == 41 && f[22..38] == LB6.octets() && f[38..54] == b.octets(),
                 "{}: outer header",
@@ -485,6 +518,16 @@ fn check_model(case: &Case, reference: &Plane, ifindex: u32, t0_mac: [u8; 6]) ->
         }
     }
     Ok(())
+}
+
+/// The outer frame's MACs: to the router from the MAC the program was
+/// loaded for (a resolved hop) or from t0's (the FIB's answer).
+fn tun_macs(mode: Mode, t0_mac: [u8; 6]) -> [u8; 12] {
+    let src = if mode == Mode::TunFib { t0_mac } else { LB_MAC };
+    let mut macs = [0; 12];
+    macs[..6].copy_from_slice(&ROUTER_MAC);
+    macs[6..].copy_from_slice(&src);
+    macs
 }
 
 /// Runs every frame once; each output must equal its expected outcome.
