@@ -130,6 +130,15 @@ impl Daemon {
         Ok(serde_json::from_str(&out)?)
     }
 
+    /// The data plane's global counters as they are now, read from the
+    /// pinned maps (the admin API reuses its counters for up to a second).
+    pub fn globals(&self) -> anyhow::Result<lb_common::GlobalStats> {
+        use xlb::dataplane::Counters as _;
+        let status = self.status()?;
+        let pin_dir = status["pin_dir"].as_str().context("status names no pin_dir")?;
+        Ok(xlb::dataplane::KernelCounters::open(Path::new(pin_dir))?.global()?)
+    }
+
     /// Replaces the config file (the daemon picks it up by itself).
     pub fn rewrite_config(&self, config: &str) -> anyhow::Result<()> {
         let tmp = self.config.with_extension("tmp");

@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_common::{Event, Reason};
 use xlb::model::format_mac;
 use xlb_tests::{
     capture::Capture,
@@ -23,7 +24,8 @@ use xlb_tests::{
 const ADMIN: &str = "127.0.0.1:9300";
 
 /// A change to a next hop must reach the data plane within this long of
-/// the kernel's notification.
+/// the kernel's notification (the median of three changes: one slow
+/// sample on a loaded machine is not a slow daemon).
 const FOLLOW: Duration = Duration::from_millis(100);
 
 fn config(lab: &TunLab) -> String {
@@ -101,7 +103,8 @@ fn tcp_over_tunnels_completes_and_replies_bypass_the_load_balancer() {
 }
 
 /// The daemon's published status, from its admin API (no process spawned,
-/// so it can be polled quickly; its counters may be a second old).
+/// so it can be polled quickly; its counters may be a second old: counted
+/// figures come from `Daemon::globals`).
 fn api_status(lab: &TunLab) -> serde_json::Value {
     lab.lb.run(|| http::request(ADMIN.parse().unwrap(), "GET", "/api/v1/status", None, None)).json()
 }
@@ -119,9 +122,12 @@ fn hop_macs(status: &serde_json::Value, vip: &str) -> Vec<Option<String>> {
         .collect()
 }
 
-fn counter(status: &serde_json::Value, group: &str, name: &str) -> u64 {
-    let c = &status[group][name];
-    c["packets"].as_u64().or(c.as_u64()).unwrap_or_else(|| panic!("no {group}.{name}"))
+fn fib_lookups(daemon: &Daemon) -> u64 {
+    daemon.globals().unwrap().events[Event::TunFibLookup as usize]
+}
+
+fn packets(daemon: &Daemon, reason: Reason) -> u64 {
+    daemon.globals().unwrap().reasons[reason as usize].packets
 }
 
 /// Runs `change` and then polls until every backend of `vip` has next hop
@@ -139,6 +145,15 @@ fn follow(lab: &TunLab, vip: &str, mac: [u8; 6], change: impl FnOnce()) -> Durat
         assert!(started.elapsed() < Duration::from_secs(5), "{vip} never moved to {want:?}: {status:#}");
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// The median of three follow-up times, all printed.
+fn median_of(what: &str, mut took: Vec<Duration>) -> Duration {
+    took.sort();
+    eprintln!("{what} followed in {took:?}");
+    let median = took[took.len() / 2];
+    assert!(median < FOLLOW, "{what}: followed in {took:?}, median more than {FOLLOW:?}");
+    median
 }
 
 /// Tunnelled frames (IPIP and IP6IP6) leaving for `router_mac`, while
@@ -167,23 +182,28 @@ fn a_route_change_to_a_second_router_is_followed() {
     assert!(tunnelled_to(&lab, &lab.router, r1_mac, 20) >= 80, "through the first router");
 
     // The load balancer knows the second router's MAC already (as it would
-    // a router it talks to): the new hop is complete at once.
+    // a router it talks to): the new hop is complete at once. The routes
+    // move to it, back, and to it again.
     lab.lb.exec("ping", &["-c1", "-W1", "10.1.0.253"]).unwrap();
     lab.lb.exec("ping", &["-6", "-c1", "-W1", "fd01::fd"]).unwrap();
-    let fib_before = counter(&daemon.status().unwrap(), "events", "tun_fib_lookup");
-    let v4 = follow(&lab, "web4", r2_mac, || {
-        lab.lb.ip("route replace 10.2.0.0/24 via 10.1.0.253").unwrap();
-    });
-    let v6 = follow(&lab, "web6", r2_mac, || {
-        lab.lb.ip("-6 route replace fd02::/64 via fd01::fd").unwrap();
-    });
-    eprintln!("route change to a second router followed in {v4:?} (IPv4), {v6:?} (IPv6)");
-    assert!(v4 < FOLLOW && v6 < FOLLOW, "followed in {v4:?} / {v6:?}, more than {FOLLOW:?}");
+    for (family, net, gateways, vip) in [
+        ("-4", "10.2.0.0/24", ["10.1.0.253", "10.1.0.254"], "web4"),
+        ("-6", "fd02::/64", ["fd01::fd", "fd01::fe"], "web6"),
+    ] {
+        let mut took = Vec::new();
+        for (gateway, mac) in [(gateways[0], r2_mac), (gateways[1], r1_mac), (gateways[0], r2_mac)] {
+            took.push(follow(&lab, vip, mac, || {
+                lab.lb.ip(&format!("{family} route replace {net} via {gateway}")).unwrap();
+            }));
+        }
+        median_of(&format!("{vip}: a route change to another router"), took);
+    }
 
+    let fib_before = fib_lookups(&daemon);
     let r1_frames = Capture::start(&lab.router, "lan1", "ip proto 4 or ip6 proto 41").unwrap();
     assert!(tunnelled_to(&lab, &r2, r2_mac, 20) >= 80, "through the second router");
     assert_eq!(r1_frames.stop().unwrap().len(), 0, "nothing tunnelled through the first any more");
-    assert_eq!(counter(&daemon.status().unwrap(), "events", "tun_fib_lookup"), fib_before, "no FIB lookup");
+    assert_eq!(fib_lookups(&daemon), fib_before, "no FIB lookup");
 }
 
 #[test]
@@ -191,30 +211,34 @@ fn a_next_hop_whose_mac_changes_is_followed() {
     let lab = TunLab::new(1).unwrap();
     let hosts: Vec<_> = lab.backends.iter().map(|b| (&b.ns, b.name.as_str())).collect();
     let _servers = servers::start_in(&hosts, 80, 53);
-    let _daemon = Daemon::start(&lab.lb, &lab.lb_if, &config(&lab)).unwrap();
+    let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config(&lab)).unwrap();
     let (_, old) = lab.router.link("lan1").unwrap();
     follow(&lab, "web4", old, || {});
     follow(&lab, "web6", old, || {});
 
     // The router is replaced by one with another MAC, which announces
-    // itself; the load balancer's kernel learns the new MAC.
-    let new = [0x02, 0, 0, 0, 0xab, 0xcd];
-    lab.router.ip(&format!("link set lan1 address {}", format_mac(&new))).unwrap();
-    let mut took = Vec::new();
+    // itself; the load balancer's kernel learns the new MAC. Three times.
+    let macs = [[0x02, 0, 0, 0, 0xab, 1], [0x02, 0, 0, 0, 0xab, 2], [0x02, 0, 0, 0, 0xab, 3]];
     for (family, gateway, vip) in [("-4", "10.1.0.254", "web4"), ("-6", "fd01::fe", "web6")] {
-        took.push(follow(&lab, vip, new, || {
-            let cmd = format!(
-                "{family} neigh replace {gateway} lladdr {} nud reachable dev {}",
-                format_mac(&new),
-                lab.lb_if
-            );
-            lab.lb.ip(&cmd).unwrap();
-        }));
+        let mut took = Vec::new();
+        for mac in macs {
+            took.push(follow(&lab, vip, mac, || {
+                let cmd = format!(
+                    "{family} neigh replace {gateway} lladdr {} nud reachable dev {}",
+                    format_mac(&mac),
+                    lab.lb_if
+                );
+                lab.lb.ip(&cmd).unwrap();
+            }));
+        }
+        median_of(&format!("{vip}: a new next-hop MAC"), took);
     }
-    eprintln!("new next-hop MAC followed in {:?} (IPv4), {:?} (IPv6)", took[0], took[1]);
-    assert!(took.iter().all(|t| *t < FOLLOW), "followed in {took:?}, more than {FOLLOW:?}");
-    // Frames to the old MAC would reach no one.
+    let new = macs[2];
+    lab.router.ip(&format!("link set lan1 address {}", format_mac(&new))).unwrap();
+    // Frames to an old MAC would reach no one.
+    let fib_before = fib_lookups(&daemon);
     assert!(tunnelled_to(&lab, &lab.router, new, 10) >= 40, "to the router's new MAC");
+    assert_eq!(fib_lookups(&daemon), fib_before, "no FIB lookup");
 }
 
 #[test]
@@ -230,12 +254,11 @@ fn a_backend_without_a_route_is_passed_as_no_route_until_one_appears() {
     );
     let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config).unwrap();
     assert_eq!(hop_macs(&api_status(&lab), "lost"), [None], "no next hop without a route");
-    let before = counter(&daemon.status().unwrap(), "reasons", "tun_no_route");
+    let (no_route, fib) = (packets(&daemon, Reason::PassNoRoute), fib_lookups(&daemon));
     let refused = lab.client.run(|| tcp_ask(SocketAddr::new(VIP4.into(), 80)));
     assert!(refused.is_err(), "no way to the backend: {refused:?}");
-    let status = daemon.status().unwrap();
-    assert!(counter(&status, "reasons", "tun_no_route") > before, "counted as tun_no_route");
-    assert!(counter(&status, "events", "tun_fib_lookup") > 0, "asked the FIB");
+    assert!(packets(&daemon, Reason::PassNoRoute) > no_route, "counted as tun_no_route");
+    assert!(fib_lookups(&daemon) > fib, "asked the FIB");
 
     // A route appears: followed, and the backend answers.
     let (_, r1_mac) = lab.router.link("lan1").unwrap();
@@ -244,8 +267,10 @@ fn a_backend_without_a_route_is_passed_as_no_route_until_one_appears() {
         lab.lb.ip("route add 10.5.0.0/24 via 10.1.0.254").unwrap();
     });
     eprintln!("a new route followed in {took:?}");
-    assert!(took < FOLLOW, "followed in {took:?}");
+    assert!(took < Duration::from_secs(1), "followed on the notification, not the backstop: {took:?}");
+    let fib = fib_lookups(&daemon);
     assert_eq!(lab.client.run(|| tcp_ask(SocketAddr::new(VIP4.into(), 80))).unwrap(), "be1");
+    assert_eq!(fib_lookups(&daemon), fib, "through the resolved hop");
 }
 
 #[test]
@@ -263,16 +288,19 @@ fn a_flushed_neighbour_table_does_not_hold_tunnelled_packets_up() {
         // Warm every other cache on the way (client, router, backend).
         lab.client.run(|| tcp_ask(SocketAddr::new(addr, 80))).unwrap();
         lab.lb.ip(&format!("{family} neigh flush dev {}", lab.lb_if)).unwrap();
-        let before = daemon.status().unwrap();
+        let (no_neigh, fib, sent) = (
+            packets(&daemon, Reason::PassNoNeigh),
+            fib_lookups(&daemon),
+            packets(&daemon, Reason::Forwarded),
+        );
         let started = Instant::now();
         let answer = lab.client.run(|| tcp_ask(SocketAddr::new(addr, 80))).unwrap();
         let took = started.elapsed();
         assert_eq!(answer, "be1");
-        let after = daemon.status().unwrap();
-        for (group, name) in [("reasons", "tun_no_neighbour"), ("events", "tun_fib_lookup")] {
-            assert_eq!(counter(&after, group, name), counter(&before, group, name), "{addr}: no {name}");
-        }
+        assert!(packets(&daemon, Reason::Forwarded) > sent, "{addr}: the test's packets were counted");
+        assert_eq!(packets(&daemon, Reason::PassNoNeigh), no_neigh, "{addr}: none handed to the kernel");
+        assert_eq!(fib_lookups(&daemon), fib, "{addr}: no FIB lookup");
         assert!(took < Duration::from_millis(900), "{addr}: no SYN retransmission needed ({took:?})");
-        assert_eq!(hop_macs(&after, vip), [Some(format_mac(&r1_mac))], "{addr}: the hop stays");
+        assert_eq!(hop_macs(&api_status(&lab), vip), [Some(format_mac(&r1_mac))], "{addr}: the hop stays");
     }
 }
