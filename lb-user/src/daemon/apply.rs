@@ -65,7 +65,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
     /// Refreshes the MACs of DR backends and the next hops of TUN ones,
     /// waiting up to `patience` for addresses never asked about; whether
     /// they changed.
-    pub(super) async fn refresh_macs(&mut self, patience: Duration) -> bool {
+    pub(super) async fn resolve_neighbours(&mut self, patience: Duration) -> bool {
         let desired = self.desired();
         let (mut dr, mut tun) = (Vec::new(), Vec::new());
         for vip in &desired.vips {
@@ -82,7 +82,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
             }
             Ok(_) => false,
             Err(e) => {
-                warn!(error = %error_chain(&e), "neighbour refresh failed");
+                warn!(error = %error_chain(&e), "resolving MACs and next hops failed");
                 false
             }
         }
@@ -92,9 +92,9 @@ impl<S: Store, R: Host> Daemon<S, R> {
     /// resolve, so they join with the change rather than a tick later),
     /// then an apply if anything calls for one; whether it applied.
     pub(super) async fn settle(&mut self, patience: Duration, changed: bool) -> bool {
-        let macs_changed = self.refresh_macs(patience).await;
+        let resolved_changed = self.resolve_neighbours(patience).await;
         let due = self.reconciler.next_deadline().is_some_and(|d| d <= Instant::now());
-        let apply = changed || macs_changed || due || !self.sync.is_in_sync();
+        let apply = changed || resolved_changed || due || !self.sync.is_in_sync();
         if apply {
             let _ = self.apply();
         }

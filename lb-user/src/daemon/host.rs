@@ -3,7 +3,12 @@
 //! the data plane's FIB lookups find them resolved) and VIP routes in the
 //! announce table.
 
-use std::{collections::HashMap, future::Future, net::IpAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use rtnetlink::Handle;
 
@@ -62,10 +67,11 @@ pub struct NetHost {
 }
 
 impl NetHost {
-    pub fn new(handle: Handle, ifindex: u32, lo_index: u32) -> Self {
+    /// `tun_sources`: the outer source addresses of TUN packets.
+    pub fn new(handle: Handle, ifindex: u32, lo_index: u32, tun_sources: (Ipv4Addr, Ipv6Addr)) -> Self {
         NetHost {
             neighbours: Neighbours::new(handle.clone(), ifindex),
-            next_hops: NextHops::new(handle.clone()),
+            next_hops: NextHops::new(handle.clone(), tun_sources),
             handle,
             ifindex,
             lo_index,
@@ -93,7 +99,7 @@ impl Host for NetHost {
             .iter()
             .filter_map(|r| {
                 let mac = *macs.get(&r.via)?;
-                Some((r.dest, NextHop { mac, mtu: r.mtu.unwrap_or(mtu) }))
+                Some((r.dest, NextHop { mac, mtu: r.mtu.map_or(mtu, |m| m.min(mtu)) }))
             })
             .collect();
         let macs = dr.iter().filter_map(|a| Some((*a, *macs.get(a)?))).collect();

@@ -212,7 +212,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
 
     /// The first apply, once backends' MACs had a moment to resolve.
     pub async fn begin(&mut self) {
-        self.refresh_macs(INITIAL_RESOLVE).await;
+        self.resolve_neighbours(INITIAL_RESOLVE).await;
         let _ = self.apply();
         self.announce().await;
         self.publish();

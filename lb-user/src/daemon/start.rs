@@ -88,7 +88,12 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
         params,
         maps: dataplane.maps,
         reconciler,
-        host: NetHost::new(handle.clone(), iface.index, lo.index),
+        host: NetHost::new(
+            handle.clone(),
+            iface.index,
+            lo.index,
+            (params.tun_source_v4, params.tun_source_v6),
+        ),
         attachment: dataplane.attachment,
         events: sender.clone(),
         watch: consul_watch,

@@ -202,7 +202,7 @@ impl From<&BackendEntry> for BackendInfo {
             _ => 0,
         };
         let (addr, family) = addr_to_wire(b.addr);
-        // VIP ids are below `limits::MAX_VIPS`, which fits 16 bits.
+        const { assert!(lb_common::limits::MAX_VIPS <= u16::MAX as u32 + 1, "VIP ids fit vip_id") };
         BackendInfo { addr, mac: b.mac, family, flags, generation: b.generation, vip_id: b.vip as u16, mtu }
     }
 }
@@ -217,6 +217,11 @@ impl TryFrom<&BackendInfo> for BackendEntry {
             _ => return Err(WireError::Flags(b.flags)),
         };
         let forward = if b.flags & BACKEND_TUN != 0 { Forward::Tun } else { Forward::Dr };
+        // A next hop means something only in TUN mode, and only with room
+        // for a packet.
+        if b.has_hop() && (forward != Forward::Tun || b.mtu == 0) {
+            return Err(WireError::Flags(b.flags));
+        }
         Ok(BackendEntry {
             addr: addr_from_wire(b.addr, b.family)?,
             mac: b.mac,
@@ -224,7 +229,7 @@ impl TryFrom<&BackendInfo> for BackendEntry {
             forward,
             generation: b.generation,
             vip: VipId::from(b.vip_id),
-            hop_mtu: (forward == Forward::Tun && b.has_hop()).then_some(b.mtu),
+            hop_mtu: b.has_hop().then_some(b.mtu),
         })
     }
 }
@@ -288,6 +293,16 @@ mod tests {
         assert_eq!(VipEntry::try_from(&info), Err(WireError::Mode(9)));
         let b = BackendInfo { flags: BACKEND_ACTIVE, family: 0, ..BackendInfo::default() };
         assert_eq!(BackendEntry::try_from(&b), Err(WireError::Family(0)));
+        for (flags, mtu) in
+            [(BACKEND_ACTIVE | BACKEND_HOP, 1500), (BACKEND_ACTIVE | BACKEND_TUN | BACKEND_HOP, 0)]
+        {
+            let b = BackendInfo { flags, mtu, family: FAMILY_V4, ..BackendInfo::default() };
+            assert_eq!(
+                BackendEntry::try_from(&b),
+                Err(WireError::Flags(flags)),
+                "a next hop without TUN or MTU"
+            );
+        }
         let b = BackendInfo {
             flags: BACKEND_ACTIVE | BACKEND_DRAINING,
             family: FAMILY_V4,

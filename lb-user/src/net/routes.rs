@@ -3,7 +3,7 @@
 use std::{
     collections::{HashMap, HashSet},
     hash::{DefaultHasher, Hash as _, Hasher as _},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -35,6 +35,9 @@ pub struct Route {
 /// not come due on the same tick.
 pub struct NextHops {
     handle: Handle,
+    /// The outer source addresses TUN packets carry: policy routing may
+    /// route by them.
+    sources: (Ipv4Addr, Ipv6Addr),
     /// Per destination: the answer, and when to ask again.
     cache: HashMap<IpAddr, (Option<Route>, Instant)>,
 }
@@ -45,8 +48,8 @@ const ROUTE_REFRESH: Duration = Duration::from_secs(60);
 const NO_ROUTE_RETRY: Duration = Duration::from_secs(5);
 
 impl NextHops {
-    pub fn new(handle: Handle) -> Self {
-        Self { handle, cache: HashMap::new() }
+    pub fn new(handle: Handle, sources: (Ipv4Addr, Ipv6Addr)) -> Self {
+        Self { handle, sources, cache: HashMap::new() }
     }
 
     /// The route of each of `dests` that has one, asking the kernel only
@@ -58,7 +61,12 @@ impl NextHops {
             let route = match self.cache.get(&dest) {
                 Some((route, due)) if now < *due => *route,
                 _ => {
-                    let route = route_to(&self.handle, dest).await?;
+                    let source = match dest {
+                        IpAddr::V4(_) => IpAddr::V4(self.sources.0),
+                        IpAddr::V6(_) => IpAddr::V6(self.sources.1),
+                    };
+                    let route =
+                        route_to(&self.handle, dest, Some(source).filter(|s| !s.is_unspecified())).await?;
                     // A missing route is asked about again soon: one added
                     // later should be followed at once.
                     let due = if route.is_some() { refresh_period(dest) } else { NO_ROUTE_RETRY };
@@ -87,8 +95,13 @@ fn refresh_period(dest: IpAddr) -> Duration {
     ROUTE_REFRESH / 2 + ROUTE_REFRESH / 2 * (h.finish() % 1024) as u32 / 1024
 }
 
-/// The kernel's route to `dest` (`ip route get`); `None` without one.
-pub async fn route_to(handle: &Handle, dest: IpAddr) -> Result<Option<Route>, NetError> {
+/// The kernel's route to `dest` from `source` (`ip route get DEST from
+/// SOURCE`); `None` without one.
+pub async fn route_to(
+    handle: &Handle,
+    dest: IpAddr,
+    source: Option<IpAddr>,
+) -> Result<Option<Route>, NetError> {
     let mut msg = RouteMessage::default();
     let (family, len, addr) = match dest {
         IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
@@ -97,6 +110,14 @@ pub async fn route_to(handle: &Handle, dest: IpAddr) -> Result<Option<Route>, Ne
     msg.header.address_family = family;
     msg.header.destination_prefix_length = len;
     msg.attributes.push(RouteAttribute::Destination(addr));
+    if let Some(source) = source {
+        let (len, addr) = match source {
+            IpAddr::V4(a) => (32, RouteAddress::Inet(a)),
+            IpAddr::V6(a) => (128, RouteAddress::Inet6(a)),
+        };
+        msg.header.source_prefix_length = len;
+        msg.attributes.push(RouteAttribute::Source(addr));
+    }
     let mut stream = handle.route().get(msg).execute();
     let route = match stream.try_next().await {
         Ok(Some(route)) => route,

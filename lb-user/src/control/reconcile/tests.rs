@@ -1,11 +1,14 @@
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_TUN, BackendInfo, VipInfo, VipKey,
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_HOP, BACKEND_TUN, BackendInfo, VipInfo, VipKey,
     maps::{BACKENDS, VIPS},
 };
 
 use super::*;
 use crate::{
-    control::{desired::DesiredBackend, maglev},
+    control::{
+        desired::{DesiredBackend, NextHop},
+        maglev,
+    },
     dataplane::{MemoryMaps, MemoryStore},
     model::Protocol,
 };
@@ -346,6 +349,29 @@ fn tun(v: &DesiredVip) -> DesiredVip {
     t.forward = Forward::Tun;
     t.backends.iter_mut().for_each(|b| b.mac = Some([0; 6]));
     t
+}
+
+#[test]
+fn a_tun_backend_that_leaves_drains_without_its_next_hop() {
+    // Nobody keeps a leaver's hop current: while it drains, its packets
+    // ask the FIB.
+    let mut maps = mem();
+    let mut r = Reconciler::new(G);
+    let hop = Some(NextHop { mac: [2, 0xee, 0, 0, 0, 1], mtu: 1500 });
+    let mut v = vip("a", 1, &[(1, 1), (2, 1)]);
+    v.forward = Forward::Tun;
+    v.backends.iter_mut().for_each(|b| (b.mac, b.hop) = (None, hop));
+    let desired = |v: &DesiredVip| Desired { vips: vec![v.clone()], drain_timeout: Duration::from_secs(30) };
+    r.apply(&desired(&v), Instant::now(), &mut maps).unwrap();
+    for last in [1, 2] {
+        assert_eq!(backend(&maps, &r, &v, last).unwrap().flags, BACKEND_ACTIVE | BACKEND_TUN | BACKEND_HOP);
+    }
+    let mut fewer = v.clone();
+    fewer.backends.retain(|b| b.addr != IpAddr::from([10, 0, 0, 1]));
+    r.apply(&desired(&fewer), Instant::now(), &mut maps).unwrap();
+    let leaver = backend(&maps, &r, &v, 1).unwrap();
+    assert_eq!(leaver.flags, BACKEND_DRAINING | BACKEND_TUN, "draining, no next hop");
+    assert_eq!(backend(&maps, &r, &v, 2).unwrap().flags, BACKEND_ACTIVE | BACKEND_TUN | BACKEND_HOP);
 }
 
 #[test]

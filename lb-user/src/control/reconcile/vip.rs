@@ -31,6 +31,9 @@ pub(super) fn mark_leavers(vip: &mut VipState, want: &DesiredVip, until: Instant
                 info!(vip = %vip.name, backend = %addr, timeout = ?drain_timeout, "backend removed; draining");
             }
             state.role = Role::Leaving { until };
+            // No longer resolved: a cached hop could go stale during the
+            // drain, the FIB cannot.
+            state.hop = None;
         }
     }
 }
