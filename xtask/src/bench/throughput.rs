@@ -24,7 +24,7 @@ use anyhow::{Context as _, bail};
 use lb_common::{Event, GlobalStats, Reason, limits};
 use xlb::{
     config::Capacities,
-    control::desired::DesiredVip,
+    control::desired::{DesiredVip, NextHop},
     dataplane::Counters as _,
     model::{Forward, Protocol, format_mac},
 };
@@ -259,10 +259,16 @@ fn xlb_params() -> Params {
     }
 }
 
-fn xlb_vips() -> Vec<DesiredVip> {
-    let vip = |name: &str, addr: Ipv4Addr, port, protocol, forward, net: u8| DesiredVip {
-        forward,
-        ..dr_vip(name, addr.into(), port, protocol, backends((11..21).map(|i| [10, net, 0, i].into())))
+/// xlb's VIPs; TUN backends carry the next hop as the daemon resolves it
+/// (the generator's side, as the router).
+fn xlb_vips(router_mac: [u8; 6]) -> Vec<DesiredVip> {
+    let vip = |name: &str, addr: Ipv4Addr, port, protocol, forward, net: u8| {
+        let mut list = backends((11..21).map(|i| [10, net, 0, i].into()));
+        if forward == Forward::Tun {
+            let hop = Some(NextHop { mac: router_mac, mtu: 1500 });
+            list.iter_mut().for_each(|b| (b.mac, b.hop) = (None, hop));
+        }
+        DesiredVip { forward, ..dr_vip(name, addr.into(), port, protocol, list) }
     };
     vec![
         vip("dr", VIP_DR, 80, Protocol::Tcp, Forward::Dr, 0),
@@ -332,6 +338,12 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
             traffic: Traffic::SynFlood(VIP_DR),
             offered: false,
         },
+        Case {
+            name: "xlb TUN, SYN flood",
+            under: Under::Xlb,
+            traffic: Traffic::SynFlood(VIP_TUN),
+            offered: false,
+        },
     ];
     let mut results = Vec::new();
     let mut xlb: Option<Plane> = None;
@@ -349,7 +361,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
                 helper = None;
                 if xlb.is_none() {
                     let mut loaded = Plane::with_mac(xlb_params(), pair.x0_mac)?;
-                    loaded.apply(&xlb_vips())?;
+                    loaded.apply(&xlb_vips(pair.g0_mac))?;
                     loaded.attach(&pair.lb, "x0")?;
                     xlb = Some(loaded);
                 }
