@@ -22,32 +22,36 @@ pub struct Target {
 /// The backend for a flow that passed `may_be_vip`.
 #[inline(never)]
 pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
-    // A SYN opens a new connection: it always gets a fresh choice. Other
-    // packets try the connection table first: only flows to a VIP are
+    // Every packet looks its flow up once. Only flows to a VIP are
     // recorded, and a valid entry's backend names the VIP and its mode, so
-    // an established flow costs one hash lookup, not two.
-    let mut stale = false;
-    if !p.opens_connection() {
-        // SAFETY: read-only use of the entry.
-        #[expect(
-            clippy::needless_borrows_for_generic_args,
-            reason = "a borrow avoids copying the 40-byte key"
-        )]
-        let entry = unsafe { CONNTRACK.get(&p.flow) };
-        if let Some(entry) = entry {
-            if let Some(backend) = recorded(entry) {
-                count_event(stats, Event::ConnHit);
-                if p.icmp_error {
-                    count_event(stats, Event::IcmpSteered);
-                }
-                return Ok(Target { backend_id: entry.backend_id, backend });
+    // an established flow costs one hash lookup, not two. A SYN opens a new
+    // connection: it always gets a fresh choice, but a record that exists
+    // (a retransmitted SYN, a reused port) is rewritten in place: an LRU
+    // insert costs several times a lookup, and in place is not an insert
+    // the flood guard needs to hold back.
+    // SAFETY: the entry is read here and only written below through the
+    // same pointer (see `rewrite`).
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "a borrow avoids copying the 40-byte key"
+    )]
+    let entry = unsafe { CONNTRACK.get_ptr_mut(&p.flow) };
+    if let Some(entry) = entry {
+        // SAFETY: a map value pointer is valid while the program runs.
+        let recorded_entry = unsafe { *entry };
+        if !p.opens_connection()
+            && let Some(backend) = recorded(&recorded_entry)
+        {
+            count_event(stats, Event::ConnHit);
+            if p.icmp_error {
+                count_event(stats, Event::IcmpSteered);
             }
-            stale = true;
+            return Ok(Target { backend_id: recorded_entry.backend_id, backend });
         }
     }
     // SAFETY: the value is only read, and VIPS entries are replaced whole.
     let vip = unsafe { VIPS.get(p.flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
-    if stale {
+    if entry.is_some() && !p.opens_connection() {
         count_event(stats, Event::ConnRebalanced);
     }
     if p.icmp_error {
@@ -56,10 +60,29 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     let (backend_id, backend) = maglev(vip, &p.flow)?;
     // An ICMP error is about a flow, not part of it: it records nothing.
     if !p.icmp_error {
-        record(&p.flow, backend_id, backend.generation, stats);
+        let chosen = ConnEntry { backend_id, _pad: 0, generation: backend.generation };
+        match entry {
+            Some(entry) => rewrite(entry, chosen),
+            None => insert(&p.flow, chosen, stats),
+        }
         count_event(stats, Event::ConnNew);
     }
     Ok(Target { backend_id, backend })
+}
+
+/// Points an existing record at `chosen`, writing only when it differs
+/// (a store dirties a cache line other CPUs may be reading). A reader on
+/// another CPU may see the old or the new entry, or, mid-store, a backend
+/// id with the other's generation: that never matches a live backend, so
+/// it takes a fresh Maglev choice, which is `chosen`'s.
+#[inline(always)]
+fn rewrite(entry: *mut ConnEntry, chosen: ConnEntry) {
+    // SAFETY: a map value pointer from this program's lookup; plain data.
+    unsafe {
+        if *entry != chosen {
+            *entry = chosen;
+        }
+    }
 }
 
 /// False when no VIP has the flow's destination address: one array word
@@ -101,12 +124,12 @@ fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendI
     Ok((backend_id, backend))
 }
 
-/// Records the flow's backend, unless new flows arrive on this CPU faster
-/// than the configured limit: a flood of new flows must not push
-/// established ones out of the LRU. Unrecorded flows still land on the same
-/// backend while the table does not change.
+/// Records a flow that has no entry yet, unless new flows arrive on this
+/// CPU faster than the configured limit: a flood of new flows must not
+/// push established ones out of the LRU. Unrecorded flows still land on
+/// the same backend while the table does not change.
 #[inline(always)]
-fn record(flow: &FlowKey, backend_id: BackendId, generation: u32, stats: &mut GlobalStats) {
+fn insert(flow: &FlowKey, entry: ConnEntry, stats: &mut GlobalStats) {
     let limit = CONN_INSERT_LIMIT.load();
     if limit != 0 {
         // SAFETY: no preconditions.
@@ -121,7 +144,6 @@ fn record(flow: &FlowKey, backend_id: BackendId, generation: u32, stats: &mut Gl
         }
         stats.window_inserts += 1;
     }
-    let entry = ConnEntry { backend_id, _pad: 0, generation };
     // A full table evicts its least recently used entry; failure is not
     // possible for an LRU map short of memory pressure, and then the flow
     // still has its Maglev backend.
