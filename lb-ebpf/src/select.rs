@@ -29,13 +29,11 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     // (a retransmitted SYN, a reused port) is rewritten in place: an LRU
     // insert costs several times a lookup, and in place is not an insert
     // the flood guard needs to hold back.
-    // SAFETY: the entry is read here and only written below through the
-    // same pointer (see `rewrite`).
     #[expect(
         clippy::needless_borrows_for_generic_args,
         reason = "a borrow avoids copying the 40-byte key"
     )]
-    let entry = unsafe { CONNTRACK.get_ptr_mut(&p.flow) };
+    let entry = CONNTRACK.get_ptr_mut(&p.flow);
     if let Some(entry) = entry {
         // SAFETY: a map value pointer is valid while the program runs.
         let recorded_entry = unsafe { *entry };

@@ -3,8 +3,9 @@
 //!
 //! Layers, each using only those before it: `model` (shared vocabulary),
 //! `config`, `net` (netlink), `dataplane` (the maps' contract and the
-//! loader), `discovery`, `control` (desired state, Maglev, reconciler),
-//! `observe` (status, metrics, admin API), `daemon`, `cli`.
+//! loader), `discovery` and `health` (active checks), `control` (desired
+//! state, Maglev, reconciler), `observe` (status, metrics, admin API),
+//! `daemon`, `cli`.
 
 pub mod cli;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod dataplane;
 pub mod discovery;
 pub mod errors;
 pub mod files;
+pub mod health;
 pub mod model;
 pub mod net;
 pub mod observe;
@@ -27,7 +29,7 @@ mod layering {
         &["config"],
         &["net"],
         &["dataplane"],
-        &["discovery"],
+        &["discovery", "health"],
         &["control"],
         &["observe"],
         &["daemon"],

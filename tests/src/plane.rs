@@ -188,6 +188,7 @@ pub fn dr_vip(
         forward: Forward::Dr,
         backends,
         leave: Leave::Drain,
+        failed: Vec::new(),
         hold: false,
     }
 }

@@ -12,7 +12,9 @@ use serde::Deserialize;
 
 use super::{
     AdminConfig, AnnounceConfig, Backend, Backends, Capacities, Config, ConfigError, ConsulSettings,
-    LiveConfig, MAX_WEIGHT, ServiceQuery, StartConfig, TokenSource, Vip, default_pin_dir,
+    LiveConfig, MAX_WEIGHT, ServiceQuery, StartConfig, TokenSource, Vip,
+    check::{Check, CheckFile},
+    default_pin_dir,
 };
 use crate::model::{Forward, Protocol, Unusable, VipAddr, XdpMode};
 
@@ -46,6 +48,8 @@ pub(super) struct File {
     tun_source_v4: Option<IpAddr>,
     tun_source_v6: Option<IpAddr>,
     consul: Option<ConsulSettings>,
+    /// The health check of every VIP without a `check` of its own.
+    check: Option<CheckFile>,
     #[serde(default)]
     admin: AdminFile,
     announce: Option<AnnounceFile>,
@@ -90,6 +94,7 @@ struct VipFile {
     #[serde(default)]
     backends: Vec<BackendFile>,
     consul: Option<ServiceQuery>,
+    check: Option<CheckFile>,
 }
 
 #[derive(Deserialize)]
@@ -223,8 +228,14 @@ impl File {
         let mut names = HashSet::new();
         let mut addrs = HashMap::new();
         let mut vips = Vec::with_capacity(self.vips.len());
+        let default_check = match &self.check {
+            None => None,
+            Some(check) => check
+                .validate()
+                .map_err(|(field, message)| Invalid::new(format!("check.{field}"), message))?,
+        };
         for (i, raw) in self.vips.iter().enumerate() {
-            let vip = raw.validate(i, caps)?;
+            let vip = raw.validate(i, caps, default_check.as_ref())?;
             let at = format!("vip[{i}]");
             if !names.insert(vip.name.clone()) {
                 return Err(Invalid::new(format!("{at}.name"), format!("duplicate VIP name {:?}", vip.name)));
@@ -309,7 +320,7 @@ impl AnnounceFile {
 }
 
 impl VipFile {
-    fn validate(&self, i: usize, caps: Capacities) -> Result<Vip, Invalid> {
+    fn validate(&self, i: usize, caps: Capacities, default_check: Option<&Check>) -> Result<Vip, Invalid> {
         // Names go into admin API paths and metric labels unescaped.
         let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
         if self.name.is_empty() || self.name.len() > 64 || !self.name.chars().all(name_char) {
@@ -335,11 +346,24 @@ impl VipFile {
             Some(query) => Backends::Consul(query.clone()),
             None => Backends::Static(self.static_backends(&at, caps)?),
         };
+        let check = match &self.check {
+            None => default_check.cloned(),
+            Some(check) => check
+                .validate()
+                .map_err(|(field, message)| Invalid::new(format!("{at}.check.{field}"), message))?,
+        };
+        if check.is_some() && self.protocol != Protocol::Tcp {
+            return Err(Invalid::new(
+                format!("{at}.check"),
+                "health checks probe TCP (a connect or HTTP); a UDP VIP has none (set kind = \"none\" to opt out of the top-level [check])",
+            ));
+        }
         Ok(Vip {
             name: self.name.clone(),
             addr: VipAddr { ip: self.address, port: self.port, protocol: self.protocol },
             forward: self.forward,
             backends,
+            check,
         })
     }
 

@@ -10,6 +10,7 @@
 //! Validation is complete before anything touches the data plane, and every
 //! error names the file and the field it is about.
 
+pub mod check;
 pub mod consul;
 mod file;
 #[cfg(test)]
@@ -24,6 +25,7 @@ use std::{
 use anyhow::Context as _;
 pub use file::{DEFAULT_ADMIN_LISTEN, DEFAULT_BIRD_SOCKET};
 
+pub use check::Check;
 pub use consul::{ConsulSettings, EmptyPolicy, ServiceQuery};
 
 use crate::model::{Forward, VipAddr, XdpMode};
@@ -231,6 +233,8 @@ pub struct Vip {
     pub addr: VipAddr,
     pub forward: Forward,
     pub backends: Backends,
+    /// Active health check of its backends; `None`: none.
+    pub check: Option<Check>,
 }
 
 /// Where a VIP's backends come from.

@@ -3,12 +3,21 @@
 //! and the MACs resolved so far. The reconciler never learns where a
 //! backend came from.
 
-use std::{collections::HashMap, fmt, net::IpAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use crate::{
-    config::{Backends, Capacities, LiveConfig},
+    config::{
+        Backends, Capacities, Check, LiveConfig,
+        check::{NewBackends, OnAllFailed, OnFail},
+    },
     control::overrides::Overrides,
     discovery::{Discovery, consul::Instance},
+    health::{State, Target},
     model::{Forward, Unusable, VipAddr},
 };
 
@@ -28,6 +37,9 @@ pub struct DesiredVip {
     pub backends: Vec<DesiredBackend>,
     /// How backends missing from `backends` leave.
     pub leave: Leave,
+    /// Backends left out because they failed their health check: they
+    /// leave at once, whatever `leave` says.
+    pub failed: Vec<IpAddr>,
     /// The backend list is not known yet (discovery has not answered): an
     /// existing VIP keeps what it has, a new one starts without backends.
     pub hold: bool,
@@ -91,11 +103,26 @@ pub struct Inputs<'a> {
     pub macs: &'a HashMap<IpAddr, [u8; 6]>,
     /// Resolved next hops of TUN backends.
     pub hops: &'a HashMap<IpAddr, NextHop>,
+    /// Health checks' verdicts; a target not in it is `Unknown`.
+    pub health: &'a HashMap<Target, State>,
 }
 
-/// The desired state, and notes on discovered instances left out of it.
-pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> (Desired, Vec<Note>) {
+/// A desired state and what building it found.
+#[derive(Debug, Default)]
+pub struct Built {
+    pub desired: Desired,
+    /// Discovered instances left out, and why.
+    pub notes: Vec<Note>,
+    /// What the health checker must probe, by VIP.
+    pub targets: BTreeMap<String, Vec<Target>>,
+    /// VIPs whose every backend fails its check, kept in panic mode.
+    pub panics: Vec<String>,
+}
+
+/// The desired state, with what it found on the way.
+pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> Built {
     let mut notes = Vec::new();
+    let (mut targets, mut panics) = (BTreeMap::new(), Vec::new());
     // Backend ids are finite: static backends are checked at config time,
     // discovered ones get what is left, VIP by VIP in config order.
     let listed: usize = config.vips.iter().map(|v| v.backends.listed().len()).sum();
@@ -148,10 +175,68 @@ pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> (Desired, Vec<Note>) {
                     }
                 }
             };
-            DesiredVip { name: v.name.clone(), addr: v.addr, forward: v.forward, backends, leave, hold }
+            let mut backends: Vec<DesiredBackend> = backends;
+            let mut failed = Vec::new();
+            if let Some(check) = &v.check {
+                let probed = targets.entry(v.name.clone()).or_default();
+                let checked = checked(&mut backends, check, v.addr.port, inputs.health, probed);
+                match checked {
+                    Checked::Panic => panics.push(v.name.clone()),
+                    Checked::Failed(list) => failed = list,
+                }
+            }
+            DesiredVip {
+                name: v.name.clone(),
+                addr: v.addr,
+                forward: v.forward,
+                backends,
+                leave,
+                failed,
+                hold,
+            }
         })
         .collect();
-    (Desired { vips, drain_timeout: config.drain_timeout }, notes)
+    Built { desired: Desired { vips, drain_timeout: config.drain_timeout }, notes, targets, panics }
+}
+
+enum Checked {
+    /// Every backend fails: all kept.
+    Panic,
+    /// These were taken out.
+    Failed(Vec<IpAddr>),
+}
+
+/// Keeps the backends the check lets serve (a failing one drains instead
+/// with `on_fail = "drain"`), and adds each to the checker's targets.
+fn checked(
+    backends: &mut Vec<DesiredBackend>,
+    check: &Check,
+    vip_port: u16,
+    health: &HashMap<Target, State>,
+    targets: &mut Vec<Target>,
+) -> Checked {
+    let port = check.port.unwrap_or(vip_port);
+    let target = |addr: IpAddr| Target { addr: SocketAddr::new(addr, port), check: check.clone() };
+    let state = |addr: IpAddr| health.get(&target(addr)).copied().unwrap_or(State::Unknown);
+    targets.extend(backends.iter().map(|b| target(b.addr)));
+    let any = |s: State| backends.iter().any(|b| state(b.addr) == s);
+    if check.on_all_failed == OnAllFailed::Keep && any(State::Down) && !any(State::Up) {
+        return Checked::Panic;
+    }
+    let mut failed = Vec::new();
+    backends.retain_mut(|b| match state(b.addr) {
+        State::Up => true,
+        State::Unknown => check.new_backends == NewBackends::Up,
+        State::Down if check.on_fail == OnFail::Drain => {
+            b.weight = 0;
+            true
+        }
+        State::Down => {
+            failed.push(b.addr);
+            false
+        }
+    });
+    Checked::Failed(failed)
 }
 
 /// The address `instance` backs the VIP at, or why it cannot.
@@ -215,12 +300,18 @@ mod tests {
     }
 
     fn build_with(config: &Config, d: &Discovery) -> (Desired, Vec<Note>) {
+        let built = build_checked(config, d, &HashMap::new());
+        (built.desired, built.notes)
+    }
+
+    fn build_checked(config: &Config, d: &Discovery, health: &HashMap<Target, State>) -> Built {
         let inputs = Inputs {
             capacities: &config.start.capacities,
             discovery: d,
             overrides: &Overrides::default(),
             macs: &HashMap::new(),
             hops: &HashMap::new(),
+            health,
         };
         build(&config.live, &inputs)
     }
@@ -270,5 +361,67 @@ mod tests {
         d.watch_only(&[query()]);
         let (desired, _) = build_with(&config(4096), &d);
         assert!(desired.vips[0].hold && desired.vips[0].backends.is_empty());
+    }
+
+    fn checked_config(check: &str) -> Config {
+        let text = format!(
+            "interface = \"eth0\"\n\n[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\n\
+             backends = [ {{ address = \"10.0.0.1\" }}, {{ address = \"10.0.0.2\" }}, {{ address = \"10.0.0.3\" }} ]\n\
+             check = {{ kind = \"tcp\", port = 8080{check} }}\n"
+        );
+        Config::parse(&text, Path::new("test.toml")).unwrap()
+    }
+
+    fn verdicts(config: &Config, states: [State; 3]) -> HashMap<Target, State> {
+        let check = config.live.vips[0].check.clone().unwrap();
+        (1..=3u8)
+            .zip(states)
+            .map(|(i, s)| (Target { addr: SocketAddr::from(([10, 0, 0, i], 8080)), check: check.clone() }, s))
+            .collect()
+    }
+
+    fn weights(built: &Built) -> Vec<(IpAddr, u32)> {
+        built.desired.vips[0].backends.iter().map(|b| (b.addr, b.weight)).collect()
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+    const C: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 3));
+
+    #[test]
+    fn failing_backends_leave_at_once_and_new_ones_wait_for_their_check() {
+        use State::*;
+        let config = checked_config("");
+        let d = Discovery::new(EmptyPolicy::Keep);
+        let built = build_checked(&config, &d, &verdicts(&config, [Up, Down, Unknown]));
+        assert_eq!(weights(&built), [(A, 1)]);
+        assert_eq!(built.desired.vips[0].failed, [B], "the failed one leaves at once");
+        let probed: Vec<SocketAddr> = built.targets["web"].iter().map(|t| t.addr).collect();
+        assert_eq!(probed.len(), 3, "every candidate is probed, on the check's port");
+        assert!(probed.iter().all(|a| a.port() == 8080));
+        assert!(built.panics.is_empty());
+
+        let drain = checked_config(", on_fail = \"drain\", new_backends = \"up\"");
+        let built = build_checked(&drain, &d, &verdicts(&drain, [Up, Down, Unknown]));
+        assert_eq!(weights(&built), [(A, 1), (B, 0), (C, 1)], "drained, and admitted before a verdict");
+        assert!(built.desired.vips[0].failed.is_empty());
+    }
+
+    #[test]
+    fn every_backend_failing_is_panic_mode_unless_told_to_empty() {
+        use State::*;
+        let config = checked_config("");
+        let d = Discovery::new(EmptyPolicy::Keep);
+        let built = build_checked(&config, &d, &verdicts(&config, [Down, Down, Unknown]));
+        assert_eq!(weights(&built), [(A, 1), (B, 1), (C, 1)], "all kept");
+        assert_eq!(built.panics, ["web"]);
+        // Nothing checked yet is not a failure: a new VIP waits.
+        let built = build_checked(&config, &d, &HashMap::new());
+        assert!(weights(&built).is_empty() && built.panics.is_empty());
+
+        let empty = checked_config(", on_all_failed = \"empty\"");
+        let built = build_checked(&empty, &d, &verdicts(&empty, [Down, Down, Down]));
+        assert!(weights(&built).is_empty() && built.panics.is_empty());
+        assert_eq!(built.desired.vips[0].failed, [A, B, C]);
     }
 }

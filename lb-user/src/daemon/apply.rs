@@ -1,36 +1,67 @@
 //! From what is wanted to the maps: the desired state, MAC resolution, the
 //! reconciler's apply and the sync state it leaves.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::{Daemon, Host};
 use crate::{
-    control::desired::{self, Desired, Inputs},
+    control::desired::{self, Built, Desired, Inputs},
     dataplane::{DataplaneError, Store},
     errors::error_chain,
+    health::State,
     model::Forward,
     observe::status::Sync,
 };
 
 impl<S: Store, R: Host> Daemon<S, R> {
     /// The desired state now; instances left out are logged when they
-    /// first are.
+    /// first are, and so is panic mode. The health checker follows its
+    /// candidates: new ones are probed from now on.
     pub(super) fn desired(&mut self) -> Desired {
+        let mut built = self.build();
+        let targets = built.targets.values().flatten().cloned();
+        // A backend already in the table starts up: a restart or reload
+        // that adds or keeps a check takes nothing out.
+        let serving: HashSet<IpAddr> =
+            self.reconciler.vips().values().flat_map(|v| v.backends.keys().copied()).collect();
+        if self
+            .checker
+            .follow(targets, |t| if serving.contains(&t.addr.ip()) { State::Up } else { State::Unknown })
+        {
+            built = self.build();
+        }
+        for note in built.notes.iter().filter(|n| !self.notes.contains(n)) {
+            warn!("{note}");
+        }
+        for vip in built.panics.iter().filter(|v| !self.panics.contains(v)) {
+            error!(vip = %vip, "every backend fails its health check: all kept (panic mode; on_all_failed = \"keep\")");
+        }
+        for vip in self.panics.iter().filter(|v| !built.panics.contains(v)) {
+            info!(vip = %vip, "a backend passes its health check again: panic mode over");
+        }
+        self.notes = built.notes;
+        self.panics = built.panics;
+        self.targets = built.targets;
+        built.desired
+    }
+
+    fn build(&self) -> Built {
+        let health = self.checker.states();
         let inputs = Inputs {
             capacities: &self.start.capacities,
             discovery: &self.discovery,
             overrides: &self.overrides,
             macs: &self.resolved.macs,
             hops: &self.resolved.hops,
+            health: &health,
         };
-        let (desired, notes) = desired::build(&self.live, &inputs);
-        for note in notes.iter().filter(|n| !self.notes.contains(n)) {
-            warn!("{note}");
-        }
-        self.notes = notes;
-        desired
+        desired::build(&self.live, &inputs)
     }
 
     /// Makes the maps match the desired state, and records how that went.

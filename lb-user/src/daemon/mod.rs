@@ -27,6 +27,7 @@ mod tests;
 mod watchers;
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     time::{Duration, SystemTime},
 };
@@ -47,6 +48,7 @@ use crate::{
     dataplane::{Maps, Store, loader::Params},
     discovery::{Discovery, consul::Update},
     files::RunFiles,
+    health::{Checker, Target},
     model::Attachment,
     net::bird,
     observe::{admin, status::Sync},
@@ -80,6 +82,8 @@ pub enum Event {
     Bird(Result<Vec<bird::Protocol>, String>),
     /// The kernel reported route, link or neighbour changes.
     Net(crate::net::watch::Changes),
+    /// A health check's verdict changed.
+    Health,
     /// SIGTERM or SIGINT.
     Stop,
 }
@@ -136,6 +140,13 @@ pub struct Daemon<S, R> {
     publisher: Publisher,
     /// VIP routes for BGP, when configured.
     announcing: Option<Announcing>,
+    checker: Checker,
+    /// What the checker probes for each VIP, as of the last desired state.
+    targets: BTreeMap<String, Vec<Target>>,
+    /// VIPs in panic mode (every backend failing, all kept).
+    panics: Vec<String>,
+    /// Forwards the checker's notifications (stopped with the daemon).
+    health_events: tokio::task::JoinHandle<()>,
 }
 
 impl<S: Store, R: Host> Daemon<S, R> {
@@ -179,6 +190,8 @@ impl<S: Store, R: Host> Daemon<S, R> {
                 .collect(),
         );
         let mut discovery = Discovery::new(config.live.consul_settings().on_empty);
+        let verdicts = crate::health::checker::Notify::default();
+        let health_events = sources::health(verdicts.clone(), events.clone());
         let mut watchers = Watchers::new(events, watch);
         watchers.follow(&config.live, &mut discovery)?;
         let (publisher, published) = Publisher::new(files.state());
@@ -205,6 +218,10 @@ impl<S: Store, R: Host> Daemon<S, R> {
             attachment,
             publisher,
             announcing,
+            checker: Checker::new(verdicts),
+            targets: BTreeMap::new(),
+            panics: Vec::new(),
+            health_events,
         };
         daemon.publish();
         Ok((daemon, published))
@@ -248,6 +265,12 @@ impl<S: Store, R: Host> Daemon<S, R> {
                 true
             }
             Event::Bird(answer) => self.announcing.as_mut().is_some_and(|a| a.bird(answer)),
+            // A failed backend goes at once, before anything waits on the
+            // neighbour table.
+            Event::Health => {
+                let _ = self.apply();
+                true
+            }
             Event::Net(changes) => {
                 if changes.routes {
                     self.host.routes_changed();
@@ -293,6 +316,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
     /// Stops the watchers and writes the last status out.
     pub fn finish(mut self) -> (Maps<S>, StartConfig, RunFiles) {
         self.watchers.stop_all();
+        self.health_events.abort();
         self.publisher.finish();
         (self.maps, self.start, self.files)
     }

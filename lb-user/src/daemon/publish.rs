@@ -23,7 +23,9 @@ use crate::{
     model::{Forward, VipAddr, format_mac},
     observe::{
         admin::Published,
-        status::{BackendStatus, DaemonStatus, HopStatus, SourceStatus, Status, VipStatus, unix_secs},
+        status::{
+            BackendStatus, CheckStatus, DaemonStatus, HopStatus, SourceStatus, Status, VipStatus, unix_secs,
+        },
     },
 };
 
@@ -131,7 +133,30 @@ impl<S: Store, R: Host> Daemon<S, R> {
                 .collect(),
             notes: self.notes.iter().filter(|n| n.vip == vip.name).map(|n| n.text.clone()).collect(),
             announce: self.announcing.as_ref().and_then(|a| a.plan.vips.get(&vip.name).copied()),
+            checks: self.check_status(&vip.name),
+            check_panic: self.panics.contains(&vip.name),
         }
+    }
+
+    fn check_status(&self, vip: &str) -> Vec<CheckStatus> {
+        let Some(targets) = self.targets.get(vip) else { return Vec::new() };
+        let progress = self.checker.progress();
+        targets
+            .iter()
+            .filter_map(|t| {
+                let p = progress.get(t)?;
+                Some(CheckStatus {
+                    address: t.addr,
+                    state: p.state,
+                    since: unix_secs(p.since),
+                    consecutive_failures: p.consecutive_failures,
+                    last_error: p.last_error.clone(),
+                    last_latency_ms: p.last_latency.map(|d| d.as_secs_f64() * 1000.0),
+                    probes: p.probes,
+                    failures: p.failures,
+                })
+            })
+            .collect()
     }
 }
 

@@ -1,5 +1,6 @@
 //! The tasks that turn the outside world into events: signals, the tick,
-//! admin API commands, BIRD's state, the kernel's network changes.
+//! admin API commands, BIRD's state, the kernel's network changes, health
+//! checks' verdicts.
 
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -28,6 +29,18 @@ pub(super) fn signals(events: mpsc::Sender<Event>) -> std::io::Result<JoinHandle
             }
         }
     }))
+}
+
+/// An [`Event::Health`] whenever the health checker says a verdict changed.
+pub(super) fn health(changed: crate::health::checker::Notify, events: mpsc::Sender<Event>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            changed.notified().await;
+            if events.send(Event::Health).await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 pub(super) fn ticks(events: mpsc::Sender<Event>) -> JoinHandle<()> {

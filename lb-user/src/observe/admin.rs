@@ -386,6 +386,8 @@ mod tests {
                 }],
                 notes: vec![],
                 announce: None,
+                checks: Vec::new(),
+                check_panic: false,
             }],
             ..Status::default()
         }

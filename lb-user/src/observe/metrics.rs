@@ -142,6 +142,49 @@ pub fn render(s: &Status) -> String {
         o.sample("xlb_backend_state", &[("vip", &vip), ("backend", &addr), ("state", b.state.name())], 1);
     }
 
+    let checks = || {
+        s.vips.iter().flat_map(|v| v.checks.iter().map(move |c| (vip_labels(v).0, c.address.to_string(), c)))
+    };
+    o.family(
+        "xlb_backend_check_up",
+        "gauge",
+        "1 while a backend passes its health check, 0 while it fails or is unchecked.",
+    );
+    for (vip, addr, c) in checks() {
+        let up = u8::from(c.state == crate::health::State::Up);
+        o.sample(
+            "xlb_backend_check_up",
+            &[("vip", &vip), ("backend", &addr), ("state", c.state.as_str())],
+            up,
+        );
+    }
+    o.family("xlb_backend_check_consecutive_failures", "gauge", "Health check failures in a row.");
+    for (vip, addr, c) in checks() {
+        o.sample(
+            "xlb_backend_check_consecutive_failures",
+            &[("vip", &vip), ("backend", &addr)],
+            c.consecutive_failures,
+        );
+    }
+    o.family("xlb_backend_check_failures_total", "counter", "Failed health check probes.");
+    for (vip, addr, c) in checks() {
+        o.sample("xlb_backend_check_failures_total", &[("vip", &vip), ("backend", &addr)], c.failures);
+    }
+    o.family("xlb_backend_check_latency_seconds", "gauge", "How long the last passing probe took.");
+    for (vip, addr, c) in checks() {
+        if let Some(ms) = c.last_latency_ms {
+            o.sample("xlb_backend_check_latency_seconds", &[("vip", &vip), ("backend", &addr)], ms / 1000.0);
+        }
+    }
+    o.family(
+        "xlb_vip_check_panic",
+        "gauge",
+        "1 while every backend of a VIP fails its health check and all are kept (panic mode).",
+    );
+    for v in s.vips.iter().filter(|v| !v.checks.is_empty()) {
+        o.sample("xlb_vip_check_panic", &[("vip", &vip_labels(v).0)], u8::from(v.check_panic));
+    }
+
     o.family(
         "xlb_discovery_stale",
         "gauge",

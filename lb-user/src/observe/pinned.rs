@@ -127,6 +127,8 @@ fn vip_status(
         notes: label.map(|l| l.notes.clone()).unwrap_or_default(),
         // What the daemon last published: the routes it left stay as they were.
         announce: label.and_then(|l| l.announce),
+        checks: Vec::new(),
+        check_panic: false,
     })
 }
 

@@ -119,6 +119,30 @@ fn vip(out: &mut String, v: &VipStatus, s: &Status) {
     if v.backends.is_empty() {
         let _ = writeln!(out, "  (no backends: packets are dropped and counted as no_backend)");
     }
+    if v.check_panic {
+        let _ = writeln!(
+            out,
+            "  PANIC: every backend fails its health check; all kept (on_all_failed = \"keep\")"
+        );
+    }
+    if !v.checks.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<40} {:<8} {:>9} {:>8}  last error",
+            "health check", "state", "latency", "fails"
+        );
+    }
+    for c in &v.checks {
+        let _ = writeln!(
+            out,
+            "  {:<40} {:<8} {:>9} {:>8}  {}",
+            c.address.to_string(),
+            c.state.as_str(),
+            c.last_latency_ms.map(|ms| format!("{ms:.1} ms")).unwrap_or_else(|| "-".into()),
+            c.consecutive_failures,
+            c.last_error.as_deref().unwrap_or("-")
+        );
+    }
     out.push('\n');
 }
 

@@ -148,6 +148,27 @@ pub struct VipStatus {
     /// Whether its address is announced for BGP, and why not.
     #[serde(default)]
     pub announce: Option<Announcement>,
+    /// Its backends' health checks (every candidate, in the table or not).
+    #[serde(default)]
+    pub checks: Vec<CheckStatus>,
+    /// Every backend fails its check and all are kept (panic mode).
+    #[serde(default)]
+    pub check_panic: bool,
+}
+
+/// One backend's health check, as the checker last saw it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    /// Where it is probed (the backend's real address, the check's port).
+    pub address: std::net::SocketAddr,
+    pub state: crate::health::State,
+    /// Since when (seconds since the Unix epoch).
+    pub since: f64,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    pub last_latency_ms: Option<f64>,
+    pub probes: u64,
+    pub failures: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -430,7 +430,7 @@ impl Reconciler {
         let caps = *caps;
         let vip = vips.get_mut(&want.addr).expect("added above");
         vip.name.clone_from(&want.name);
-        mark_leavers(vip, want, now + drain_timeout, drain_timeout);
+        mark_leavers(vip, want, now, drain_timeout);
         // Leavers whose time is up and whom no table names any more go
         // before new backends take ids: a full pool must not block a swap.
         free_expired(vip, now, maps, backend_ids, |b| b.slots == 0)?;

@@ -29,6 +29,7 @@ fn vip(name: &str, last: u8, backends: &[(u8, u32)]) -> DesiredVip {
         addr: addr(last),
         forward: Forward::Dr,
         leave: Leave::Drain,
+        failed: Vec::new(),
         hold: false,
         backends: backends
             .iter()

@@ -20,17 +20,21 @@ use crate::{
     model::{Forward, format_mac},
 };
 
-/// Marks backends of `vip` that `want` no longer lists as leaving.
-pub(super) fn mark_leavers(vip: &mut VipState, want: &DesiredVip, until: Instant, drain_timeout: Duration) {
+/// Marks backends of `vip` that `want` no longer lists as leaving: after
+/// `drain_timeout`, or at once for those that failed their health check.
+pub(super) fn mark_leavers(vip: &mut VipState, want: &DesiredVip, now: Instant, drain_timeout: Duration) {
     let wanted: BTreeSet<IpAddr> = want.backends.iter().map(|b| b.addr).collect();
     for (addr, state) in vip.backends.iter_mut() {
         if !wanted.contains(addr) && !matches!(state.role, Role::Leaving { .. }) {
-            if drain_timeout.is_zero() {
+            let drain = if want.failed.contains(addr) { Duration::ZERO } else { drain_timeout };
+            if want.failed.contains(addr) {
+                info!(vip = %vip.name, backend = %addr, "backend failed its health check: removed");
+            } else if drain.is_zero() {
                 info!(vip = %vip.name, backend = %addr, "backend removed");
             } else {
-                info!(vip = %vip.name, backend = %addr, timeout = ?drain_timeout, "backend removed; draining");
+                info!(vip = %vip.name, backend = %addr, timeout = ?drain, "backend removed; draining");
             }
-            state.role = Role::Leaving { until };
+            state.role = Role::Leaving { until: now + drain };
             // No longer resolved: a cached hop could go stale during the
             // drain, the FIB cannot.
             state.hop = None;
