@@ -29,10 +29,7 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     // (a retransmitted SYN, a reused port) is rewritten in place: an LRU
     // insert costs several times a lookup, and in place is not an insert
     // the flood guard needs to hold back.
-    #[expect(
-        clippy::needless_borrows_for_generic_args,
-        reason = "a borrow avoids copying the 40-byte key"
-    )]
+    #[expect(clippy::needless_borrows_for_generic_args, reason = "a borrow avoids copying the 40-byte key")]
     let entry = CONNTRACK.get_ptr_mut(&p.flow);
     if let Some(entry) = entry {
         // SAFETY: a map value pointer is valid while the program runs.

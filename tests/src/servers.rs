@@ -122,3 +122,70 @@ pub fn tcp_spread(addr: SocketAddr, n: usize) -> std::io::Result<BTreeMap<String
     }
     Ok(counts)
 }
+
+/// How a [`HealthServer`] answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// 200 with body "ok".
+    Ok,
+    /// 500.
+    Error,
+    /// 200 with a body that does not say "ok".
+    WrongBody,
+    /// Accepts and reads, never answers.
+    Silent,
+}
+
+/// An HTTP health endpoint in a namespace whose answer the test changes.
+pub struct HealthServer {
+    mode: Arc<std::sync::Mutex<Health>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HealthServer {
+    pub fn start(ns: &Netns, port: u16) -> HealthServer {
+        let listener = ns.run(|| TcpListener::bind(("::", port)).expect("bind health port"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let mode = Arc::new(std::sync::Mutex::new(Health::Ok));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, s) = (mode.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut silent = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+                let mut request = [0u8; 2048];
+                let _ = std::io::Read::read(&mut conn, &mut request);
+                let answer: &[u8] = match *m.lock().unwrap() {
+                    Health::Ok => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+                    Health::Error => b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    Health::WrongBody => b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nstarting\n",
+                    Health::Silent => {
+                        silent.push(conn);
+                        continue;
+                    }
+                };
+                let _ = conn.write_all(answer);
+            }
+        });
+        HealthServer { mode, stop, thread: Some(thread) }
+    }
+
+    pub fn set(&self, mode: Health) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+impl Drop for HealthServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

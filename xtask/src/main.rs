@@ -138,12 +138,8 @@ fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
             command.env_remove(name.as_ref());
         }
     }
-    let status = command
-        .current_dir(workspace())
-        .args(args)
-        .args(extra)
-        .status()
-        .context("cannot run cargo")?;
+    let status =
+        command.current_dir(workspace()).args(args).args(extra).status().context("cannot run cargo")?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }

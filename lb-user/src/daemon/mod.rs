@@ -269,6 +269,8 @@ impl<S: Store, R: Host> Daemon<S, R> {
             // neighbour table.
             Event::Health => {
                 let _ = self.apply();
+                // One that passes again may need its MAC looked up anew.
+                self.settle(CHANGE_RESOLVE, false).await;
                 true
             }
             Event::Net(changes) => {

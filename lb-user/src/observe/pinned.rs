@@ -127,8 +127,9 @@ fn vip_status(
         notes: label.map(|l| l.notes.clone()).unwrap_or_default(),
         // What the daemon last published: the routes it left stay as they were.
         announce: label.and_then(|l| l.announce),
-        checks: Vec::new(),
-        check_panic: false,
+        // Health checks as a running daemon last saw them.
+        checks: label.filter(|_| daemon_alive).map(|l| l.checks.clone()).unwrap_or_default(),
+        check_panic: label.is_some_and(|l| daemon_alive && l.check_panic),
     })
 }
 

@@ -11,6 +11,7 @@ mod datapath;
 mod decap_datapath;
 mod dr_e2e;
 mod fleet_e2e;
+mod health_e2e;
 mod hitless_e2e;
 mod restart_e2e;
 mod tun_datapath;
