@@ -46,7 +46,9 @@ async fn get(stream: &mut TcpStream, addr: SocketAddr, http: &HttpProbe) -> Resu
     );
     stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
     let mut answer = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
+    // On the heap: in the future it would make every probe task (TCP
+    // ones too) 4 KiB larger.
+    let mut chunk = vec![0u8; 4096];
     loop {
         let n = stream.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
         answer.extend_from_slice(&chunk[..n]);

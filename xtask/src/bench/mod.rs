@@ -10,6 +10,7 @@
 #![doc = include_str!("method.md")]
 
 mod control;
+mod health;
 mod kit;
 mod packet;
 mod quality;
@@ -34,6 +35,8 @@ pub enum Part {
     Control,
     /// Maglev balance and disruption.
     Maglev,
+    /// Active health checks: CPU and memory for many backends.
+    Health,
 }
 
 pub struct Opts {
@@ -51,12 +54,13 @@ pub fn run(xlb: &Path, smoke: bool, only: &[Part]) -> anyhow::Result<()> {
     let opts = Opts { smoke };
     let wanted = |p: Part| only.is_empty() || only.contains(&p);
     let mut report = report::Report::new(smoke, METHOD);
-    let parts: [(Part, &str, PartFn); 5] = [
+    let parts: [(Part, &str, PartFn); 6] = [
         (Part::Packet, "1. Cost per packet", packet::run),
         (Part::Throughput, "2a. Throughput in namespaces", throughput::run),
         (Part::Tcp, "2b. TCP end to end", tcp::run),
         (Part::Control, "3. Control plane", control::run),
         (Part::Maglev, "4. Maglev quality", quality::run),
+        (Part::Health, "5. Health checks", health::run),
     ];
     let mut failed = Vec::new();
     for (part, title, run) in parts {

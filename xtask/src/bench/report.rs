@@ -38,6 +38,9 @@ impl Target {
     pub const fn at_most(value: f64) -> Self {
         Self { bound: Bound::AtMost, value, on_ratio: false }
     }
+    pub const fn at_least(value: f64) -> Self {
+        Self { bound: Bound::AtLeast, value, on_ratio: false }
+    }
 
     fn met(&self, figure: f64) -> bool {
         match self.bound {
