@@ -347,7 +347,8 @@ impl VipFile {
             None => Backends::Static(self.static_backends(&at, caps)?),
         };
         let check = match &self.check {
-            None => default_check.cloned(),
+            // The top-level check is for TCP VIPs.
+            None => default_check.filter(|_| self.protocol == Protocol::Tcp).cloned(),
             Some(check) => check
                 .validate()
                 .map_err(|(field, message)| Invalid::new(format!("{at}.check.{field}"), message))?,
@@ -355,7 +356,7 @@ impl VipFile {
         if check.is_some() && self.protocol != Protocol::Tcp {
             return Err(Invalid::new(
                 format!("{at}.check"),
-                "health checks probe TCP (a connect or HTTP); a UDP VIP has none (set kind = \"none\" to opt out of the top-level [check])",
+                "health checks probe TCP (a connect or HTTP) and this VIP is UDP: remove its check",
             ));
         }
         Ok(Vip {

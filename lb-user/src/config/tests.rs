@@ -267,3 +267,23 @@ fn primes() {
     assert!(is_prime(65_537) && is_prime(2) && is_prime(1_048_583));
     assert!(!is_prime(65_536) && !is_prime(1) && !is_prime(0) && !is_prime(65_535));
 }
+
+#[test]
+fn the_top_level_check_applies_to_tcp_vips_without_their_own() {
+    let text = "interface = \"eth0\"\n[check]\nkind = \"tcp\"\nfall = 3\n\n\
+        [[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\n\n\
+        [[vip]]\nname = \"api\"\naddress = \"192.0.2.10\"\nport = 443\nprotocol = \"tcp\"\ncheck = { kind = \"none\" }\n\n\
+        [[vip]]\nname = \"dns\"\naddress = \"192.0.2.10\"\nport = 53\nprotocol = \"udp\"\n\n\
+        [[vip]]\nname = \"app\"\naddress = \"192.0.2.10\"\nport = 8080\nprotocol = \"tcp\"\ncheck = { kind = \"http\", path = \"/up\" }\n";
+    let c = parse(text).unwrap();
+    let check = |name: &str| c.live.vip(name).unwrap().check.clone();
+    assert_eq!(check("web").map(|c| c.fall), Some(3), "inherited");
+    assert_eq!(check("api"), None, "opted out");
+    assert_eq!(check("dns"), None, "UDP VIPs are not checked");
+    assert!(matches!(check("app").map(|c| c.probe), Some(check::Probe::Http(_))), "its own");
+
+    let udp = "interface = \"eth0\"\n[[vip]]\nname = \"dns\"\naddress = \"192.0.2.10\"\nport = 53\nprotocol = \"udp\"\ncheck = { kind = \"tcp\" }\n";
+    assert!(parse(udp).unwrap_err().contains("vip[0] (dns).check: health checks probe TCP"));
+    let bad_top = "interface = \"eth0\"\n[check]\nkind = \"tcp\"\nrise = 0\n";
+    assert!(parse(bad_top).unwrap_err().contains("check.rise: 0 is outside 1..=100"));
+}

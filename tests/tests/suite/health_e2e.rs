@@ -279,3 +279,31 @@ fn a_backend_serves_only_while_consul_and_the_check_both_pass() {
     let counts = lab.client.run(|| tcp_spread(SocketAddr::from((VIP4, 80)), 60)).unwrap();
     assert_eq!(counts.len(), 2, "{counts:?}");
 }
+
+#[test]
+fn a_restart_keeps_checked_backends_serving() {
+    let lab = Lab::new(2).unwrap();
+    let _servers = servers::start(&lab.backends, 80, 53);
+    // rise = 5 at 500 ms: a restart that waited for fresh passes would take
+    // the backends out for 2.5 s.
+    let mut daemon =
+        Daemon::start(&lab.lb, &lab.lb_if, &web(&lab, "kind = \"tcp\", interval_ms = 500, rise = 5"))
+            .unwrap();
+    let addrs: Vec<IpAddr> = lab.backends.iter().map(|b| b.addr(false)).collect();
+    until(&daemon, "both pass", Duration::from_secs(10), |s| addrs.iter().all(|a| in_table(s, *a)));
+    let status = daemon.status().unwrap();
+    let ids: Vec<u16> = addrs.iter().map(|a| table_id(&status, *a).unwrap()).collect();
+    let maps = Maps::open_pinned(&xlb::config::default_pin_dir(&lab.lb_if)).unwrap();
+    let serving =
+        || ids.iter().all(|&id| maps.backend(id).unwrap().is_ok_and(|e| e.used == BackendUse::Active));
+    daemon.restart(&lab.lb).unwrap();
+    // From the restarted daemon's first apply on, for a second: both stay.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        assert!(serving(), "a backend left the table after the restart:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = daemon.status().unwrap();
+    assert!(addrs.iter().all(|a| check_of(&status, *a)["state"] == "up"), "{status:#}");
+    assert!(!daemon.log().contains("health check: removed"), "{}", daemon.log());
+}
