@@ -128,16 +128,18 @@ fn vip(out: &mut String, v: &VipStatus, s: &Status) {
     if !v.checks.is_empty() {
         let _ = writeln!(
             out,
-            "  {:<40} {:<8} {:>9} {:>8}  last error",
-            "health check", "state", "latency", "fails"
+            "  {:<40} {:<8} {:>8} {:>9} {:>6}  last error",
+            "health check", "state", "for", "latency", "fails"
         );
     }
+    let now = super::status::unix_secs(std::time::SystemTime::now());
     for c in &v.checks {
         let _ = writeln!(
             out,
-            "  {:<40} {:<8} {:>9} {:>8}  {}",
+            "  {:<40} {:<8} {:>8} {:>9} {:>6}  {}",
             c.address.to_string(),
             c.state.as_str(),
+            format!("{:.0} s", (now - c.since).max(0.0)),
             c.last_latency_ms.map(|ms| format!("{ms:.1} ms")).unwrap_or_else(|| "-".into()),
             c.consecutive_failures,
             c.last_error.as_deref().unwrap_or("-")
