@@ -45,6 +45,7 @@ say "Debian packages"
 packages=(
   "llvm-$llvm-dev" "libpolly-$llvm-dev" libzstd-dev zlib1g-dev pkg-config g++
   iproute2 ethtool iputils-ping procps util-linux tcpdump netsniff-ng iperf3 curl prometheus bird2
+  systemd  # systemd-analyze, for the unit file's test (systemd need not run)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -33,6 +33,8 @@ pub struct Daemon {
     netns: PathBuf,
     /// Extra `xlb run` arguments, kept for restarts.
     args: Vec<String>,
+    /// Extra environment variables, kept for restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -44,6 +46,17 @@ impl Daemon {
 
     /// As `start`, with extra `xlb run` arguments.
     pub fn start_with(ns: &Netns, interface: &str, config: &str, args: &[&str]) -> anyhow::Result<Daemon> {
+        Self::start_env(ns, interface, config, args, &[])
+    }
+
+    /// As `start_with`, with extra environment variables.
+    pub fn start_env(
+        ns: &Netns,
+        interface: &str,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("xlb-test-{:06x}", unique_id()));
         std::fs::create_dir_all(&dir)?;
         let mut d = Daemon {
@@ -54,6 +67,7 @@ impl Daemon {
             interface: interface.to_owned(),
             netns: ns.path(),
             args: args.iter().map(|a| a.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         std::fs::write(&d.config, config)?;
         d.spawn(ns)?;
@@ -69,6 +83,7 @@ impl Daemon {
             .args(["run", "--config"])
             .arg(&self.config)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

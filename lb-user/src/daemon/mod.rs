@@ -22,6 +22,7 @@ mod publish;
 mod reload;
 mod sources;
 mod start;
+mod systemd;
 #[cfg(test)]
 mod tests;
 mod watchers;
@@ -147,6 +148,7 @@ pub struct Daemon<S, R> {
     panics: Vec<String>,
     /// Forwards the checker's notifications (stopped with the daemon).
     health_events: tokio::task::JoinHandle<()>,
+    systemd: systemd::Systemd,
 }
 
 impl<S: Store, R: Host> Daemon<S, R> {
@@ -222,6 +224,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
             targets: BTreeMap::new(),
             panics: Vec::new(),
             health_events,
+            systemd: systemd::Systemd::from_env(),
         };
         daemon.publish();
         Ok((daemon, published))
@@ -248,6 +251,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
     /// Deals with one event to the end: whatever it changed is in the maps
     /// (or the failure is recorded for a retry) and published.
     pub async fn handle(&mut self, event: Event) -> Flow {
+        self.systemd.watchdog();
         let changed = match event {
             Event::Stop => return Flow::Stop,
             Event::Api(cmd) => {
@@ -292,8 +296,10 @@ impl<S: Store, R: Host> Daemon<S, R> {
 
     /// Whether it reloaded.
     async fn reload_and_settle(&mut self) -> bool {
+        self.systemd.reloading();
         let reloaded = self.reload();
         self.settle(if reloaded { CHANGE_RESOLVE } else { Duration::ZERO }, reloaded).await;
+        self.systemd.reloaded();
         if reloaded && !matches!(self.sync, Sync::Retrying { .. }) {
             info!(vips = self.live.vips.len(), sync = %self.sync.describe(), "config applied");
         }
@@ -313,6 +319,11 @@ impl<S: Store, R: Host> Daemon<S, R> {
             let _ = self.apply();
         }
         changed
+    }
+
+    /// Tells systemd (if it started us) that we are on the way out.
+    pub fn stopping(&mut self) {
+        self.systemd.stopping();
     }
 
     /// Stops the watchers and writes the last status out.

@@ -24,7 +24,8 @@ use crate::{
     observe::{
         admin::Published,
         status::{
-            BackendStatus, CheckStatus, DaemonStatus, HopStatus, SourceStatus, Status, VipStatus, unix_secs,
+            BackendStatus, CheckStatus, DaemonStatus, HopStatus, SourceStatus, Status, Sync, VipStatus,
+            unix_secs,
         },
     },
 };
@@ -60,6 +61,14 @@ impl Publisher {
 impl<S: Store, R: Host> Daemon<S, R> {
     pub(super) fn publish(&mut self) {
         let status = self.status();
+        let backends: usize =
+            status.vips.iter().map(|v| v.backends.iter().filter(|b| b.slots > 0).count()).sum();
+        self.systemd.status(format!(
+            "{} VIPs, {backends} backends in the tables, {}",
+            status.vips.len(),
+            self.sync.describe()
+        ));
+        self.systemd.ready_once(matches!(self.sync, Sync::InSync | Sync::Short { .. }));
         self.publisher.publish(status);
     }
 

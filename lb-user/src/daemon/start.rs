@@ -140,6 +140,7 @@ impl Running {
     /// attached with the last tables, or with `detach` is removed.
     pub async fn run(mut self, detach: bool) -> anyhow::Result<()> {
         self.daemon.run(&mut self.events).await;
+        self.daemon.stopping();
         if let Some(wait) = self.daemon.withdraw_for_stop().await
             && !wait.is_zero()
         {

@@ -14,5 +14,6 @@ mod fleet_e2e;
 mod health_e2e;
 mod hitless_e2e;
 mod restart_e2e;
+mod systemd_e2e;
 mod tun_datapath;
 mod tun_e2e;
