@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 
 use std::{
     path::{Path, PathBuf},
@@ -40,6 +41,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write xlb's man pages and shell completions, generated from its
+    /// command line (so they match `--help`), under target/dist/.
+    Dist,
     /// Measure xlb: cost per packet, throughput in namespaces, control
     /// plane, Maglev quality (needs root). Prints a table and writes
     /// target/bench/latest.json; reports targets, never fails on them.
@@ -59,6 +63,13 @@ fn main() -> anyhow::Result<()> {
             let xlb = build_xlb("release")?;
             let status = Command::new(&xlb).args(&args).status()?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Dist => {
+            let dir = workspace().join("target").join("dist");
+            for file in dist::write(&dir)? {
+                println!("{}", file.display());
+            }
+            Ok(())
         }
         Task::Demo => {
             prepare_lab("the demo")?;
