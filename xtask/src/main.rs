@@ -2,6 +2,7 @@
 //! lb-user's build script; these tasks only drive cargo and the lab.
 
 mod bench;
+mod deb;
 mod demo;
 mod dist;
 
@@ -31,7 +32,8 @@ enum Task {
     /// three backends; a few hundred requests; who answered; the counters.
     Demo,
     /// Run every test: unit, BPF_PROG_TEST_RUN and namespace end-to-end
-    /// tests, then fuzz the packet parser (needs root).
+    /// tests, then build the Debian package and check it installed into a
+    /// scratch root, then fuzz the packet parser (needs root).
     Test {
         /// Seconds of parser fuzzing after the tests; 0 skips it.
         #[arg(long, default_value_t = 60)]
@@ -41,6 +43,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package (target/deb/xlb_<version>_<arch>.deb): the
+    /// release binary, the systemd unit, an example config, man pages and
+    /// completions.
+    Deb,
     /// Write xlb's man pages and shell completions, generated from its
     /// command line (so they match `--help`), under target/dist/.
     Dist,
@@ -64,6 +70,11 @@ fn main() -> anyhow::Result<()> {
             let status = Command::new(&xlb).args(&args).status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
+        Task::Deb => {
+            let xlb = build_xlb("release")?;
+            println!("{}", deb::build(&xlb, &workspace().join("target").join("deb"))?.display());
+            Ok(())
+        }
         Task::Dist => {
             let dir = workspace().join("target").join("dist");
             for file in dist::write(&dir)? {
@@ -81,6 +92,15 @@ fn main() -> anyhow::Result<()> {
             // The end-to-end tests run the xlb binary next to their own.
             build_xlb("dev")?;
             cargo(&["test", "--locked"], &args)?;
+            if args.is_empty() {
+                // The package as operators get it, installed into a scratch root.
+                let xlb = build_xlb("release")?;
+                let deb = deb::build(&xlb, &workspace().join("target").join("deb"))?;
+                let scratch = std::env::temp_dir().join(format!("xlb-deb-{}", std::process::id()));
+                let checked = deb::check_installed(&deb, &scratch);
+                let _ = std::fs::remove_dir_all(&scratch);
+                checked?;
+            }
             if args.is_empty() && fuzz_seconds > 0 {
                 fuzz_parser(fuzz_seconds)?;
             }
