@@ -46,6 +46,7 @@ packages=(
   "llvm-$llvm-dev" "libpolly-$llvm-dev" libzstd-dev zlib1g-dev pkg-config g++
   iproute2 ethtool iputils-ping procps util-linux tcpdump netsniff-ng iperf3 curl prometheus bird2
   systemd  # systemd-analyze, for the unit file's test (systemd need not run)
+  chromium chromium-driver  # the status page's test drives a headless browser
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -60,7 +61,9 @@ else
 fi
 
 say "bpf-linker (LLVM $llvm)"
-if command -v bpf-linker >/dev/null && ldd "$(command -v bpf-linker)" | grep -q "libLLVM.so.$llvm"; then
+# grep without -q reads all of ldd's output: with -q it may exit first,
+# and under pipefail ldd's SIGPIPE would fail the check (and rebuild).
+if command -v bpf-linker >/dev/null && ldd "$(command -v bpf-linker)" | grep "libLLVM.so.$llvm" >/dev/null; then
   bpf-linker --version
 else
   LLVM_PREFIX="/usr/lib/llvm-$llvm" PATH="/usr/lib/llvm-$llvm/bin:$PATH" \

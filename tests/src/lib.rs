@@ -7,6 +7,7 @@
 
 pub mod aux;
 pub mod bird;
+pub mod browser;
 pub mod capture;
 pub mod cmd;
 pub mod consul_fake;

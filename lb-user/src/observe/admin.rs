@@ -178,7 +178,22 @@ fn host_ok(req: &Request<Incoming>) -> bool {
     name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
 }
 
+/// The live status page: static, so it needs no token (it asks for one
+/// and sends it with the API calls it makes).
+const PAGE: &str = include_str!("page.html");
+
 async fn handle(req: Request<Incoming>, shared: &Api) -> Reply {
+    if req.method() == Method::GET && req.uri().path() == "/" && (shared.token.is_some() || host_ok(&req)) {
+        let mut page = reply(StatusCode::OK, "text/html; charset=utf-8", PAGE);
+        // Only its own scripts and calls: nothing from elsewhere, no framing.
+        page.headers_mut().insert(
+            header::CONTENT_SECURITY_POLICY,
+            header::HeaderValue::from_static(
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'; frame-ancestors 'none'",
+            ),
+        );
+        return page;
+    }
     match &shared.token {
         Some(token) if !authorized(&req, token) => {
             let mut r = error(ApiError::new(401, "missing or wrong bearer token"));
@@ -422,6 +437,24 @@ mod tests {
         async fn get(&self, path: &str) -> (u16, String) {
             let r = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
             (r.status().as_u16(), r.text().await.unwrap())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_status_page_is_one_self_contained_file() {
+        let api = serve_api(|_| Ok(())).await;
+        let r = api.http.get(format!("{}/", api.url)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let csp = r.headers()[header::CONTENT_SECURITY_POLICY].to_str().unwrap().to_owned();
+        assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"), "{csp}");
+        let page = r.text().await.unwrap();
+        assert!(
+            page.contains("/api/v1/status") && page.contains("Content-Type"),
+            "polls the API, sends JSON"
+        );
+        // Nothing loaded from elsewhere: no script, style, font or image sources.
+        for outside in ["src=\"http", "href=\"http", "@import", "url("] {
+            assert!(!page.contains(outside), "the page loads {outside}");
         }
     }
 

@@ -13,6 +13,7 @@ mod dr_e2e;
 mod fleet_e2e;
 mod health_e2e;
 mod hitless_e2e;
+mod page_e2e;
 mod restart_e2e;
 mod systemd_e2e;
 mod tun_datapath;
