@@ -88,19 +88,31 @@ impl<'a> Browser<'a> {
         Ok(found[ELEMENT].as_str().context("no element reference")?.to_owned())
     }
 
-    /// The visible text of the first element matching `css`, if any.
+    /// The text of the first element matching `css`, if any. Read in the
+    /// page in one go: the page redraws every second, and an element found
+    /// first and read afterwards may be gone by then.
     pub fn text(&self, css: &str) -> Option<String> {
-        let id = self.find(css).ok()?;
-        self.call("GET", &self.session_path(&format!("/element/{id}/text")), None)
-            .ok()?
-            .as_str()
-            .map(str::to_owned)
+        let script = "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;";
+        let value = self.call(
+            "POST",
+            &self.session_path("/execute/sync"),
+            Some(json!({ "script": script, "args": [css] })),
+        );
+        value.ok()?.as_str().map(str::to_owned)
     }
 
+    /// Clicks the first element matching `css` (found again if the page
+    /// redrew it in between).
     pub fn click(&self, css: &str) -> anyhow::Result<()> {
-        let id = self.find(css)?;
-        self.call("POST", &self.session_path(&format!("/element/{id}/click")), Some(json!({})))?;
-        Ok(())
+        let mut last = None;
+        for _ in 0..5 {
+            let id = self.find(css)?;
+            match self.call("POST", &self.session_path(&format!("/element/{id}/click")), Some(json!({}))) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("tried"))
     }
 
     /// Polls until `css`'s text satisfies `ok`; the text.
@@ -116,6 +128,12 @@ impl<'a> Browser<'a> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs `script` in the page as an async function body (its last
+    /// argument is the callback to call with the result); the result.
+    pub fn execute_async(&self, script: &str) -> anyhow::Result<Value> {
+        self.call("POST", &self.session_path("/execute/async"), Some(json!({ "script": script, "args": [] })))
     }
 
     /// The page as a PNG.
