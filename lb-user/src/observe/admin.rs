@@ -94,10 +94,17 @@ impl Api {
     }
 }
 
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 64;
+/// Connections open at once; more wait in the listen backlog. Each lives
+/// for one request at most `CONNECTION_DEADLINE`, so idle or slow clients
+/// free their slot within seconds.
+const MAX_CONNECTIONS: usize = 256;
 /// A client that has not sent its request headers by then is cut off.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The whole exchange, body included: a client that trickles a body in
+/// does not hold its slot longer.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// Request line and headers, at most (hyper's smallest buffer is 8 KiB).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// How long counters read for one published status are reused (scrapes
 /// from several Prometheus servers, `xlb stats --watch`): counting walks
 /// the connection table. A newer status is read at once.
@@ -123,11 +130,16 @@ pub async fn serve(listener: TcpListener, shared: Arc<Api>) {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(req, &shared).await) }
             });
-            let _ = http1::Builder::new()
+            // One request per connection: scrapes every few seconds gain
+            // nothing from keep-alive, and an idle kept-alive connection
+            // would hold a slot.
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .max_buf_size(MAX_HEADER_BYTES)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
             drop(permit);
         });
     }
@@ -438,6 +450,76 @@ mod tests {
             let r = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
             (r.status().as_u16(), r.text().await.unwrap())
         }
+    }
+
+    /// How long a normal client waits for `/metrics`.
+    async fn timed_get(api: &Served) -> Duration {
+        let started = std::time::Instant::now();
+        let (code, body) = api.get("/metrics").await;
+        assert_eq!(code, 200);
+        assert!(body.contains("xlb_maps_in_sync"));
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn idle_slow_and_oversized_clients_do_not_keep_metrics_from_a_normal_one() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let api = serve_api(|_| Ok(())).await;
+        let addr = api.url.trim_start_matches("http://").to_owned();
+        // 200 connections that never send a byte, and 20 that announce a
+        // 10 MB body and trickle it.
+        let mut idle = Vec::new();
+        for _ in 0..200 {
+            idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        }
+        let mut slow = Vec::new();
+        for _ in 0..20 {
+            let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let head = "PUT /api/v1/vips/web/backends/10.0.0.11/weight HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                        Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n{\"weight\": ";
+            c.write_all(head.as_bytes()).await.unwrap();
+            slow.push(c);
+        }
+        let took = timed_get(&api).await;
+        assert!(took < Duration::from_secs(1), "/metrics took {took:?} beside 220 abusive connections");
+
+        // An oversized body is refused once it passes the limit, not read whole.
+        let reply = api
+            .http
+            .put(format!("{}/api/v1/vips/web/backends/10.0.0.11/weight", api.url))
+            .header("content-type", "application/json")
+            .body(vec![b' '; 1 << 20])
+            .send()
+            .await;
+        assert!(reply.is_err() || reply.unwrap().status().as_u16() == 400, "a 1 MiB body is refused");
+        // Oversized headers: 431, the connection closed.
+        let mut big = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let header =
+            format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+        let _ = big.write_all(header.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), big.read_to_end(&mut answer)).await;
+        assert!(
+            String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 431"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+
+        // Past the cap, idle clients are cut off by the header timeout and
+        // the normal one gets its turn.
+        for _ in 0..100 {
+            idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        }
+        let took = timed_get(&api).await;
+        assert!(took < HEADER_TIMEOUT + Duration::from_secs(2), "/metrics took {took:?} past the cap");
+        // Every idle connection was closed by the server.
+        for mut c in idle.into_iter().take(10) {
+            let mut buf = [0u8; 1];
+            let n =
+                tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("closed in time");
+            assert!(matches!(n, Ok(0) | Err(_)), "an idle connection is closed");
+        }
+        drop(slow);
     }
 
     #[tokio::test]
