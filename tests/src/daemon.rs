@@ -23,6 +23,16 @@ pub fn run_refused(ns: &Netns, config: &Path) -> anyhow::Result<(Option<i32>, St
     Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
 }
 
+/// The backend id of `addr` if it has entries in the first VIP's live
+/// table, from a status as `Daemon::status` returns it.
+pub fn table_id(status: &serde_json::Value, addr: std::net::IpAddr) -> Option<u16> {
+    status["vips"][0]["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["address"] == addr.to_string() && b["slots"].as_u64().unwrap_or(0) > 0)
+        .map(|b| b["id"].as_u64().unwrap_or(0) as u16)
+}
+
 pub struct Daemon {
     child: Option<Child>,
     pub dir: PathBuf,

@@ -2,14 +2,16 @@
 //! tree: the binary, the systemd unit, an example config in /etc/xlb/, the
 //! man pages and the shell completions.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
 use super::{dist, workspace};
+
+/// A command's trimmed output.
+fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    Ok(xlb_tests::cmd::run(program, args)?.trim().to_owned())
+}
 
 /// Builds the package from `xlb` into `out`; its path.
 pub fn build(xlb: &Path, out: &Path) -> anyhow::Result<PathBuf> {
@@ -120,12 +122,4 @@ fn dir_size(dir: &Path) -> std::io::Result<u64> {
         total += if meta.is_dir() { dir_size(&entry.path())? } else { meta.len() };
     }
     Ok(total)
-}
-
-fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
-    if !out.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

@@ -4,6 +4,7 @@
 //! slow disk never holds up a table change.
 
 use std::{
+    collections::HashMap,
     path::PathBuf,
     sync::{Arc, Condvar, Mutex},
     thread::JoinHandle,
@@ -20,6 +21,7 @@ use crate::{
     dataplane::Store,
     discovery::ServiceView,
     files::{Durability, write_json_atomic},
+    health::{Progress, Target},
     model::{Forward, VipAddr, format_mac},
     observe::{
         admin::Published,
@@ -91,7 +93,15 @@ impl<S: Store, R: Host> Daemon<S, R> {
             max_vips: caps.max_vips,
             max_backends: caps.max_backends,
             conntrack_size: caps.conntrack_size,
-            vips: self.reconciler.vips().iter().map(|(addr, vip)| self.vip_status(addr, vip)).collect(),
+            vips: {
+                // One copy of the checker's table for every VIP's checks.
+                let progress = self.checker.progress();
+                self.reconciler
+                    .vips()
+                    .iter()
+                    .map(|(addr, vip)| self.vip_status(addr, vip, &progress))
+                    .collect()
+            },
             discovery: self
                 .discovery
                 .services()
@@ -103,7 +113,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
         }
     }
 
-    fn vip_status(&self, addr: &VipAddr, vip: &VipState) -> VipStatus {
+    fn vip_status(&self, addr: &VipAddr, vip: &VipState, progress: &HashMap<Target, Progress>) -> VipStatus {
         let table_size = self.start.capacities.table_size as f64;
         let consul = self.live.vip(&vip.name).and_then(|v| match &v.backends {
             Backends::Consul(q) => Some(q.to_string()),
@@ -142,14 +152,13 @@ impl<S: Store, R: Host> Daemon<S, R> {
                 .collect(),
             notes: self.notes.iter().filter(|n| n.vip == vip.name).map(|n| n.text.clone()).collect(),
             announce: self.announcing.as_ref().and_then(|a| a.plan.vips.get(&vip.name).copied()),
-            checks: self.check_status(&vip.name),
+            checks: self.check_status(&vip.name, progress),
             check_panic: self.panics.contains(&vip.name),
         }
     }
 
-    fn check_status(&self, vip: &str) -> Vec<CheckStatus> {
+    fn check_status(&self, vip: &str, progress: &HashMap<Target, Progress>) -> Vec<CheckStatus> {
         let Some(targets) = self.targets.get(vip) else { return Vec::new() };
-        let progress = self.checker.progress();
         targets
             .iter()
             .filter_map(|t| {

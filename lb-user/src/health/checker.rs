@@ -2,7 +2,7 @@
 //! targets changes.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{BuildHasher as _, Hasher as _},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -51,18 +51,18 @@ impl Checker {
         targets: impl IntoIterator<Item = Target>,
         initial: impl Fn(&Target) -> State,
     ) -> bool {
-        let wanted: HashMap<Target, ()> = targets.into_iter().map(|t| (t, ())).collect();
+        let wanted: HashSet<Target> = targets.into_iter().collect();
         self.tasks.retain(|t, task| {
-            let keep = wanted.contains_key(t);
+            let keep = wanted.contains(t);
             if !keep {
                 task.abort();
             }
             keep
         });
         let mut table = self.table.lock().expect("health table");
-        table.retain(|t, _| wanted.contains_key(t));
+        table.retain(|t, _| wanted.contains(t));
         let mut added = false;
-        for target in wanted.into_keys() {
+        for target in wanted {
             if self.tasks.contains_key(&target) {
                 continue;
             }

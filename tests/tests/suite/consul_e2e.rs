@@ -30,15 +30,8 @@ fn check(lab: &Lab, i: usize) -> String {
     format!("service:web-{}", lab.backends[i].name)
 }
 
-/// The backend id of `addr` in the status, if it is in the live table.
 fn table_id(daemon: &Daemon, addr: IpAddr) -> Option<u16> {
-    let status = daemon.status().unwrap();
-    status["vips"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["address"] == addr.to_string() && b["slots"].as_u64().unwrap() > 0)
-        .map(|b| b["id"].as_u64().unwrap() as u16)
+    xlb_tests::daemon::table_id(&daemon.status().unwrap(), addr)
 }
 
 #[test]

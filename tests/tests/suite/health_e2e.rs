@@ -16,7 +16,7 @@ use xlb::dataplane::{BackendUse, Maps};
 use xlb_tests::{
     capture::Capture,
     consul_fake::FakeConsul,
-    daemon::Daemon,
+    daemon::{Daemon, table_id},
     http::request,
     lab::{LB4, Lab, VIP4},
     servers::{self, Health, HealthServer, NameServers, tcp_ask, tcp_spread},
@@ -33,16 +33,6 @@ fn web(lab: &Lab, check: &str) -> String {
 fn serve(lab: &Lab, i: usize) -> NameServers {
     let b = &lab.backends[i];
     servers::start_in(&[(&b.ns, &b.name)], 80, 53)
-}
-
-/// The id of `addr` if it has entries in the VIP's live table.
-fn table_id(status: &serde_json::Value, addr: IpAddr) -> Option<u16> {
-    status["vips"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["address"] == addr.to_string() && b["slots"].as_u64().unwrap() > 0)
-        .map(|b| b["id"].as_u64().unwrap() as u16)
 }
 
 /// Whether `addr` has entries in the VIP's live table.
@@ -174,21 +164,22 @@ fn a_stopped_server_leaves_within_interval_times_fall_plus_timeout_and_returns_a
     }
 }
 
+/// Two backends serving port 80 with an HTTP health endpoint on 8080 each,
+/// and xlb checking them with `check`.
+fn http_lab(check: &str) -> (Lab, NameServers, Vec<HealthServer>, Daemon) {
+    let lab = Lab::new(2).unwrap();
+    let servers = servers::start(&lab.backends, 80, 53);
+    let health = lab.backends.iter().map(|b| HealthServer::start(&b.ns, 8080)).collect();
+    let daemon = Daemon::start(&lab.lb, &lab.lb_if, &web(&lab, check)).unwrap();
+    (lab, servers, health, daemon)
+}
+
 #[test]
 fn http_checks_fail_on_an_error_status_a_wrong_body_and_a_timeout() {
-    let lab = Lab::new(2).unwrap();
-    let _servers = servers::start(&lab.backends, 80, 53);
-    let health: Vec<HealthServer> = lab.backends.iter().map(|b| HealthServer::start(&b.ns, 8080)).collect();
-    let daemon = Daemon::start(
-        &lab.lb,
-        &lab.lb_if,
-        &web(
-            &lab,
-            "kind = \"http\", port = 8080, path = \"/healthz\", status = \"200\", body = \"ok\", \
-             interval_ms = 200, timeout_ms = 150, fall = 1, rise = 1",
-        ),
-    )
-    .unwrap();
+    let (lab, _servers, health, daemon) = http_lab(
+        "kind = \"http\", port = 8080, path = \"/healthz\", status = \"200\", body = \"ok\", \
+         interval_ms = 200, timeout_ms = 150, fall = 1, rise = 1",
+    );
     let be2 = lab.backends[1].addr(false);
     until(&daemon, "both pass", Duration::from_secs(5), |s| {
         in_table(s, be2) && in_table(s, lab.backends[0].addr(false))
@@ -212,15 +203,8 @@ fn http_checks_fail_on_an_error_status_a_wrong_body_and_a_timeout() {
 
 #[test]
 fn every_backend_failing_keeps_them_all_in_panic_mode() {
-    let lab = Lab::new(2).unwrap();
-    let _servers = servers::start(&lab.backends, 80, 53);
-    let health: Vec<HealthServer> = lab.backends.iter().map(|b| HealthServer::start(&b.ns, 8080)).collect();
-    let daemon = Daemon::start(
-        &lab.lb,
-        &lab.lb_if,
-        &web(&lab, "kind = \"http\", port = 8080, interval_ms = 200, timeout_ms = 100, fall = 1, rise = 1"),
-    )
-    .unwrap();
+    let (lab, _servers, health, daemon) =
+        http_lab("kind = \"http\", port = 8080, interval_ms = 200, timeout_ms = 100, fall = 1, rise = 1");
     let [be1, be2] = [lab.backends[0].addr(false), lab.backends[1].addr(false)];
     until(&daemon, "both pass", Duration::from_secs(5), |s| in_table(s, be1) && in_table(s, be2));
     health[1].set(Health::Error);

@@ -76,8 +76,8 @@ fn the_notify_protocol_says_ready_reloading_status_watchdog_and_stopping() {
 
 #[test]
 fn the_shipped_unit_passes_systemd_analyze_verify() {
-    let tool =
-        which("systemd-analyze").expect("systemd-analyze (Debian's systemd; scripts/setup.sh installs it)");
+    let tool = xlb_tests::cmd::which("systemd-analyze")
+        .expect("systemd-analyze (Debian's systemd; scripts/setup.sh installs it)");
     let unit =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/xlb.service"))
             .unwrap();
@@ -92,13 +92,4 @@ fn the_shipped_unit_passes_systemd_analyze_verify() {
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
-}
-
-fn which(name: &str) -> std::io::Result<std::path::PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, name))
 }

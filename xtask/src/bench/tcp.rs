@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use xlb_tests::{
+    cmd::which,
     daemon::Daemon,
     lab::{Lab, VIP4},
     netns::Netns,
@@ -25,7 +26,6 @@ use super::{
     Opts,
     kit::Group,
     report::{Row, Section, median},
-    throughput::which,
 };
 
 const IPERF_PORT: u16 = 5201;

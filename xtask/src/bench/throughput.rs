@@ -294,7 +294,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
             limits::DEFAULT_CONN_INSERT_LIMIT
         ),
     );
-    if which("trafgen").is_none() {
+    if xlb_tests::cmd::which("trafgen").is_none() {
         section.skipped =
             Some("trafgen not found (Debian package netsniff-ng; scripts/setup.sh installs it)".into());
         return Ok(section);
@@ -488,10 +488,4 @@ fn measure(
         totals: (last.1 - first.1, last.2 - first.2),
         stats: stats_before.zip(stats_after),
     })
-}
-
-/// The path of `program` on $PATH (or /usr/sbin, where Debian puts trafgen).
-pub fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':').chain(["/usr/sbin", "/sbin"]).map(|d| Path::new(d).join(program)).find(|p| p.is_file())
 }
