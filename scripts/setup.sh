@@ -4,7 +4,8 @@
 #   sudo ./scripts/setup.sh            install what is missing, build, run `cargo xtask demo`
 #   sudo ./scripts/setup.sh --no-demo  install and build only (CI)
 #
-# Installs: Debian packages (LLVM matching the nightly's, test tools, BIRD for the fleet tests), the
+# Installs: Debian packages (LLVM matching the nightly's, test tools, BIRD for the fleet tests,
+# etcd for the etcd tests), the
 # nightly `rust-src` component, bpf-linker built against that LLVM, and
 # cargo-fuzz (the tests fuzz the packet parser).
 # Every step checks first, so running it again is quick.
@@ -47,6 +48,7 @@ packages=(
   iproute2 ethtool iputils-ping procps util-linux tcpdump netsniff-ng iperf3 curl prometheus bird2
   systemd  # systemd-analyze, for the unit file's test (systemd need not run)
   chromium chromium-driver  # the status page's test drives a headless browser
+  etcd-server etcd-client protobuf-compiler  # etcd discovery: its tests run a real etcd; the client crate needs protoc
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -12,8 +12,9 @@ use serde::Deserialize;
 
 use super::{
     AdminConfig, AnnounceConfig, Backend, Backends, Capacities, Config, ConfigError, ConsulSettings,
-    LiveConfig, MAX_WEIGHT, ServiceQuery, StartConfig, TokenSource, Vip,
+    LiveConfig, MAX_WEIGHT, ServiceQuery, Source, StartConfig, TokenSource, Vip,
     check::{Check, CheckFile},
+    etcd::{EtcdFile, EtcdPrefix},
     default_pin_dir,
 };
 use crate::model::{Forward, Protocol, Unusable, VipAddr, XdpMode};
@@ -48,6 +49,7 @@ pub(super) struct File {
     tun_source_v4: Option<IpAddr>,
     tun_source_v6: Option<IpAddr>,
     consul: Option<ConsulSettings>,
+    etcd: Option<EtcdFile>,
     /// The health check of every VIP without a `check` of its own.
     check: Option<CheckFile>,
     #[serde(default)]
@@ -94,6 +96,7 @@ struct VipFile {
     #[serde(default)]
     backends: Vec<BackendFile>,
     consul: Option<ServiceQuery>,
+    etcd: Option<EtcdPrefix>,
     check: Option<CheckFile>,
 }
 
@@ -258,9 +261,16 @@ impl File {
                 ),
             ));
         }
+        let etcd = match &self.etcd {
+            Some(file) => {
+                Some(file.validate().map_err(|(field, message)| Invalid::new(format!("etcd.{field}"), message))?)
+            }
+            None => None,
+        };
         Ok(LiveConfig {
             drain_timeout: Duration::from_secs(self.drain_timeout),
             consul: self.consul.clone(),
+            etcd,
             vips,
         })
     }
@@ -333,18 +343,32 @@ impl VipFile {
         if self.port == 0 {
             return Err(Invalid::new(format!("{at}.port"), "must be 1..=65535"));
         }
-        let backends = match &self.consul {
-            Some(_) if !self.backends.is_empty() => {
+        let backends = match (&self.consul, &self.etcd) {
+            (Some(_), Some(_)) => {
                 return Err(Invalid::new(
-                    format!("{at}.consul"),
-                    "a VIP takes its backends from `backends` or from `consul`, not both",
+                    format!("{at}.etcd"),
+                    "a VIP takes its backends from one source: `backends`, `consul` or `etcd`",
                 ));
             }
-            Some(query) if query.service.is_empty() => {
+            (Some(_), None) | (None, Some(_)) if !self.backends.is_empty() => {
+                let field = if self.consul.is_some() { "consul" } else { "etcd" };
+                return Err(Invalid::new(
+                    format!("{at}.{field}"),
+                    format!("a VIP takes its backends from `backends` or from `{field}`, not both"),
+                ));
+            }
+            (Some(query), None) if query.service.is_empty() => {
                 return Err(Invalid::new(format!("{at}.consul.service"), "must not be empty"));
             }
-            Some(query) => Backends::Consul(query.clone()),
-            None => Backends::Static(self.static_backends(&at, caps)?),
+            (Some(query), None) => Backends::Discovered(Source::Consul(query.clone())),
+            (None, Some(prefix)) if prefix.prefix.is_empty() => {
+                return Err(Invalid::new(
+                    format!("{at}.etcd.prefix"),
+                    "must not be empty (it would take every key in etcd)",
+                ));
+            }
+            (None, Some(prefix)) => Backends::Discovered(Source::Etcd(prefix.clone())),
+            (None, None) => Backends::Static(self.static_backends(&at, caps)?),
         };
         let check = match &self.check {
             // The top-level check is for TCP VIPs.

@@ -12,6 +12,7 @@
 
 pub mod check;
 pub mod consul;
+pub mod etcd;
 mod file;
 #[cfg(test)]
 mod tests;
@@ -27,6 +28,7 @@ pub use file::{DEFAULT_ADMIN_LISTEN, DEFAULT_BIRD_SOCKET};
 
 pub use check::Check;
 pub use consul::{ConsulSettings, EmptyPolicy, ServiceQuery};
+pub use etcd::{EtcdPrefix, EtcdSettings};
 
 use crate::model::{Forward, VipAddr, XdpMode};
 
@@ -195,6 +197,8 @@ pub struct LiveConfig {
     pub drain_timeout: Duration,
     /// How to reach Consul, for VIPs whose backends come from it.
     pub consul: Option<ConsulSettings>,
+    /// How to reach etcd, for VIPs whose backends come from it.
+    pub etcd: Option<EtcdSettings>,
     pub vips: Vec<Vip>,
 }
 
@@ -206,19 +210,32 @@ impl LiveConfig {
         settings
     }
 
-    /// The Consul services the VIPs follow, sorted, each once.
-    pub fn consul_services(&self) -> Vec<ServiceQuery> {
-        let mut queries: Vec<ServiceQuery> = self
+    /// The `[etcd]` section, or the defaults.
+    pub fn etcd_settings(&self) -> EtcdSettings {
+        self.etcd.clone().unwrap_or_default()
+    }
+
+    /// The discovery sources the VIPs follow, sorted, each once.
+    pub fn sources(&self) -> Vec<Source> {
+        let mut sources: Vec<Source> = self
             .vips
             .iter()
             .filter_map(|v| match &v.backends {
-                Backends::Consul(q) => Some(q.clone()),
+                Backends::Discovered(source) => Some(source.clone()),
                 Backends::Static(_) => None,
             })
             .collect();
-        queries.sort();
-        queries.dedup();
-        queries
+        sources.sort();
+        sources.dedup();
+        sources
+    }
+
+    /// What to do when `source` reports no instance.
+    pub fn on_empty(&self, source: &Source) -> EmptyPolicy {
+        match source {
+            Source::Consul(_) => self.consul.as_ref().map(|c| c.on_empty).unwrap_or_default(),
+            Source::Etcd(_) => self.etcd.as_ref().map(|e| e.on_empty).unwrap_or_default(),
+        }
     }
 
     pub fn vip(&self, name: &str) -> Option<&Vip> {
@@ -242,8 +259,71 @@ pub struct Vip {
 pub enum Backends {
     /// Listed in the file.
     Static(Vec<Backend>),
+    /// The instances a discovery source lists.
+    Discovered(Source),
+}
+
+/// A service in a discovery system: where a VIP's backends come from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
     /// The healthy instances of a Consul service.
     Consul(ServiceQuery),
+    /// The keys under an etcd prefix.
+    Etcd(EtcdPrefix),
+}
+
+/// Which discovery system a [`Source`] is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Consul,
+    Etcd,
+}
+
+impl SourceKind {
+    /// As metric labels and the API write it.
+    pub fn label(self) -> &'static str {
+        match self {
+            SourceKind::Consul => "consul",
+            SourceKind::Etcd => "etcd",
+        }
+    }
+}
+
+impl Source {
+    pub fn kind(&self) -> SourceKind {
+        match self {
+            Source::Consul(_) => SourceKind::Consul,
+            Source::Etcd(_) => SourceKind::Etcd,
+        }
+    }
+
+    /// The service's name in its system: `web`, `web[tag=blue]`,
+    /// `/services/web/`.
+    pub fn name(&self) -> String {
+        match self {
+            Source::Consul(query) => query.to_string(),
+            Source::Etcd(prefix) => prefix.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Consul(query) => write!(f, "Consul service {query}"),
+            Source::Etcd(prefix) => write!(f, "etcd prefix {prefix}"),
+        }
+    }
+}
+
+impl std::fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceKind::Consul => "Consul",
+            SourceKind::Etcd => "etcd",
+        })
+    }
 }
 
 impl Backends {
@@ -251,7 +331,7 @@ impl Backends {
     pub fn listed(&self) -> &[Backend] {
         match self {
             Backends::Static(list) => list,
-            Backends::Consul(_) => &[],
+            Backends::Discovered(_) => &[],
         }
     }
 }

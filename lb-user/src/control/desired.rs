@@ -16,7 +16,7 @@ use crate::{
         check::{NewBackends, OnAllFailed, OnFail},
     },
     control::overrides::Overrides,
-    discovery::{Discovery, consul::Instance},
+    discovery::{Discovery, Instance},
     health::{State, Target},
     model::{Forward, Unusable, VipAddr},
 };
@@ -143,8 +143,8 @@ pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> Built {
                     (list.iter().map(|b| backend(b.address, b.weight)).collect(), Leave::Drain, false)
                 }
                 // Instances leave discovery's healthy set by failing: no drain.
-                Backends::Consul(query) => {
-                    match inputs.discovery.view(query).and_then(|s| s.instances.as_ref()) {
+                Backends::Discovered(source) => {
+                    match inputs.discovery.view(source).and_then(|s| s.instances.as_ref()) {
                         None => (Vec::new(), Leave::AtOnce, true),
                         Some(instances) => {
                             let mut list = Vec::new();
@@ -153,7 +153,7 @@ pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> Built {
                                     Ok(addr) => list.push(backend(addr, i.weight)),
                                     Err(why) => notes.push(Note {
                                         vip: v.name.clone(),
-                                        text: format!("{query} instance {}/{} {why}; skipped", i.node, i.id),
+                                        text: format!("{source}: instance {} {why}; skipped", i.id),
                                     }),
                                 }
                             }
@@ -161,7 +161,7 @@ pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> Built {
                                 notes.push(Note {
                                     vip: v.name.clone(),
                                     text: format!(
-                                        "{query} has {} instances but only {budget} backend ids are left \
+                                        "{source} has {} instances but only {budget} backend ids are left \
                                      (max_backends); using the first {budget} by address",
                                         list.len()
                                     ),
@@ -264,8 +264,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::Config,
-        discovery::consul::{EmptyPolicy, ServiceQuery, Update},
+        config::{Config, ServiceQuery, Source},
+        discovery::{EmptyPolicy, InstanceId, Update},
     };
 
     fn config(max_backends: u32) -> Config {
@@ -276,14 +276,13 @@ mod tests {
         Config::parse(&text, Path::new("test.toml")).unwrap()
     }
 
-    fn query() -> ServiceQuery {
-        ServiceQuery { service: "web".into(), tag: None }
+    fn query() -> Source {
+        Source::Consul(ServiceQuery { service: "web".into(), tag: None })
     }
 
     fn instance(i: u32, address: IpAddr, port: u16, weight: u32) -> Instance {
         Instance {
-            node: format!("n{i}"),
-            id: format!("web-{i}"),
+            id: InstanceId::Consul { node: format!("n{i}"), id: format!("web-{i}") },
             address,
             tagged: vec![],
             port,
@@ -293,9 +292,9 @@ mod tests {
     }
 
     fn discovery(instances: Vec<Instance>) -> Discovery {
-        let mut d = Discovery::new(EmptyPolicy::Keep);
-        d.watch_only(&[query()]);
-        d.update(Update::Instances { query: query(), instances, problems: vec![], index: 1 }, Instant::now());
+        let mut d = Discovery::default();
+        d.watch_only(&[(query(), EmptyPolicy::Keep)]);
+        d.update(Update::Instances { source: query(), instances, problems: vec![], index: 1 }, Instant::now());
         d
     }
 
@@ -357,8 +356,8 @@ mod tests {
 
     #[test]
     fn a_service_without_an_answer_holds_its_vip() {
-        let mut d = Discovery::new(EmptyPolicy::Keep);
-        d.watch_only(&[query()]);
+        let mut d = Discovery::default();
+        d.watch_only(&[(query(), EmptyPolicy::Keep)]);
         let (desired, _) = build_with(&config(4096), &d);
         assert!(desired.vips[0].hold && desired.vips[0].backends.is_empty());
     }
@@ -392,7 +391,7 @@ mod tests {
     fn failing_backends_leave_at_once_and_new_ones_wait_for_their_check() {
         use State::*;
         let config = checked_config("");
-        let d = Discovery::new(EmptyPolicy::Keep);
+        let d = Discovery::default();
         let built = build_checked(&config, &d, &verdicts(&config, [Up, Down, Unknown]));
         assert_eq!(weights(&built), [(A, 1)]);
         assert_eq!(built.desired.vips[0].failed, [B], "the failed one leaves at once");
@@ -411,7 +410,7 @@ mod tests {
     fn every_backend_failing_is_panic_mode_unless_told_to_empty() {
         use State::*;
         let config = checked_config("");
-        let d = Discovery::new(EmptyPolicy::Keep);
+        let d = Discovery::default();
         let built = build_checked(&config, &d, &verdicts(&config, [Down, Down, Unknown]));
         assert_eq!(weights(&built), [(A, 1), (B, 1), (C, 1)], "all kept");
         assert_eq!(built.panics, ["web"]);

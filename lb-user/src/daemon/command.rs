@@ -6,7 +6,7 @@ use tracing::{info, warn};
 
 use super::{Daemon, Host};
 use crate::{
-    config::Backends,
+    config::{Backends, Source},
     control::desired::instance_address,
     dataplane::Store,
     observe::admin::{Action, ApiError, Change},
@@ -47,9 +47,9 @@ impl<S: Store, R: Host> Daemon<S, R> {
         };
         let known = match &vip.backends {
             Backends::Static(list) => list.iter().any(|b| b.address == backend),
-            Backends::Consul(q) => self
+            Backends::Discovered(source) => self
                 .discovery
-                .view(q)
+                .view(source)
                 .and_then(|v| v.instances.as_ref())
                 .is_some_and(|i| i.iter().any(|i| instance_address(i, vip.addr.ip) == Some(backend))),
         };
@@ -60,13 +60,14 @@ impl<S: Store, R: Host> Daemon<S, R> {
         match (change, &vip.backends) {
             (Change::Drain, _) => value.drained = true,
             (Change::Undrain, _) => value.drained = false,
-            (Change::Weight(_), Backends::Consul(_)) => {
+            (Change::Weight(_), Backends::Discovered(source)) => {
+                let how = match source {
+                    Source::Consul(_) => "Weights or meta xlb-weight",
+                    Source::Etcd(_) => "\"weight\" in the key's JSON value",
+                };
                 return Err(ApiError::new(
                     409,
-                    format!(
-                        "backends of VIP {:?} come from Consul: set weights there (Weights or meta xlb-weight)",
-                        name
-                    ),
+                    format!("backends of VIP {name:?} come from {source}: set weights there ({how})"),
                 ));
             }
             (Change::Weight(w), Backends::Static(_)) => value.weight = Some(w),

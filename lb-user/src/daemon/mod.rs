@@ -37,7 +37,7 @@ pub use host::{Host, NetHost, Resolved};
 pub use start::{Running, start};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
-pub use watchers::{WatchFn, consul_watch};
+pub use watchers::{Watch, WatchFn, discovery_watch};
 
 use crate::{
     config::{Config, LiveConfig, StartConfig},
@@ -47,7 +47,7 @@ use crate::{
         reconcile::{Reconciler, Shortfall},
     },
     dataplane::{Maps, Store, loader::Params},
-    discovery::{Discovery, consul::Update},
+    discovery::{Discovery, Update},
     files::RunFiles,
     health::{Checker, Target},
     model::Attachment,
@@ -191,7 +191,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
                 .flat_map(|v| v.backends.iter().filter_map(|(a, b)| Some((*a, b.mac?))))
                 .collect(),
         );
-        let mut discovery = Discovery::new(config.live.consul_settings().on_empty);
+        let mut discovery = Discovery::default();
         let verdicts = crate::health::checker::Notify::default();
         let health_events = sources::health(verdicts.clone(), events.clone());
         let mut watchers = Watchers::new(events, watch);

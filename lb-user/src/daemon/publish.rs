@@ -26,7 +26,7 @@ use crate::{
     observe::{
         admin::Published,
         status::{
-            BackendStatus, CheckStatus, DaemonStatus, HopStatus, SourceStatus, Status, Sync, VipStatus,
+            BackendStatus, CheckStatus, DaemonStatus, HopStatus, SourceRef, SourceStatus, Status, Sync, VipStatus,
             unix_secs,
         },
     },
@@ -106,7 +106,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
                 .discovery
                 .services()
                 .iter()
-                .map(|(q, view)| source(q.to_string(), view, now))
+                .map(|(s, view)| source_status(s.into(), view, now))
                 .collect(),
             announce: self.announcing.as_ref().map(super::announce::Announcing::status),
             ..Status::default()
@@ -115,8 +115,8 @@ impl<S: Store, R: Host> Daemon<S, R> {
 
     fn vip_status(&self, addr: &VipAddr, vip: &VipState, progress: &HashMap<Target, Progress>) -> VipStatus {
         let table_size = self.start.capacities.table_size as f64;
-        let consul = self.live.vip(&vip.name).and_then(|v| match &v.backends {
-            Backends::Consul(q) => Some(q.to_string()),
+        let source = self.live.vip(&vip.name).and_then(|v| match &v.backends {
+            Backends::Discovered(source) => Some(SourceRef::from(source)),
             Backends::Static(_) => None,
         });
         VipStatus {
@@ -125,7 +125,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
             port: addr.port,
             protocol: addr.protocol,
             forward: vip.forward,
-            consul,
+            source,
             id: vip.id,
             generation: vip.generation,
             swapped_at: vip.swapped_at.map(unix_secs),
@@ -178,12 +178,12 @@ impl<S: Store, R: Host> Daemon<S, R> {
     }
 }
 
-fn source(service: String, view: &ServiceView, (now, wall): (Instant, SystemTime)) -> SourceStatus {
+fn source_status(source: SourceRef, view: &ServiceView, (now, wall): (Instant, SystemTime)) -> SourceStatus {
     let at = |t: Option<Instant>| {
         t.and_then(|t| wall.checked_sub(now.saturating_duration_since(t))).map(unix_secs)
     };
     SourceStatus {
-        service,
+        source,
         instances: view.instances.as_ref().map(Vec::len),
         stale: view.stale(),
         synced_at: at(view.synced_at),

@@ -41,7 +41,6 @@ impl<S: Store, R: Host> Daemon<S, R> {
             error!(error = %error_chain(e.as_ref()), "config rejected; the running config stays in force");
             return false;
         }
-        self.discovery.set_policy(reload.live.consul_settings().on_empty);
         self.live = reload.live;
         info!(config = %self.config_path.display(), "config reloaded");
         true

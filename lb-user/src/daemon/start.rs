@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use tokio::{net::TcpListener, sync::mpsc, task::JoinHandle};
 use tracing::info;
 
-use super::{Daemon, Event, NetHost, Parts, checks, consul_watch, sources};
+use super::{Daemon, Event, NetHost, Parts, checks, discovery_watch, sources, watchers};
 use crate::{
     config::Config,
     control::reconcile::Reconciler,
@@ -16,7 +16,6 @@ use crate::{
         KernelStore,
         loader::{self, Loaded, Params},
     },
-    discovery::consul,
     files::RunFiles,
     net,
     observe::admin::{self, Api},
@@ -59,9 +58,7 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
     let start_announce = start.announce.clone();
     let lo =
         net::interface(&handle, "lo").await.context("the loopback interface (VIP routes point at it)")?;
-    if !config.live.consul_services().is_empty() {
-        consul::Client::new(&config.live.consul_settings()).context("field `consul`")?;
-    }
+    watchers::clients(&config.live)?;
     let token = start.admin.token()?;
     // Bound before the data plane is touched: a busy port fails the start.
     let listener = TcpListener::bind(start.admin.listen)
@@ -96,7 +93,7 @@ pub async fn start(path: &Path) -> anyhow::Result<Running> {
         ),
         attachment: dataplane.attachment,
         events: sender.clone(),
-        watch: consul_watch,
+        watch: discovery_watch,
     })?;
     daemon.begin().await;
     let (commands, command_queue) = mpsc::channel(COMMAND_QUEUE);

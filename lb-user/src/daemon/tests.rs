@@ -11,10 +11,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::*;
 use crate::{
-    config::ServiceQuery,
+    config::{ServiceQuery, Source},
     control::desired::NextHop,
     dataplane::{MemoryStore, loader::Params},
-    discovery::consul::{self, Instance},
+    discovery::{Instance, InstanceId},
     model::{Protocol, VipAddr},
     net::{
         bird,
@@ -88,11 +88,7 @@ fn mac(addr: IpAddr) -> [u8; 6] {
 }
 
 /// A watcher that reports nothing: the tests send discovery's reports.
-fn quiet(
-    _: consul::Client,
-    _: ServiceQuery,
-    updates: mpsc::Sender<consul::Update>,
-) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+fn quiet(_: Watch, updates: mpsc::Sender<Update>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     Box::pin(async move { updates.closed().await })
 }
 
@@ -284,8 +280,7 @@ async fn an_edit_of_the_file_is_seen_on_the_next_tick() {
 
 fn instance(last: u8) -> Instance {
     Instance {
-        node: format!("n{last}"),
-        id: format!("api-{last}"),
+        id: InstanceId::Consul { node: format!("n{last}"), id: format!("api-{last}") },
         address: ip(last),
         tagged: vec![],
         port: 80,
@@ -295,12 +290,9 @@ fn instance(last: u8) -> Instance {
 }
 
 fn answer_at(epoch: u64, service: &str, backends: &[u8]) -> Event {
-    let query = ServiceQuery { service: service.into(), tag: None };
+    let source = Source::Consul(ServiceQuery { service: service.into(), tag: None });
     let instances = backends.iter().map(|b| instance(*b)).collect();
-    Event::Discovery {
-        epoch,
-        update: consul::Update::Instances { query, instances, problems: vec![], index: 5 },
-    }
+    Event::Discovery { epoch, update: Update::Instances { source, instances, problems: vec![], index: 5 } }
 }
 
 const CONSUL_WEB: &str = "interface = \"eth0\"\n[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\nconsul = { service = \"web\" }\n";

@@ -8,32 +8,56 @@ use tracing::info;
 
 use super::Event;
 use crate::{
-    config::{ConsulSettings, LiveConfig, ServiceQuery},
-    discovery::{
-        Discovery,
-        consul::{self, Update},
-    },
+    config::{ConsulSettings, EtcdPrefix, EtcdSettings, LiveConfig, ServiceQuery, Source, SourceKind},
+    discovery::{Discovery, Update, consul, etcd},
 };
 
-/// Watches one Consul service with a client, reporting on a channel until
-/// it closes.
-pub type WatchFn =
-    fn(consul::Client, ServiceQuery, mpsc::Sender<Update>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+/// What one watcher follows, with what it needs to reach it.
+pub enum Watch {
+    Consul { client: consul::Client, query: ServiceQuery },
+    Etcd { connector: etcd::Connector, prefix: EtcdPrefix },
+}
 
-/// The real watcher: Consul's blocking queries.
-pub fn consul_watch(
-    client: consul::Client,
-    query: ServiceQuery,
-    updates: mpsc::Sender<Update>,
-) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-    Box::pin(consul::watch(client, query, updates))
+/// Follows one source, reporting on a channel until it closes.
+pub type WatchFn = fn(Watch, mpsc::Sender<Update>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The real watchers: Consul's blocking queries, etcd's watch.
+pub fn discovery_watch(watch: Watch, updates: mpsc::Sender<Update>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    match watch {
+        Watch::Consul { client, query } => Box::pin(consul::watch(client, query, updates)),
+        Watch::Etcd { connector, prefix } => Box::pin(etcd::watch(connector, prefix, updates)),
+    }
+}
+
+/// A client for each discovery system the config uses.
+pub(super) struct Clients {
+    consul: Option<consul::Client>,
+    etcd: Option<etcd::Connector>,
+}
+
+/// The clients `live`'s sources need, from its settings; an error names
+/// the section whose settings cannot be used.
+pub(super) fn clients(live: &LiveConfig) -> anyhow::Result<Clients> {
+    let sources = live.sources();
+    let uses = |kind| sources.iter().any(|s| s.kind() == kind);
+    let consul = uses(SourceKind::Consul)
+        .then(|| consul::Client::new(&live.consul_settings()))
+        .transpose()
+        .context("field `consul`")?;
+    let etcd = uses(SourceKind::Etcd)
+        .then(|| etcd::Connector::new(&live.etcd_settings()))
+        .transpose()
+        .context("field `etcd`")?;
+    Ok(Clients { consul, etcd })
 }
 
 pub(super) struct Watchers {
     watch: WatchFn,
     events: mpsc::Sender<Event>,
-    settings: Option<ConsulSettings>,
-    tasks: BTreeMap<ServiceQuery, JoinHandle<()>>,
+    /// The settings the running watchers use (`None`: that system unused).
+    consul: Option<ConsulSettings>,
+    etcd: Option<EtcdSettings>,
+    tasks: BTreeMap<Source, JoinHandle<()>>,
     /// Bumped at every start-over: reports still queued from the watchers
     /// before it carry an older epoch and are dropped.
     epoch: u64,
@@ -46,7 +70,8 @@ const QUEUE: usize = 64;
 impl Watchers {
     pub fn new(events: mpsc::Sender<Event>, watch: WatchFn) -> Self {
         let (updates, _) = mpsc::channel(1);
-        let mut w = Watchers { watch, events, settings: None, tasks: BTreeMap::new(), epoch: 0, updates };
+        let mut w =
+            Watchers { watch, events, consul: None, etcd: None, tasks: BTreeMap::new(), epoch: 0, updates };
         w.start_over();
         w
     }
@@ -55,45 +80,58 @@ impl Watchers {
         self.epoch
     }
 
-    /// Watches exactly the services `live` names, with its settings.
+    /// Watches exactly the sources `live` names, with its settings.
     pub fn follow(&mut self, live: &LiveConfig, discovery: &mut Discovery) -> anyhow::Result<()> {
-        let queries = live.consul_services();
-        let settings = live.consul_settings();
-        if queries.is_empty() {
+        let sources = live.sources();
+        if sources.is_empty() {
             self.stop_all();
             discovery.watch_only(&[]);
             return Ok(());
         }
-        // The client first: settings it cannot use change nothing.
-        let client = consul::Client::new(&settings).context("field `consul`")?;
-        if self.settings.as_ref() != Some(&settings) {
-            // Another agent, datacenter or token: every service starts over.
+        // The clients first: settings they cannot use change nothing.
+        let Clients { consul, etcd } = clients(live)?;
+        let consul_settings = consul.as_ref().map(|_| live.consul_settings());
+        let etcd_settings = etcd.as_ref().map(|c| c.settings().clone());
+        if self.consul != consul_settings || self.etcd != etcd_settings {
+            // Another agent, cluster, token or user: every source starts over.
             self.stop_all();
             discovery.watch_only(&[]);
         }
-        self.settings = Some(settings);
-        self.tasks.retain(|q, task| {
-            let keep = queries.contains(q);
+        (self.consul, self.etcd) = (consul_settings, etcd_settings);
+        self.tasks.retain(|s, task| {
+            let keep = sources.contains(s);
             if !keep {
                 task.abort();
             }
             keep
         });
-        for q in &queries {
-            if !self.tasks.contains_key(q) {
-                info!(service = %q, "watching Consul service");
-                let task = tokio::spawn((self.watch)(client.clone(), q.clone(), self.updates.clone()));
-                self.tasks.insert(q.clone(), task);
+        for source in &sources {
+            if self.tasks.contains_key(source) {
+                continue;
             }
+            let watch = match source {
+                Source::Consul(query) => {
+                    let client = consul.clone().expect("a client for a Consul source");
+                    Watch::Consul { client, query: query.clone() }
+                }
+                Source::Etcd(prefix) => {
+                    let connector = etcd.clone().expect("a connector for an etcd source");
+                    Watch::Etcd { connector, prefix: prefix.clone() }
+                }
+            };
+            info!(%source, "watching");
+            let task = tokio::spawn((self.watch)(watch, self.updates.clone()));
+            self.tasks.insert(source.clone(), task);
         }
-        discovery.watch_only(&queries);
+        let policies: Vec<_> = sources.iter().map(|s| (s.clone(), live.on_empty(s))).collect();
+        discovery.watch_only(&policies);
         Ok(())
     }
 
     pub fn stop_all(&mut self) {
         self.tasks.values().for_each(JoinHandle::abort);
         self.tasks.clear();
-        self.settings = None;
+        (self.consul, self.etcd) = (None, None);
         self.start_over();
     }
 

@@ -393,7 +393,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
                 forward: Forward::Dr,
-                consul: None,
+                source: None,
                 id: 3,
                 generation: 1,
                 swapped_at: None,

@@ -117,7 +117,7 @@ fn vip_status(
         port: addr.port,
         protocol: addr.protocol,
         forward: entry.forward,
-        consul: label.and_then(|l| l.consul.clone()),
+        source: label.and_then(|l| l.source.clone()),
         id: entry.id,
         generation: label.map_or(0, |l| l.generation),
         swapped_at: label.and_then(|l| l.swapped_at),

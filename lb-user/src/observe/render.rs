@@ -3,7 +3,7 @@
 use std::{fmt::Write as _, net::IpAddr};
 
 use super::status::{SourceStatus, Status, VipStatus};
-use crate::{control::announce::Switch, model::Forward};
+use crate::{config::SourceKind, control::announce::Switch, model::Forward};
 
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
@@ -86,9 +86,9 @@ fn vip(out: &mut String, v: &VipStatus, s: &Status) {
     if let Some(announce) = &v.announce {
         let _ = writeln!(out, "  {announce}");
     }
-    if let Some(service) = &v.consul {
-        let view = s.discovery.iter().find(|d| &d.service == service);
-        let _ = writeln!(out, "  backends from Consul service {service}: {}", describe_source(view));
+    if let Some(source) = &v.source {
+        let view = s.discovery.iter().find(|d| &d.source == source);
+        let _ = writeln!(out, "  backends from {source}: {}", describe_source(source.kind, view));
     }
     for note in &v.notes {
         let _ = writeln!(out, "  left out: {note}");
@@ -148,24 +148,24 @@ fn vip(out: &mut String, v: &VipStatus, s: &Status) {
     out.push('\n');
 }
 
-fn describe_source(view: Option<&SourceStatus>) -> String {
+fn describe_source(kind: SourceKind, view: Option<&SourceStatus>) -> String {
     let Some(d) = view else { return "not watched".into() };
     let ago = |t: Option<f64>| t.map_or_else(|| "never".into(), |s| format!("{s:.1} s ago"));
     let (answer, change) = (ago(d.synced_secs_ago), ago(d.changed_secs_ago));
     let mut text = match (d.instances, d.stale) {
         (None, _) if d.empty_kept => {
-            "Consul reports no healthy instance; keeping the backends the tables hold".into()
+            format!("{kind} reports no healthy instance; keeping the backends the tables hold")
         }
-        (None, _) => format!("waiting for Consul's first answer ({} errors)", d.errors_total),
+        (None, _) => format!("waiting for {kind}'s first answer ({} errors)", d.errors_total),
         (Some(n), false) => format!("in sync, {n} instances, last answer {answer}, last change {change}"),
         (Some(n), true) => format!(
-            "STALE: Consul unreachable or failing (last answer {answer}, {} errors{}); serving the last {n} known instances",
+            "STALE: {kind} unreachable or failing (last answer {answer}, {} errors{}); serving the last {n} known instances",
             d.errors_total,
             d.last_error.as_deref().map(|e| format!(", last: {e}")).unwrap_or_default()
         ),
     };
     if d.empty_kept {
-        text.push_str("; ALARM: Consul reports no healthy instance, the last set is kept");
+        let _ = write!(text, "; ALARM: {kind} reports no healthy instance, the last set is kept");
     }
     for problem in &d.problems {
         let _ = write!(text, "\n    {problem}");

@@ -15,6 +15,7 @@ use lb_common::{Counter, Event, Reason};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    config::{Source, SourceKind},
     control::announce::{Announcement, Switch},
     dataplane::{BackendId, Counters, DataplaneError, VipId},
     model::{Attachment, BackendRole, Forward, Protocol},
@@ -132,8 +133,9 @@ pub struct VipStatus {
     pub port: u16,
     pub protocol: Protocol,
     pub forward: Forward,
-    /// The Consul service its backends come from.
-    pub consul: Option<String>,
+    /// The discovery source its backends come from.
+    #[serde(default)]
+    pub source: Option<SourceRef>,
     pub id: VipId,
     /// Table switches since the daemon started, and when the last was
     /// (seconds since the Unix epoch).
@@ -198,11 +200,34 @@ pub struct HopStatus {
     pub mtu: u16,
 }
 
+/// A discovery source, as status names it: `{"kind": "consul", "name":
+/// "web[tag=blue]"}`, `{"kind": "etcd", "name": "/services/web/"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRef {
+    pub kind: SourceKind,
+    pub name: String,
+}
+
+impl From<&Source> for SourceRef {
+    fn from(source: &Source) -> Self {
+        SourceRef { kind: source.kind(), name: source.name() }
+    }
+}
+
+impl std::fmt::Display for SourceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            SourceKind::Consul => write!(f, "Consul service {}", self.name),
+            SourceKind::Etcd => write!(f, "etcd prefix {}", self.name),
+        }
+    }
+}
+
 /// A watched discovery source.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SourceStatus {
-    /// "name" or "name[tag=…]".
-    pub service: String,
+    #[serde(flatten)]
+    pub source: SourceRef,
     /// Instances in force; `None` before the first answer.
     pub instances: Option<usize>,
     /// Queries are failing: the last known instances stay in force.

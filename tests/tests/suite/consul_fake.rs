@@ -9,7 +9,7 @@ use std::{
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use xlb::discovery::consul::{
-    AddressSource, Client, ConsulError, ConsulSettings, Instance, Problem, ServiceQuery, Unusable, Update,
+    AddressSource, Client, ConsulError, ConsulSettings, Instance, InstanceId, Problem, ServiceQuery, Unusable, Update,
     WarningPolicy, WatchOptions, watch_with,
 };
 use xlb_tests::consul_fake::{CheckStatus, FakeConsul};
@@ -56,8 +56,16 @@ fn three_webs(fake: &FakeConsul) {
     register(fake, "web-3", "10.1.0.3", "passing", json!({}));
 }
 
+/// A Consul instance's service ID.
+fn sid(i: &Instance) -> &str {
+    match &i.id {
+        InstanceId::Consul { id, .. } => id,
+        InstanceId::Etcd { .. } => panic!("not a Consul instance: {i:?}"),
+    }
+}
+
 fn ids(instances: &[Instance]) -> Vec<&str> {
-    instances.iter().map(|i| i.id.as_str()).collect()
+    instances.iter().map(sid).collect()
 }
 
 /// Watch pacing scaled down for tests.
@@ -140,8 +148,7 @@ async fn fetch_maps_instances_addresses_and_weights() {
     assert_eq!(snapshot.problems, []);
     assert_eq!(snapshot.index, fake.service_index("web"));
     let expect = |id: &str, address: &str, port, weight| Instance {
-        node: "node-a".into(),
-        id: id.into(),
+        id: InstanceId::Consul { node: "node-a".into(), id: id.into() },
         address: ip(address),
         tagged: vec![],
         port,
@@ -274,11 +281,14 @@ async fn an_instance_registered_without_address_on_a_dev_agent_is_reported_and_l
     let entry = raw.as_array().unwrap().iter().find(|e| e["Service"]["ID"] == "web-2").unwrap();
     assert_eq!((&entry["Service"]["Address"], &entry["Node"]["Address"]), (&json!(""), &json!("127.0.0.1")));
 
-    let loopback = |id: &str| Problem::UnusableAddress {
-        instance: format!("dev/{id}"),
-        address: ip("127.0.0.1"),
-        source: AddressSource::Node,
-        why: Unusable::Loopback,
+    let loopback = |id: &str| {
+        Problem::UnusableAddress {
+            instance: format!("dev/{id}"),
+            address: ip("127.0.0.1"),
+            source: AddressSource::Node,
+            why: Unusable::Loopback,
+        }
+        .to_string()
     };
     let mut rx = start_watch(&fake, web(), fast());
     match next(&mut rx).await {
@@ -577,7 +587,7 @@ async fn warning_instances_follow_the_policy() {
     register(&fake, "web-3", "10.1.0.3", "critical", json!({}));
 
     let keep = client(&fake).fetch(&web(), 0, LONG_WAIT).await.unwrap();
-    let got: Vec<_> = keep.instances.iter().map(|i| (i.id.as_str(), i.weight, i.warning)).collect();
+    let got: Vec<_> = keep.instances.iter().map(|i| (sid(i), i.weight, i.warning)).collect();
     assert_eq!(got, [("web-1", 10, false), ("web-2", 2, true)]);
 
     let strict = Client::new(&ConsulSettings { warning: WarningPolicy::Exclude, ..settings(&fake) }).unwrap();
@@ -589,7 +599,7 @@ async fn warning_instances_follow_the_policy() {
     // A warning instance coming back to passing gets its passing weight.
     fake.pass("service:web-2");
     let back = client(&fake).fetch(&web(), 0, LONG_WAIT).await.unwrap();
-    let got: Vec<_> = back.instances.iter().map(|i| (i.id.as_str(), i.weight, i.warning)).collect();
+    let got: Vec<_> = back.instances.iter().map(|i| (sid(i), i.weight, i.warning)).collect();
     assert_eq!(got, [("web-1", 10, false), ("web-2", 10, false)]);
 }
 

@@ -88,7 +88,7 @@ fn big_status(vips: usize, backends: usize) -> String {
             let addr = |b: usize| format!("10.{}.{}.{}", v, b / 250, b % 250 + 1);
             serde_json::json!({
                 "name": format!("vip{v}"), "address": format!("192.0.2.{}", v + 1), "port": 80, "protocol": "tcp",
-                "forward": "dr", "consul": null, "id": v, "generation": 1, "swapped_at": null,
+                "forward": "dr", "source": null, "id": v, "generation": 1, "swapped_at": null,
                 "packets": 1000 * v, "bytes": 64000 * v, "notes": [], "announce": null, "check_panic": false,
                 "backends": (0..backends).map(|b| serde_json::json!({
                     "address": addr(b), "id": v * backends + b + 1, "state": "active", "weight": 1,

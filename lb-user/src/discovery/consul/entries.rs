@@ -4,7 +4,8 @@ use std::{collections::HashMap, net::IpAddr};
 
 use serde::Deserialize;
 
-use super::{AddressSource, Instance, Problem, Unusable, WEIGHT_META_KEY, WarningPolicy};
+use super::{AddressSource, Instance, InstanceId, Problem, Unusable, WEIGHT_META_KEY, WarningPolicy};
+use crate::discovery::dedup_by_address;
 use crate::config::MAX_WEIGHT;
 
 /// One element of `GET /v1/health/service/<service>`: the parts xlb reads.
@@ -92,7 +93,7 @@ pub(crate) fn aggregate(checks: &[Check]) -> Health {
 }
 
 /// Turns the entries of a query for `tag` (if any) into instances by the
-/// rules on [`Instance`]: sorted by (node, id), at most `limit`, with what
+/// rules in the module's notes: sorted by (node, id), at most `limit`, with what
 /// was skipped or changed.
 pub(crate) fn map_entries(
     entries: Vec<Entry>,
@@ -119,8 +120,13 @@ pub(crate) fn map_entries(
             candidates.push(instance);
         }
     }
-    let mut instances = dedup_by_address(candidates, &mut problems);
-    instances.sort_by(|a, b| (&a.node, &a.id).cmp(&(&b.node, &b.id)));
+    let (mut instances, duplicates) = dedup_by_address(candidates);
+    problems.extend(duplicates.into_iter().map(|d| Problem::Duplicate {
+        address: d.address,
+        kept: d.kept,
+        dropped: d.dropped,
+    }));
+    instances.sort_by(|a, b| a.id.cmp(&b.id));
     if instances.len() > limit {
         problems.push(Problem::TooMany { total: instances.len(), kept: limit });
         instances.truncate(limit);
@@ -155,7 +161,8 @@ fn to_instance(entry: Entry, warning: bool, problems: &mut Vec<Problem>) -> Opti
         .filter_map(|k| service.tagged_addresses.as_ref()?.get(*k)?.address.parse::<IpAddr>().ok())
         .filter(|a| *a != address && Unusable::of(*a).is_none())
         .collect();
-    Some(Instance { node: node.name, id: service.id, address, tagged, port, weight, warning })
+    let id = InstanceId::Consul { node: node.name, id: service.id };
+    Some(Instance { id, address, tagged, port, weight, warning })
 }
 
 /// Whether `tags` hold `tag` as Consul's health endpoint matches it: both
@@ -193,37 +200,30 @@ fn weight(service: &Service, warning: bool, label: &str, problems: &mut Vec<Prob
     clamped as u32
 }
 
-/// One instance per address: passing before warning, then the higher
-/// weight, then the first by (node, id).
-fn dedup_by_address(mut candidates: Vec<Instance>, problems: &mut Vec<Problem>) -> Vec<Instance> {
-    candidates.sort_by(|a, b| {
-        (a.address, a.warning, std::cmp::Reverse(a.weight), &a.node, &a.id).cmp(&(
-            b.address,
-            b.warning,
-            std::cmp::Reverse(b.weight),
-            &b.node,
-            &b.id,
-        ))
-    });
-    let mut kept: Vec<Instance> = Vec::with_capacity(candidates.len());
-    for instance in candidates {
-        match kept.last() {
-            Some(first) if first.address == instance.address => problems.push(Problem::Duplicate {
-                address: instance.address,
-                kept: format!("{}/{}", first.node, first.id),
-                dropped: format!("{}/{}", instance.node, instance.id),
-            }),
-            _ => kept.push(instance),
-        }
-    }
-    kept
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
     use super::*;
+
+    fn cid(node: &str, id: &str) -> InstanceId {
+        InstanceId::Consul { node: node.into(), id: id.into() }
+    }
+
+    /// The service ID of a Consul instance.
+    fn sid(i: &Instance) -> &str {
+        match &i.id {
+            InstanceId::Consul { id, .. } => id,
+            InstanceId::Etcd { .. } => unreachable!("a Consul instance"),
+        }
+    }
+
+    fn node(i: &Instance) -> &str {
+        match &i.id {
+            InstanceId::Consul { node, .. } => node,
+            InstanceId::Etcd { .. } => unreachable!("a Consul instance"),
+        }
+    }
 
     fn entries(value: serde_json::Value) -> Vec<Entry> {
         serde_json::from_value(value).unwrap()
@@ -249,7 +249,7 @@ mod tests {
     }
 
     fn ids(instances: &[Instance]) -> Vec<&str> {
-        instances.iter().map(|i| i.id.as_str()).collect()
+        instances.iter().map(|i| sid(i)).collect()
     }
 
     #[test]
@@ -265,7 +265,7 @@ mod tests {
             100,
         );
         assert_eq!(problems, []);
-        let got: Vec<_> = instances.iter().map(|i| (i.node.as_str(), i.id.as_str(), i.address)).collect();
+        let got: Vec<_> = instances.iter().map(|i| (node(i), sid(i), i.address)).collect();
         assert_eq!(
             got,
             [
@@ -294,10 +294,10 @@ mod tests {
             entry("n1", "down", "10.0.0.3", "critical"),
         ]);
         let (kept, _) = map_entries(entries(list.clone()), None, WarningPolicy::Keep, 100);
-        let got: Vec<_> = kept.iter().map(|i| (i.id.as_str(), i.weight, i.warning)).collect();
+        let got: Vec<_> = kept.iter().map(|i| (sid(i), i.weight, i.warning)).collect();
         assert_eq!(got, [("ok", 10, false), ("slow", 1, true)]);
         let (strict, _) = map_entries(entries(list), None, WarningPolicy::Exclude, 100);
-        let got: Vec<_> = strict.iter().map(|i| i.id.as_str()).collect();
+        let got: Vec<_> = strict.iter().map(|i| sid(i)).collect();
         assert_eq!(got, ["ok"]);
     }
 
@@ -332,7 +332,7 @@ mod tests {
             WarningPolicy::Keep,
             100,
         );
-        let got: Vec<_> = instances.iter().map(|i| (i.id.as_str(), i.weight)).collect();
+        let got: Vec<_> = instances.iter().map(|i| (sid(i), i.weight)).collect();
         assert_eq!(got, [("a", 1), ("b", 7), ("c", 7), ("d", 10), ("e", MAX_WEIGHT), ("f", 0), ("g", 0)]);
         assert_eq!(
             problems,
@@ -355,7 +355,7 @@ mod tests {
         let (instances, problems) =
             map_entries(entries(json!([hostname, bad_node, port, good])), None, WarningPolicy::Keep, 100);
         assert_eq!(instances.len(), 1);
-        assert_eq!(instances[0].id, "d");
+        assert_eq!(sid(&instances[0]), "d");
         assert_eq!(
             problems,
             [
@@ -377,25 +377,25 @@ mod tests {
         let twin_a = entry("n1", "twin-a", "10.0.0.2", "passing");
         let (instances, problems) =
             map_entries(entries(json!([heavy, light, warn, twin_b, twin_a])), None, WarningPolicy::Keep, 100);
-        let got: Vec<_> = instances.iter().map(|i| i.id.as_str()).collect();
+        let got: Vec<_> = instances.iter().map(|i| sid(i)).collect();
         assert_eq!(got, ["twin-a", "heavy"]);
         assert_eq!(
             problems,
             [
                 Problem::Duplicate {
                     address: ip("10.0.0.1"),
-                    kept: "n2/heavy".into(),
-                    dropped: "n1/light".into()
+                    kept: cid("n2", "heavy"),
+                    dropped: cid("n1", "light")
                 },
                 Problem::Duplicate {
                     address: ip("10.0.0.1"),
-                    kept: "n2/heavy".into(),
-                    dropped: "n0/warn".into()
+                    kept: cid("n2", "heavy"),
+                    dropped: cid("n0", "warn")
                 },
                 Problem::Duplicate {
                     address: ip("10.0.0.2"),
-                    kept: "n1/twin-a".into(),
-                    dropped: "n1/twin-b".into()
+                    kept: cid("n1", "twin-a"),
+                    dropped: cid("n1", "twin-b")
                 },
             ]
         );
@@ -408,7 +408,7 @@ mod tests {
             .map(|i| entry("n1", &format!("web-{i}"), &format!("10.0.0.{i}"), "passing"))
             .collect();
         let (instances, problems) = map_entries(entries(json!(list)), None, WarningPolicy::Keep, 3);
-        let got: Vec<_> = instances.iter().map(|i| i.id.as_str()).collect();
+        let got: Vec<_> = instances.iter().map(|i| sid(i)).collect();
         assert_eq!(got, ["web-0", "web-1", "web-2"]);
         assert_eq!(problems, [Problem::TooMany { total: 5, kept: 3 }]);
     }
@@ -422,8 +422,7 @@ mod tests {
         assert_eq!(
             instances,
             [Instance {
-                node: "n1".into(),
-                id: "bare".into(),
+                id: cid("n1", "bare"),
                 address: ip("10.0.0.9"),
                 tagged: vec![],
                 port: 0,

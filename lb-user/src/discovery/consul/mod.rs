@@ -20,58 +20,36 @@ mod client;
 mod entries;
 mod watch;
 
-use std::{fmt, net::IpAddr, path::PathBuf, time::Duration};
+use std::{fmt, net::IpAddr, path::PathBuf};
 
 pub use client::{Client, Snapshot};
 pub use watch::{WatchOptions, watch, watch_with};
 
+pub use super::{Instance, InstanceId, MAX_INSTANCES, Update};
 pub use crate::{
     config::consul::{ConsulSettings, DEFAULT_ADDRESS, EmptyPolicy, ServiceQuery, WarningPolicy},
     model::Unusable,
 };
 
-/// Instances accepted per service; past it the first ones by (node, id)
-/// are kept and the rest reported ([`Problem::TooMany`]).
-pub const MAX_INSTANCES: usize = 10_000;
-
 /// Service meta key whose value (a decimal u32) replaces the weight Consul
 /// gives the instance.
 pub const WEIGHT_META_KEY: &str = "xlb-weight";
 
-/// A healthy (or, by [`WarningPolicy::Keep`], degraded) instance of a
-/// service, ready to be a backend.
-///
-/// From a health entry: `address` is `Service.Address`, or `Node.Address`
-/// when that is empty (Consul's documented fallback); an address that is
-/// not an IP (a hostname), or is one no backend can have ([`Unusable`]: a
-/// dev agent's `Node.Address` is 127.0.0.1), skips the instance. For a
-/// query with a tag, an entry without it is skipped too, whatever the agent
-/// answered (see [`watch_with`]). `weight` is
-/// `Service.Weights.Passing`, or `Weights.Warning` for a warning instance
-/// (1 when Consul sends no weights), replaced by the service meta key
-/// [`WEIGHT_META_KEY`] in either state when that holds a valid u32; it is
-/// clamped to `0..=`[`MAX_WEIGHT`](crate::config::MAX_WEIGHT), and 0 means
-/// drain, as in the config file. Two instances with the same address (the
-/// backend's identity in xlb) are one backend: the passing one wins over a
-/// warning one, then the higher weight, then the first by (node, id).
-/// Everything skipped or changed is reported as a [`Problem`].
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Instance {
-    /// `Node.Node`: with `id`, the instance's identity in Consul.
-    pub node: String,
-    /// `Service.ID`.
-    pub id: String,
-    pub address: IpAddr,
-    /// Other addresses from `Service.TaggedAddresses` (`lan_ipv4`,
-    /// `wan_ipv4`, `lan_ipv6`, `wan_ipv6`, in that order): a dual-stack
-    /// instance backs VIPs of both families.
-    pub tagged: Vec<IpAddr>,
-    /// `Service.Port` (unused by DR forwarding, which keeps the port).
-    pub port: u16,
-    pub weight: u32,
-    /// Its worst check is `warning`.
-    pub warning: bool,
-}
+// How a health entry becomes an [`Instance`]:
+// `address` is `Service.Address`, or `Node.Address` when that is empty
+// (Consul's documented fallback); an address that is not an IP (a
+// hostname), or is one no backend can have ([`Unusable`]: a dev agent's
+// `Node.Address` is 127.0.0.1), skips the instance. For a query with a
+// tag, an entry without it is skipped too, whatever the agent answered
+// (see [`watch_with`]). `tagged` holds `Service.TaggedAddresses`
+// (`lan_ipv4`, `wan_ipv4`, `lan_ipv6`, `wan_ipv6`, in that order). `weight`
+// is `Service.Weights.Passing`, or `Weights.Warning` for a warning instance
+// (1 when Consul sends no weights), replaced by the service meta key
+// [`WEIGHT_META_KEY`] in either state when that holds a valid u32; it is
+// clamped to `0..=`[`MAX_WEIGHT`](crate::config::MAX_WEIGHT). `warning`:
+// its worst check is `warning`. Two instances with the same address are
+// one backend ([`dedup_by_address`](super::dedup_by_address)). Everything
+// skipped or changed is reported as a [`Problem`].
 
 /// Something in Consul's answer that did not make it into the instance list
 /// as it stood. [`watch`] logs each once, when it appears.
@@ -88,7 +66,7 @@ pub enum Problem {
     /// The weight was outside 0–[`MAX_WEIGHT`](crate::config::MAX_WEIGHT).
     WeightClamped { instance: String, weight: i64, clamped: u32 },
     /// Another instance has the same address; only `kept` is a backend.
-    Duplicate { address: IpAddr, kept: String, dropped: String },
+    Duplicate { address: IpAddr, kept: InstanceId, dropped: InstanceId },
     /// More than [`MAX_INSTANCES`]; the first `kept` by (node, id) are used.
     TooMany { total: usize, kept: usize },
 }
@@ -137,24 +115,6 @@ pub enum AddressSource {
     Service,
     /// `Node.Address`, as `Service.Address` was empty.
     Node,
-}
-
-/// What [`watch`] reports.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Update {
-    /// The instances now (sorted by node, then id) and the answer's
-    /// problems (everything skipped or changed on the way). Sent for the
-    /// first answer, when the instances or the problems change, and for the
-    /// first answer after failures.
-    Instances { query: ServiceQuery, instances: Vec<Instance>, problems: Vec<Problem>, index: u64 },
-    /// Consul answered, and the instances and problems last sent still
-    /// stand. Sent for every other answer, so that a consumer can tell how
-    /// long ago Consul last answered apart from how long ago the set last
-    /// changed.
-    Unchanged { query: ServiceQuery, index: u64 },
-    /// A query failed; the last instances sent still stand. The next
-    /// attempt is `retry_in` from now.
-    Failed { query: ServiceQuery, error: String, consecutive_failures: u32, retry_in: Duration },
 }
 
 #[derive(Debug, thiserror::Error)]

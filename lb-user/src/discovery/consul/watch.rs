@@ -1,14 +1,12 @@
 //! The blocking-query loop and its pure parts: index rules, confirming
 //! reads, rate limit, back-off.
 
-use std::{
-    hash::{BuildHasher, RandomState},
-    time::Duration,
-};
+use std::time::Duration;
 
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{Client, Instance, Problem, ServiceQuery, Update, error_chain};
+use crate::discovery::{Source, backoff, new_problems, random};
 
 /// How [`watch_with`] paces its queries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,8 +171,8 @@ pub async fn watch_with(
                 let retry_in = backoff(failures, options.backoff_base, options.backoff_cap, random());
                 let error = error_chain(&error);
                 tracing::warn!(service = %query, failures, ?retry_in, "consul: {error}");
-                let update =
-                    Update::Failed { query: query.clone(), error, consecutive_failures: failures, retry_in };
+                let source = Source::Consul(query.clone());
+                let update = Update::Failed { source, error, consecutive_failures: failures, retry_in };
                 (update, Some(retry_in))
             }
         };
@@ -207,8 +205,9 @@ fn is_news(sent: Option<&Said>, said: &Said, after_failures: bool) -> bool {
 /// The update for a used answer; a changed one becomes what was last sent,
 /// and its new problems are logged.
 fn report(query: &ServiceQuery, sent: &mut Option<Said>, said: Said, changed: bool, index: u64) -> Update {
+    let source = Source::Consul(query.clone());
     if !changed {
-        return Update::Unchanged { query: query.clone(), index };
+        return Update::Unchanged { source, index };
     }
     let before = sent.as_ref().map_or(&[][..], |s| &s.problems);
     for problem in new_problems(before, &said.problems) {
@@ -216,9 +215,9 @@ fn report(query: &ServiceQuery, sent: &mut Option<Said>, said: Said, changed: bo
     }
     tracing::debug!(service = %query, index, count = said.instances.len(), "consul: instances");
     let update = Update::Instances {
-        query: query.clone(),
+        source,
         instances: said.instances.clone(),
-        problems: said.problems.clone(),
+        problems: said.problems.iter().map(ToString::to_string).collect(),
         index,
     };
     *sent = Some(said);
@@ -263,28 +262,6 @@ const PROBE_WAIT: Duration = Duration::from_secs(1);
 /// the one that came back.
 pub(crate) fn next_wait(previous: u64, returned: u64, wait: Duration) -> Duration {
     if returned.saturating_sub(previous) > SUSPECT_JUMP { wait.min(PROBE_WAIT) } else { wait }
-}
-
-/// The delay before retry number `failures` (1 for the first): a ceiling
-/// of `base × 2^(failures−1)`, at most `cap`, and a delay drawn from the
-/// upper half of it (`random` picks where), so that watchers that failed
-/// together do not retry together, while the delay still grows.
-pub(crate) fn backoff(failures: u32, base: Duration, cap: Duration, random: u64) -> Duration {
-    let factor = 1_u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX);
-    let ceiling = base.saturating_mul(factor).min(cap);
-    let floor = ceiling / 2;
-    let span = u64::try_from((ceiling - floor).as_nanos()).unwrap_or(u64::MAX);
-    floor + Duration::from_nanos(random % span.saturating_add(1))
-}
-
-fn random() -> u64 {
-    // std's RandomState is seeded randomly per process and steps per use.
-    RandomState::new().hash_one(0_u8)
-}
-
-/// Problems in `new` that were not in `old`.
-pub(crate) fn new_problems<'a>(old: &[Problem], new: &'a [Problem]) -> Vec<&'a Problem> {
-    new.iter().filter(|p| !old.contains(p)).collect()
 }
 
 /// GCRA, the token bucket as a single time: `burst` queries may go back to
@@ -348,34 +325,6 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_from_base_to_cap_within_jitter_bounds() {
-        let base = Duration::from_millis(100);
-        let cap = Duration::from_secs(30);
-        for (failures, ceiling_ms) in
-            [(1, 100), (2, 200), (3, 400), (4, 800), (9, 25_600), (10, 30_000), (50, 30_000)]
-        {
-            let ceiling = Duration::from_millis(ceiling_ms);
-            assert_eq!(backoff(failures, base, cap, 0), ceiling / 2, "failures {failures}");
-            let span = u64::try_from((ceiling - ceiling / 2).as_nanos()).unwrap();
-            assert_eq!(backoff(failures, base, cap, span), ceiling, "failures {failures}");
-            for random in [1, 12_345, 987_654_321_012, u64::MAX] {
-                let d = backoff(failures, base, cap, random);
-                assert!(d >= ceiling / 2 && d <= ceiling, "failures {failures}: {d:?}");
-            }
-        }
-        assert_eq!(backoff(u32::MAX, base, cap, 0), cap / 2);
-        assert_eq!(backoff(0, base, cap, 0), base / 2, "0 failures is treated as the first");
-    }
-
-    #[test]
-    fn backoff_jitter_spreads() {
-        let base = Duration::from_millis(100);
-        let cap = Duration::from_secs(30);
-        let delays: std::collections::HashSet<_> = (0..20).map(|_| backoff(5, base, cap, random())).collect();
-        assert!(delays.len() > 10, "{delays:?}");
-    }
-
-    #[test]
     fn rate_limiter_allows_a_burst_then_one_per_interval() {
         let start = Instant::now();
         let t = |ms: u64| start + Duration::from_millis(ms);
@@ -407,8 +356,7 @@ mod tests {
 
     fn instance(id: &str) -> Instance {
         Instance {
-            node: "n1".into(),
-            id: id.into(),
+            id: crate::discovery::InstanceId::Consul { node: "n1".into(), id: id.into() },
             address: std::net::IpAddr::from([10, 0, 0, 1]),
             tagged: vec![],
             port: 80,
@@ -473,18 +421,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(sent, Some(said()));
-        assert_eq!(report(&q, &mut sent, said(), false, 8), Update::Unchanged { query: q.clone(), index: 8 });
+        let source = Source::Consul(q.clone());
+        assert_eq!(report(&q, &mut sent, said(), false, 8), Update::Unchanged { source, index: 8 });
         assert_eq!(sent, Some(said()));
-    }
-
-    #[test]
-    fn problems_are_reported_once_per_appearance() {
-        let a = Problem::TooMany { total: 5, kept: 3 };
-        let b = Problem::BadPort { instance: "n/x".into(), port: -1 };
-        assert_eq!(new_problems(&[], std::slice::from_ref(&a)), [&a]);
-        assert!(new_problems(std::slice::from_ref(&a), std::slice::from_ref(&a)).is_empty());
-        assert_eq!(new_problems(std::slice::from_ref(&a), &[a.clone(), b.clone()]), [&b]);
-        // Gone, then back: reported again.
-        assert_eq!(new_problems(&[], std::slice::from_ref(&a)), [&a]);
     }
 }
