@@ -12,6 +12,7 @@ pub mod capture;
 pub mod cmd;
 pub mod consul_fake;
 pub mod daemon;
+pub mod etcd;
 pub mod fleet;
 pub mod frames;
 pub mod http;
