@@ -10,6 +10,7 @@ mod control_e2e;
 mod datapath;
 mod decap_datapath;
 mod dr_e2e;
+mod etcd_e2e;
 mod etcd_watch;
 mod fleet_e2e;
 mod health_e2e;

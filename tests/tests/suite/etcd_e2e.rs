@@ -1,0 +1,134 @@
+//! Backends from etcd, end to end: xlb follows a real etcd running in the
+//! load balancer's namespace, and real TCP connections through a DR VIP
+//! follow the keys. Needs root.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use xlb::dataplane::{BackendUse, Maps};
+use xlb_tests::{
+    daemon::Daemon,
+    etcd::Etcd,
+    http::request,
+    lab::{Lab, VIP4},
+    servers,
+};
+
+const PREFIX: &str = "/services/web/";
+
+fn put(etcd: &Etcd, lab: &Lab, i: usize) {
+    let b = &lab.backends[i];
+    etcd.put(&format!("{PREFIX}{}", b.name), &format!("{{\"address\": \"{}\", \"port\": 80}}", b.v4));
+}
+
+/// The backend's id in the VIP's table, from the admin API (cheaper to
+/// poll than `xlb status`).
+fn table_id(lab: &Lab, addr: IpAddr) -> Option<u16> {
+    let status = lab.lb.run(|| request("127.0.0.1:9300".parse().unwrap(), "GET", "/api/v1/status", None, None));
+    xlb_tests::daemon::table_id(&status.json(), addr)
+}
+
+#[test]
+fn backends_follow_etcd_and_survive_its_outage() {
+    let lab = Lab::new(4).unwrap();
+    let _servers = servers::start(&lab.backends, 80, 53);
+    let mut etcd = Etcd::start_in(lab.lb.path()).unwrap();
+    for i in 0..3 {
+        put(&etcd, &lab, i);
+    }
+    let config = lab.config(&format!(
+        "[etcd]\nendpoints = [\"{}\"]\nrequest_timeout_ms = 1000\n\n\
+         [[vip]]\nname = \"web\"\naddress = \"{VIP4}\"\nport = 80\nprotocol = \"tcp\"\netcd = {{ prefix = \"{PREFIX}\" }}\n",
+        etcd.endpoint()
+    ));
+    let daemon = Daemon::start(&lab.lb, &lab.lb_if, &config).unwrap();
+    daemon.eventually("three backends from etcd answer", || lab.spread(60) == ["be1", "be2", "be3"]);
+    let source = || daemon.status().unwrap()["discovery"][0].clone();
+    assert_eq!((source()["kind"].as_str(), source()["name"].as_str()), (Some("etcd"), Some(PREFIX)));
+
+    // etcd to table: delete be2's key, time until its id stops taking
+    // flows; put it back, it returns. 20 changes each way.
+    let maps = Maps::open_pinned(&xlb::config::default_pin_dir(&lab.lb_if)).unwrap();
+    let be2: IpAddr = lab.backends[1].v4.into();
+    let key = format!("{PREFIX}be2");
+    let (mut gone, mut back) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let id = table_id(&lab, be2).expect("be2 in the table");
+        etcd.delete(&key);
+        let started = Instant::now();
+        while maps.backend(id).unwrap().is_ok_and(|e| e.used != BackendUse::Unused) {
+            assert!(started.elapsed() < Duration::from_secs(2), "be2 still in the table 2 s after its key went");
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        gone.push(started.elapsed());
+        put(&etcd, &lab, 1);
+        let started = Instant::now();
+        while table_id(&lab, be2).is_none() {
+            assert!(started.elapsed() < Duration::from_secs(2), "be2 not back 2 s after its put");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        back.push(started.elapsed());
+    }
+    for (what, list) in [("delete → out of the table", &mut gone), ("put → in the table (polled through the API)", &mut back)] {
+        list.sort();
+        eprintln!(
+            "etcd {what} over {} changes: min {:?}, median {:?}, max {:?}",
+            list.len(),
+            list[0],
+            list[list.len() / 2],
+            list[list.len() - 1]
+        );
+    }
+    assert!(gone[gone.len() / 2] < Duration::from_millis(200), "{gone:?}");
+    assert_eq!(lab.spread(90), ["be1", "be2", "be3"], "be2 takes connections again");
+
+    // Keys that cannot be this VIP's backends: left out, and status says why.
+    etcd.put(&format!("{PREFIX}v6only"), "fd00::99");
+    etcd.put(&format!("{PREFIX}otherport"), &format!("{{\"address\": \"{}\", \"port\": 8080}}", lab.backends[3].v4));
+    etcd.put(&format!("{PREFIX}junk"), "{not json");
+    let notes = || daemon.status().unwrap()["vips"][0]["notes"].to_string();
+    daemon.eventually("the family note", || notes().contains("key /services/web/v6only has no IPv4 address"));
+    assert!(notes().contains("listens on port 8080, not the VIP's 80"), "{}", notes());
+    daemon.eventually("the bad value", || source()["problems"].to_string().contains("key /services/web/junk"));
+    assert_eq!(lab.spread(60), ["be1", "be2", "be3"], "the good keys still serve");
+
+    // A fourth, then a drain: weight 0 keeps established flows, takes no new ones.
+    put(&etcd, &lab, 3);
+    daemon.eventually("be4 joins", || lab.spread(60).len() == 4);
+    etcd.put(&format!("{PREFIX}be4"), &format!("{{\"address\": \"{}\", \"state\": \"drain\"}}", lab.backends[3].v4));
+    daemon.eventually("be4 drains", || lab.spread(60) == ["be1", "be2", "be3"]);
+
+    // Weights belong to etcd: the API refuses, naming where to set them.
+    let reply = lab.lb.run(|| {
+        request(
+            "127.0.0.1:9300".parse().unwrap(),
+            "PUT",
+            &format!("/api/v1/vips/web/backends/{be2}/weight"),
+            None,
+            Some("{\"weight\": 3}"),
+        )
+    });
+    assert_eq!(reply.status, 409, "{}", reply.body);
+    assert!(reply.body.contains("etcd prefix /services/web/") && reply.body.contains("\\\"weight\\\""), "{}", reply.body);
+
+    // etcd goes away: the last set keeps serving, status and metrics say stale.
+    etcd.kill(0);
+    daemon.eventually("discovery marked stale", || source()["stale"] == true);
+    assert_eq!(lab.spread(90), ["be1", "be2", "be3"], "traffic keeps flowing to the last known set");
+    let human = xlb_tests::cmd::run(
+        xlb_tests::cmd::xlb_bin().to_str().unwrap(),
+        &["status", "--interface", &lab.lb_if],
+    )
+    .unwrap();
+    assert!(human.contains("backends from etcd prefix /services/web/: STALE: etcd unreachable"), "{human}");
+    let metrics = lab.lb.run(|| request("127.0.0.1:9300".parse().unwrap(), "GET", "/metrics", None, None)).body;
+    assert!(metrics.contains("xlb_discovery_stale{source=\"etcd\",service=\"/services/web/\"} 1"), "{metrics}");
+
+    // Back (same data): in sync again, and changes flow.
+    etcd.restart(0).unwrap();
+    daemon.eventually("discovery resyncs", || source()["stale"] == false);
+    etcd.delete(&format!("{PREFIX}be1"));
+    daemon.eventually("be1's delete applies after the outage", || lab.spread(60) == ["be2", "be3"]);
+}
