@@ -77,7 +77,10 @@ impl Etcd {
         let client = format!("http://127.0.0.1:{}", m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
         let data = self.dir.join(&m.name);
-        let log = std::fs::File::options().create(true).append(true).open(self.dir.join(format!("{}.log", m.name)))?;
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", m.name)))?;
         let args: Vec<String> = vec![
             format!("--name={}", m.name),
             format!("--data-dir={}", data.display()),
@@ -162,8 +165,10 @@ impl Etcd {
 
     /// `etcdctl ARGS…` against every running member.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let alive: Vec<String> =
-            (0..self.members.len()).filter(|i| self.children[*i].is_some()).map(|i| self.endpoint_of(i)).collect();
+        let alive: Vec<String> = (0..self.members.len())
+            .filter(|i| self.children[*i].is_some())
+            .map(|i| self.endpoint_of(i))
+            .collect();
         self.ctl_at(&alive, args)
     }
 
@@ -193,6 +198,32 @@ impl Etcd {
                 Err(e) => panic!("{e}"),
             }
         }
+    }
+
+    /// Puts many keys, 128 to a transaction (etcd's default limit).
+    /// Values must not hold spaces or newlines (etcdctl's txn syntax).
+    pub fn put_many(&self, pairs: &[(String, String)]) -> anyhow::Result<()> {
+        for batch in pairs.chunks(128) {
+            let mut script = String::from("\n");
+            for (k, v) in batch {
+                anyhow::ensure!(!v.contains([' ', '\n']) && !k.contains([' ', '\n']), "{k:?}: {v:?}");
+                script.push_str(&format!("put {k} {v}\n"));
+            }
+            script.push_str("\n\n");
+            let mut c = self.command("etcdctl");
+            c.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoints().join(",")));
+            let mut child =
+                c.arg("txn").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+            child.stdin.take().expect("stdin").write_all(script.as_bytes())?;
+            let out = child.wait_with_output()?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            anyhow::ensure!(
+                out.status.success() && stdout.starts_with("SUCCESS"),
+                "etcdctl txn: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Puts `key` with a lease of `ttl` seconds that nobody keeps alive.

@@ -105,17 +105,29 @@ impl EtcdFile {
     pub fn validate(&self) -> Result<EtcdSettings, (&'static str, String)> {
         let endpoints = match &self.endpoints {
             None => vec![DEFAULT_ENDPOINT.to_owned()],
-            Some(list) if list.is_empty() => return Err(("endpoints", "must name at least one member".into())),
-            Some(list) => list.iter().map(|e| endpoint(e)).collect::<Result<_, _>>().map_err(|m| ("endpoints", m))?,
+            Some(list) if list.is_empty() => {
+                return Err(("endpoints", "must name at least one member".into()));
+            }
+            Some(list) => {
+                list.iter().map(|e| endpoint(e)).collect::<Result<_, _>>().map_err(|m| ("endpoints", m))?
+            }
         };
         let credentials = match (&self.username, &self.password, &self.password_file) {
-            (_, Some(_), Some(_)) => return Err(("password_file", "set either password or password_file, not both".into())),
+            (_, Some(_), Some(_)) => {
+                return Err(("password_file", "set either password or password_file, not both".into()));
+            }
             (None, None, None) => None,
             (None, _, _) => return Err(("username", "a password needs the user it belongs to".into())),
-            (Some(_), None, None) => return Err(("password", "a username needs a password or password_file".into())),
+            (Some(_), None, None) => {
+                return Err(("password", "a username needs a password or password_file".into()));
+            }
             (Some(u), _, _) if u.is_empty() => return Err(("username", "must not be empty".into())),
-            (Some(u), Some(p), None) => Some(Credentials { username: u.clone(), password: Password::Inline(p.clone()) }),
-            (Some(u), None, Some(f)) => Some(Credentials { username: u.clone(), password: Password::File(f.clone()) }),
+            (Some(u), Some(p), None) => {
+                Some(Credentials { username: u.clone(), password: Password::Inline(p.clone()) })
+            }
+            (Some(u), None, Some(f)) => {
+                Some(Credentials { username: u.clone(), password: Password::File(f.clone()) })
+            }
         };
         let client = match (&self.client_cert, &self.client_key) {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
@@ -143,7 +155,11 @@ impl EtcdFile {
             credentials,
             tls,
             dial_timeout: timeout("dial_timeout_ms", self.dial_timeout_ms, DEFAULT_DIAL_TIMEOUT_MS)?,
-            request_timeout: timeout("request_timeout_ms", self.request_timeout_ms, DEFAULT_REQUEST_TIMEOUT_MS)?,
+            request_timeout: timeout(
+                "request_timeout_ms",
+                self.request_timeout_ms,
+                DEFAULT_REQUEST_TIMEOUT_MS,
+            )?,
             on_empty: self.on_empty,
         })
     }

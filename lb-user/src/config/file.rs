@@ -14,8 +14,8 @@ use super::{
     AdminConfig, AnnounceConfig, Backend, Backends, Capacities, Config, ConfigError, ConsulSettings,
     LiveConfig, MAX_WEIGHT, ServiceQuery, Source, StartConfig, TokenSource, Vip,
     check::{Check, CheckFile},
-    etcd::{EtcdFile, EtcdPrefix},
     default_pin_dir,
+    etcd::{EtcdFile, EtcdPrefix},
 };
 use crate::model::{Forward, Protocol, Unusable, VipAddr, XdpMode};
 
@@ -262,9 +262,9 @@ impl File {
             ));
         }
         let etcd = match &self.etcd {
-            Some(file) => {
-                Some(file.validate().map_err(|(field, message)| Invalid::new(format!("etcd.{field}"), message))?)
-            }
+            Some(file) => Some(
+                file.validate().map_err(|(field, message)| Invalid::new(format!("etcd.{field}"), message))?,
+            ),
             None => None,
         };
         Ok(LiveConfig {

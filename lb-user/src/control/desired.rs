@@ -294,7 +294,10 @@ mod tests {
     fn discovery(instances: Vec<Instance>) -> Discovery {
         let mut d = Discovery::default();
         d.watch_only(&[(query(), EmptyPolicy::Keep)]);
-        d.update(Update::Instances { source: query(), instances, problems: vec![], index: 1 }, Instant::now());
+        d.update(
+            Update::Instances { source: query(), instances, problems: vec![], index: 1 },
+            Instant::now(),
+        );
         d
     }
 

@@ -26,8 +26,8 @@ use crate::{
     observe::{
         admin::Published,
         status::{
-            BackendStatus, CheckStatus, DaemonStatus, HopStatus, SourceRef, SourceStatus, Status, Sync, VipStatus,
-            unix_secs,
+            BackendStatus, CheckStatus, DaemonStatus, HopStatus, SourceRef, SourceStatus, Status, Sync,
+            VipStatus, unix_secs,
         },
     },
 };

@@ -22,7 +22,10 @@ pub enum Watch {
 pub type WatchFn = fn(Watch, mpsc::Sender<Update>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The real watchers: Consul's blocking queries, etcd's watch.
-pub fn discovery_watch(watch: Watch, updates: mpsc::Sender<Update>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+pub fn discovery_watch(
+    watch: Watch,
+    updates: mpsc::Sender<Update>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     match watch {
         Watch::Consul { client, query } => Box::pin(consul::watch(client, query, updates)),
         Watch::Etcd { connector, prefix } => Box::pin(etcd::watch(connector, prefix, updates)),

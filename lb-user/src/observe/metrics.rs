@@ -191,7 +191,11 @@ pub fn render(s: &Status) -> String {
         "1 while queries to a discovery source (Consul service, etcd prefix) fail (last set in force).",
     );
     for d in &s.discovery {
-        o.sample("xlb_discovery_stale", &[("source", d.source.kind.label()), ("service", &d.source.name)], u8::from(d.stale));
+        o.sample(
+            "xlb_discovery_stale",
+            &[("source", d.source.kind.label()), ("service", &d.source.name)],
+            u8::from(d.stale),
+        );
     }
     o.family(
         "xlb_discovery_last_sync_age_seconds",
@@ -200,7 +204,11 @@ pub fn render(s: &Status) -> String {
     );
     for d in &s.discovery {
         if let Some(age) = d.synced_secs_ago {
-            o.sample("xlb_discovery_last_sync_age_seconds", &[("source", d.source.kind.label()), ("service", &d.source.name)], age);
+            o.sample(
+                "xlb_discovery_last_sync_age_seconds",
+                &[("source", d.source.kind.label()), ("service", &d.source.name)],
+                age,
+            );
         }
     }
     o.family(
@@ -210,16 +218,28 @@ pub fn render(s: &Status) -> String {
     );
     for d in &s.discovery {
         if let Some(age) = d.changed_secs_ago {
-            o.sample("xlb_discovery_last_change_age_seconds", &[("source", d.source.kind.label()), ("service", &d.source.name)], age);
+            o.sample(
+                "xlb_discovery_last_change_age_seconds",
+                &[("source", d.source.kind.label()), ("service", &d.source.name)],
+                age,
+            );
         }
     }
     o.family("xlb_discovery_errors_total", "counter", "Failed queries or watches of a discovery source.");
     for d in &s.discovery {
-        o.sample("xlb_discovery_errors_total", &[("source", d.source.kind.label()), ("service", &d.source.name)], d.errors_total);
+        o.sample(
+            "xlb_discovery_errors_total",
+            &[("source", d.source.kind.label()), ("service", &d.source.name)],
+            d.errors_total,
+        );
     }
     o.family("xlb_discovery_instances", "gauge", "Instances in force for a service.");
     for d in &s.discovery {
-        o.sample("xlb_discovery_instances", &[("source", d.source.kind.label()), ("service", &d.source.name)], d.instances.unwrap_or(0));
+        o.sample(
+            "xlb_discovery_instances",
+            &[("source", d.source.kind.label()), ("service", &d.source.name)],
+            d.instances.unwrap_or(0),
+        );
     }
     o.family(
         "xlb_discovery_empty_alarms_total",
@@ -227,7 +247,11 @@ pub fn render(s: &Status) -> String {
         "Times a service reported no healthy instance and the last set was kept.",
     );
     for d in &s.discovery {
-        o.sample("xlb_discovery_empty_alarms_total", &[("source", d.source.kind.label()), ("service", &d.source.name)], d.empty_alarms);
+        o.sample(
+            "xlb_discovery_empty_alarms_total",
+            &[("source", d.source.kind.label()), ("service", &d.source.name)],
+            d.empty_alarms,
+        );
     }
     o.0
 }

@@ -9,8 +9,8 @@ use std::{
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use xlb::discovery::consul::{
-    AddressSource, Client, ConsulError, ConsulSettings, Instance, InstanceId, Problem, ServiceQuery, Unusable, Update,
-    WarningPolicy, WatchOptions, watch_with,
+    AddressSource, Client, ConsulError, ConsulSettings, Instance, InstanceId, Problem, ServiceQuery,
+    Unusable, Update, WarningPolicy, WatchOptions, watch_with,
 };
 use xlb_tests::consul_fake::{CheckStatus, FakeConsul};
 

@@ -26,7 +26,8 @@ fn put(etcd: &Etcd, lab: &Lab, i: usize) {
 /// The backend's id in the VIP's table, from the admin API (cheaper to
 /// poll than `xlb status`).
 fn table_id(lab: &Lab, addr: IpAddr) -> Option<u16> {
-    let status = lab.lb.run(|| request("127.0.0.1:9300".parse().unwrap(), "GET", "/api/v1/status", None, None));
+    let status =
+        lab.lb.run(|| request("127.0.0.1:9300".parse().unwrap(), "GET", "/api/v1/status", None, None));
     xlb_tests::daemon::table_id(&status.json(), addr)
 }
 
@@ -59,7 +60,10 @@ fn backends_follow_etcd_and_survive_its_outage() {
         etcd.delete(&key);
         let started = Instant::now();
         while maps.backend(id).unwrap().is_ok_and(|e| e.used != BackendUse::Unused) {
-            assert!(started.elapsed() < Duration::from_secs(2), "be2 still in the table 2 s after its key went");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "be2 still in the table 2 s after its key went"
+            );
             std::thread::sleep(Duration::from_micros(500));
         }
         gone.push(started.elapsed());
@@ -71,7 +75,9 @@ fn backends_follow_etcd_and_survive_its_outage() {
         }
         back.push(started.elapsed());
     }
-    for (what, list) in [("delete → out of the table", &mut gone), ("put → in the table (polled through the API)", &mut back)] {
+    for (what, list) in
+        [("delete → out of the table", &mut gone), ("put → in the table (polled through the API)", &mut back)]
+    {
         list.sort();
         eprintln!(
             "etcd {what} over {} changes: min {:?}, median {:?}, max {:?}",
@@ -86,18 +92,25 @@ fn backends_follow_etcd_and_survive_its_outage() {
 
     // Keys that cannot be this VIP's backends: left out, and status says why.
     etcd.put(&format!("{PREFIX}v6only"), "fd00::99");
-    etcd.put(&format!("{PREFIX}otherport"), &format!("{{\"address\": \"{}\", \"port\": 8080}}", lab.backends[3].v4));
+    etcd.put(
+        &format!("{PREFIX}otherport"),
+        &format!("{{\"address\": \"{}\", \"port\": 8080}}", lab.backends[3].v4),
+    );
     etcd.put(&format!("{PREFIX}junk"), "{not json");
     let notes = || daemon.status().unwrap()["vips"][0]["notes"].to_string();
     daemon.eventually("the family note", || notes().contains("key /services/web/v6only has no IPv4 address"));
     assert!(notes().contains("listens on port 8080, not the VIP's 80"), "{}", notes());
-    daemon.eventually("the bad value", || source()["problems"].to_string().contains("key /services/web/junk"));
+    daemon
+        .eventually("the bad value", || source()["problems"].to_string().contains("key /services/web/junk"));
     assert_eq!(lab.spread(60), ["be1", "be2", "be3"], "the good keys still serve");
 
     // A fourth, then a drain: weight 0 keeps established flows, takes no new ones.
     put(&etcd, &lab, 3);
     daemon.eventually("be4 joins", || lab.spread(60).len() == 4);
-    etcd.put(&format!("{PREFIX}be4"), &format!("{{\"address\": \"{}\", \"state\": \"drain\"}}", lab.backends[3].v4));
+    etcd.put(
+        &format!("{PREFIX}be4"),
+        &format!("{{\"address\": \"{}\", \"state\": \"drain\"}}", lab.backends[3].v4),
+    );
     daemon.eventually("be4 drains", || lab.spread(60) == ["be1", "be2", "be3"]);
 
     // Weights belong to etcd: the API refuses, naming where to set them.
@@ -111,7 +124,11 @@ fn backends_follow_etcd_and_survive_its_outage() {
         )
     });
     assert_eq!(reply.status, 409, "{}", reply.body);
-    assert!(reply.body.contains("etcd prefix /services/web/") && reply.body.contains("\\\"weight\\\""), "{}", reply.body);
+    assert!(
+        reply.body.contains("etcd prefix /services/web/") && reply.body.contains("\\\"weight\\\""),
+        "{}",
+        reply.body
+    );
 
     // etcd goes away: the last set keeps serving, status and metrics say stale.
     etcd.kill(0);
@@ -123,8 +140,12 @@ fn backends_follow_etcd_and_survive_its_outage() {
     )
     .unwrap();
     assert!(human.contains("backends from etcd prefix /services/web/: STALE: etcd unreachable"), "{human}");
-    let metrics = lab.lb.run(|| request("127.0.0.1:9300".parse().unwrap(), "GET", "/metrics", None, None)).body;
-    assert!(metrics.contains("xlb_discovery_stale{source=\"etcd\",service=\"/services/web/\"} 1"), "{metrics}");
+    let metrics =
+        lab.lb.run(|| request("127.0.0.1:9300".parse().unwrap(), "GET", "/metrics", None, None)).body;
+    assert!(
+        metrics.contains("xlb_discovery_stale{source=\"etcd\",service=\"/services/web/\"} 1"),
+        "{metrics}"
+    );
 
     // Back (same data): in sync again, and changes flow.
     etcd.restart(0).unwrap();

@@ -127,7 +127,8 @@ async fn puts_deletes_leases_weights_and_drains_follow_etcd() {
     let granted = Instant::now();
     etcd.put_leased(&key("e"), "10.1.0.5", 2);
     until(&mut rx, PROMPT, "e joins", |i| keys(i).contains(&"e".to_owned())).await;
-    until(&mut rx, Duration::from_secs(10), "e's lease expires", |i| !keys(i).contains(&"e".to_owned())).await;
+    until(&mut rx, Duration::from_secs(10), "e's lease expires", |i| !keys(i).contains(&"e".to_owned()))
+        .await;
     let expired = granted.elapsed();
     eprintln!("a 2 s lease's key left after {expired:.2?}");
     assert!(expired >= Duration::from_secs(2), "{expired:?}");
@@ -261,8 +262,11 @@ async fn a_user_without_read_rights_gets_an_error_and_the_set_stands() {
     let file = std::env::temp_dir().join(format!("xlb-etcd-pw-{}", xlb_tests::unique_id()));
     std::fs::write(&file, "readerpw\n").unwrap();
     let relay = Relay::start(etcd.client_port(0)).unwrap();
-    let mut rx =
-        start_watch(&as_user("reader", Password::File(file.clone()), format!("http://127.0.0.1:{}", relay.port)));
+    let mut rx = start_watch(&as_user(
+        "reader",
+        Password::File(file.clone()),
+        format!("http://127.0.0.1:{}", relay.port),
+    ));
     until(&mut rx, PROMPT, "the reader's read", |i| keys(i) == ["a"]).await;
     etcd.ctl(&["user", "revoke-role", "reader", "web-reader"]).unwrap();
     relay.cut();
@@ -297,7 +301,10 @@ async fn the_watch_follows_the_cluster_when_members_die() {
             keys(i).contains(&k.to_owned())
         })
         .await;
-        eprintln!("member m{member} killed: the next put arrived {:.2?} after etcd took it", started.elapsed());
+        eprintln!(
+            "member m{member} killed: the next put arrived {:.2?} after etcd took it",
+            started.elapsed()
+        );
         etcd.restart(member).unwrap();
     }
 }

@@ -54,6 +54,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
     reconcile(&mut section, runs)?;
     memory(&mut section)?;
     daemon(&mut section, opts.smoke).context("daemon with 100 VIPs × 100 backends")?;
+    super::etcd::run(&mut section, opts.smoke).context("daemon with 10,000 instances from etcd")?;
     Ok(section)
 }
 
@@ -349,13 +350,11 @@ fn memory(section: &mut Section) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The daemon with 100 TUN VIPs × 100 backends: start time, resident
-/// memory, CPU while idle, map memory, and reload latency.
-fn daemon(section: &mut Section, smoke: bool) -> anyhow::Result<()> {
-    const VIPS: usize = 100;
-    const BACKENDS: usize = 100;
+/// A namespace with an interface for a daemon whose TUN backends are in
+/// 10.64.0.0/16, behind one gateway with a permanent neighbour entry.
+pub(super) fn tun_namespace(tag: &str) -> anyhow::Result<(Netns, String)> {
     let id = unique_id();
-    let ns = Netns::new(&format!("xb{id:06x}-rss"))?;
+    let ns = Netns::new(&format!("xb{id:06x}-{tag}"))?;
     let iface = format!("xr{id:06x}");
     ns.ip(&format!("link add {iface} type veth peer name xq{id:06x}"))?;
     ns.ip(&format!("link set xq{id:06x} up"))?;
@@ -365,6 +364,15 @@ fn daemon(section: &mut Section, smoke: bool) -> anyhow::Result<()> {
     ns.ip("route add 10.64.0.0/16 via 10.1.0.254")?;
     ns.ip(&format!("neigh add 10.1.0.254 lladdr 02:00:00:00:fe:fe nud permanent dev {iface}"))?;
     ns.sysctl(&[&format!("net.ipv4.conf.{iface}.forwarding=1")])?;
+    Ok((ns, iface))
+}
+
+/// The daemon with 100 TUN VIPs × 100 backends: start time, resident
+/// memory, CPU while idle, map memory, and reload latency.
+fn daemon(section: &mut Section, smoke: bool) -> anyhow::Result<()> {
+    const VIPS: usize = 100;
+    const BACKENDS: usize = 100;
+    let (ns, iface) = tun_namespace("rss")?;
 
     let config = |weight: u32| {
         let mut c = format!("interface = \"{iface}\"\nmax_vips = 128\nmax_backends = 10240\n");
@@ -415,16 +423,7 @@ fn daemon(section: &mut Section, smoke: bool) -> anyhow::Result<()> {
 
     // Settle, then sample resident memory and CPU time.
     std::thread::sleep(Duration::from_millis(if smoke { 300 } else { 1000 }));
-    let proc_status = |field: &str| -> anyhow::Result<f64> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kb = text
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .with_context(|| format!("no {field} for pid {pid}"))?;
-        Ok(kb / 1024.0)
-    };
+    let proc_status = |field: &str| kit::proc_mib(pid, field);
     let cpu_ticks = || -> anyhow::Result<u64> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         let after = &text[text.rfind(')').context("stat")? + 2..];

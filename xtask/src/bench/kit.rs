@@ -132,6 +132,18 @@ pub fn map_memory(pid: &str) -> anyhow::Result<Vec<(u32, String, u64)>> {
 }
 
 /// Seconds as a `Duration`, for run lengths given as fractions.
+/// A `/proc/<pid>/status` figure given in kB (`VmRSS:`, `VmHWM:`), in MiB.
+pub fn proc_mib(pid: u64, field: &str) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = text
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("no {field} for pid {pid}"))?;
+    Ok(kb / 1024.0)
+}
+
 pub fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }

@@ -10,6 +10,7 @@
 #![doc = include_str!("method.md")]
 
 mod control;
+mod etcd;
 mod health;
 mod kit;
 mod packet;

@@ -5,8 +5,8 @@ use std::{collections::HashMap, net::IpAddr};
 use serde::Deserialize;
 
 use super::{AddressSource, Instance, InstanceId, Problem, Unusable, WEIGHT_META_KEY, WarningPolicy};
-use crate::discovery::dedup_by_address;
 use crate::config::MAX_WEIGHT;
+use crate::discovery::dedup_by_address;
 
 /// One element of `GET /v1/health/service/<service>`: the parts xlb reads.
 /// Go encodes empty maps and slices as `null`, hence the `Option`s.
@@ -249,7 +249,7 @@ mod tests {
     }
 
     fn ids(instances: &[Instance]) -> Vec<&str> {
-        instances.iter().map(|i| sid(i)).collect()
+        instances.iter().map(sid).collect()
     }
 
     #[test]
@@ -297,7 +297,7 @@ mod tests {
         let got: Vec<_> = kept.iter().map(|i| (sid(i), i.weight, i.warning)).collect();
         assert_eq!(got, [("ok", 10, false), ("slow", 1, true)]);
         let (strict, _) = map_entries(entries(list), None, WarningPolicy::Exclude, 100);
-        let got: Vec<_> = strict.iter().map(|i| sid(i)).collect();
+        let got: Vec<_> = strict.iter().map(sid).collect();
         assert_eq!(got, ["ok"]);
     }
 
@@ -377,7 +377,7 @@ mod tests {
         let twin_a = entry("n1", "twin-a", "10.0.0.2", "passing");
         let (instances, problems) =
             map_entries(entries(json!([heavy, light, warn, twin_b, twin_a])), None, WarningPolicy::Keep, 100);
-        let got: Vec<_> = instances.iter().map(|i| sid(i)).collect();
+        let got: Vec<_> = instances.iter().map(sid).collect();
         assert_eq!(got, ["twin-a", "heavy"]);
         assert_eq!(
             problems,
@@ -408,7 +408,7 @@ mod tests {
             .map(|i| entry("n1", &format!("web-{i}"), &format!("10.0.0.{i}"), "passing"))
             .collect();
         let (instances, problems) = map_entries(entries(json!(list)), None, WarningPolicy::Keep, 3);
-        let got: Vec<_> = instances.iter().map(|i| sid(i)).collect();
+        let got: Vec<_> = instances.iter().map(sid).collect();
         assert_eq!(got, ["web-0", "web-1", "web-2"]);
         assert_eq!(problems, [Problem::TooMany { total: 5, kept: 3 }]);
     }

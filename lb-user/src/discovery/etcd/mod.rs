@@ -69,7 +69,8 @@ impl Connector {
                     tls = tls.ca_certificate(Certificate::from_pem(read("ca_file", ca)?));
                 }
                 if let Some((cert, key)) = &files.client {
-                    tls = tls.identity(Identity::from_pem(read("client_cert", cert)?, read("client_key", key)?));
+                    tls = tls
+                        .identity(Identity::from_pem(read("client_cert", cert)?, read("client_key", key)?));
                 }
                 Some(tls)
             }

@@ -125,9 +125,15 @@ mod tests {
 
     #[test]
     fn bare_addresses() {
-        assert_eq!(ok("10.0.0.12"), Record { address: ip("10.0.0.12"), port: 0, weight: 1, state: State::Up });
+        assert_eq!(
+            ok("10.0.0.12"),
+            Record { address: ip("10.0.0.12"), port: 0, weight: 1, state: State::Up }
+        );
         assert_eq!(ok("10.0.0.12:8080\n").port, 8080);
-        assert_eq!(ok("[fd00::12]:443"), Record { address: ip("fd00::12"), port: 443, weight: 1, state: State::Up });
+        assert_eq!(
+            ok("[fd00::12]:443"),
+            Record { address: ip("fd00::12"), port: 443, weight: 1, state: State::Up }
+        );
         assert_eq!(ok("fd00::12").address, ip("fd00::12"));
     }
 

@@ -9,8 +9,8 @@ use tracing::{debug, info, warn};
 use super::{Bad, Connector, EtcdPrefix, Record, State, parse};
 use crate::{
     discovery::{
-        Duplicate, Instance, InstanceId, MAX_INSTANCES, Source, Update, backoff, dedup_by_address, new_problems,
-        random,
+        Duplicate, Instance, InstanceId, MAX_INSTANCES, Source, Update, backoff, dedup_by_address,
+        new_problems, random,
     },
     errors::error_chain,
 };
@@ -185,7 +185,8 @@ impl Follower {
                 .await
                 .map_err(|_| format!("etcd did not start the watch within {timeout:?}"))?
                 .map_err(|e| format!("etcd watch: {}", error_chain(&e)))?;
-            let mut progress = tokio::time::interval_at(Instant::now() + options.progress_every, options.progress_every);
+            let mut progress =
+                tokio::time::interval_at(Instant::now() + options.progress_every, options.progress_every);
             let mut heard = Instant::now();
             loop {
                 let message = tokio::select! {
@@ -336,7 +337,14 @@ fn instance(id: InstanceId, record: &Record) -> Option<Instance> {
         State::Drain => 0,
         State::Up => record.weight,
     };
-    Some(Instance { id, address: record.address, tagged: Vec::new(), port: record.port, weight, warning: false })
+    Some(Instance {
+        id,
+        address: record.address,
+        tagged: Vec::new(),
+        port: record.port,
+        weight,
+        warning: false,
+    })
 }
 
 /// The first key after every key that starts with `prefix`, as etcd's
@@ -390,7 +398,8 @@ mod tests {
             ("/s/f", r#"{"port": 80}"#),
         ]);
         let said = f.said();
-        let got: Vec<_> = said.instances.iter().map(|i| (i.id.clone(), i.address, i.port, i.weight)).collect();
+        let got: Vec<_> =
+            said.instances.iter().map(|i| (i.id.clone(), i.address, i.port, i.weight)).collect();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
             got,
@@ -413,7 +422,10 @@ mod tests {
         assert_eq!(said.instances.len(), 1);
         assert_eq!((said.instances[0].id.clone(), said.instances[0].weight), (key("/s/b"), 5), "the heavier");
         assert_eq!(said.problems.len(), 1);
-        assert_eq!(said.problems[0].to_string(), "key /s/b and key /s/a share address 10.0.0.1; using key /s/b");
+        assert_eq!(
+            said.problems[0].to_string(),
+            "key /s/b and key /s/a share address 10.0.0.1; using key /s/b"
+        );
 
         let mut many = follower(&[]);
         for i in 0..MAX_INSTANCES + 2 {
