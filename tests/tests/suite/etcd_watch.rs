@@ -308,3 +308,26 @@ async fn the_watch_follows_the_cluster_when_members_die() {
         etcd.restart(member).unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_watch_is_confirmed_by_progress_answers() {
+    let etcd = Etcd::start().unwrap();
+    etcd.put(&key("a"), "10.6.0.1");
+    let mut rx = start_watch(&settings(vec![etcd.endpoint()]));
+    until(&mut rx, PROMPT, "the first read", |i| keys(i) == ["a"]).await;
+    // Nothing changes for 3 s: every 500 ms etcd confirms the watch is
+    // current, and nothing fails (a missing answer would end the session
+    // after 1.5 s).
+    let until_quiet = Instant::now() + Duration::from_secs(3);
+    let mut confirmed = 0;
+    while Instant::now() < until_quiet {
+        match next(&mut rx, PROMPT).await {
+            Update::Unchanged { index, .. } => {
+                assert!(index >= 2, "the revision: {index}");
+                confirmed += 1;
+            }
+            other => panic!("a quiet watch reports only progress, got {other:?}"),
+        }
+    }
+    assert!(confirmed >= 4, "{confirmed} progress answers in 3 s");
+}
