@@ -43,8 +43,9 @@ pub struct EtcdSettings {
     pub tls: Option<Tls>,
     /// How long connecting to a member may take.
     pub dial_timeout: Duration,
-    /// How long a request (a read of the prefix) may take, and how long a
-    /// watch may go without any answer before it counts as failed.
+    /// How long a request (a page of the prefix, starting the watch) may
+    /// take, and how long a keepalive ping may go unanswered before the
+    /// connection counts as dead.
     pub request_timeout: Duration,
     pub on_empty: EmptyPolicy,
 }

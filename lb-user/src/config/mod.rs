@@ -281,6 +281,14 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
+    /// What a source of this kind is called: "Consul service", "etcd prefix".
+    pub fn noun(self) -> &'static str {
+        match self {
+            SourceKind::Consul => "Consul service",
+            SourceKind::Etcd => "etcd prefix",
+        }
+    }
+
     /// As metric labels and the API write it.
     pub fn label(self) -> &'static str {
         match self {
@@ -310,10 +318,7 @@ impl Source {
 
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Source::Consul(query) => write!(f, "Consul service {query}"),
-            Source::Etcd(prefix) => write!(f, "etcd prefix {prefix}"),
-        }
+        write!(f, "{} {}", self.kind().noun(), self.name())
     }
 }
 

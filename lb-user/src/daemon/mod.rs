@@ -309,7 +309,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
 
     /// Takes in a watcher's report; whether it changed the instances in force.
     fn discovery_update(&mut self, epoch: u64, update: Update) -> bool {
-        if epoch != self.watchers.epoch() {
+        if epoch != self.watchers.epoch(update.source().kind()) {
             return false;
         }
         let changed = self.discovery.update(update, std::time::Instant::now());

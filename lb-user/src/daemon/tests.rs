@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::*;
 use crate::{
-    config::{ServiceQuery, Source},
+    config::{ServiceQuery, Source, SourceKind},
     control::desired::NextHop,
     dataplane::{MemoryStore, loader::Params},
     discovery::{Instance, InstanceId},
@@ -170,7 +170,7 @@ impl Lab {
 
     /// Consul's answer for `service`, as the current watchers report it.
     async fn discover(&mut self, service: &str, backends: &[u8]) {
-        let event = answer_at(self.daemon.watchers.epoch(), service, backends);
+        let event = answer_at(self.daemon.watchers.epoch(SourceKind::Consul), service, backends);
         self.daemon.handle(event).await;
     }
 
@@ -302,7 +302,7 @@ async fn discovery_answers_apply_and_those_of_replaced_watchers_are_dropped() {
     let mut lab = Lab::new(CONSUL_WEB).await;
     lab.discover("web", &[1, 2]).await;
     assert_eq!(lab.table(), [ip(1), ip(2)]);
-    lab.daemon.handle(answer_at(lab.daemon.watchers.epoch() - 1, "web", &[3])).await;
+    lab.daemon.handle(answer_at(lab.daemon.watchers.epoch(SourceKind::Consul) - 1, "web", &[3])).await;
     assert_eq!(lab.table(), [ip(1), ip(2)], "a report from before the start-over");
     assert_eq!(lab.flags([10, 0, 0, 1]), Some(BACKEND_ACTIVE));
 }

@@ -57,48 +57,61 @@ pub(super) fn clients(live: &LiveConfig) -> anyhow::Result<Clients> {
 pub(super) struct Watchers {
     watch: WatchFn,
     events: mpsc::Sender<Event>,
-    /// The settings the running watchers use (`None`: that system unused).
+    /// The settings the running watchers of each system use (`None`:
+    /// that system unused).
     consul: Option<ConsulSettings>,
     etcd: Option<EtcdSettings>,
     tasks: BTreeMap<Source, JoinHandle<()>>,
-    /// Bumped at every start-over: reports still queued from the watchers
-    /// before it carry an older epoch and are dropped.
-    epoch: u64,
-    updates: mpsc::Sender<Update>,
+    /// Per system, the epoch of its running watchers: bumped when they
+    /// start over, so reports still queued from the ones before carry an
+    /// older epoch and are dropped.
+    epochs: BTreeMap<SourceKind, u64>,
+    /// Where each system's watchers report (tagged with its epoch).
+    channels: BTreeMap<SourceKind, mpsc::Sender<Update>>,
+    last_epoch: u64,
 }
 
 /// Reports in flight per epoch before watchers wait.
 const QUEUE: usize = 64;
 
+const KINDS: [SourceKind; 2] = [SourceKind::Consul, SourceKind::Etcd];
+
 impl Watchers {
     pub fn new(events: mpsc::Sender<Event>, watch: WatchFn) -> Self {
-        let (updates, _) = mpsc::channel(1);
-        let mut w =
-            Watchers { watch, events, consul: None, etcd: None, tasks: BTreeMap::new(), epoch: 0, updates };
-        w.start_over();
+        let mut w = Watchers {
+            watch,
+            events,
+            consul: None,
+            etcd: None,
+            tasks: BTreeMap::new(),
+            epochs: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            last_epoch: 0,
+        };
+        KINDS.into_iter().for_each(|kind| w.start_over(kind));
         w
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch
+    /// The epoch of `kind`'s running watchers.
+    pub fn epoch(&self, kind: SourceKind) -> u64 {
+        self.epochs.get(&kind).copied().unwrap_or(0)
     }
 
     /// Watches exactly the sources `live` names, with its settings.
     pub fn follow(&mut self, live: &LiveConfig, discovery: &mut Discovery) -> anyhow::Result<()> {
         let sources = live.sources();
-        if sources.is_empty() {
-            self.stop_all();
-            discovery.watch_only(&[]);
-            return Ok(());
-        }
         // The clients first: settings they cannot use change nothing.
         let Clients { consul, etcd } = clients(live)?;
         let consul_settings = consul.as_ref().map(|_| live.consul_settings());
-        let etcd_settings = etcd.as_ref().map(|c| c.settings().clone());
-        if self.consul != consul_settings || self.etcd != etcd_settings {
-            // Another agent, cluster, token or user: every source starts over.
-            self.stop_all();
-            discovery.watch_only(&[]);
+        // The empty-set policy is the consumer's: no reconnection for it.
+        let etcd_settings =
+            etcd.as_ref().map(|c| EtcdSettings { on_empty: Default::default(), ..c.settings().clone() });
+        // Another agent, cluster, token or user: that system's sources start over.
+        if self.consul != consul_settings {
+            self.stop(SourceKind::Consul, discovery);
+        }
+        if self.etcd != etcd_settings {
+            self.stop(SourceKind::Etcd, discovery);
         }
         (self.consul, self.etcd) = (consul_settings, etcd_settings);
         self.tasks.retain(|s, task| {
@@ -123,27 +136,43 @@ impl Watchers {
                 }
             };
             info!(%source, "watching");
-            let task = tokio::spawn((self.watch)(watch, self.updates.clone()));
-            self.tasks.insert(source.clone(), task);
+            let updates = self.channels[&source.kind()].clone();
+            self.tasks.insert(source.clone(), tokio::spawn((self.watch)(watch, updates)));
         }
         let policies: Vec<_> = sources.iter().map(|s| (s.clone(), live.on_empty(s))).collect();
         discovery.watch_only(&policies);
         Ok(())
     }
 
+    /// Stops `kind`'s watchers and forgets what they said.
+    fn stop(&mut self, kind: SourceKind, discovery: &mut Discovery) {
+        self.tasks.retain(|s, task| {
+            let keep = s.kind() != kind;
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        discovery.forget(kind);
+        self.start_over(kind);
+    }
+
     pub fn stop_all(&mut self) {
         self.tasks.values().for_each(JoinHandle::abort);
         self.tasks.clear();
         (self.consul, self.etcd) = (None, None);
-        self.start_over();
+        KINDS.into_iter().for_each(|kind| self.start_over(kind));
     }
 
-    /// A new epoch and a channel for its reports, forwarded as events.
-    fn start_over(&mut self) {
-        self.epoch += 1;
+    /// A new epoch for `kind` and a channel for its reports, forwarded as
+    /// events.
+    fn start_over(&mut self, kind: SourceKind) {
+        self.last_epoch += 1;
+        let epoch = self.last_epoch;
+        self.epochs.insert(kind, epoch);
         let (updates, mut reports) = mpsc::channel(QUEUE);
-        self.updates = updates;
-        let (epoch, events) = (self.epoch, self.events.clone());
+        self.channels.insert(kind, updates);
+        let events = self.events.clone();
         // Ends when this epoch's watchers are gone (their senders dropped).
         tokio::spawn(async move {
             while let Some(update) = reports.recv().await {

@@ -116,6 +116,16 @@ pub enum Update {
     Failed { source: Source, error: String, consecutive_failures: u32, retry_in: Duration },
 }
 
+impl Update {
+    pub fn source(&self) -> &Source {
+        match self {
+            Update::Instances { source, .. }
+            | Update::Unchanged { source, .. }
+            | Update::Failed { source, .. } => source,
+        }
+    }
+}
+
 /// The delay before retry number `failures` (1 for the first): a ceiling
 /// of `base × 2^(failures−1)`, at most `cap`, and a delay drawn from the
 /// upper half of it (`random` picks where), so that watchers that failed
@@ -195,6 +205,15 @@ impl Discovery {
         self.services.retain(|s, _| sources.iter().any(|(w, _)| w == s));
         for (source, on_empty) in sources {
             self.services.entry(source.clone()).or_default().on_empty = *on_empty;
+        }
+    }
+
+    /// Forgets what every source of `kind` said: they start over unknown.
+    pub fn forget(&mut self, kind: crate::config::SourceKind) {
+        for (source, view) in &mut self.services {
+            if source.kind() == kind {
+                *view = ServiceView { on_empty: view.on_empty, ..ServiceView::default() };
+            }
         }
     }
 

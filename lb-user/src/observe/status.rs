@@ -216,10 +216,7 @@ impl From<&Source> for SourceRef {
 
 impl std::fmt::Display for SourceRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.kind {
-            SourceKind::Consul => write!(f, "Consul service {}", self.name),
-            SourceKind::Etcd => write!(f, "etcd prefix {}", self.name),
-        }
+        write!(f, "{} {}", self.kind.noun(), self.name)
     }
 }
 

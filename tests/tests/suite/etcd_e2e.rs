@@ -3,7 +3,11 @@
 //! follow the keys. Needs root.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -14,6 +18,7 @@ use xlb_tests::{
     http::request,
     lab::{Lab, VIP4},
     servers,
+    traffic::{Arrivals, Conversation},
 };
 
 const PREFIX: &str = "/services/web/";
@@ -29,6 +34,14 @@ fn table_id(lab: &Lab, addr: IpAddr) -> Option<u16> {
     let status =
         lab.lb.run(|| request("127.0.0.1:9300".parse().unwrap(), "GET", "/api/v1/status", None, None));
     xlb_tests::daemon::table_id(&status.json(), addr)
+}
+
+/// The backend's weight in the VIP's table, from the admin API.
+fn weight(lab: &Lab, addr: IpAddr) -> Option<u64> {
+    let status =
+        lab.lb.run(|| request("127.0.0.1:9300".parse().unwrap(), "GET", "/api/v1/status", None, None));
+    let vip = &status.json()["vips"][0];
+    vip["backends"].as_array()?.iter().find(|b| b["address"] == addr.to_string())?["weight"].as_u64()
 }
 
 #[test]
@@ -103,15 +116,40 @@ fn backends_follow_etcd_and_survive_its_outage() {
     daemon
         .eventually("the bad value", || source()["problems"].to_string().contains("key /services/web/junk"));
     assert_eq!(lab.spread(60), ["be1", "be2", "be3"], "the good keys still serve");
+    etcd.delete(&format!("{PREFIX}otherport"));
 
-    // A fourth, then a drain: weight 0 keeps established flows, takes no new ones.
+    // Changes that must break no flow, while 12 long-lived conversations
+    // and a stream of new connections run: a fourth backend joins, one is
+    // reweighted, one drains (weight 0 keeps established flows) and comes
+    // back, and the fourth (which carries no conversation) leaves.
+    let stop = Arc::new(AtomicBool::new(false));
+    let vip = SocketAddr::from((VIP4, 80));
+    let talks: Vec<Conversation> = (0..12).map(|_| Conversation::start(&lab.client, vip, &stop)).collect();
+    let arrivals = Arrivals::start(&lab.client, vip, Duration::from_millis(20), &stop);
+    let json = |i: usize, extra: &str| format!("{{\"address\": \"{}\"{extra}}}", lab.backends[i].v4);
     put(&etcd, &lab, 3);
     daemon.eventually("be4 joins", || lab.spread(60).len() == 4);
-    etcd.put(
-        &format!("{PREFIX}be4"),
-        &format!("{{\"address\": \"{}\", \"state\": \"drain\"}}", lab.backends[3].v4),
+    etcd.put(&format!("{PREFIX}be1"), &json(0, ", \"weight\": 3"));
+    daemon.eventually("be1 weighs 3", || weight(&lab, lab.backends[0].v4.into()) == Some(3));
+    etcd.put(&format!("{PREFIX}be3"), &json(2, ", \"state\": \"drain\""));
+    daemon.eventually("be3 drains", || !lab.spread(60).contains(&"be3".to_owned()));
+    etcd.put(&format!("{PREFIX}be3"), &json(2, ""));
+    daemon.eventually("be3 is back", || lab.spread(60).contains(&"be3".to_owned()));
+    etcd.delete(&format!("{PREFIX}be4"));
+    daemon.eventually("be4 leaves", || lab.spread(60) == ["be1", "be2", "be3"]);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let mut exchanges = 0;
+    for talk in talks {
+        let backend = talk.backend.clone();
+        exchanges += talk.finish().unwrap_or_else(|e| panic!("a conversation with {backend} broke: {e}"));
+    }
+    let arrived = arrivals.finish();
+    eprintln!(
+        "during 5 etcd changes: 12 conversations, {exchanges} exchanges, none broken; {} new connections, {} failed",
+        arrived.ok, arrived.failed
     );
-    daemon.eventually("be4 drains", || lab.spread(60) == ["be1", "be2", "be3"]);
+    assert_eq!(arrived.failed, 0, "new connections failed: {:?}", arrived.errors());
 
     // Weights belong to etcd: the API refuses, naming where to set them.
     let reply = lab.lb.run(|| {

@@ -131,7 +131,6 @@ pub fn map_memory(pid: &str) -> anyhow::Result<Vec<(u32, String, u64)>> {
     Ok(maps)
 }
 
-/// Seconds as a `Duration`, for run lengths given as fractions.
 /// A `/proc/<pid>/status` figure given in kB (`VmRSS:`, `VmHWM:`), in MiB.
 pub fn proc_mib(pid: u64, field: &str) -> anyhow::Result<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -144,6 +143,7 @@ pub fn proc_mib(pid: u64, field: &str) -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
+/// Seconds as a `Duration`, for run lengths given as fractions.
 pub fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }

@@ -121,11 +121,7 @@ pub(crate) fn map_entries(
         }
     }
     let (mut instances, duplicates) = dedup_by_address(candidates);
-    problems.extend(duplicates.into_iter().map(|d| Problem::Duplicate {
-        address: d.address,
-        kept: d.kept,
-        dropped: d.dropped,
-    }));
+    problems.extend(duplicates.into_iter().map(Problem::Duplicate));
     instances.sort_by(|a, b| a.id.cmp(&b.id));
     if instances.len() > limit {
         problems.push(Problem::TooMany { total: instances.len(), kept: limit });
@@ -205,6 +201,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::discovery::Duplicate;
 
     fn cid(node: &str, id: &str) -> InstanceId {
         InstanceId::Consul { node: node.into(), id: id.into() }
@@ -382,21 +379,21 @@ mod tests {
         assert_eq!(
             problems,
             [
-                Problem::Duplicate {
+                Problem::Duplicate(Duplicate {
                     address: ip("10.0.0.1"),
                     kept: cid("n2", "heavy"),
-                    dropped: cid("n1", "light")
-                },
-                Problem::Duplicate {
+                    dropped: cid("n1", "light"),
+                }),
+                Problem::Duplicate(Duplicate {
                     address: ip("10.0.0.1"),
                     kept: cid("n2", "heavy"),
-                    dropped: cid("n0", "warn")
-                },
-                Problem::Duplicate {
+                    dropped: cid("n0", "warn"),
+                }),
+                Problem::Duplicate(Duplicate {
                     address: ip("10.0.0.2"),
                     kept: cid("n1", "twin-a"),
-                    dropped: cid("n1", "twin-b")
-                },
+                    dropped: cid("n1", "twin-b"),
+                }),
             ]
         );
     }

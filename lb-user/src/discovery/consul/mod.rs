@@ -25,7 +25,7 @@ use std::{fmt, net::IpAddr, path::PathBuf};
 pub use client::{Client, Snapshot};
 pub use watch::{WatchOptions, watch, watch_with};
 
-pub use super::{Instance, InstanceId, MAX_INSTANCES, Update};
+pub use super::{Duplicate, Instance, InstanceId, MAX_INSTANCES, Update};
 pub use crate::{
     config::consul::{ConsulSettings, DEFAULT_ADDRESS, EmptyPolicy, ServiceQuery, WarningPolicy},
     model::Unusable,
@@ -66,7 +66,7 @@ pub enum Problem {
     /// The weight was outside 0–[`MAX_WEIGHT`](crate::config::MAX_WEIGHT).
     WeightClamped { instance: String, weight: i64, clamped: u32 },
     /// Another instance has the same address; only `kept` is a backend.
-    Duplicate { address: IpAddr, kept: InstanceId, dropped: InstanceId },
+    Duplicate(Duplicate),
     /// More than [`MAX_INSTANCES`]; the first `kept` by (node, id) are used.
     TooMany { total: usize, kept: usize },
 }
@@ -98,7 +98,7 @@ impl fmt::Display for Problem {
             Problem::WeightClamped { instance, weight, clamped } => {
                 write!(f, "instance {instance}: weight {weight} is out of range; using {clamped}")
             }
-            Problem::Duplicate { address, kept, dropped } => {
+            Problem::Duplicate(Duplicate { address, kept, dropped }) => {
                 write!(f, "instances {kept} and {dropped} share address {address}; using {kept}")
             }
             Problem::TooMany { total, kept } => {

@@ -23,7 +23,7 @@ pub use watch::{WatchOptions, watch, watch_with};
 
 pub use crate::config::{
     EtcdPrefix, EtcdSettings,
-    etcd::{Credentials, Password},
+    etcd::{Credentials, Password, Tls},
 };
 
 /// gRPC keepalive pings on an idle connection: a member that went away
@@ -61,19 +61,21 @@ impl Connector {
         let read = |what, path: &std::path::Path| {
             std::fs::read(path).map_err(|source| EtcdError::ReadFile { what, path: path.to_owned(), source })
         };
-        let tls = match &settings.tls {
-            None => None,
-            Some(files) => {
-                let mut tls = TlsOptions::new().with_native_roots();
-                if let Some(ca) = &files.ca_file {
-                    tls = tls.ca_certificate(Certificate::from_pem(read("ca_file", ca)?));
-                }
-                if let Some((cert, key)) = &files.client {
-                    tls = tls
-                        .identity(Identity::from_pem(read("client_cert", cert)?, read("client_key", key)?));
-                }
-                Some(tls)
+        // The config allows https:// for every endpoint or none.
+        let https = settings.endpoints.iter().any(|e| e.starts_with("https://"));
+        let tls = if https {
+            let files = settings.tls.clone().unwrap_or(Tls { ca_file: None, client: None });
+            // A CA file replaces the system's roots rather than adding to them.
+            let mut tls = match &files.ca_file {
+                Some(ca) => TlsOptions::new().ca_certificate(Certificate::from_pem(read("ca_file", ca)?)),
+                None => TlsOptions::new().with_native_roots(),
+            };
+            if let Some((cert, key)) = &files.client {
+                tls = tls.identity(Identity::from_pem(read("client_cert", cert)?, read("client_key", key)?));
             }
+            Some(tls)
+        } else {
+            None
         };
         Ok(Connector { settings: Arc::new(settings.clone()), tls })
     }

@@ -22,10 +22,9 @@ pub struct WatchOptions {
     pub backoff_base: Duration,
     /// ...up to this.
     pub backoff_cap: Duration,
-    /// How often a quiet watch asks etcd to confirm it is current (a
-    /// progress request): the source's age then says how long ago etcd
-    /// last answered, and a watch that gets no answer within this plus
-    /// the request timeout counts as failed.
+    /// How often the watch asks etcd to confirm it is current (a progress
+    /// request): the source's age then says how long ago etcd last
+    /// answered.
     pub progress_every: Duration,
     /// Keys per page when reading the prefix.
     pub page: i64,
@@ -60,17 +59,16 @@ pub async fn watch(connector: Connector, prefix: EtcdPrefix, updates: mpsc::Send
 ///   page at R), then watched from R + 1, so every later change arrives as
 ///   an event.
 /// - **Resume**: after a failure the watch starts again from the revision
-///   after the last one applied, on whichever member answers; nothing is
-///   read twice or missed.
+///   after the last event applied, on whichever member answers.
 /// - **Compaction**: when etcd cancels the watch because that revision was
 ///   compacted away, the events in between are gone: the prefix is read
 ///   again and the set replaced (which the consumer diffs).
-/// - **Progress**: every `progress_every` a quiet watch asks etcd for a
-///   progress answer; it moves the resume point forward and shows the
-///   source alive. No answer at all for that long plus the request
-///   timeout ends the session.
+/// - **Progress**: every `progress_every` the watch asks etcd for a
+///   progress answer, which shows the source alive (an `Unchanged`). A
+///   connection that died silently is found by gRPC keepalives.
 /// - **Errors**: back-off from `backoff_base`, doubling per consecutive
-///   failure up to `backoff_cap`, with jitter.
+///   failure up to `backoff_cap`, with jitter; a session that lasted
+///   `STABLE` starts the count again.
 ///
 /// A key whose value is not an instance ([`Bad`]) is left out and
 /// reported; the rest of the set is unaffected. Problems are logged once,
@@ -83,13 +81,20 @@ pub async fn watch_with(
 ) {
     let mut follower = Follower::new(prefix, updates.clone());
     loop {
+        let started = Instant::now();
         let ended = tokio::select! {
             biased;
             () = updates.closed() => return,
             ended = follower.session(&connector, &options) => ended,
         };
         let Err(error) = ended else { return };
+        // Only a session that lasted resets the back-off: one that fails
+        // right after it connects must not retry ten times a second.
+        if started.elapsed() >= STABLE {
+            follower.failures = 0;
+        }
         follower.failures = follower.failures.saturating_add(1);
+        follower.stale = true;
         let retry_in = backoff(follower.failures, options.backoff_base, options.backoff_cap, random());
         warn!(source = %follower.source, failures = follower.failures, ?retry_in, "{error}");
         let update = Update::Failed {
@@ -148,9 +153,19 @@ struct Follower {
     /// The last revision applied; 0: the prefix must be read.
     revision: i64,
     sent: Option<Said>,
+    /// Sessions failed in a row (the back-off).
     failures: u32,
+    /// A session failed since the consumer was last told the set.
+    stale: bool,
     updates: mpsc::Sender<Update>,
 }
+
+/// How long a session must last to count as a recovery for the back-off.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// The largest answer decoded (tonic's default is 4 MiB): a page of keys
+/// or a batch of events with large values.
+const MAX_MESSAGE: usize = 16 << 20;
 
 /// Why a session ended: an error in words; `Ok` when the consumer left.
 type Ended = Result<(), String>;
@@ -164,6 +179,7 @@ impl Follower {
             revision: 0,
             sent: None,
             failures: 0,
+            stale: false,
             updates,
         }
     }
@@ -181,21 +197,18 @@ impl Follower {
             }
             let from = self.revision + 1;
             let watch = EtcdWatch::new().with_prefix().with_start_revision(from).with_progress_notify();
-            let mut stream = tokio::time::timeout(timeout, client.watch(self.prefix.clone(), Some(watch)))
+            let mut watcher = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+            let mut stream = tokio::time::timeout(timeout, watcher.watch(self.prefix.clone(), Some(watch)))
                 .await
                 .map_err(|_| format!("etcd did not start the watch within {timeout:?}"))?
                 .map_err(|e| format!("etcd watch: {}", error_chain(&e)))?;
             let mut progress =
                 tokio::time::interval_at(Instant::now() + options.progress_every, options.progress_every);
-            let mut heard = Instant::now();
+            progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let message = tokio::select! {
                     message = stream.message() => message,
                     _ = progress.tick() => {
-                        let silent = heard.elapsed();
-                        if silent > options.progress_every + timeout {
-                            return Err(format!("etcd sent nothing on the watch for {silent:.1?}"));
-                        }
                         stream.request_progress().await.map_err(|e| format!("etcd watch: {}", error_chain(&e)))?;
                         continue;
                     }
@@ -205,7 +218,6 @@ impl Follower {
                     Ok(None) => return Err("etcd closed the watch".into()),
                     Err(e) => return Err(format!("etcd watch: {}", error_chain(&e))),
                 };
-                heard = Instant::now();
                 if response.canceled() {
                     if response.compact_revision() > 0 {
                         info!(
@@ -219,23 +231,17 @@ impl Follower {
                     }
                     return Err(format!("etcd cancelled the watch: {}", response.cancel_reason()));
                 }
-                if response.events().is_empty() {
-                    // A progress answer: every event up to its revision
-                    // was sent. The answer to the watch's creation comes
-                    // before any older events, so it moves nothing.
-                    if !response.created() {
-                        let at = response.header().map_or(0, |h| h.revision());
-                        self.revision = self.revision.max(at);
-                    }
-                } else {
-                    for event in response.events() {
-                        let Some(kv) = event.kv() else { continue };
-                        match event.event_type() {
-                            EventType::Put => self.keys.insert(kv.key().to_vec(), parse(kv.value())),
-                            EventType::Delete => self.keys.remove(kv.key()),
-                        };
-                        self.revision = self.revision.max(kv.mod_revision());
-                    }
+                // Only events move the resume point. An answer without
+                // them (the watch's creation, progress) shows etcd alive:
+                // some etcd versions sent a requested progress answer with
+                // a revision ahead of events still on their way.
+                for event in response.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    match event.event_type() {
+                        EventType::Put => self.keys.insert(kv.key().to_vec(), parse(kv.value())),
+                        EventType::Delete => self.keys.remove(kv.key()),
+                    };
+                    self.revision = self.revision.max(kv.mod_revision());
                 }
                 if !self.report().await {
                     return Ok(());
@@ -244,21 +250,33 @@ impl Follower {
         }
     }
 
-    /// Reads every key under the prefix at one revision, page by page.
+    /// Reads every key under the prefix at one revision, page by page (a
+    /// page too large to decode is asked again in halves).
     async fn read(&mut self, client: &mut Client, timeout: Duration, page: i64) -> Result<(), String> {
         let end = range_end(&self.prefix);
+        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
         let mut keys = BTreeMap::new();
         let mut from = self.prefix.clone();
-        let mut at = 0;
+        let (mut at, mut page) = (0, page.max(1));
         loop {
             let mut get = GetOptions::new().with_range(end.clone()).with_limit(page);
             if at > 0 {
                 get = get.with_revision(at);
             }
-            let mut answer = tokio::time::timeout(timeout, client.get(from.clone(), Some(get)))
+            let answer = tokio::time::timeout(timeout, kv.get(from.clone(), Some(get)))
                 .await
-                .map_err(|_| format!("etcd did not answer a read within {timeout:?}"))?
-                .map_err(|e| format!("etcd read: {}", error_chain(&e)))?;
+                .map_err(|_| format!("etcd did not answer a read within {timeout:?}"))?;
+            let mut answer = match answer {
+                // tonic refuses an answer over the decode limit as out of range.
+                Err(etcd_client::Error::GRpcStatus(status))
+                    if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted)
+                        && page > 1 =>
+                {
+                    page /= 2;
+                    continue;
+                }
+                other => other.map_err(|e| format!("etcd read: {}", error_chain(&e)))?,
+            };
             if at == 0 {
                 at = answer.header().map_or(0, |h| h.revision());
                 if at <= 0 {
@@ -288,7 +306,7 @@ impl Follower {
     async fn report(&mut self) -> bool {
         let said = self.said();
         let index = u64::try_from(self.revision).unwrap_or(0);
-        let update = if self.failures > 0 || self.sent.as_ref() != Some(&said) {
+        let update = if self.stale || self.sent.as_ref() != Some(&said) {
             let before = self.sent.as_ref().map_or(&[][..], |s| &s.problems);
             for problem in new_problems(before, &said.problems) {
                 warn!(source = %self.source, "etcd: {problem}");
@@ -304,7 +322,7 @@ impl Follower {
         } else {
             Update::Unchanged { source: self.source.clone(), index }
         };
-        self.failures = 0;
+        self.stale = false;
         self.updates.send(update).await.is_ok()
     }
 
