@@ -37,6 +37,80 @@ pub struct Etcd {
     children: Vec<Option<Child>>,
     /// `user:password` for etcdctl once auth is on.
     root: Option<String>,
+    /// Its certificates, when it serves TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A test CA, the server's certificate (for IP 127.0.0.1) and a client
+/// certificate, PEM files made with openssl.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes a fresh CA and its two certificates in `dir`.
+    pub fn make(dir: &std::path::Path) -> anyhow::Result<TlsFiles> {
+        let p = |name: &str| dir.join(name);
+        let s = |path: PathBuf| path.to_str().expect("utf-8 path").to_owned();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let (ca, ca_key) = (s(p("ca.pem")), s(p("ca.key")));
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend(["-keyout", &ca_key, "-out", &ca, "-days", "2", "-subj", "/CN=xlb-test-ca"]);
+        args.extend([
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ]);
+        crate::cmd::run("openssl", &args)?;
+        for (name, cn) in [("server", "127.0.0.1"), ("client", "xlb")] {
+            let (key, csr, cert, ext) = (
+                s(p(&format!("{name}.key"))),
+                s(p(&format!("{name}.csr"))),
+                s(p(&format!("{name}.pem"))),
+                s(p(&format!("{name}.ext"))),
+            );
+            let mut args = vec!["req"];
+            args.extend(ec);
+            let subject = format!("/CN={cn}");
+            args.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
+            crate::cmd::run("openssl", &args)?;
+            std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")?;
+            crate::cmd::run(
+                "openssl",
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    &ca,
+                    "-CAkey",
+                    &ca_key,
+                    "-CAcreateserial",
+                    "-out",
+                    &cert,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext,
+                ],
+            )?;
+        }
+        Ok(TlsFiles {
+            ca: p("ca.pem"),
+            server_cert: p("server.pem"),
+            server_key: p("server.key"),
+            client_cert: p("client.pem"),
+            client_key: p("client.key"),
+        })
+    }
 }
 
 impl Etcd {
@@ -51,8 +125,18 @@ impl Etcd {
         Self::cluster(Some(ns), 1)
     }
 
+    /// A one-member cluster serving only TLS clients with a certificate
+    /// from its CA.
+    pub fn start_tls() -> anyhow::Result<Etcd> {
+        Self::launch(None, 1, true)
+    }
+
     /// A cluster of `size` members on one host.
     pub fn cluster(ns: Option<PathBuf>, size: usize) -> anyhow::Result<Etcd> {
+        Self::launch(ns, size, false)
+    }
+
+    fn launch(ns: Option<PathBuf>, size: usize, tls: bool) -> anyhow::Result<Etcd> {
         anyhow::ensure!(crate::cmd::which("etcd").is_some(), "no etcd: run ./scripts/setup.sh (etcd-server)");
         let id = crate::unique_id();
         let dir = std::env::temp_dir().join(format!("xlb-etcd-{id}"));
@@ -61,7 +145,8 @@ impl Etcd {
         let members: Vec<Member> = (0..size)
             .map(|i| Member { name: format!("m{i}"), client: ports[2 * i], peer: ports[2 * i + 1] })
             .collect();
-        let mut etcd = Etcd { ns, dir, members, children: Vec::new(), root: None };
+        let tls = if tls { Some(TlsFiles::make(&dir)?) } else { None };
+        let mut etcd = Etcd { ns, dir, members, children: Vec::new(), root: None, tls };
         etcd.children = (0..size).map(|_| None).collect();
         for i in 0..size {
             etcd.spawn(i)?;
@@ -74,14 +159,14 @@ impl Etcd {
         let m = &self.members[i];
         let cluster: Vec<String> =
             self.members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect();
-        let client = format!("http://127.0.0.1:{}", m.client);
+        let client = self.endpoint_of(i);
         let peer = format!("http://127.0.0.1:{}", m.peer);
         let data = self.dir.join(&m.name);
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(self.dir.join(format!("{}.log", m.name)))?;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             format!("--name={}", m.name),
             format!("--data-dir={}", data.display()),
             format!("--listen-client-urls={client}"),
@@ -96,6 +181,12 @@ impl Etcd {
             "--log-level=warn".into(),
             "--logger=zap".into(),
         ];
+        if let Some(tls) = &self.tls {
+            args.push(format!("--cert-file={}", tls.server_cert.display()));
+            args.push(format!("--key-file={}", tls.server_key.display()));
+            args.push(format!("--trusted-ca-file={}", tls.ca.display()));
+            args.push("--client-cert-auth".into());
+        }
         let child = self
             .command("etcd")
             .args(&args)
@@ -136,6 +227,14 @@ impl Etcd {
         }
     }
 
+    fn tls_args(&self, c: &mut Command) {
+        if let Some(tls) = &self.tls {
+            c.arg(format!("--cacert={}", tls.ca.display()))
+                .arg(format!("--cert={}", tls.client_cert.display()))
+                .arg(format!("--key={}", tls.client_key.display()));
+        }
+    }
+
     /// The members' logs.
     pub fn log(&self) -> String {
         self.members
@@ -146,7 +245,8 @@ impl Etcd {
     }
 
     fn endpoint_of(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client)
     }
 
     /// The first member's client URL.
@@ -178,6 +278,7 @@ impl Etcd {
         if let Some(root) = &self.root {
             c.arg(format!("--user={root}"));
         }
+        self.tls_args(&mut c);
         let out = c.args(args).output().context("cannot run etcdctl")?;
         if !out.status.success() {
             bail!("etcdctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
@@ -212,6 +313,7 @@ impl Etcd {
             script.push_str("\n\n");
             let mut c = self.command("etcdctl");
             c.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoints().join(",")));
+            self.tls_args(&mut c);
             let mut child =
                 c.arg("txn").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
             child.stdin.take().expect("stdin").write_all(script.as_bytes())?;

@@ -33,9 +33,11 @@ enum Task {
     Demo,
     /// Run every test: unit, BPF_PROG_TEST_RUN and namespace end-to-end
     /// tests, then build the Debian package and check it installed into a
-    /// scratch root, then fuzz the packet parser (needs root).
+    /// scratch root, then fuzz the packet parser and, briefly, the config
+    /// parser and the discovery decoders (needs root).
     Test {
-        /// Seconds of parser fuzzing after the tests; 0 skips it.
+        /// Seconds of packet-parser fuzzing after the tests (each
+        /// control-plane target gets at most 10); 0 skips fuzzing.
         #[arg(long, default_value_t = 60)]
         fuzz_seconds: u32,
         /// Extra arguments for `cargo test`, e.g. `--test dr_e2e` or `-- maglev`
@@ -102,7 +104,10 @@ fn main() -> anyhow::Result<()> {
                 checked?;
             }
             if args.is_empty() && fuzz_seconds > 0 {
-                fuzz_parser(fuzz_seconds)?;
+                fuzz("parse", fuzz_seconds)?;
+                for target in ["config", "consul", "etcd_value"] {
+                    fuzz(target, fuzz_seconds.min(CONTROL_FUZZ_SECONDS))?;
+                }
             }
             Ok(())
         }
@@ -114,9 +119,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Runs the parser's fuzz target from its corpus. New inputs go to a
-/// scratch directory, so the checked-in corpus stays as it is.
-fn fuzz_parser(seconds: u32) -> anyhow::Result<()> {
+/// Seconds for each control-plane fuzz target in `cargo xtask test`.
+const CONTROL_FUZZ_SECONDS: u32 = 10;
+
+/// Runs fuzz target `target` from its corpus (`fuzz/corpus/<target>`).
+/// New inputs go to a scratch directory, so the checked-in corpus stays
+/// as it is.
+fn fuzz(target: &str, seconds: u32) -> anyhow::Result<()> {
     let nightly_cargo = |args: &[&str]| {
         let mut c = Command::new("cargo");
         c.current_dir(workspace()).arg("+nightly").args(args);
@@ -129,23 +138,23 @@ fn fuzz_parser(seconds: u32) -> anyhow::Result<()> {
     if !installed {
         bail!("cargo-fuzz is not installed: run scripts/setup.sh (or --fuzz-seconds 0 to skip fuzzing)");
     }
-    let artifacts = workspace().join("fuzz/artifacts/parse");
+    let artifacts = workspace().join("fuzz/artifacts").join(target);
     let crashes = || std::fs::read_dir(&artifacts).map_or(0, |d| d.count());
     let crashes_before = crashes();
     let scratch = std::env::temp_dir().join(format!("xlb-fuzz-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
-    let status = nightly_cargo(&["fuzz", "run", "parse"])
+    let status = nightly_cargo(&["fuzz", "run", target])
         .arg(&scratch)
-        .arg(workspace().join("fuzz/corpus/parse"))
+        .arg(workspace().join("fuzz/corpus").join(target))
         .args(["--", &format!("-max_total_time={seconds}")])
         .status()
         .context("cannot run `cargo +nightly fuzz`");
     let _ = std::fs::remove_dir_all(&scratch);
     if !status?.success() {
         if crashes() > crashes_before {
-            bail!("fuzzing found an input that crashes the parser: see {}", artifacts.display());
+            bail!("fuzzing {target} found an input that crashes it: see {}", artifacts.display());
         }
-        bail!("`cargo fuzz run parse` failed to build or run (see its output above)");
+        bail!("`cargo fuzz run {target}` failed to build or run (see its output above)");
     }
     Ok(())
 }

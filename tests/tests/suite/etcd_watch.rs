@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use xlb::{
     config::{
         EtcdPrefix, EtcdSettings,
-        etcd::{Credentials, Password},
+        etcd::{Credentials, Password, Tls},
     },
     discovery::{
         Instance, InstanceId, Update,
@@ -330,4 +330,35 @@ async fn a_quiet_watch_is_confirmed_by_progress_answers() {
         }
     }
     assert!(confirmed >= 4, "{confirmed} progress answers in 3 s");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_with_a_ca_file_and_a_client_certificate() {
+    let etcd = Etcd::start_tls().unwrap();
+    etcd.put(&key("a"), "10.7.0.1");
+    let files = etcd.tls.clone().unwrap();
+    let with = |ca_file: Option<std::path::PathBuf>,
+                client: Option<(std::path::PathBuf, std::path::PathBuf)>| {
+        EtcdSettings { tls: Some(Tls { ca_file, client }), ..settings(vec![etcd.endpoint()]) }
+    };
+    let client = Some((files.client_cert.clone(), files.client_key.clone()));
+
+    let mut rx = start_watch(&with(Some(files.ca.clone()), client.clone()));
+    until(&mut rx, PROMPT, "the read over mutual TLS", |i| keys(i) == ["a"]).await;
+
+    // Without a client certificate etcd refuses; with only the system's
+    // roots the server's certificate is unknown.
+    for (what, settings) in [
+        ("no client certificate", with(Some(files.ca.clone()), None)),
+        ("system roots only", with(None, client)),
+    ] {
+        let mut rx = start_watch(&settings);
+        match next(&mut rx, PROMPT).await {
+            Update::Failed { error, .. } => {
+                eprintln!("{what}: {error}");
+                assert!(what != "system roots only" || error.contains("UnknownIssuer"), "{error}");
+            }
+            other => panic!("{what}: expected a failure, got {other:?}"),
+        }
+    }
 }

@@ -11,9 +11,7 @@ use reqwest::{
 };
 
 use super::{
-    ConsulError, ConsulSettings, DEFAULT_ADDRESS, Instance, MAX_INSTANCES, Problem, ServiceQuery,
-    WarningPolicy,
-    entries::{self, Entry},
+    ConsulError, ConsulSettings, DEFAULT_ADDRESS, Instance, Problem, ServiceQuery, WarningPolicy, entries,
 };
 
 /// Consul caps `wait` at 10 minutes.
@@ -24,7 +22,7 @@ const REQUEST_SLACK: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How much of an error body goes into [`ConsulError::Status`].
 const ERROR_BODY_MAX: usize = 512;
-/// Largest health answer read. [`MAX_INSTANCES`] entries with a few checks
+/// Largest health answer read. [`MAX_INSTANCES`](super::MAX_INSTANCES) entries with a few checks
 /// each (check output is capped at 4 KiB by default) stay far below it; a
 /// server that streams without end is cut off instead of filling memory.
 const BODY_MAX: usize = 128 << 20;
@@ -171,10 +169,8 @@ impl Client {
             return Err(ConsulError::FilteredByAcl { url: shown });
         }
         let body = read_capped(response, BODY_MAX, &shown).await?;
-        let entries: Vec<Entry> =
-            serde_json::from_slice(&body).map_err(|source| ConsulError::Decode { url: shown, source })?;
-        let (instances, problems) =
-            entries::map_entries(entries, query.tag.as_deref(), self.warning, MAX_INSTANCES);
+        let (instances, problems) = entries::decode(&body, query.tag.as_deref(), self.warning)
+            .map_err(|source| ConsulError::Decode { url: shown, source })?;
         Ok(Snapshot { instances, index: new_index, problems })
     }
 }

@@ -92,6 +92,17 @@ pub(crate) fn aggregate(checks: &[Check]) -> Health {
         .unwrap_or(Health::Passing)
 }
 
+/// An answer's body (a JSON array of health entries) as instances, by
+/// [`map_entries`] with the cap of [`MAX_INSTANCES`](super::MAX_INSTANCES).
+pub fn decode(
+    body: &[u8],
+    tag: Option<&str>,
+    policy: WarningPolicy,
+) -> Result<(Vec<Instance>, Vec<Problem>), serde_json::Error> {
+    let entries: Vec<Entry> = serde_json::from_slice(body)?;
+    Ok(map_entries(entries, tag, policy, super::MAX_INSTANCES))
+}
+
 /// Turns the entries of a query for `tag` (if any) into instances by the
 /// rules in the module's notes: sorted by (node, id), at most `limit`, with what
 /// was skipped or changed.

@@ -23,6 +23,7 @@ mod watch;
 use std::{fmt, net::IpAddr, path::PathBuf};
 
 pub use client::{Client, Snapshot};
+pub use entries::decode;
 pub use watch::{WatchOptions, watch, watch_with};
 
 pub use super::{Duplicate, Instance, InstanceId, MAX_INSTANCES, Update};
