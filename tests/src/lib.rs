@@ -32,6 +32,16 @@ pub fn unique_id() -> u32 {
     ((std::process::id() & 0xffff) << 8) | (n & 0xff)
 }
 
+/// Sorts `samples` and says "over N changes: min …, median …, max …";
+/// returns the median too.
+pub fn summary(samples: &mut [std::time::Duration], what: &str) -> (String, std::time::Duration) {
+    samples.sort();
+    let n = samples.len();
+    let median = samples[n / 2];
+    let text = format!("over {n} {what}: min {:?}, median {median:?}, max {:?}", samples[0], samples[n - 1]);
+    (text, median)
+}
+
 /// Fails the test early, with a clear message, when not run as root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -100,6 +100,23 @@ pub fn dedup_by_address(mut candidates: Vec<Instance>) -> (Vec<Instance>, Vec<Du
     (kept, duplicates)
 }
 
+/// Candidates as an answer's instances: one per address
+/// ([`dedup_by_address`]), sorted by id, at most `limit`.
+pub struct Settled {
+    pub instances: Vec<Instance>,
+    pub duplicates: Vec<Duplicate>,
+    /// How many there were, when over `limit`.
+    pub over_limit: Option<usize>,
+}
+
+pub fn settle(candidates: Vec<Instance>, limit: usize) -> Settled {
+    let (mut instances, duplicates) = dedup_by_address(candidates);
+    instances.sort_by(|a, b| a.id.cmp(&b.id));
+    let total = instances.len();
+    instances.truncate(limit);
+    Settled { instances, duplicates, over_limit: (total > limit).then_some(total) }
+}
+
 /// What a watcher reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Update {

@@ -69,14 +69,8 @@ fn backends_follow_consul_health_and_survive_its_outage() {
         consul.pass(&check(&lab, 1));
         daemon.eventually("be2 back after passing", || table_id(&daemon, be2).is_some());
     }
-    latencies.sort();
-    let median = latencies[latencies.len() / 2];
-    eprintln!(
-        "health → table latency over {} failures: min {:?}, median {median:?}, max {:?}",
-        latencies.len(),
-        latencies[0],
-        latencies[latencies.len() - 1]
-    );
+    let (summary, median) = xlb_tests::summary(&mut latencies, "failures");
+    eprintln!("health → table latency {summary}");
     assert!(median < Duration::from_millis(200), "median {median:?}");
     assert_eq!(lab.spread(90), ["be1", "be2", "be3"], "be2 takes connections again");
 

@@ -88,19 +88,13 @@ fn backends_follow_etcd_and_survive_its_outage() {
         }
         back.push(started.elapsed());
     }
-    for (what, list) in
-        [("delete → out of the table", &mut gone), ("put → in the table (polled through the API)", &mut back)]
-    {
-        list.sort();
-        eprintln!(
-            "etcd {what} over {} changes: min {:?}, median {:?}, max {:?}",
-            list.len(),
-            list[0],
-            list[list.len() / 2],
-            list[list.len() - 1]
-        );
-    }
-    assert!(gone[gone.len() / 2] < Duration::from_millis(200), "{gone:?}");
+    let (summary, median) = xlb_tests::summary(&mut gone, "changes");
+    eprintln!("etcd delete → out of the table {summary}");
+    eprintln!(
+        "etcd put → in the table (polled through the API) {}",
+        xlb_tests::summary(&mut back, "changes").0
+    );
+    assert!(median < Duration::from_millis(200), "{gone:?}");
     assert_eq!(lab.spread(90), ["be1", "be2", "be3"], "be2 takes connections again");
 
     // Keys that cannot be this VIP's backends: left out, and status says why.

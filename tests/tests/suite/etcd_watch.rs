@@ -144,15 +144,9 @@ async fn puts_deletes_leases_weights_and_drains_follow_etcd() {
         until(&mut rx, PROMPT, "the weight change", |i| i.iter().any(|i| i.weight == n + 1)).await;
         latencies.push(started.elapsed());
     }
-    latencies.sort();
-    eprintln!(
-        "etcd put → watcher update over {} changes: min {:?}, median {:?}, max {:?}",
-        latencies.len(),
-        latencies[0],
-        latencies[latencies.len() / 2],
-        latencies[latencies.len() - 1]
-    );
-    assert!(latencies[latencies.len() / 2] < Duration::from_millis(200), "{latencies:?}");
+    let (summary, median) = xlb_tests::summary(&mut latencies, "changes");
+    eprintln!("etcd put → watcher update {summary}");
+    assert!(median < Duration::from_millis(200), "{latencies:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

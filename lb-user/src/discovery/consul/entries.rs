@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::{AddressSource, Instance, InstanceId, Problem, Unusable, WEIGHT_META_KEY, WarningPolicy};
 use crate::config::MAX_WEIGHT;
-use crate::discovery::dedup_by_address;
+use crate::discovery::{Settled, settle};
 
 /// One element of `GET /v1/health/service/<service>`: the parts xlb reads.
 /// Go encodes empty maps and slices as `null`, hence the `Option`s.
@@ -131,13 +131,9 @@ pub(crate) fn map_entries(
             candidates.push(instance);
         }
     }
-    let (mut instances, duplicates) = dedup_by_address(candidates);
+    let Settled { instances, duplicates, over_limit } = settle(candidates, limit);
     problems.extend(duplicates.into_iter().map(Problem::Duplicate));
-    instances.sort_by(|a, b| a.id.cmp(&b.id));
-    if instances.len() > limit {
-        problems.push(Problem::TooMany { total: instances.len(), kept: limit });
-        instances.truncate(limit);
-    }
+    problems.extend(over_limit.map(|total| Problem::TooMany { total, kept: limit }));
     (instances, problems)
 }
 

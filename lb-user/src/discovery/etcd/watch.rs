@@ -9,8 +9,8 @@ use tracing::{debug, info, warn};
 use super::{Bad, Connector, EtcdPrefix, Record, State, parse};
 use crate::{
     discovery::{
-        Duplicate, Instance, InstanceId, MAX_INSTANCES, Source, Update, backoff, dedup_by_address,
-        new_problems, random,
+        Duplicate, Instance, InstanceId, MAX_INSTANCES, Settled, Source, Update, backoff, new_problems,
+        random, settle,
     },
     errors::error_chain,
 };
@@ -336,13 +336,9 @@ impl Follower {
                 Err(why) => problems.push(Problem::Bad { key: id, why: why.clone() }),
             }
         }
-        let (mut instances, duplicates) = dedup_by_address(candidates);
+        let Settled { instances, duplicates, over_limit } = settle(candidates, MAX_INSTANCES);
         problems.extend(duplicates.into_iter().map(Problem::Duplicate));
-        instances.sort_by(|a, b| a.id.cmp(&b.id));
-        if instances.len() > MAX_INSTANCES {
-            problems.push(Problem::TooMany { total: instances.len(), kept: MAX_INSTANCES });
-            instances.truncate(MAX_INSTANCES);
-        }
+        problems.extend(over_limit.map(|total| Problem::TooMany { total, kept: MAX_INSTANCES }));
         Said { instances, problems }
     }
 }
