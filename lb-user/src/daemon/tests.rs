@@ -308,6 +308,25 @@ async fn discovery_answers_apply_and_those_of_replaced_watchers_are_dropped() {
 }
 
 #[tokio::test]
+async fn new_etcd_settings_start_only_etcd_over() {
+    let api = "[[vip]]\nname = \"api\"\naddress = \"192.0.2.20\"\nport = 80\nprotocol = \"tcp\"\netcd = { prefix = \"/api/\" }\n";
+    let config = |endpoint: &str| format!("{CONSUL_WEB}{api}\n[etcd]\nendpoints = [\"{endpoint}\"]\n");
+    let mut lab = Lab::new(&config("10.0.0.5:2379")).await;
+    lab.discover("web", &[1, 2]).await;
+    let web = Source::Consul(ServiceQuery { service: "web".into(), tag: None });
+    let (consul, etcd) =
+        (lab.daemon.watchers.epoch(SourceKind::Consul), lab.daemon.watchers.epoch(SourceKind::Etcd));
+    lab.reload(&config("10.0.0.6:2379")).await;
+    assert_eq!(lab.daemon.watchers.epoch(SourceKind::Consul), consul, "Consul's watchers go on");
+    assert!(lab.daemon.watchers.epoch(SourceKind::Etcd) > etcd, "etcd's start over");
+    assert!(
+        lab.daemon.discovery.view(&web).and_then(|v| v.instances.as_ref()).is_some(),
+        "Consul's answer stands"
+    );
+    assert_eq!(lab.table(), [ip(1), ip(2)]);
+}
+
+#[tokio::test]
 async fn the_table_changes_while_the_state_file_cannot_be_written() {
     let dir = std::env::temp_dir().join(format!("xlb-daemon-fifo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
