@@ -54,6 +54,14 @@ async fn next(rx: &mut mpsc::Receiver<Update>, within: Duration) -> Update {
     tokio::time::timeout(within, rx.recv()).await.expect("an update in time").expect("watch is running")
 }
 
+/// The error of the next update, which must be a failure.
+async fn failure(rx: &mut mpsc::Receiver<Update>) -> String {
+    match next(rx, PROMPT).await {
+        Update::Failed { error, .. } => error,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
 /// The first instances sent that `done` accepts, past anything else;
 /// with the problems sent with them.
 async fn until(
@@ -240,16 +248,12 @@ async fn a_user_without_read_rights_gets_an_error_and_the_set_stands() {
 
     // No rights: the error says so.
     let mut rx = start_watch(&as_user("nobody", Password::Inline("nobodypw".into()), etcd.endpoint()));
-    match next(&mut rx, PROMPT).await {
-        Update::Failed { error, .. } => assert!(error.contains("permission denied"), "{error}"),
-        other => panic!("expected a failure, got {other:?}"),
-    }
+    let error = failure(&mut rx).await;
+    assert!(error.contains("permission denied"), "{error}");
     // A wrong password: refused too.
     let mut rx = start_watch(&as_user("reader", Password::Inline("wrong".into()), etcd.endpoint()));
-    match next(&mut rx, PROMPT).await {
-        Update::Failed { error, .. } => assert!(error.contains("authentication failed"), "{error}"),
-        other => panic!("expected a failure, got {other:?}"),
-    }
+    let error = failure(&mut rx).await;
+    assert!(error.contains("authentication failed"), "{error}");
 
     // The reader (password from a file) reads; once its role is revoked,
     // the next session fails and no set replaces the one in force.
@@ -347,12 +351,8 @@ async fn mutual_tls_with_a_ca_file_and_a_client_certificate() {
         ("system roots only", with(None, client)),
     ] {
         let mut rx = start_watch(&settings);
-        match next(&mut rx, PROMPT).await {
-            Update::Failed { error, .. } => {
-                eprintln!("{what}: {error}");
-                assert!(what != "system roots only" || error.contains("UnknownIssuer"), "{error}");
-            }
-            other => panic!("{what}: expected a failure, got {other:?}"),
-        }
+        let error = failure(&mut rx).await;
+        eprintln!("{what}: {error}");
+        assert!(what != "system roots only" || error.contains("UnknownIssuer"), "{error}");
     }
 }
