@@ -4,7 +4,6 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-/// Runs `program args…`, returning stdout; fails with stderr on a non-zero exit.
 /// The path of `program` on $PATH (or /usr/sbin, where Debian puts trafgen).
 pub fn which(program: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
@@ -14,6 +13,7 @@ pub fn which(program: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Runs `program args…`, returning stdout; fails with stderr on a non-zero exit.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
     if !out.status.success() {

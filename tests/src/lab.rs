@@ -59,6 +59,14 @@ pub(crate) fn segment(name: &str) -> anyhow::Result<Netns> {
     let bridge = host(name)?;
     bridge.ip("link add br0 type bridge stp_state 0 mcast_snooping 0")?;
     bridge.ip("link set br0 up")?;
+    // A switch forwards frames as they are; with br_netfilter (on in this
+    // kernel) the bridge would check and reassemble IP first, and frames
+    // with bad headers or fragments would never reach the balancer.
+    bridge.sysctl(&[
+        "net.bridge.bridge-nf-call-iptables=0",
+        "net.bridge.bridge-nf-call-ip6tables=0",
+        "net.bridge.bridge-nf-call-arptables=0",
+    ])?;
     Ok(bridge)
 }
 

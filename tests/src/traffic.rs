@@ -18,14 +18,22 @@ use crate::{netns::Netns, servers::tcp_ask};
 /// the same backend.
 pub struct Conversation {
     pub backend: String,
+    /// The client's end of the connection.
+    pub local: SocketAddr,
     thread: JoinHandle<Result<usize, String>>,
 }
 
 impl Conversation {
     /// Opens a connection to `addr` from `client` and starts talking.
     pub fn start(client: &Netns, addr: SocketAddr, stop: &Arc<AtomicBool>) -> Conversation {
+        Self::every(client, addr, Duration::from_millis(100), stop)
+    }
+
+    /// A conversation that asks once per `period`.
+    pub fn every(client: &Netns, addr: SocketAddr, period: Duration, stop: &Arc<AtomicBool>) -> Conversation {
         let conn = client.run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(3))).expect("connect");
         conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let local = conn.local_addr().unwrap();
         let mut reader = BufReader::new(conn.try_clone().unwrap());
         let mut writer = conn;
         let mut ask = move || -> Result<String, String> {
@@ -43,7 +51,7 @@ impl Conversation {
         let thread = std::thread::spawn(move || {
             let mut exchanges = 1;
             while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(period);
                 let answer = ask().map_err(|e| format!("{expected}, after {exchanges} exchanges: {e}"))?;
                 if answer != expected {
                     return Err(format!("moved from {expected} to {answer}"));
@@ -52,7 +60,7 @@ impl Conversation {
             }
             Ok(exchanges)
         });
-        Conversation { backend, thread }
+        Conversation { backend, local, thread }
     }
 
     /// Exchanges made, or how it broke.

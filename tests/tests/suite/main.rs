@@ -13,6 +13,7 @@ mod dr_e2e;
 mod etcd_e2e;
 mod etcd_watch;
 mod fleet_e2e;
+mod flood_e2e;
 mod health_e2e;
 mod hitless_e2e;
 mod page_e2e;
