@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     config::{
-        Backends, Capacities, Check, LiveConfig,
+        Backends, Check, LiveConfig,
         check::{NewBackends, OnAllFailed, OnFail},
     },
     control::overrides::Overrides,
@@ -96,7 +96,6 @@ pub fn instance_address(instance: &Instance, vip: IpAddr) -> Option<IpAddr> {
 
 /// What goes into a desired state besides the config.
 pub struct Inputs<'a> {
-    pub capacities: &'a Capacities,
     pub discovery: &'a Discovery,
     pub overrides: &'a Overrides,
     /// Resolved MACs of DR backends.
@@ -123,10 +122,6 @@ pub struct Built {
 pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> Built {
     let mut notes = Vec::new();
     let (mut targets, mut panics) = (BTreeMap::new(), Vec::new());
-    // Backend ids are finite: static backends are checked at config time,
-    // discovered ones get what is left, VIP by VIP in config order.
-    let listed: usize = config.vips.iter().map(|v| v.backends.listed().len()).sum();
-    let mut budget = (inputs.capacities.max_backends as usize - 1).saturating_sub(listed);
     let vips = config
         .vips
         .iter()
@@ -157,19 +152,6 @@ pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> Built {
                                     }),
                                 }
                             }
-                            if list.len() > budget {
-                                notes.push(Note {
-                                    vip: v.name.clone(),
-                                    text: format!(
-                                        "{source} has {} instances but only {budget} backend ids are left \
-                                     (max_backends); using the first {budget} by address",
-                                        list.len()
-                                    ),
-                                });
-                                list.sort_by_key(|b| b.addr);
-                                list.truncate(budget);
-                            }
-                            budget -= list.len();
                             (list, Leave::AtOnce, false)
                         }
                     }
@@ -308,7 +290,6 @@ mod tests {
 
     fn build_checked(config: &Config, d: &Discovery, health: &HashMap<Target, State>) -> Built {
         let inputs = Inputs {
-            capacities: &config.start.capacities,
             discovery: d,
             overrides: &Overrides::default(),
             macs: &HashMap::new(),
@@ -344,17 +325,6 @@ mod tests {
         assert!(texts[1].contains("port 8080"), "{texts:?}");
         assert!(texts[2].contains("127.0.0.1, which is a loopback address"), "{texts:?}");
         assert_eq!(desired.vips[0].leave, Leave::AtOnce, "failed instances leave at once");
-    }
-
-    #[test]
-    fn ten_thousand_instances_are_bounded_by_the_backend_budget() {
-        let many = (0..10_000u32)
-            .map(|i| instance(i, IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]), 80, 1))
-            .collect();
-        let (desired, notes) = build_with(&config(4096), &discovery(many));
-        assert_eq!(desired.vips[0].backends.len(), 4095);
-        assert_eq!(notes.len(), 1);
-        assert!(notes[0].text.contains("10000 instances but only 4095 backend ids"), "{notes:?}");
     }
 
     #[test]

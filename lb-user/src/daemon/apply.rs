@@ -11,12 +11,15 @@ use tracing::{error, info, warn};
 
 use super::{Daemon, Host};
 use crate::{
-    control::desired::{self, Built, Desired, Inputs},
+    control::{
+        desired::{self, Built, Desired, Inputs},
+        reconcile::Shortfall,
+    },
     dataplane::{DataplaneError, Store},
     errors::error_chain,
     health::State,
     model::Forward,
-    observe::status::Sync,
+    observe::status::{SAID, Shortfalls, Sync},
 };
 
 impl<S: Store, R: Host> Daemon<S, R> {
@@ -54,7 +57,6 @@ impl<S: Store, R: Host> Daemon<S, R> {
     fn build(&self) -> Built {
         let health = self.checker.states();
         let inputs = Inputs {
-            capacities: &self.start.capacities,
             discovery: &self.discovery,
             overrides: &self.overrides,
             macs: &self.resolved.macs,
@@ -69,8 +71,10 @@ impl<S: Store, R: Host> Daemon<S, R> {
         let desired = self.desired();
         let result = self.reconciler.apply(&desired, Instant::now(), &mut self.maps);
         let shortfalls = self.reconciler.shortfalls().to_vec();
-        for s in shortfalls.iter().filter(|s| !self.shortfalls.contains(s)) {
-            warn!("{s}");
+        let new: Vec<Shortfall> =
+            shortfalls.iter().filter(|s| !self.shortfalls.contains(s)).cloned().collect();
+        if !new.is_empty() {
+            warn!(left_out = new.len(), "short of capacity: {}", Shortfalls::new(&new).describe(SAID));
         }
         self.retrying_since = match (&result, self.retrying_since) {
             (Err(_), None) => Some(Instant::now()),
@@ -84,9 +88,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
             }
             // What found no id is retried on the next tick (ids free up as
             // backends leave).
-            Ok(()) if !shortfalls.is_empty() => {
-                Sync::Short { shortfalls: shortfalls.iter().map(ToString::to_string).collect() }
-            }
+            Ok(()) if !shortfalls.is_empty() => Sync::Short(Shortfalls::new(&shortfalls)),
             Ok(()) => Sync::InSync,
         };
         self.shortfalls = shortfalls;

@@ -70,7 +70,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
             status.vips.len(),
             self.sync.describe()
         ));
-        self.systemd.ready_once(matches!(self.sync, Sync::InSync | Sync::Short { .. }));
+        self.systemd.ready_once(matches!(self.sync, Sync::InSync | Sync::Short(_)));
         self.publisher.publish(status);
     }
 

@@ -23,7 +23,7 @@ use crate::{
     },
     observe::{
         admin::{Action, ApiError, Change, Command},
-        status::HopStatus,
+        status::{HopStatus, Shortfalls},
     },
 };
 
@@ -210,8 +210,9 @@ async fn a_drain_during_a_shortfall_answers_200_and_readiness_says_why() {
     let mut lab = Lab::new(&config(head, &[1, 2])).await;
     assert_eq!(lab.daemon.sync, Sync::InSync);
     lab.reload(&config(head, &[1, 3])).await;
-    let Sync::Short { shortfalls } = &lab.daemon.sync else { panic!("{:?}", lab.daemon.sync) };
-    assert!(shortfalls[0].contains("10.0.0.3") && shortfalls[0].contains("max_backends"), "{shortfalls:?}");
+    let Sync::Short(short) = &lab.daemon.sync else { panic!("{:?}", lab.daemon.sync) };
+    let (shortfalls, text) = (&short.named, short.named[0].to_string());
+    assert!(text.contains("10.0.0.3") && text.contains("max_backends"), "{shortfalls:?}");
 
     assert_eq!(
         lab.command("web", [10, 0, 0, 1], Change::Drain).await,
@@ -220,7 +221,7 @@ async fn a_drain_during_a_shortfall_answers_200_and_readiness_says_why() {
     );
     assert_eq!(lab.flags([10, 0, 0, 1]), Some(BACKEND_DRAINING));
     let sync = &lab.published().daemon.clone().unwrap().sync;
-    assert!(matches!(sync, Sync::Short { .. }) && sync.describe().contains("10.0.0.3"), "{sync:?}");
+    assert!(matches!(sync, Sync::Short(_)) && sync.describe().contains("10.0.0.3"), "{sync:?}");
 }
 
 #[tokio::test]
@@ -305,6 +306,37 @@ async fn discovery_answers_apply_and_those_of_replaced_watchers_are_dropped() {
     lab.daemon.handle(answer_at(lab.daemon.watchers.epoch(SourceKind::Consul) - 1, "web", &[3])).await;
     assert_eq!(lab.table(), [ip(1), ip(2)], "a report from before the start-over");
     assert_eq!(lab.flags([10, 0, 0, 1]), Some(BACKEND_ACTIVE));
+}
+
+#[tokio::test]
+async fn discovered_backends_beyond_capacity_wait_by_name_and_serving_ones_stay() {
+    // Three backend ids.
+    let mut lab = Lab::new(&format!("max_backends = 4\n{CONSUL_WEB}")).await;
+    lab.discover("web", &[2, 3, 4]).await;
+    assert_eq!(lab.daemon.sync, Sync::InSync);
+    lab.discover("web", &[1, 2, 3, 4, 5]).await;
+    assert_eq!(lab.table(), [ip(2), ip(3), ip(4)], "a newcomer never pushes out a serving backend");
+    let short = |lab: &Lab| match &lab.daemon.sync {
+        Sync::Short(s) => s.clone(),
+        other => panic!("{other:?}"),
+    };
+    let s = short(&lab);
+    assert_eq!((s.vips_left_out, s.backends_left_out), (0, 2));
+    let named: Vec<String> = s.named.iter().map(ToString::to_string).collect();
+    assert!(named[0].contains("backend 10.0.0.1 left out") && named[1].contains("10.0.0.5"), "{named:?}");
+
+    // 10.0.0.2 leaves; its id goes to the first in line.
+    lab.discover("web", &[1, 3, 4, 5]).await;
+    lab.daemon.handle(Event::Tick).await;
+    assert_eq!(lab.table(), [ip(1), ip(3), ip(4)]);
+    assert_eq!(short(&lab).backends_left_out, 1);
+
+    // Counted in full, named up to a bound.
+    let many: Vec<u8> = (1..=200).collect();
+    lab.discover("web", &many).await;
+    let s = short(&lab);
+    assert_eq!((s.backends_left_out, s.named.len()), (197, Shortfalls::NAMED));
+    assert!(lab.daemon.sync.describe().ends_with("; and 187 more"), "{}", lab.daemon.sync.describe());
 }
 
 #[tokio::test]

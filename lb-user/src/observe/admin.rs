@@ -371,9 +371,10 @@ mod tests {
 
     use super::*;
     use crate::{
+        control::reconcile::Shortfall,
         dataplane::MemoryCounters,
         model::{Attachment, BackendRole, Forward, Protocol},
-        observe::status::{BackendStatus, DaemonStatus, Sync, VipStatus},
+        observe::status::{BackendStatus, DaemonStatus, Shortfalls, Sync, VipStatus},
     };
 
     fn status(sync: Sync, weight: u32) -> Status {
@@ -571,11 +572,18 @@ mod tests {
     async fn readiness_says_what_is_not_in_sync() {
         let api = serve_api(|_| Ok(())).await;
         assert_eq!(api.get("/readyz").await, (200, "ready\n".into()));
-        let short = Sync::Short { shortfalls: vec!["VIP web: backend 10.0.0.3 left out".into()] };
+        let short = Sync::Short(Shortfalls::new(&[Shortfall::Backend {
+            vip: "web".into(),
+            backend: [10, 0, 0, 3].into(),
+            max_backends: 3,
+        }]));
         api.publish.send_replace((2, Arc::new(status(short, 1))));
         let (code, body) = api.get("/readyz").await;
         assert_eq!(code, 503);
         assert!(body.contains("short of capacity: VIP web: backend 10.0.0.3 left out"), "{body}");
+        let (_, metrics) = api.get("/metrics").await;
+        assert!(metrics.contains("xlb_capacity_left_out{kind=\"backend\"} 1"), "{metrics}");
+        assert!(metrics.contains("xlb_backend_left_out{vip=\"web\",backend=\"10.0.0.3\"} 1"), "{metrics}");
         let retrying = Sync::Retrying { error: "map VIPS: write failed".into() };
         api.publish.send_replace((3, Arc::new(status(retrying, 1))));
         let (code, body) = api.get("/readyz").await;

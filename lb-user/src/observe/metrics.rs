@@ -2,8 +2,11 @@
 
 use std::fmt::Write as _;
 
-use super::status::{Status, VipStatus};
-use crate::control::announce::{Announcement, Switch};
+use super::status::{Shortfalls, Status, Sync, VipStatus};
+use crate::control::{
+    announce::{Announcement, Switch},
+    reconcile::Shortfall,
+};
 
 /// Escapes a label value.
 fn esc(value: &str) -> String {
@@ -23,6 +26,39 @@ impl Out {
             let _ = writeln!(self.0, "{name} {value}");
         } else {
             let _ = writeln!(self.0, "{name}{{{}}} {value}", labels.join(","));
+        }
+    }
+}
+
+/// What is wanted but found no id (max_vips, max_backends): a count per
+/// kind, always present for alerts, and one series per thing left out.
+fn left_out(o: &mut Out, s: &Status) {
+    let none = Shortfalls::default();
+    let short = match s.daemon.as_ref().map(|d| &d.sync) {
+        Some(Sync::Short(short)) => short,
+        _ => &none,
+    };
+    o.family(
+        "xlb_capacity_left_out",
+        "gauge",
+        "VIPs and backends wanted but left out: no id left (raise max_vips or max_backends).",
+    );
+    o.sample("xlb_capacity_left_out", &[("kind", "vip")], short.vips_left_out);
+    o.sample("xlb_capacity_left_out", &[("kind", "backend")], short.backends_left_out);
+    o.family("xlb_vip_left_out", "gauge", "1 for each VIP left out for want of a VIP id.");
+    for f in &short.named {
+        if let Shortfall::Vip { vip, .. } = f {
+            o.sample("xlb_vip_left_out", &[("vip", vip)], 1);
+        }
+    }
+    o.family(
+        "xlb_backend_left_out",
+        "gauge",
+        "1 for each backend left out for want of a backend id (the first 100 named).",
+    );
+    for f in &short.named {
+        if let Shortfall::Backend { vip, backend, .. } = f {
+            o.sample("xlb_backend_left_out", &[("vip", vip), ("backend", &backend.to_string())], 1);
         }
     }
 }
@@ -64,6 +100,7 @@ pub fn render(s: &Status) -> String {
     o.sample("xlb_daemon_up", &[], u8::from(s.daemon_pid.is_some()));
     o.family("xlb_maps_in_sync", "gauge", "1 while the maps hold everything the daemon wants.");
     o.sample("xlb_maps_in_sync", &[], u8::from(s.daemon.as_ref().is_some_and(|d| d.sync.is_in_sync())));
+    left_out(&mut o, s);
 
     o.family("xlb_packets_total", "counter", "Packets by verdict reason.");
     for (reason, t) in &s.reasons {

@@ -16,7 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Source, SourceKind},
-    control::announce::{Announcement, Switch},
+    control::{
+        announce::{Announcement, Switch},
+        reconcile::Shortfall,
+    },
     dataplane::{BackendId, Counters, DataplaneError, VipId},
     model::{Attachment, BackendRole, Forward, Protocol},
     net::bird,
@@ -92,10 +95,9 @@ pub enum Sync {
     Retrying {
         error: String,
     },
-    /// Everything that has an id is applied; these have none.
-    Short {
-        shortfalls: Vec<String>,
-    },
+    /// Everything that has an id is applied; the rest is placed as soon
+    /// as ids free up.
+    Short(Shortfalls),
 }
 
 impl Sync {
@@ -109,8 +111,44 @@ impl Sync {
             Sync::Starting => "starting: the maps are not written yet".to_owned(),
             Sync::InSync => "in sync".to_owned(),
             Sync::Retrying { error } => format!("map writes failed, retrying with a full rewrite: {error}"),
-            Sync::Short { shortfalls } => format!("short of capacity: {}", shortfalls.join("; ")),
+            Sync::Short(s) => format!("short of capacity: {}", s.describe(SAID)),
         }
+    }
+}
+
+/// What is left out for want of ids: counted in full, named up to
+/// [`Shortfalls::NAMED`] (a discovery source can list thousands).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shortfalls {
+    pub vips_left_out: usize,
+    pub backends_left_out: usize,
+    /// The first [`Shortfalls::NAMED`], in the order the reconciler met them.
+    pub named: Vec<Shortfall>,
+}
+
+/// How many shortfalls one line (log, readiness, `xlb status`) names.
+pub const SAID: usize = 10;
+
+impl Shortfalls {
+    pub const NAMED: usize = 100;
+
+    pub fn new(all: &[Shortfall]) -> Self {
+        let vips_left_out = all.iter().filter(|s| matches!(s, Shortfall::Vip { .. })).count();
+        Shortfalls {
+            vips_left_out,
+            backends_left_out: all.len() - vips_left_out,
+            named: all.iter().take(Self::NAMED).cloned().collect(),
+        }
+    }
+
+    /// The first `n` joined, and how many more there are.
+    pub fn describe(&self, n: usize) -> String {
+        let total = self.vips_left_out + self.backends_left_out;
+        let mut text: Vec<String> = self.named.iter().take(n).map(ToString::to_string).collect();
+        if total > text.len() {
+            text.push(format!("and {} more", total - text.len()));
+        }
+        text.join("; ")
     }
 }
 

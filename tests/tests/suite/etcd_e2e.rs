@@ -185,3 +185,54 @@ fn backends_follow_etcd_and_survive_its_outage() {
     etcd.delete(&format!("{PREFIX}be1"));
     daemon.eventually("be1's delete applies after the outage", || lab.spread(60) == ["be2", "be3"]);
 }
+
+#[test]
+fn backends_beyond_capacity_are_named_and_placed_when_ids_free() {
+    let lab = Lab::new(4).unwrap();
+    let _servers = servers::start(&lab.backends, 80, 53);
+    let etcd = Etcd::start_in(lab.lb.path()).unwrap();
+    for i in 0..4 {
+        put(&etcd, &lab, i);
+    }
+    // Three backend ids (id 0 means none) for four keys.
+    let config = lab.config(&format!(
+        "max_backends = 4\n\n[etcd]\nendpoints = [\"{}\"]\n\n\
+         [[vip]]\nname = \"web\"\naddress = \"{VIP4}\"\nport = 80\nprotocol = \"tcp\"\netcd = {{ prefix = \"{PREFIX}\" }}\n",
+        etcd.endpoint()
+    ));
+    let mut daemon = Daemon::start(&lab.lb, &lab.lb_if, &config).unwrap();
+    daemon.eventually("the three that fit serve", || lab.spread(60) == ["be1", "be2", "be3"]);
+    let be4 = lab.backends[3].v4.to_string();
+    let sync = || daemon.status().unwrap()["daemon"]["sync"].clone();
+    assert_eq!(sync()["state"], "short", "{}", sync());
+    assert_eq!((sync()["vips_left_out"].as_u64(), sync()["backends_left_out"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(
+        sync()["named"],
+        serde_json::json!([{"kind": "backend", "vip": "web", "backend": be4, "max_backends": 4}])
+    );
+    let metrics =
+        || lab.lb.run(|| request("127.0.0.1:9300".parse().unwrap(), "GET", "/metrics", None, None)).body;
+    let m = metrics();
+    assert!(m.contains("xlb_capacity_left_out{kind=\"backend\"} 1"), "{m}");
+    assert!(m.contains(&format!("xlb_backend_left_out{{vip=\"web\",backend=\"{be4}\"}} 1")), "{m}");
+    let human = xlb_tests::cmd::run(
+        xlb_tests::cmd::xlb_bin().to_str().unwrap(),
+        &["status", "--interface", &lab.lb_if],
+    )
+    .unwrap();
+    assert!(human.contains(&format!("backend {be4} left out")) && human.contains("max_backends"), "{human}");
+    // Said once, not on every retry.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(daemon.log().matches("short of capacity").count(), 1, "{}", daemon.log());
+
+    // be1 leaves (discovered backends leave at once); its id goes to be4.
+    etcd.delete(&format!("{PREFIX}be1"));
+    let started = Instant::now();
+    daemon.eventually("be4 takes the freed id", || lab.spread(60) == ["be2", "be3", "be4"]);
+    eprintln!("be1's key deleted → be4 serving in {:?}", started.elapsed());
+    assert_eq!(sync()["state"], "in_sync", "{}", sync());
+    let m = metrics();
+    assert!(m.contains("xlb_capacity_left_out{kind=\"backend\"} 0"), "{m}");
+    assert!(!m.contains("xlb_backend_left_out{"), "{m}");
+    daemon.wait_for_log(&format!("backend added vip=web backend={be4}"), Duration::from_secs(1)).unwrap();
+}

@@ -37,8 +37,10 @@ use crate::{
     model::{BackendRole, Forward, VipAddr},
 };
 
-/// What is wanted but has no id left: left out, not an error.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What is wanted but has no id left: left out, not an error. The status
+/// carries these as they are (JSON `{"kind": "backend", …}`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Shortfall {
     Vip { vip: String, max_vips: u32 },
     Backend { vip: String, backend: IpAddr, max_backends: u32 },
