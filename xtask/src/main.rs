@@ -5,6 +5,7 @@ mod bench;
 mod deb;
 mod demo;
 mod dist;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -40,6 +41,9 @@ enum Task {
         /// control-plane target gets at most 10); 0 skips fuzzing.
         #[arg(long, default_value_t = 60)]
         fuzz_seconds: u32,
+        /// Minutes of `cargo xtask soak` after the tests; 0 skips it.
+        #[arg(long, default_value_t = 1.0)]
+        soak_minutes: f64,
         /// Extra arguments for `cargo test`, e.g. `--test dr_e2e` or `-- maglev`
         /// (fuzzing is skipped when they are given).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -52,6 +56,16 @@ enum Task {
     /// Write xlb's man pages and shell completions, generated from its
     /// command line (so they match `--help`), under target/dist/.
     Dist,
+    /// Run xlb under churn (needs root): traffic through DR, TUN and
+    /// etcd-fed VIPs while backends come, go, drain and change weight every
+    /// 100 ms through the config file, the admin API and etcd, with SIGHUP
+    /// every second. Fails on a broken long flow, a failed map write,
+    /// leaked backend ids, or growing memory or descriptors.
+    Soak {
+        /// How long to churn.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
     /// Measure xlb: cost per packet, throughput in namespaces, control
     /// plane, Maglev quality (needs root). Prints a table and writes
     /// target/bench/latest.json; reports targets, never fails on them.
@@ -89,7 +103,7 @@ fn main() -> anyhow::Result<()> {
             let xlb = build_xlb("release")?;
             demo::run(&xlb)
         }
-        Task::Test { fuzz_seconds, args } => {
+        Task::Test { fuzz_seconds, soak_minutes, args } => {
             prepare_lab("the tests")?;
             // The end-to-end tests run the xlb binary next to their own.
             build_xlb("dev")?;
@@ -102,6 +116,9 @@ fn main() -> anyhow::Result<()> {
                 let checked = deb::check_installed(&deb, &scratch);
                 let _ = std::fs::remove_dir_all(&scratch);
                 checked?;
+                if soak_minutes > 0.0 {
+                    soak::run(&xlb, soak_minutes)?;
+                }
             }
             if args.is_empty() && fuzz_seconds > 0 {
                 fuzz("parse", fuzz_seconds)?;
@@ -110,6 +127,11 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Task::Soak { minutes } => {
+            prepare_lab("the soak")?;
+            let xlb = build_xlb("release")?;
+            soak::run(&xlb, minutes)
         }
         Task::Bench { smoke, only } => {
             prepare_lab("the benchmark")?;

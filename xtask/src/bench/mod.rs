@@ -12,7 +12,7 @@
 mod control;
 mod etcd;
 mod health;
-mod kit;
+pub(crate) mod kit;
 mod packet;
 mod quality;
 mod report;
