@@ -56,5 +56,16 @@ pub fn vip_filter_bit(addr: &[u8; 16], family: u8) -> u32 {
     if family != crate::FAMILY_V4 {
         w ^= word(addr, 4).rotate_left(8) ^ word(addr, 8).rotate_left(16) ^ word(addr, 12).rotate_left(24);
     }
+    filter_bit(w)
+}
+
+/// [`vip_filter_bit`] of an IPv4 address given as its four bytes.
+#[inline(always)]
+pub fn vip_filter_bit_v4(addr: [u8; 4]) -> u32 {
+    filter_bit(u32::from_le_bytes(addr))
+}
+
+#[inline(always)]
+fn filter_bit(w: u32) -> u32 {
     w.wrapping_mul(0x9e37_79b1) >> 16
 }

@@ -10,7 +10,7 @@ mod hash;
 mod reason;
 mod types;
 
-pub use hash::{VIP_FILTER_WORDS, flow_hash, vip_filter_bit};
+pub use hash::{VIP_FILTER_WORDS, flow_hash, vip_filter_bit, vip_filter_bit_v4};
 pub use reason::{Action, EVENT_SLOTS, Event, REASON_SLOTS, Reason};
 pub use types::*;
 

@@ -45,11 +45,17 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 /// they would not fit the 512-byte stack.
 #[inline(always)]
 fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
+    // The host's own traffic leaves here, before the parse; a malformed
+    // frame to the host is the host's to drop.
+    let filtered = select::may_be_vip_frame(pkt);
+    if filtered == Some(false) {
+        return Err(Reason::PassNotVip);
+    }
     let mut parsed = MaybeUninit::<Parsed>::uninit();
     parse_into(pkt, &mut parsed)?;
     // SAFETY: parse_into wrote it (it returned Ok).
     let parsed = unsafe { parsed.assume_init_ref() };
-    if !select::may_be_vip(&parsed.flow) {
+    if filtered.is_none() && !select::may_be_vip(&parsed.flow) {
         return Err(Reason::PassNotVip);
     }
     let target = select::backend(parsed, stats)?;

@@ -3,10 +3,14 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    BackendId, BackendInfo, ConnEntry, Event, FlowKey, GlobalStats, MAGLEV_LANES, NO_BACKEND, Reason,
-    VipInfo, flow_hash, vip_filter_bit,
+    BackendId, BackendInfo, ConnEntry, Event, FAMILY_V6, FlowKey, GlobalStats, MAGLEV_LANES, NO_BACKEND,
+    Reason, VipInfo, flow_hash, vip_filter_bit, vip_filter_bit_v4,
 };
-use lb_ebpf::parse::Parsed;
+use lb_ebpf::{
+    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6},
+    parse::{Frame as _, Parsed},
+    ptr::Packet,
+};
 
 use crate::{
     maps::{BACKENDS, CONN_INSERT_LIMIT, CONNTRACK, MAGLEV, TABLE_CHUNKS, TABLE_SIZE, VIP_FILTER, VIPS},
@@ -85,7 +89,26 @@ fn rewrite(entry: *mut ConnEntry, chosen: ConnEntry) {
 /// traffic.
 #[inline(always)]
 pub fn may_be_vip(flow: &FlowKey) -> bool {
-    let bit = vip_filter_bit(&flow.dst, flow.family);
+    filter_has(vip_filter_bit(&flow.dst, flow.family))
+}
+
+/// [`may_be_vip`] before any parsing, for an untagged IPv4 or IPv6 frame
+/// (the destination address sits at a fixed offset whatever the options):
+/// host traffic leaves without a parse. `None` for anything else (tagged,
+/// not IP, too short to hold the address): the parse decides.
+#[inline(always)]
+pub fn may_be_vip_frame(pkt: &Packet) -> Option<bool> {
+    let ether_type: &[u8; 2] = pkt.at(12)?;
+    let bit = match u16::from_be_bytes(*ether_type) {
+        ETH_P_IPV4 => vip_filter_bit_v4(*pkt.at::<[u8; 4]>(ETH_HLEN + 16)?),
+        ETH_P_IPV6 => vip_filter_bit(pkt.at::<[u8; 16]>(ETH_HLEN + 24)?, FAMILY_V6),
+        _ => return None,
+    };
+    Some(filter_has(bit))
+}
+
+#[inline(always)]
+fn filter_has(bit: u32) -> bool {
     VIP_FILTER.get(bit / 64).is_some_and(|word| word >> (bit % 64) & 1 != 0)
 }
 
