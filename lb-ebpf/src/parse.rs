@@ -13,7 +13,8 @@
 //!   protocols as `PassNotVip`;
 //! - a second VLAN tag is not IP to us (`PassNotIp`);
 //! - anything truncated or inconsistent is malformed and dropped (the
-//!   kernel would drop it too).
+//!   kernel would drop it too). Program `xlb` parses only frames that may
+//!   be for a VIP: an untagged one to another address passes unparsed.
 //!
 //! Header types here are byte arrays only (alignment 1), so a frame may
 //! sit at any address: the same code runs on packets and on host slices.
