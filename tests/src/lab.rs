@@ -62,11 +62,14 @@ pub(crate) fn segment(name: &str) -> anyhow::Result<Netns> {
     // A switch forwards frames as they are; with br_netfilter (on in this
     // kernel) the bridge would check and reassemble IP first, and frames
     // with bad headers or fragments would never reach the balancer.
-    bridge.sysctl(&[
-        "net.bridge.bridge-nf-call-iptables=0",
-        "net.bridge.bridge-nf-call-ip6tables=0",
-        "net.bridge.bridge-nf-call-arptables=0",
-    ])?;
+    // (Without the module loaded the keys do not exist, and nothing checks.)
+    if std::path::Path::new("/proc/sys/net/bridge").exists() {
+        bridge.sysctl(&[
+            "net.bridge.bridge-nf-call-iptables=0",
+            "net.bridge.bridge-nf-call-ip6tables=0",
+            "net.bridge.bridge-nf-call-arptables=0",
+        ])?;
+    }
     Ok(bridge)
 }
 
