@@ -69,6 +69,16 @@ impl Conversation {
     }
 }
 
+/// The exchanges `talks` made in all; fails the test on one that broke.
+pub fn finish_all(talks: Vec<Conversation>) -> usize {
+    let mut exchanges = 0;
+    for talk in talks {
+        let backend = talk.backend.clone();
+        exchanges += talk.finish().unwrap_or_else(|e| panic!("a conversation with {backend} broke: {e}"));
+    }
+    exchanges
+}
+
 /// New connections, one every `every`, from `client` to `addr`.
 pub struct Arrivals {
     pub ok: Arc<AtomicU64>,

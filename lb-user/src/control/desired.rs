@@ -250,12 +250,10 @@ mod tests {
         discovery::{EmptyPolicy, InstanceId, Update},
     };
 
-    fn config(max_backends: u32) -> Config {
-        let text = format!(
-            "interface = \"eth0\"\nmax_backends = {max_backends}\n\n\
-             [[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\nconsul = {{ service = \"web\" }}\n"
-        );
-        Config::parse(&text, Path::new("test.toml")).unwrap()
+    fn config() -> Config {
+        let text = "interface = \"eth0\"\n\n\
+             [[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\nconsul = { service = \"web\" }\n";
+        Config::parse(text, Path::new("test.toml")).unwrap()
     }
 
     fn query() -> Source {
@@ -311,7 +309,7 @@ mod tests {
             dual,
             instance(6, IpAddr::from([127, 0, 0, 1]), 80, 1),
         ]);
-        let (desired, notes) = build_with(&config(4096), &d);
+        let (desired, notes) = build_with(&config(), &d);
         let addrs: Vec<_> = desired.vips[0].backends.iter().map(|b| (b.addr, b.weight)).collect();
         let v4 = |d| IpAddr::from([10, 0, 0, d]);
         assert_eq!(
@@ -331,7 +329,7 @@ mod tests {
     fn a_service_without_an_answer_holds_its_vip() {
         let mut d = Discovery::default();
         d.watch_only(&[(query(), EmptyPolicy::Keep)]);
-        let (desired, _) = build_with(&config(4096), &d);
+        let (desired, _) = build_with(&config(), &d);
         assert!(desired.vips[0].hold && desired.vips[0].backends.is_empty());
     }
 

@@ -71,8 +71,9 @@ impl<S: Store, R: Host> Daemon<S, R> {
         let desired = self.desired();
         let result = self.reconciler.apply(&desired, Instant::now(), &mut self.maps);
         let shortfalls = self.reconciler.shortfalls().to_vec();
-        let new: Vec<Shortfall> =
-            shortfalls.iter().filter(|s| !self.shortfalls.contains(s)).cloned().collect();
+        // Thousands may wait on an oversized source: a set, not a scan each.
+        let before: HashSet<&Shortfall> = self.shortfalls.iter().collect();
+        let new: Vec<Shortfall> = shortfalls.iter().filter(|s| !before.contains(s)).cloned().collect();
         if !new.is_empty() {
             warn!(left_out = new.len(), "short of capacity: {}", Shortfalls::new(&new).describe(SAID));
         }

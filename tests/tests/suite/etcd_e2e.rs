@@ -18,7 +18,7 @@ use xlb_tests::{
     http::request,
     lab::{Lab, VIP4},
     servers,
-    traffic::{Arrivals, Conversation},
+    traffic::{Arrivals, Conversation, finish_all},
 };
 
 const PREFIX: &str = "/services/web/";
@@ -133,11 +133,7 @@ fn backends_follow_etcd_and_survive_its_outage() {
     daemon.eventually("be4 leaves", || lab.spread(60) == ["be1", "be2", "be3"]);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
-    let mut exchanges = 0;
-    for talk in talks {
-        let backend = talk.backend.clone();
-        exchanges += talk.finish().unwrap_or_else(|e| panic!("a conversation with {backend} broke: {e}"));
-    }
+    let exchanges = finish_all(talks);
     let arrived = arrivals.finish();
     eprintln!(
         "during 5 etcd changes: 12 conversations, {exchanges} exchanges, none broken; {} new connections, {} failed",

@@ -21,7 +21,7 @@ use xlb_tests::{
     malformed::{self, tcp4, tcp6, udp4},
     plane::XDP_TX,
     servers,
-    traffic::{Arrivals, Conversation},
+    traffic::{Arrivals, Conversation, finish_all},
 };
 
 const SYNS: u64 = 400_000;
@@ -191,11 +191,7 @@ fn floods_break_no_flow_and_each_is_counted_under_its_reason() {
     daemon.eventually("be4 joins", || lab.spread(60).len() == 4);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
-    let mut exchanges = 0;
-    for talk in talks {
-        let backend = talk.backend.clone();
-        exchanges += talk.finish().unwrap_or_else(|e| panic!("a conversation with {backend} broke: {e}"));
-    }
+    let exchanges = finish_all(talks);
     let arrived = arrivals.finish();
     eprintln!(
         "through both floods: {CONVERSATIONS} conversations, {exchanges} exchanges, none broken; \

@@ -39,7 +39,7 @@ use crate::{
 
 /// What is wanted but has no id left: left out, not an error. The status
 /// carries these as they are (JSON `{"kind": "backend", …}`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Shortfall {
     Vip { vip: String, max_vips: u32 },
