@@ -48,7 +48,7 @@ packages=(
   iproute2 ethtool iputils-ping procps util-linux tcpdump netsniff-ng iperf3 curl prometheus bird2
   systemd  # systemd-analyze, for the unit file's test (systemd need not run)
   chromium chromium-driver  # the status page's test drives a headless browser
-  etcd-server etcd-client protobuf-compiler  # etcd discovery: its tests run a real etcd; the client crate needs protoc
+  etcd-server etcd-client protobuf-compiler libprotobuf-dev  # etcd discovery: its tests run a real etcd; the client crate needs protoc and its well-known types
 )
 missing=()
 for p in "${packages[@]}"; do
