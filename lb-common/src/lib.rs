@@ -29,7 +29,8 @@ pub mod maps {
     /// Program `xlb_decap`'s maps.
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
     pub const DECAP_STATS: &str = "DECAP_STATS";
-    pub const DECAP_ALL: [&str; 2] = [DECAP_VIPS, DECAP_STATS];
+    pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
+    pub const DECAP_ALL: [&str; 3] = [DECAP_VIPS, DECAP_STATS, DECAP_SOURCES];
 
     /// Every map of program `xlb`, in pin order.
     pub const ALL: [&str; 9] =

@@ -215,11 +215,26 @@ pub struct DecapKey {
 }
 const _: () = assert!(size_of::<DecapKey>() == 20);
 
+/// `DECAP_SOURCES` key data (program `xlb_decap`, an LPM trie): a prefix of
+/// outer source addresses allowed to tunnel to this host's VIPs. The family
+/// comes first so one trie holds both: the key's prefix length is 8 plus
+/// the address prefix's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecapSource {
+    pub family: u8,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<DecapSource>() == 17);
+
 /// `DECAP_STATS` slots (per-CPU counters of program `xlb_decap`).
 pub const DECAP_DONE: u32 = 0;
 pub const DECAP_PASSED: u32 = 1;
 /// Tunnelled, but to an address not in `DECAP_VIPS`: left as is.
 pub const DECAP_NOT_OURS: u32 = 2;
+/// Tunnelled to one of our VIPs from a source not in `DECAP_SOURCES`:
+/// dropped (it would bypass the balancer with any client address).
+pub const DECAP_UNTRUSTED: u32 = 3;
 pub const DECAP_SLOTS: u32 = 4;
 
 #[cfg(feature = "user")]
@@ -231,6 +246,7 @@ mod pod {
     unsafe impl aya::Pod for super::BackendInfo {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::DecapSource {}
     unsafe impl aya::Pod for super::Meta {}
     unsafe impl aya::Pod for super::ConnEntry {}
     unsafe impl aya::Pod for super::GlobalStats {}

@@ -3,18 +3,23 @@
 //! inner destination is one of this host's VIPs, and passes the inner
 //! packet to the kernel. Everything else passes as it came.
 //!
-//! The outer source is not checked: like any tunnel endpoint, a backend
-//! must not accept IPIP / IP6IP6 from outside the network xlb runs in.
+//! Only the balancers may tunnel to the VIPs: a packet for one of them
+//! whose outer source is not in `DECAP_SOURCES` is dropped and counted, or
+//! anyone could reach the service past the balancer with a forged client
+//! address.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
-use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_SLOTS, DecapKey, FAMILY_V4, FAMILY_V6};
+use lb_common::{
+    DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_SLOTS, DECAP_UNTRUSTED, DecapKey, DecapSource, FAMILY_V4,
+    FAMILY_V6,
+};
 use lb_ebpf::{
     net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6},
     parse::Frame as _,
@@ -23,6 +28,9 @@ use lb_ebpf::{
 
 #[map(name = "DECAP_VIPS")]
 static DECAP_VIPS: HashMap<DecapKey, u8> = HashMap::with_max_entries(1024, 0);
+
+#[map(name = "DECAP_SOURCES")]
+static DECAP_SOURCES: LpmTrie<DecapSource, u8> = LpmTrie::with_max_entries(256, 0);
 
 #[map(name = "DECAP_STATS")]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECAP_SLOTS, 0);
@@ -34,14 +42,14 @@ pub fn xlb_decap(ctx: XdpContext) -> u32 {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { *c += 1 };
     }
-    xdp_action::XDP_PASS
+    if slot == DECAP_UNTRUSTED { xdp_action::XDP_DROP } else { xdp_action::XDP_PASS }
 }
 
 /// Decapsulates if the packet is ours; returns the counter slot.
 #[inline(always)]
 fn decap(pkt: &Packet) -> u32 {
     let Some(&[t0, t1]) = pkt.at::<[u8; 2]>(12) else { return DECAP_PASSED };
-    let (outer_len, inner_dst, family) = match u16::from_be_bytes([t0, t1]) {
+    let (outer_len, outer_src, inner_dst, family) = match u16::from_be_bytes([t0, t1]) {
         ETH_P_IPV4 => {
             let Some(ip) = pkt.at::<[u8; 20]>(ETH_HLEN) else { return DECAP_PASSED };
             // Our outer headers never carry options, and set DF: a fragment
@@ -54,9 +62,10 @@ fn decap(pkt: &Packet) -> u32 {
             if inner_version >> 4 != 4 {
                 return DECAP_PASSED;
             }
-            let mut addr = [0u8; 16];
+            let (mut src, mut addr) = ([0u8; 16], [0u8; 16]);
+            src[..4].copy_from_slice(&ip[12..16]);
             addr[..4].copy_from_slice(dst);
-            (20, addr, FAMILY_V4)
+            (20, src, addr, FAMILY_V4)
         }
         ETH_P_IPV6 => {
             let Some(ip) = pkt.at::<[u8; 40]>(ETH_HLEN) else { return DECAP_PASSED };
@@ -68,7 +77,9 @@ fn decap(pkt: &Packet) -> u32 {
             if inner_version >> 4 != 6 {
                 return DECAP_PASSED;
             }
-            (40, *dst, FAMILY_V6)
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&ip[8..24]);
+            (40, src, *dst, FAMILY_V6)
         }
         _ => return DECAP_PASSED,
     };
@@ -76,6 +87,11 @@ fn decap(pkt: &Packet) -> u32 {
     // SAFETY: read-only lookup.
     if unsafe { DECAP_VIPS.get(key) }.is_none() {
         return DECAP_NOT_OURS;
+    }
+    // Full-length lookup: the trie answers with the longest prefix holding it.
+    let source = Key::new(8 + 128, DecapSource { family, addr: outer_src });
+    if DECAP_SOURCES.get(&source).is_none() {
+        return DECAP_UNTRUSTED;
     }
     // Move the Ethernet header up against the inner packet, then drop the
     // bytes in front of it.

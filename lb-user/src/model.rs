@@ -3,7 +3,7 @@
 //! byte-level forms of these live in `dataplane::wire`; nothing above the
 //! data plane sees those.
 
-use std::{fmt, net::IpAddr};
+use std::{fmt, net::IpAddr, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
@@ -185,6 +185,62 @@ impl fmt::Display for Unusable {
     }
 }
 
+/// An address prefix as operators write it: `10.8.0.0/24`, or one
+/// address (`10.8.0.11`, a /32 or /128).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl FromStr for Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s.split_once('/').map_or((s, None), |(a, l)| (a, Some(l)));
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not an address or ADDR/LEN prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => l
+                .parse()
+                .ok()
+                .filter(|&l| l <= max)
+                .ok_or_else(|| format!("{s:?}: length must be 0–{max}"))?,
+        };
+        let bits = |a: IpAddr| match a {
+            IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let host = u128::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+        if bits(addr) & host != 0 {
+            return Err(format!("{s:?} has bits set past its length (did you mean a single address?)"));
+        }
+        Ok(Prefix { addr, len })
+    }
+}
+
+impl From<Prefix> for String {
+    fn from(p: Prefix) -> String {
+        p.to_string()
+    }
+}
+
+impl TryFrom<String> for Prefix {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
 pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
@@ -200,5 +256,19 @@ mod tests {
         assert_eq!(v4.to_string(), "tcp 192.0.2.10:80");
         assert_eq!(v6.to_string(), "udp [2001:db8::10]:53");
         assert_eq!(format_mac(&[2, 0, 0, 0, 0xab, 1]), "02:00:00:00:ab:01");
+    }
+
+    #[test]
+    fn prefixes_read_as_operators_write_them() {
+        let p = |s: &str| s.parse::<Prefix>();
+        assert_eq!(p("10.8.0.0/24").unwrap().to_string(), "10.8.0.0/24");
+        assert_eq!(p("10.8.0.11").unwrap().to_string(), "10.8.0.11/32");
+        assert_eq!(p("fd08::/64").unwrap().to_string(), "fd08::/64");
+        assert_eq!(p("2001:db8::1").unwrap().len, 128);
+        assert_eq!(p("0.0.0.0/0").unwrap().len, 0);
+        assert!(p("10.8.0.11/24").unwrap_err().contains("bits set past its length"));
+        assert!(p("10.8.0.0/33").unwrap_err().contains("0–32"));
+        assert!(p("fd08::/129").unwrap_err().contains("0–128"));
+        assert!(p("lb1/24").unwrap_err().contains("not an address"));
     }
 }

@@ -186,7 +186,10 @@ impl Fleet {
                 r2.ip(&format!("-6 route add fd09::/64 via {ROUTER6}"))?;
                 let vips = [TUN_VIP4.into(), TUN_VIP6.into()];
                 let list = (0..n)
-                    .map(|i| tun_backend(&seg2, &format!("{prefix}-t"), i, &vips))
+                    // Every node's segment address may tunnel to them.
+                    .map(|i| {
+                        tun_backend(&seg2, &format!("{prefix}-t"), i, &vips, &["10.8.0.0/24", "fd08::/64"])
+                    })
                     .collect::<anyhow::Result<_>>()?;
                 (Some(seg2), Some(r2), list)
             }

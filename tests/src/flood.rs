@@ -85,10 +85,24 @@ impl Socket {
         Ok(socket)
     }
 
+    /// Blocks while the device queue is full; a moment's ENOBUFS (the
+    /// queue momentarily out of buffers despite the blocking write) is
+    /// waited out, so the count stays exact.
     fn send(&self, frame: &[u8]) -> std::io::Result<()> {
-        // SAFETY: the buffer outlives the call.
-        let n = unsafe { libc::send(self.0, frame.as_ptr().cast(), frame.len(), 0) };
-        if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        let mut tries = 0;
+        loop {
+            // SAFETY: the buffer outlives the call.
+            let n = unsafe { libc::send(self.0, frame.as_ptr().cast(), frame.len(), 0) };
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOBUFS) || tries == 1000 {
+                return Err(e);
+            }
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use lb_common::{Counter, Event, FlowKey, Reason, flow_hash};
 use xlb::{
     config::Capacities,
     control::{
-        desired::{Desired, DesiredBackend, DesiredVip, Leave},
+        desired::{Claim, Desired, DesiredBackend, DesiredVip, Leave},
         reconcile::Reconciler,
     },
     dataplane::{BackendId, Counters as _, KernelCounters, KernelStore, Maps, loader},
@@ -190,6 +190,7 @@ pub fn dr_vip(
         leave: Leave::Drain,
         failed: Vec::new(),
         hold: false,
+        claim: Claim::Listed,
     }
 }
 

@@ -65,12 +65,13 @@ pub struct TunLab {
 
 /// TUN backend `be<i + 1>` on segment 2 (10.2.0.11 + i, fd02::11 + i,
 /// default route via the router at .254): `vips` on its loopback, and
-/// xlb_decap attached for them.
+/// xlb_decap attached for them, trusting tunnels `from` these prefixes.
 pub(crate) fn tun_backend(
     seg2: &Netns,
     prefix: &str,
     i: usize,
     vips: &[IpAddr],
+    from: &[&str],
 ) -> anyhow::Result<TunBackend> {
     let name = format!("be{}", i + 1);
     let ns = host(&format!("{prefix}-{name}"))?;
@@ -88,6 +89,9 @@ pub(crate) fn tun_backend(
             IpAddr::V6(a) => ns.ip(&format!("-6 addr add {a}/128 dev lo nodad"))?,
         };
         args.extend(["--vip".to_owned(), vip.to_string()]);
+    }
+    for source in from {
+        args.extend(["--from".to_owned(), source.to_string()]);
     }
     let backend = TunBackend { ns, name, v4, v6, pin_dir };
     backend.xlb(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -129,7 +133,9 @@ impl TunLab {
 
         let mut list = Vec::new();
         for i in 0..backends {
-            list.push(tun_backend(&seg2, &prefix, i, &[VIP4.into(), VIP6.into()])?);
+            let from = [LB4.to_string(), LB6.to_string()];
+            let from: Vec<&str> = from.iter().map(String::as_str).collect();
+            list.push(tun_backend(&seg2, &prefix, i, &[VIP4.into(), VIP6.into()], &from)?);
         }
         let pass = aux::attach("xdp_pass", "lb", &seg1)?;
         Ok(TunLab { _pass: pass, backends: list, lb, client, router, seg1, seg2, lb_if })

@@ -129,6 +129,16 @@ pub struct DecapAttachArgs {
     #[arg(long = "vip", value_name = "ADDR", required = true)]
     pub vips: Vec<std::net::IpAddr>,
 
+    /// The balancers that may tunnel to these VIPs: each node's outer
+    /// source address (`tun_source_v4`/`_v6`, else its interface's), or a
+    /// prefix holding them all (`10.8.0.0/24`); repeat for several, both
+    /// families as the VIPs need. Tunnelled packets for the VIPs from any
+    /// other source are dropped and counted as untrusted: they would reach
+    /// the service past the balancer with a client address of anyone's
+    /// choosing. The list replaces the previous one.
+    #[arg(long = "from", value_name = "ADDR[/LEN]", required = true)]
+    pub sources: Vec<crate::model::Prefix>,
+
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = XdpMode::Auto)]
     pub xdp_mode: XdpMode,

@@ -14,19 +14,33 @@ pub async fn decap(cmd: DecapCommand) -> anyhow::Result<()> {
             let handle = net::connect()?;
             let iface = net::interface(&handle, &args.target.interface).await?;
             let pin_dir = pin_dir(&args.target);
-            let how = decap::attach(&iface, &pin_dir, &args.vips, args.xdp_mode)?;
-            let vips: Vec<String> = args.vips.iter().map(|a| a.to_string()).collect();
-            println!("xlb_decap on {} ({how}) for {}", iface.name, vips.join(", "));
+            let accept = decap::Accept { vips: args.vips, sources: args.sources };
+            if let Some(vip) =
+                accept.vips.iter().find(|v| !accept.sources.iter().any(|s| s.addr.is_ipv4() == v.is_ipv4()))
+            {
+                anyhow::bail!("--vip {vip}: no --from of its family, so no balancer could tunnel to it");
+            }
+            let how = decap::attach(&iface, &pin_dir, &accept, args.xdp_mode)?;
+            println!(
+                "xlb_decap on {} ({how}) for {} from {}",
+                iface.name,
+                join(&accept.vips),
+                join(&accept.sources)
+            );
         }
         DecapCommand::Status(args) => {
             let s = decap::status(&pin_dir(&args))?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                let vips: Vec<String> = s.vips.iter().map(|a| a.to_string()).collect();
                 println!("xlb_decap on {} ({})", args.interface, s.pin_dir.display());
-                println!("  VIPs          {}", vips.join(", "));
+                println!("  VIPs          {}", join(&s.vips));
+                println!("  from          {}", join(&s.sources));
                 println!("  decapsulated  {}", s.decapsulated);
+                println!(
+                    "  untrusted     {}  (tunnelled to the VIPs from other sources, dropped)",
+                    s.untrusted
+                );
                 println!("  not ours      {}  (tunnelled to other addresses, passed as is)", s.not_ours);
                 println!("  passed        {}  (not tunnelled)", s.passed);
             }
@@ -41,6 +55,10 @@ pub async fn decap(cmd: DecapCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn join(items: &[impl ToString]) -> String {
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 fn pin_dir(args: &DecapTargetArgs) -> std::path::PathBuf {

@@ -84,10 +84,17 @@ fn announce_switches_on_or_off() {
 
 #[test]
 fn decap_verbs() {
-    let cli =
-        parse("xlb decap attach -i eth0 --vip 192.0.2.10 --vip 2001:db8::10 --xdp-mode generic").unwrap();
+    let cli = parse(
+        "xlb decap attach -i eth0 --vip 192.0.2.10 --vip 2001:db8::10 --from 10.8.0.0/24 --from fd08::11 \
+         --xdp-mode generic",
+    )
+    .unwrap();
     let Command::Decap(DecapCommand::Attach(a)) = &cli.command else { panic!() };
     assert_eq!(a.vips.len(), 2);
+    assert_eq!(
+        a.sources.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["10.8.0.0/24", "fd08::11/128"]
+    );
     assert_eq!((a.target.interface.as_str(), a.xdp_mode), ("eth0", XdpMode::Generic));
     let cli = parse("xlb decap status -i eth0 --json").unwrap();
     assert!(matches!(&cli.command, Command::Decap(DecapCommand::Status(s)) if s.json));
@@ -95,8 +102,11 @@ fn decap_verbs() {
         parse("xlb decap detach -i eth0").unwrap().command,
         Command::Decap(DecapCommand::Detach(_))
     ));
-    assert!(parse("xlb decap attach -i eth0").unwrap_err().contains("--vip"));
-    assert!(parse("xlb decap attach -i eth0 --vip 192.0.2.10 --xdp-mode turbo").is_err());
+    assert!(parse("xlb decap attach -i eth0 --from 10.8.0.1").unwrap_err().contains("--vip"));
+    assert!(parse("xlb decap attach -i eth0 --vip 192.0.2.10").unwrap_err().contains("--from"));
+    let bad = parse("xlb decap attach -i eth0 --vip 192.0.2.10 --from 10.8.0.1/16").unwrap_err();
+    assert!(bad.contains("--from") && bad.contains("bits set past its length"), "{bad}");
+    assert!(parse("xlb decap attach -i eth0 --vip 192.0.2.10 --from 10.8.0.1 --xdp-mode turbo").is_err());
 }
 
 #[test]

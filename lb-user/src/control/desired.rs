@@ -1,7 +1,7 @@
 //! The desired state: every VIP with the backends it should have, built
 //! from the live config, what discovery reports, the operator's overrides
 //! and the MACs resolved so far. The reconciler never learns where a
-//! backend came from.
+//! backend came from, only which claim on ids its VIP has.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -43,6 +43,19 @@ pub struct DesiredVip {
     /// The backend list is not known yet (discovery has not answered): an
     /// existing VIP keeps what it has, a new one starts without backends.
     pub hold: bool,
+    pub claim: Claim,
+}
+
+/// Who gets backend ids first when there are too few for everyone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Claim {
+    /// The operator listed each backend in the config: placed first, and
+    /// ids that free up go to those still waiting before anyone else.
+    #[default]
+    Listed,
+    /// A discovery source's, which can list more than fits: its newcomers
+    /// take only ids no listed backend waits for.
+    Discovered,
 }
 
 /// How a backend that is no longer wanted leaves.
@@ -133,6 +146,10 @@ pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> Built {
                 mac: if tun { None } else { inputs.macs.get(&addr).copied() },
                 hop: if tun { inputs.hops.get(&addr).copied() } else { None },
             };
+            let claim = match v.backends {
+                Backends::Static(_) => Claim::Listed,
+                Backends::Discovered(_) => Claim::Discovered,
+            };
             let (backends, leave, hold) = match &v.backends {
                 Backends::Static(list) => {
                     (list.iter().map(|b| backend(b.address, b.weight)).collect(), Leave::Drain, false)
@@ -175,6 +192,7 @@ pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> Built {
                 leave,
                 failed,
                 hold,
+                claim,
             }
         })
         .collect();

@@ -87,8 +87,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
                 error!(error = %error_chain(e), "map update failed; retrying with a full resync");
                 Sync::Retrying { error: error_chain(e) }
             }
-            // What found no id is retried on the next tick (ids free up as
-            // backends leave).
+            // What found no id is placed when ids free up (backends leave).
             Ok(()) if !shortfalls.is_empty() => Sync::Short(Shortfalls::new(&shortfalls)),
             Ok(()) => Sync::InSync,
         };
@@ -128,7 +127,13 @@ impl<S: Store, R: Host> Daemon<S, R> {
     pub(super) async fn settle(&mut self, patience: Duration, changed: bool) -> bool {
         let resolved_changed = self.resolve_neighbours(patience).await;
         let due = self.reconciler.next_deadline().is_some_and(|d| d <= Instant::now());
-        let apply = changed || resolved_changed || due || !self.sync.is_in_sync();
+        // Short of ids, it waits for one to free: no apply a tick for nothing.
+        let retry = match self.sync {
+            Sync::InSync => false,
+            Sync::Short(_) => self.reconciler.could_place_more(),
+            Sync::Starting | Sync::Retrying { .. } => true,
+        };
+        let apply = changed || resolved_changed || due || retry;
         if apply {
             let _ = self.apply();
         }

@@ -1,5 +1,6 @@
 //! Program `xlb_decap` for the backends of TUN-mode VIPs: attach it, keep
-//! its set of VIP addresses, read its counters, detach it. Like program
+//! its set of VIP addresses and of balancer sources it trusts, read its
+//! counters, detach it. Like program
 //! `xlb`, it is pinned (under /sys/fs/bpf/xlb-decap/<interface>) and keeps
 //! working after the command exits.
 
@@ -10,10 +11,13 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{
+        HashMap, Map, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::Xdp,
 };
-use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DecapKey, maps};
+use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_UNTRUSTED, DecapKey, DecapSource, maps};
 use serde::Serialize;
 
 use super::{
@@ -21,7 +25,7 @@ use super::{
     wire::{addr_from_wire, addr_to_wire},
 };
 use crate::{
-    model::{Attachment, XdpMode},
+    model::{Attachment, Prefix, XdpMode},
     net::Interface,
 };
 
@@ -57,12 +61,25 @@ fn key(a: IpAddr) -> DecapKey {
     DecapKey { addr, family, _pad: [0; 3] }
 }
 
+/// What `xlb_decap` accepts: tunnels to `vips` from `sources` (the
+/// balancers' outer source addresses).
+#[derive(Clone, Debug, Default)]
+pub struct Accept {
+    pub vips: Vec<IpAddr>,
+    pub sources: Vec<Prefix>,
+}
+
+fn source_key(p: Prefix) -> Key<DecapSource> {
+    let (addr, family) = addr_to_wire(p.addr);
+    Key::new(8 + u32::from(p.len), DecapSource { family, addr })
+}
+
 /// Attaches `xlb_decap` to `iface` (or swaps it in through the pinned link)
-/// and makes its VIP set exactly `vips`. Returns how it is attached.
+/// and makes what it accepts exactly `accept`. Returns how it is attached.
 pub fn attach(
     iface: &Interface,
     pin_dir: &Path,
-    vips: &[IpAddr],
+    accept: &Accept,
     mode: XdpMode,
 ) -> Result<Attachment, DecapError> {
     loader::prepare_pin_dir(pin_dir)?;
@@ -74,17 +91,17 @@ pub fn attach(
     let mut ebpf = ebpf_loader.load(DECAP_OBJECT).map_err(LoaderError::Load)?;
     let program = program_mut(&mut ebpf);
     program.load().map_err(LoaderError::Verify)?;
-    let how = loader::attach(program, iface, &pin_dir.join(loader::LINK_PIN), mode)?;
-    set_vips(&mut ebpf, vips)?;
-    Ok(how)
+    // What it accepts is in place before the new program sees a packet.
+    set_accept(&mut ebpf, accept)?;
+    loader::attach(program_mut(&mut ebpf), iface, &pin_dir.join(loader::LINK_PIN), mode).map_err(Into::into)
 }
 
-/// Loads `xlb_decap` with private maps and the VIP set `vips`, attached
+/// Loads `xlb_decap` with private maps accepting `accept`, attached
 /// nowhere: for BPF_PROG_TEST_RUN. The program is [`program_mut`].
-pub fn load_detached(vips: &[IpAddr]) -> Result<aya::Ebpf, DecapError> {
+pub fn load_detached(accept: &Accept) -> Result<aya::Ebpf, DecapError> {
     let mut ebpf = EbpfLoader::new().load(DECAP_OBJECT).map_err(LoaderError::Load)?;
     program_mut(&mut ebpf).load().map_err(LoaderError::Verify)?;
-    set_vips(&mut ebpf, vips)?;
+    set_accept(&mut ebpf, accept)?;
     Ok(ebpf)
 }
 
@@ -92,12 +109,31 @@ pub fn program_mut(ebpf: &mut aya::Ebpf) -> &mut Xdp {
     ebpf.program_mut(PROGRAM).expect("object defines xlb_decap").try_into().expect("XDP")
 }
 
-/// Makes the VIP set exactly `vips`.
-fn set_vips(ebpf: &mut aya::Ebpf, vips: &[IpAddr]) -> Result<(), DecapError> {
+fn sources_mut(ebpf: &mut aya::Ebpf) -> Result<LpmTrie<&mut MapData, DecapSource, u8>, DecapError> {
+    let map = ebpf.map_mut(maps::DECAP_SOURCES).expect("object defines DECAP_SOURCES");
+    map.try_into().map_err(map_err(maps::DECAP_SOURCES, "open"))
+}
+
+/// Makes the VIP and source sets exactly `accept`'s. Sources go first and
+/// are removed last, so a replaced list never drops a balancer's packets.
+fn set_accept(ebpf: &mut aya::Ebpf, accept: &Accept) -> Result<(), DecapError> {
+    let mut sources = sources_mut(ebpf)?;
+    let wanted: Vec<(u32, DecapSource)> =
+        accept.sources.iter().map(|p| source_key(*p)).map(|k| (k.prefix_len(), k.data())).collect();
+    let present: Vec<(u32, DecapSource)> = sources
+        .keys()
+        .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+        .collect::<Result<_, _>>()
+        .map_err(map_err(maps::DECAP_SOURCES, "iterate"))?;
+    for (len, data) in &wanted {
+        sources.insert(&Key::new(*len, *data), 1, 0).map_err(map_err(maps::DECAP_SOURCES, "write"))?;
+    }
+    let stale: Vec<&(u32, DecapSource)> = present.iter().filter(|k| !wanted.contains(k)).collect();
+
     let map = ebpf.map_mut(maps::DECAP_VIPS).expect("object defines DECAP_VIPS");
     let mut set: HashMap<&mut MapData, DecapKey, u8> =
         map.try_into().map_err(map_err(maps::DECAP_VIPS, "open"))?;
-    let wanted: Vec<DecapKey> = vips.iter().map(|a| key(*a)).collect();
+    let wanted: Vec<DecapKey> = accept.vips.iter().map(|a| key(*a)).collect();
     let present: Vec<DecapKey> =
         set.keys().collect::<Result<_, _>>().map_err(map_err(maps::DECAP_VIPS, "iterate"))?;
     for k in wanted.iter() {
@@ -105,6 +141,11 @@ fn set_vips(ebpf: &mut aya::Ebpf, vips: &[IpAddr]) -> Result<(), DecapError> {
     }
     for k in present.iter().filter(|k| !wanted.contains(k)) {
         set.remove(k).map_err(map_err(maps::DECAP_VIPS, "delete"))?;
+    }
+
+    let mut sources = sources_mut(ebpf)?;
+    for (len, data) in stale {
+        sources.remove(&Key::new(*len, *data)).map_err(map_err(maps::DECAP_SOURCES, "delete"))?;
     }
     Ok(())
 }
@@ -114,10 +155,14 @@ fn set_vips(ebpf: &mut aya::Ebpf, vips: &[IpAddr]) -> Result<(), DecapError> {
 pub struct DecapStatus {
     pub pin_dir: PathBuf,
     pub vips: Vec<IpAddr>,
+    /// Outer sources it accepts tunnels from.
+    pub sources: Vec<Prefix>,
     /// Packets decapsulated for one of `vips` and passed on.
     pub decapsulated: u64,
     /// Tunnelled packets for other addresses, left as they were.
     pub not_ours: u64,
+    /// Tunnelled to one of `vips` from a source not in `sources`: dropped.
+    pub untrusted: u64,
     /// Everything else (not tunnelled), passed untouched.
     pub passed: u64,
 }
@@ -139,11 +184,24 @@ pub fn status(pin_dir: &Path) -> Result<DecapStatus, DecapError> {
     let mut vips: Vec<IpAddr> =
         set.keys().filter_map(Result::ok).filter_map(|k| addr_from_wire(k.addr, k.family).ok()).collect();
     vips.sort();
+    let trie: LpmTrie<MapData, DecapSource, u8> =
+        open(maps::DECAP_SOURCES)?.try_into().map_err(map_err(maps::DECAP_SOURCES, "open"))?;
+    let mut sources: Vec<Prefix> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter_map(|k| {
+            let addr = addr_from_wire(k.data().addr, k.data().family).ok()?;
+            Some(Prefix { addr, len: u8::try_from(k.prefix_len().checked_sub(8)?).ok()? })
+        })
+        .collect();
+    sources.sort();
     Ok(DecapStatus {
         pin_dir: pin_dir.to_owned(),
         vips,
+        sources,
         decapsulated: count(DECAP_DONE)?,
         not_ours: count(DECAP_NOT_OURS)?,
+        untrusted: count(DECAP_UNTRUSTED)?,
         passed: count(DECAP_PASSED)?,
     })
 }

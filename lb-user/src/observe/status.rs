@@ -119,6 +119,7 @@ impl Sync {
 /// What is left out for want of ids: counted in full, named up to
 /// [`Shortfalls::NAMED`] (a discovery source can list thousands).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Shortfalls {
     pub vips_left_out: usize,
     pub backends_left_out: usize,
@@ -325,5 +326,16 @@ impl Status {
 
     pub fn vip(&self, name: &str) -> Option<&VipStatus> {
         self.vips.iter().find(|v| v.name.as_deref() == Some(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_state_written_before_the_counts_existed_still_reads() {
+        let sync: Sync = serde_json::from_str(r#"{"state": "short"}"#).unwrap();
+        assert_eq!(sync, Sync::Short(Shortfalls::default()));
     }
 }

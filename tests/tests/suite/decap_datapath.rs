@@ -1,13 +1,15 @@
 //! Program `xlb_decap` through BPF_PROG_TEST_RUN: what it strips, what it
-//! leaves as it came, and the counter each case moves. Needs root.
+//! leaves as it came, what it drops, and the counter each case moves.
+//! Needs root.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::PerCpuArray;
-use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, maps};
+use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_UNTRUSTED, maps};
+use xlb::dataplane::decap::{self, Accept};
 use xlb_tests::{
     frames::*,
-    plane::{Outcome, XDP_PASS, outcome},
+    plane::{Outcome, XDP_DROP, XDP_PASS, outcome},
 };
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -30,20 +32,24 @@ struct Decap {
 impl Decap {
     fn new() -> Decap {
         xlb_tests::require_root();
-        let vips = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
-        Decap { ebpf: xlb::dataplane::decap::load_detached(&vips).expect("xlb_decap loads") }
+        // The IPv4 balancer by its address, the IPv6 ones by their prefix.
+        let accept = Accept {
+            vips: vec![IpAddr::V4(VIP4), IpAddr::V6(VIP6)],
+            sources: vec!["10.1.0.2".parse().unwrap(), "fd01::/64".parse().unwrap()],
+        };
+        Decap { ebpf: decap::load_detached(&accept).expect("xlb_decap loads") }
     }
 
     fn run(&mut self, frame: &[u8]) -> Outcome {
-        outcome(xlb::dataplane::decap::program_mut(&mut self.ebpf), frame, 0).expect("test run")
+        outcome(decap::program_mut(&mut self.ebpf), frame, 0).expect("test run")
     }
 
-    /// (decapsulated, passed, not ours), summed over CPUs.
-    fn counters(&self) -> [u64; 3] {
+    /// (decapsulated, passed, not ours, untrusted), summed over CPUs.
+    fn counters(&self) -> [u64; 4] {
         let stats: PerCpuArray<_, u64> =
             self.ebpf.map(maps::DECAP_STATS).expect("DECAP_STATS").try_into().expect("per-CPU array");
         let sum = |slot: u32| stats.get(&slot, 0).expect("read").iter().sum();
-        [sum(DECAP_DONE), sum(DECAP_PASSED), sum(DECAP_NOT_OURS)]
+        [sum(DECAP_DONE), sum(DECAP_PASSED), sum(DECAP_NOT_OURS), sum(DECAP_UNTRUSTED)]
     }
 }
 
@@ -61,17 +67,25 @@ fn inner_v6(dst: Ipv6Addr) -> Vec<u8> {
     p
 }
 
-/// `inner` in an outer IPv4 header with flags+offset `frag`.
+/// `inner` from the balancer in an outer IPv4 header with flags+offset `frag`.
 fn ipip(inner: &[u8], frag: u16) -> Vec<u8> {
+    ipip_from(LB4, inner, frag)
+}
+
+fn ipip_from(src: Ipv4Addr, inner: &[u8], frag: u16) -> Vec<u8> {
     let mut f = eth(ETH_P_IP);
-    f.extend(ipv4(LB4, BACKEND4, IPPROTO_IPIP, &[], inner.len(), frag));
+    f.extend(ipv4(src, BACKEND4, IPPROTO_IPIP, &[], inner.len(), frag));
     f.extend_from_slice(inner);
     f
 }
 
 fn ip6ip6(inner: &[u8]) -> Vec<u8> {
+    ip6ip6_from(LB6, inner)
+}
+
+fn ip6ip6_from(src: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
     let mut f = eth(ETH_P_IPV6);
-    f.extend(ipv6(LB6, BACKEND6, IPPROTO_IPV6, inner.len()));
+    f.extend(ipv6(src, BACKEND6, IPPROTO_IPV6, inner.len()));
     f.extend_from_slice(inner);
     f
 }
@@ -93,7 +107,31 @@ fn tunnelled_packets_for_a_vip_are_stripped_to_the_inner_packet() {
     let inner = inner_v6(VIP6);
     let frame = ip6ip6(&inner);
     assert_eq!(decap.run(&frame), Outcome { action: XDP_PASS, frame: stripped(&frame, &inner) });
-    assert_eq!(decap.counters(), [2, 0, 0]);
+    assert_eq!(decap.counters(), [2, 0, 0, 0]);
+}
+
+#[test]
+fn tunnels_to_a_vip_only_from_the_balancers_sources() {
+    let mut decap = Decap::new();
+    // Inside the trusted IPv6 prefix, not only its first address.
+    let inner = inner_v6(VIP6);
+    let frame = ip6ip6_from("fd01::99".parse().unwrap(), &inner);
+    assert_eq!(decap.run(&frame), Outcome { action: XDP_PASS, frame: stripped(&frame, &inner) });
+    let forged = [
+        ("IPv4 neighbour of the balancer", ipip_from(Ipv4Addr::new(10, 1, 0, 3), &inner_v4(VIP4), DF)),
+        ("IPv4 from the internet", ipip_from(CLIENT4, &inner_v4(VIP4), DF)),
+        ("IPv6 outside the prefix", ip6ip6_from("fd01:0:0:1::2".parse().unwrap(), &inner_v6(VIP6))),
+        // The family is part of the key: the IPv4 balancer's bytes as IPv6 are not it.
+        ("IPv6 holding the IPv4 balancer's bytes", ip6ip6_from("a01:2::".parse().unwrap(), &inner_v6(VIP6))),
+        ("IPv4-mapped balancer", ip6ip6_from("::ffff:10.1.0.2".parse().unwrap(), &inner_v6(VIP6))),
+    ];
+    for (name, frame) in &forged {
+        assert_eq!(decap.run(frame).action, XDP_DROP, "{name}");
+    }
+    // Not for a VIP: the host's business (its own tunnels), passed.
+    let other = ipip_from(CLIENT4, &inner_v4(OTHER4), DF);
+    assert_eq!(decap.run(&other), Outcome { action: XDP_PASS, frame: other.clone() });
+    assert_eq!(decap.counters(), [1, 0, 1, forged.len() as u64]);
 }
 
 #[test]
@@ -101,7 +139,7 @@ fn tunnels_to_other_addresses_are_left_as_they_came() {
     let mut decap = Decap::new();
     let frame = ipip(&inner_v4(OTHER4), DF);
     assert_eq!(decap.run(&frame), Outcome { action: XDP_PASS, frame: frame.clone() });
-    assert_eq!(decap.counters(), [0, 0, 1]);
+    assert_eq!(decap.counters(), [0, 0, 1, 0]);
 }
 
 #[test]
@@ -122,5 +160,5 @@ fn fragments_wrong_inner_versions_and_plain_traffic_pass_untouched() {
     for (name, frame) in &cases {
         assert_eq!(decap.run(frame), Outcome { action: XDP_PASS, frame: frame.clone() }, "{name}");
     }
-    assert_eq!(decap.counters(), [0, cases.len() as u64, 0]);
+    assert_eq!(decap.counters(), [0, cases.len() as u64, 0, 0]);
 }

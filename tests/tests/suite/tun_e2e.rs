@@ -4,7 +4,7 @@
 //! the kernel's route and neighbour changes. Needs root.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -13,9 +13,10 @@ use xlb::model::format_mac;
 use xlb_tests::{
     capture::Capture,
     daemon::Daemon,
-    frames::checksum,
+    frames::{TCP_SYN, checksum, tcp, v4_frame, with_tcp_checksum_v4},
     http,
     lab::{VIP4, VIP6},
+    netns::Netns,
     servers::{self, tcp_ask, tcp_spread},
     tun_lab::{LB4, LB6, TunLab},
 };
@@ -100,6 +101,82 @@ fn tcp_over_tunnels_completes_and_replies_bypass_the_load_balancer() {
         lab.backends.iter().map(|b| b.decap_status().unwrap()["decapsulated"].as_u64().unwrap()).sum();
     assert_eq!(decapsulated, vip_packets(&status), "decap counters match xlb's");
     assert_eq!(frames.len() as u64, vip_packets(&status), "capture matches xlb's counters");
+}
+
+/// Sends `count` IPIP packets from inside `ns` to `backend` (the kernel
+/// writes the outer header, source the namespace's own address), each
+/// holding a TCP SYN from the client to the IPv4 VIP.
+fn send_ipip(ns: &Netns, backend: Ipv4Addr, count: u16) {
+    ns.run(|| {
+        // SAFETY: plain socket calls on a descriptor this function owns.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_IPIP) };
+        assert!(fd >= 0, "raw IPIP socket: {}", std::io::Error::last_os_error());
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from(backend).to_be() },
+            sin_zero: [0; 8],
+        };
+        for i in 0..count {
+            let frame = v4_frame(CLIENT4, VIP4, 6, &tcp(41000 + i, 80, TCP_SYN, b""));
+            let inner = &with_tcp_checksum_v4(frame)[14..];
+            // SAFETY: `inner` and `to` outlive the call; the lengths are theirs.
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    inner.as_ptr().cast(),
+                    inner.len(),
+                    0,
+                    (&raw const to).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            assert_eq!(sent, inner.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: closes the descriptor opened above, once.
+        unsafe { libc::close(fd) };
+    });
+}
+
+/// The lab's client, as the inner source of hand-made tunnels.
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+
+#[test]
+fn a_backend_takes_tunnels_to_its_vip_only_from_the_load_balancer() {
+    let lab = TunLab::new(1).unwrap();
+    let be = &lab.backends[0];
+    let _servers = servers::start_in(&[(&be.ns, be.name.as_str())], 80, 53);
+    let count = |field: &str| be.decap_status().unwrap()[field].as_u64().unwrap();
+    let syn_acks =
+        || Capture::start(&be.ns, "eth0", &format!("tcp and src host {VIP4} and tcp[13] & 2 != 0"));
+    const N: u16 = 20;
+
+    // The client forges what the load balancer would send: the same inner
+    // packet, its own outer source. Dropped, counted, never answered.
+    let answers = syn_acks().unwrap();
+    send_ipip(&lab.client, be.v4, N);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count("untrusted") < u64::from(N) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!((count("untrusted"), count("decapsulated")), (u64::from(N), 0));
+    assert_eq!(answers.stop().unwrap().len(), 0, "a forged tunnel reached the server");
+
+    // The same packets from the load balancer's address are the service's.
+    let answers = syn_acks().unwrap();
+    send_ipip(&lab.lb, be.v4, N);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count("decapsulated") < u64::from(N) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!((count("untrusted"), count("decapsulated")), (u64::from(N), u64::from(N)));
+    let ports: std::collections::BTreeSet<u16> =
+        answers.stop().unwrap().iter().map(|f| u16::from_be_bytes([f[36], f[37]])).collect();
+    assert_eq!(ports.len(), usize::from(N), "each tunnelled SYN answered by the server: {ports:?}");
+    let status = be.decap_status().unwrap();
+    assert_eq!(status["sources"], serde_json::json!([format!("{LB4}/32"), format!("{LB6}/128")]));
 }
 
 /// The daemon's published status, from its admin API (no process spawned,

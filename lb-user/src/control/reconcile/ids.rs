@@ -20,6 +20,15 @@ impl IdPool {
         self.free.pop_front()
     }
 
+    /// Takes an id only if `reserved` stay free after it.
+    pub fn take_leaving(&mut self, reserved: usize) -> Option<u32> {
+        if self.free.len() > reserved { self.free.pop_front() } else { None }
+    }
+
+    pub fn free(&self) -> usize {
+        self.free.len()
+    }
+
     /// Takes `id` out of the pool; false if it was not free.
     pub fn reserve(&mut self, id: u32) -> bool {
         let found = self.free.iter().position(|&f| f == id);

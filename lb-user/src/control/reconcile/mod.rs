@@ -11,6 +11,10 @@
 //! its recorded flows are rebalanced. Freed ids are handed out again last
 //! (FIFO) and with a new generation, so neither a packet holding an old
 //! table nor an old connection entry can reach the id's next owner.
+//!
+//! When ids run short, VIPs whose backends the config lists go first, and
+//! the ids they still wait for are reserved: a discovery source larger
+//! than the maps never takes an id a listed backend needs.
 
 mod ids;
 #[cfg(test)]
@@ -30,7 +34,7 @@ use vip::{free_expired, mark_leavers, switch_table, update_backend};
 
 use crate::{
     config::Capacities,
-    control::desired::{Desired, DesiredVip, Leave, NextHop},
+    control::desired::{Claim, Desired, DesiredVip, Leave, NextHop},
     dataplane::{
         BackendEntry, BackendId, BackendUse, DataplaneError, Maps, NO_BACKEND, Side, StatsOf, Store, VipId,
     },
@@ -368,18 +372,14 @@ impl Reconciler {
         }
         let ours: BTreeSet<VipAddr> = self.vips.keys().copied().collect();
         maps.delete_vips_except(|a| ours.contains(a) || wanted.contains(a))?;
-        for vip in &desired.vips {
-            if vip.hold
-                && let Some(state) = self.vips.get_mut(&vip.addr)
-            {
-                state.name.clone_from(&vip.name);
-                continue;
-            }
-            let drain = match vip.leave {
-                Leave::Drain => desired.drain_timeout,
-                Leave::AtOnce => Duration::ZERO,
-            };
-            self.apply_vip(vip, drain, now, maps)?;
+        let (listed, discovered): (Vec<&DesiredVip>, Vec<&DesiredVip>) =
+            desired.vips.iter().partition(|v| v.claim == Claim::Listed);
+        for vip in listed {
+            self.apply_wanted(vip, desired, 0, now, maps)?;
+        }
+        let reserved = self.shortfalls.iter().filter(|s| matches!(s, Shortfall::Backend { .. })).count();
+        for vip in discovered {
+            self.apply_wanted(vip, desired, reserved, now, maps)?;
         }
         while let Some(&(id, generation)) = self.orphans.last() {
             maps.put_backend(id, &BackendEntry::unused(generation))?;
@@ -387,6 +387,37 @@ impl Reconciler {
             self.backend_ids.release(id as u32);
         }
         Ok(())
+    }
+
+    /// One VIP of the desired state; newcomers leave `reserved` backend ids
+    /// free for others.
+    fn apply_wanted(
+        &mut self,
+        vip: &DesiredVip,
+        desired: &Desired,
+        reserved: usize,
+        now: Instant,
+        maps: &mut Maps<impl Store>,
+    ) -> Result<(), DataplaneError> {
+        if vip.hold
+            && let Some(state) = self.vips.get_mut(&vip.addr)
+        {
+            state.name.clone_from(&vip.name);
+            return Ok(());
+        }
+        let drain = match vip.leave {
+            Leave::Drain => desired.drain_timeout,
+            Leave::AtOnce => Duration::ZERO,
+        };
+        self.apply_vip(vip, drain, reserved, now, maps)
+    }
+
+    /// Whether an apply now could place something the last one left out.
+    pub fn could_place_more(&self) -> bool {
+        self.shortfalls.iter().any(|s| match s {
+            Shortfall::Vip { .. } => self.vip_ids.free() > 0,
+            Shortfall::Backend { .. } => self.backend_ids.free() > 0,
+        })
     }
 
     /// Adds the VIP (with a fresh id) if it is new; false when no id is left.
@@ -422,6 +453,7 @@ impl Reconciler {
         &mut self,
         want: &DesiredVip,
         drain_timeout: Duration,
+        reserved: usize,
         now: Instant,
         maps: &mut Maps<impl Store>,
     ) -> Result<(), DataplaneError> {
@@ -440,7 +472,7 @@ impl Reconciler {
             let state = match vip.backends.get_mut(&b.addr) {
                 Some(state) => state,
                 None => {
-                    let Some(id) = backend_ids.take() else {
+                    let Some(id) = backend_ids.take_leaving(reserved) else {
                         shortfalls.push(Shortfall::Backend {
                             vip: vip.name.clone(),
                             backend: b.addr,

@@ -31,6 +31,7 @@ fn vip(name: &str, last: u8, backends: &[(u8, u32)]) -> DesiredVip {
         leave: Leave::Drain,
         failed: Vec::new(),
         hold: false,
+        claim: Claim::Listed,
         backends: backends
             .iter()
             .map(|&(b, weight)| DesiredBackend {
@@ -302,6 +303,39 @@ fn beyond_capacity_is_left_out_and_said_the_rest_applies() {
     let text = r.shortfalls()[0].to_string();
     assert!(text.contains("10.0.0.3") && text.contains("max_backends"), "{text}");
     assert_eq!(r.vips()[&vip("a", 1, &[]).addr].backends.len(), 2);
+}
+
+#[test]
+fn listed_backends_get_ids_before_a_discovery_source_that_lists_too_many() {
+    let mut maps = mem();
+    let mut r = Reconciler::new(Capacities { max_backends: 4, ..G });
+    let discovered = |instances: &[(u8, u32)]| DesiredVip {
+        claim: Claim::Discovered,
+        leave: Leave::AtOnce,
+        ..vip("d", 1, instances)
+    };
+    let left_out =
+        |r: &Reconciler| -> Vec<String> { r.shortfalls().iter().map(ToString::to_string).collect() };
+    // Three ids for five candidates; the source comes first in the list.
+    let want = [discovered(&[(1, 1), (2, 1), (3, 1)]), vip("s", 2, &[(10, 1)])];
+    apply(&mut r, &want, &mut maps).unwrap();
+    assert_eq!(r.vips()[&want[1].addr].backends.len(), 1, "{:?}", left_out(&r));
+    assert_eq!(r.shortfalls().len(), 1, "one instance waits: {:?}", left_out(&r));
+
+    // A listed backend added by a reload waits too, then an instance
+    // leaves: its id goes to the listed backend, not to the waiting one.
+    let want = [discovered(&[(1, 1), (2, 1), (3, 1)]), vip("s", 2, &[(10, 1), (11, 1)])];
+    apply(&mut r, &want, &mut maps).unwrap();
+    assert_eq!(r.shortfalls().len(), 2);
+    assert!(!r.could_place_more());
+    let want = [discovered(&[(2, 1), (3, 1)]), vip("s", 2, &[(10, 1), (11, 1)])];
+    apply(&mut r, &want, &mut maps).unwrap();
+    assert!(r.could_place_more(), "the freed id is held for 10.0.0.11: {:?}", left_out(&r));
+    apply(&mut r, &want, &mut maps).unwrap();
+    assert_eq!(r.vips()[&want[1].addr].backends.len(), 2);
+    assert_eq!(left_out(&r).len(), 1);
+    assert!(left_out(&r)[0].contains("VIP d") && !r.could_place_more(), "{:?}", left_out(&r));
+    assert_eq!(live(&maps)[&want[1].addr], expected(&want[1]));
 }
 
 #[test]
