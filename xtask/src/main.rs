@@ -42,7 +42,7 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         fuzz_seconds: u32,
         /// Minutes of `cargo xtask soak` after the tests; 0 skips it.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = minutes)]
         soak_minutes: f64,
         /// Extra arguments for `cargo test`, e.g. `--test dr_e2e` or `-- maglev`
         /// (fuzzing is skipped when they are given).
@@ -63,7 +63,7 @@ enum Task {
     /// leaked backend ids, or growing memory or descriptors.
     Soak {
         /// How long to churn.
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(long, default_value_t = 10.0, value_parser = minutes)]
         minutes: f64,
     },
     /// Measure xlb: cost per packet, throughput in namespaces, control
@@ -77,6 +77,12 @@ enum Task {
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<bench::Part>,
     },
+}
+
+/// A number of minutes: finite and not negative.
+fn minutes(s: &str) -> Result<f64, String> {
+    let m: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of minutes"))?;
+    if m.is_finite() && m >= 0.0 { Ok(m) } else { Err(format!("{s}: minutes must be 0 or more")) }
 }
 
 fn main() -> anyhow::Result<()> {

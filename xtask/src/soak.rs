@@ -101,6 +101,15 @@ fn footprint(pid: u64) -> anyhow::Result<(f64, usize)> {
     Ok((rss, fds))
 }
 
+/// Sets the flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Counts what the churn did and what came back.
 #[derive(Default)]
 struct Tally {
@@ -172,6 +181,8 @@ pub fn run(xlb: &Path, minutes: f64) -> anyhow::Result<()> {
     }
 
     let stop = Arc::new(AtomicBool::new(false));
+    // An early error still stops the traffic threads.
+    let _stop_guard = StopOnDrop(stop.clone());
     let mut talks = Vec::new();
     let mut arrivals = Vec::new();
     for (name, addr, port) in VIPS {
@@ -302,7 +313,9 @@ pub fn run(xlb: &Path, minutes: f64) -> anyhow::Result<()> {
         .filter(|b| b.entry.as_ref().is_ok_and(|e| e.used != BackendUse::Unused))
         .collect();
     let max_generation = used.iter().map(|b| b.generation).max().unwrap_or(0);
-    let write_errors = daemon.log().matches("map update failed").count();
+    let log = daemon.log();
+    let write_errors = log.matches("map update failed").count();
+    let rejected = log.matches("config rejected").count();
     let sync = s["daemon"]["sync"]["state"].as_str().unwrap_or("?").to_owned();
 
     let churned = began.elapsed();
@@ -331,12 +344,17 @@ pub fn run(xlb: &Path, minutes: f64) -> anyhow::Result<()> {
         "  backend ids in use: {} (the config and etcd need {needed}); highest generation {max_generation}",
         used.len()
     );
-    println!("  map write errors: {write_errors} (goal 0); maps {sync}");
+    println!(
+        "  map write errors: {write_errors} (goal 0); configs rejected: {rejected} (goal 0); maps {sync}"
+    );
 
     let mut failures = broken;
     failures.extend(tally.api_refused);
     if write_errors > 0 {
         failures.push(format!("{write_errors} map writes failed"));
+    }
+    if rejected > 0 {
+        failures.push(format!("the daemon rejected {rejected} of the configs written"));
     }
     if used.len() != needed {
         failures.push(format!("{} backend ids in use, {needed} needed", used.len()));
