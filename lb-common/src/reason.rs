@@ -116,16 +116,20 @@ pub enum Event {
     /// A TUN packet whose backend had no resolved next hop asked the
     /// kernel's FIB instead.
     TunFibLookup = 5,
+    /// A TUN packet carried a second-chance address (the previous table's
+    /// owner of its flow) to its backend.
+    SecondChance = 6,
 }
 
 impl Event {
-    pub const ALL: [Event; 6] = [
+    pub const ALL: [Event; 7] = [
         Event::ConnHit,
         Event::ConnNew,
         Event::ConnRebalanced,
         Event::ConnInsertSkipped,
         Event::IcmpSteered,
         Event::TunFibLookup,
+        Event::SecondChance,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -136,6 +140,7 @@ impl Event {
             Event::ConnInsertSkipped => "conntrack_insert_skipped",
             Event::IcmpSteered => "icmp_to_backend",
             Event::TunFibLookup => "tun_fib_lookup",
+            Event::SecondChance => "second_chance",
         }
     }
 }

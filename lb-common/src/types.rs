@@ -50,9 +50,17 @@ pub struct VipInfo {
     /// `MODE_*`, for the daemon (adoption, status); packets follow each
     /// backend's `BACKEND_TUN`.
     pub mode: u8,
-    pub _pad: [u8; 3],
+    /// `VIP_*`. Zero in maps written before it existed, which reads as
+    /// "no previous table": the same layout.
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<VipInfo>() == 12);
+
+/// `VipInfo::flags`: the VIP's other table is the one in force before the
+/// last switch, kept for second chance (TUN): a mid-flow packet with no
+/// record whose owner there differs carries that owner's address along.
+pub const VIP_PREVIOUS: u8 = 1;
 
 /// `BackendInfo::flags`: in the VIP's table, so it takes new flows.
 pub const BACKEND_ACTIVE: u8 = 1;
@@ -117,7 +125,10 @@ impl BackendInfo {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
     pub backend_id: BackendId,
-    pub _pad: u16,
+    /// Second chance (TUN): the previous table's owner, when the flow was
+    /// first seen mid-flow and that owner differed; its packets carry it.
+    /// `NO_BACKEND` otherwise (zero in maps written before it existed).
+    pub second: BackendId,
     /// `BackendInfo::generation` when the flow was recorded.
     pub generation: u32,
 }
@@ -235,7 +246,15 @@ pub const DECAP_NOT_OURS: u32 = 2;
 /// Tunnelled to one of our VIPs from a source not in `DECAP_SOURCES`:
 /// dropped (it would bypass the balancer with any client address).
 pub const DECAP_UNTRUSTED: u32 = 3;
-pub const DECAP_SLOTS: u32 = 4;
+/// Second chance: a mid-flow packet this host has no socket for, sent on
+/// to the previous owner named in it (decapsulated once, never twice).
+pub const DECAP_SECOND_CHANCE_FORWARDED: u32 = 4;
+/// Second chance: the packet's flow has a socket here; delivered here.
+pub const DECAP_SECOND_CHANCE_KEPT: u32 = 5;
+/// Second chance: no socket here and no next hop toward the previous
+/// owner out of this interface: delivered here (the kernel resets it).
+pub const DECAP_SECOND_CHANCE_NO_ROUTE: u32 = 6;
+pub const DECAP_SLOTS: u32 = 8;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -1,10 +1,11 @@
 //! Which backend gets a flow: the connection table for an established
-//! one, else the VIP's live Maglev table.
+//! one, else the VIP's live Maglev table; and, for second chance (TUN),
+//! which backend owned a mid-flow packet's flow before the last switch.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    BackendId, BackendInfo, ConnEntry, Event, FAMILY_V6, FlowKey, GlobalStats, MAGLEV_LANES, NO_BACKEND,
-    Reason, VipInfo, flow_hash, vip_filter_bit, vip_filter_bit_v4,
+    BackendId, BackendInfo, ConnEntry, Event, FAMILY_V6, FlowKey, GlobalStats, MAGLEV_LANES, MODE_TUN,
+    NO_BACKEND, PROTO_TCP, Reason, VIP_PREVIOUS, VipInfo, flow_hash, vip_filter_bit, vip_filter_bit_v4,
 };
 use lb_ebpf::{
     net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6},
@@ -20,6 +21,12 @@ use crate::{
 /// The chosen backend; its entry names its VIP (`vip_id`) and the mode.
 pub struct Target {
     pub backend_id: BackendId,
+    /// Second chance: the flow's owner in the previous table, whose
+    /// address the packet carries to `backend` (TUN, TCP, mid-flow only);
+    /// `NO_BACKEND` for none. An id, not a reference: a second pointer in
+    /// the returned value changes its layout into one the verifier rejects
+    /// (a 4-byte read of a spilled pointer).
+    pub second: BackendId,
     pub backend: &'static BackendInfo,
 }
 
@@ -44,8 +51,14 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
             count_event(stats, Event::ConnHit);
             if p.icmp_error {
                 count_event(stats, Event::IcmpSteered);
+                return Ok(Target { backend_id: recorded_entry.backend_id, backend, second: NO_BACKEND });
             }
-            return Ok(Target { backend_id: recorded_entry.backend_id, backend });
+            let second = if second_owner(recorded_entry.second, backend).is_some() {
+                recorded_entry.second
+            } else {
+                NO_BACKEND
+            };
+            return Ok(Target { backend_id: recorded_entry.backend_id, backend, second });
         }
     }
     // SAFETY: the value is only read, and VIPS entries are replaced whole.
@@ -56,17 +69,55 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     if p.icmp_error {
         count_event(stats, Event::IcmpSteered);
     }
-    let (backend_id, backend) = maglev(vip, &p.flow)?;
+    let (backend_id, backend, slot) = maglev(vip, &p.flow)?;
     // An ICMP error is about a flow, not part of it: it records nothing.
-    if !p.icmp_error {
-        let chosen = ConnEntry { backend_id, _pad: 0, generation: backend.generation };
-        match entry {
-            Some(entry) => rewrite(entry, chosen),
-            None => insert(&p.flow, chosen, stats),
-        }
-        count_event(stats, Event::ConnNew);
+    if p.icmp_error {
+        return Ok(Target { backend_id, backend, second: NO_BACKEND });
     }
-    Ok(Target { backend_id, backend })
+    // A SYN stays where the current table sends it; a mid-flow packet this
+    // node has no record of may belong to the previous table's owner.
+    let mut second_id = NO_BACKEND;
+    if !p.opens_connection() && vip.flags & VIP_PREVIOUS != 0 && p.flow.proto == PROTO_TCP {
+        second_id = previous_owner(vip, slot, backend_id);
+    }
+    let second = if second_owner(second_id, backend).is_some() { second_id } else { NO_BACKEND };
+    let chosen = ConnEntry { backend_id, second, generation: backend.generation };
+    match entry {
+        Some(entry) => rewrite(entry, chosen),
+        None => insert(&p.flow, chosen, stats),
+    }
+    count_event(stats, Event::ConnNew);
+    Ok(Target { backend_id, backend, second })
+}
+
+/// The previous table's entry at `slot`, if it names another backend.
+#[inline(always)]
+fn previous_owner(vip: &VipInfo, slot: u32, current: BackendId) -> BackendId {
+    // A VIP's two tables are neighbours: the other is `table ^ 1`.
+    let chunk = (vip.table ^ 1) * TABLE_CHUNKS.load() + slot / MAGLEV_LANES;
+    match MAGLEV.get(chunk) {
+        Some(lanes) if lanes[(slot % MAGLEV_LANES) as usize] != current => lanes[(slot % MAGLEV_LANES) as usize],
+        _ => NO_BACKEND,
+    }
+}
+
+/// The second-chance backend of a target, if it has one.
+#[inline(always)]
+pub fn second(target: &Target) -> Option<&'static BackendInfo> {
+    if target.second == NO_BACKEND { None } else { BACKENDS.get(target.second as u32) }
+}
+
+/// Backend `id` as a second chance for `owner`'s packet: another TUN
+/// backend of the same VIP that still takes established flows. A hint,
+/// not a record: an id handed on since at worst reaches a backend without
+/// the flow, which resets it as the owner would have.
+#[inline(always)]
+fn second_owner(id: BackendId, owner: &BackendInfo) -> Option<&'static BackendInfo> {
+    if id == NO_BACKEND || owner.mode() != MODE_TUN {
+        return None;
+    }
+    let b = BACKENDS.get(id as u32)?;
+    (b.vip_id == owner.vip_id && b.mode() == MODE_TUN && b.takes_established()).then_some(b)
 }
 
 /// Points an existing record at `chosen`, writing only when it differs
@@ -123,8 +174,9 @@ fn recorded(entry: &ConnEntry) -> Option<&'static BackendInfo> {
     (backend.generation == entry.generation && backend.takes_established()).then_some(backend)
 }
 
+/// The live table's backend for `flow`, and the slot it sits in.
 #[inline(always)]
-fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendInfo), Reason> {
+fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendInfo, u32), Reason> {
     let slot = flow_hash(flow).checked_rem(TABLE_SIZE.load()).ok_or(Reason::DropNoBackend)?;
     let chunk = vip.table * TABLE_CHUNKS.load() + slot / MAGLEV_LANES;
     let lanes = MAGLEV.get(chunk).ok_or(Reason::DropNoBackend)?;
@@ -139,7 +191,7 @@ fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendI
     if u32::from(backend.vip_id) != vip.id || !backend.takes_established() {
         return Err(Reason::DropNoBackend);
     }
-    Ok((backend_id, backend))
+    Ok((backend_id, backend, slot))
 }
 
 /// Records a flow that has no entry yet, unless new flows arrive on this

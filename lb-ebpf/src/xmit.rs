@@ -47,18 +47,27 @@ pub enum Tun {
 }
 
 /// TUN: wraps the IP packet for `backend` and sends it to the next hop.
+/// With a `second` chance the packet is wrapped twice: inside the header
+/// to `backend`, one to `second`, which is exactly what `second` would get
+/// from us, so `backend` can pass it on by dropping the outer header.
 #[inline(never)]
-pub fn to_backend_tun(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Tun {
-    match encapsulate(pkt, p, backend) {
+pub fn to_backend_tun(pkt: &Packet, p: &Parsed, backend: &BackendInfo, second: Option<&BackendInfo>) -> Tun {
+    match encapsulate(pkt, p, backend, second) {
         Ok(tun) => tun,
         Err(reason) => Tun::Failed(reason),
     }
 }
 
 #[inline(always)]
-fn encapsulate(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Result<Tun, Reason> {
+fn encapsulate(
+    pkt: &Packet,
+    p: &Parsed,
+    backend: &BackendInfo,
+    second: Option<&BackendInfo>,
+) -> Result<Tun, Reason> {
     let v4 = p.flow.family == FAMILY_V4;
-    let overhead = if v4 { lb_common::TUN_OVERHEAD_V4 } else { lb_common::TUN_OVERHEAD_V6 } as usize;
+    let header = if v4 { lb_common::TUN_OVERHEAD_V4 } else { lb_common::TUN_OVERHEAD_V6 } as usize;
+    let overhead = if second.is_some() { 2 * header } else { header };
     let inner_len = p.l3_len;
     let (verdict, dst_mac, src_mac) = if backend.has_hop() {
         // Resolved by the daemon: out of this interface, to this MAC.
@@ -88,16 +97,22 @@ fn encapsulate(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Result<Tun, R
     let pkt = pkt.adjust_head(-grow)?;
     let eth_type = if v4 { ETH_P_IPV4 } else { ETH_P_IPV6 };
     pkt.write(0, eth(dst_mac, src_mac, eth_type))?;
+    let outer_len = (inner_len + overhead - header) as u16;
     if v4 {
         let src = TUN_SRC_V4.load();
-        let dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
-        pkt.write(ETH_HLEN, encap::ipv4_outer(src, dst, inner_len as u16, first[1], entropy as u16))?;
+        let v4 = |b: &BackendInfo| [b.addr[0], b.addr[1], b.addr[2], b.addr[3]];
+        pkt.write(ETH_HLEN, encap::ipv4_outer(src, v4(backend), outer_len, first[1], entropy as u16))?;
+        if let Some(second) = second {
+            let middle = encap::ipv4_outer(src, v4(second), inner_len as u16, first[1], entropy as u16);
+            pkt.write(ETH_HLEN + header, middle)?;
+        }
     } else {
         let tc = (first[0] << 4) | (first[1] >> 4);
-        pkt.write(
-            ETH_HLEN,
-            encap::ipv6_outer(&TUN_SRC_V6.load(), &backend.addr, inner_len as u16, tc, entropy),
-        )?;
+        let src = TUN_SRC_V6.load();
+        pkt.write(ETH_HLEN, encap::ipv6_outer(&src, &backend.addr, outer_len, tc, entropy))?;
+        if let Some(second) = second {
+            pkt.write(ETH_HLEN + header, encap::ipv6_outer(&src, &second.addr, inner_len as u16, tc, entropy))?;
+        }
     }
     Ok(Tun::Sent(verdict))
 }

@@ -191,6 +191,7 @@ pub fn dr_vip(
         failed: Vec::new(),
         hold: false,
         claim: Claim::Listed,
+        second_chance: Duration::ZERO,
     }
 }
 

@@ -42,6 +42,10 @@ pub async fn decap(cmd: DecapCommand) -> anyhow::Result<()> {
                     s.untrusted
                 );
                 println!("  not ours      {}  (tunnelled to other addresses, passed as is)", s.not_ours);
+                println!(
+                    "  second chance {} sent on to the previous owner, {} kept here (the flow's socket is here), {} without a route",
+                    s.second_chance_forwarded, s.second_chance_kept, s.second_chance_no_route
+                );
                 println!("  passed        {}  (not tunnelled)", s.passed);
             }
         }

@@ -46,6 +46,8 @@ pub(super) struct File {
     conntrack_insert_limit: u64,
     #[serde(default = "default_drain_timeout")]
     drain_timeout: u64,
+    /// Seconds; `drain_timeout` when not given.
+    second_chance: Option<u64>,
     tun_source_v4: Option<IpAddr>,
     tun_source_v6: Option<IpAddr>,
     consul: Option<ConsulSettings>,
@@ -222,6 +224,10 @@ impl File {
         if self.drain_timeout > MAX_DRAIN_SECS {
             return Err(Invalid::new("drain_timeout", format!("{} s is over a day", self.drain_timeout)));
         }
+        let second_chance = self.second_chance.unwrap_or(self.drain_timeout);
+        if second_chance > MAX_DRAIN_SECS {
+            return Err(Invalid::new("second_chance", format!("{second_chance} s is over a day")));
+        }
         if self.vips.len() > caps.max_vips as usize {
             return Err(Invalid::new(
                 "vip",
@@ -269,6 +275,7 @@ impl File {
         };
         Ok(LiveConfig {
             drain_timeout: Duration::from_secs(self.drain_timeout),
+            second_chance: Duration::from_secs(second_chance),
             consul: self.consul.clone(),
             etcd,
             vips,

@@ -195,6 +195,9 @@ impl AdminConfig {
 pub struct LiveConfig {
     /// How long a backend removed from the config keeps its established flows.
     pub drain_timeout: Duration,
+    /// How long after a table switch a TUN VIP keeps the previous table
+    /// for second chance; zero turns it off.
+    pub second_chance: Duration,
     /// How to reach Consul, for VIPs whose backends come from it.
     pub consul: Option<ConsulSettings>,
     /// How to reach etcd, for VIPs whose backends come from it.

@@ -44,6 +44,9 @@ pub struct DesiredVip {
     /// existing VIP keeps what it has, a new one starts without backends.
     pub hold: bool,
     pub claim: Claim,
+    /// How long the table before a switch stays readable for second
+    /// chance; zero for none (DR VIPs, or turned off).
+    pub second_chance: Duration,
 }
 
 /// Who gets backend ids first when there are too few for everyone.
@@ -193,6 +196,7 @@ pub fn build(config: &LiveConfig, inputs: &Inputs<'_>) -> Built {
                 failed,
                 hold,
                 claim,
+                second_chance: if tun { config.second_chance } else { Duration::ZERO },
             }
         })
         .collect();

@@ -17,7 +17,10 @@ use aya::{
     },
     programs::Xdp,
 };
-use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_UNTRUSTED, DecapKey, DecapSource, maps};
+use lb_common::{
+    DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_SECOND_CHANCE_FORWARDED, DECAP_SECOND_CHANCE_KEPT,
+    DECAP_SECOND_CHANCE_NO_ROUTE, DECAP_SLOTS, DECAP_UNTRUSTED, DecapKey, DecapSource, maps,
+};
 use serde::Serialize;
 
 use super::{
@@ -83,6 +86,7 @@ pub fn attach(
     mode: XdpMode,
 ) -> Result<Attachment, DecapError> {
     loader::prepare_pin_dir(pin_dir)?;
+    forget_stale_maps(pin_dir)?;
     let pins: Vec<(&str, PathBuf)> = maps::DECAP_ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
     let mut ebpf_loader = EbpfLoader::new();
     for (name, path) in &pins {
@@ -94,6 +98,27 @@ pub fn attach(
     // What it accepts is in place before the new program sees a packet.
     set_accept(&mut ebpf, accept)?;
     loader::attach(program_mut(&mut ebpf), iface, &pin_dir.join(loader::LINK_PIN), mode).map_err(Into::into)
+}
+
+/// Unpins maps an older `xlb_decap` left with another shape (fewer
+/// counter slots), so this one creates its own: they hold nothing an
+/// attach does not rewrite, and a program still using them keeps them
+/// until the link is swapped.
+fn forget_stale_maps(pin_dir: &Path) -> Result<(), DecapError> {
+    let stats = pin_dir.join(maps::DECAP_STATS);
+    let Ok(pinned) = MapData::from_pin(&stats) else { return Ok(()) };
+    if pinned.info().map(|i| i.max_entries()).ok() == Some(DECAP_SLOTS) {
+        return Ok(());
+    }
+    for m in maps::DECAP_ALL {
+        match std::fs::remove_file(pin_dir.join(m)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(LoaderError::Remove { path: pin_dir.join(m), source: e }.into());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Loads `xlb_decap` with private maps accepting `accept`, attached
@@ -163,6 +188,12 @@ pub struct DecapStatus {
     pub not_ours: u64,
     /// Tunnelled to one of `vips` from a source not in `sources`: dropped.
     pub untrusted: u64,
+    /// Second chance: sent on to the previous owner (no socket here).
+    pub second_chance_forwarded: u64,
+    /// Second chance: delivered here (the flow has a socket here).
+    pub second_chance_kept: u64,
+    /// Second chance: no socket here and no way to the previous owner.
+    pub second_chance_no_route: u64,
     /// Everything else (not tunnelled), passed untouched.
     pub passed: u64,
 }
@@ -202,6 +233,9 @@ pub fn status(pin_dir: &Path) -> Result<DecapStatus, DecapError> {
         decapsulated: count(DECAP_DONE)?,
         not_ours: count(DECAP_NOT_OURS)?,
         untrusted: count(DECAP_UNTRUSTED)?,
+        second_chance_forwarded: count(DECAP_SECOND_CHANCE_FORWARDED)?,
+        second_chance_kept: count(DECAP_SECOND_CHANCE_KEPT)?,
+        second_chance_no_route: count(DECAP_SECOND_CHANCE_NO_ROUTE)?,
         passed: count(DECAP_PASSED)?,
     })
 }

@@ -22,7 +22,7 @@ pub use maps::{BackendSlot, Maps};
 #[cfg(test)]
 pub use store::MemoryStore;
 pub use store::{DataplaneError, StatsOf, Store};
-pub use wire::{BackendEntry, BackendId, BackendUse, NO_BACKEND, Side, VipEntry, VipId, WireError};
+pub use wire::{BackendEntry, BackendId, BackendUse, NO_BACKEND, Previous, Side, VipEntry, VipId, WireError};
 
 /// The maps in memory, for tests of everything above the data plane.
 #[cfg(test)]

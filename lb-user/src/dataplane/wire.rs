@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_HOP, BACKEND_TUN, BackendInfo, FAMILY_V4, FAMILY_V6, MODE_DR,
-    MODE_TUN, PROTO_TCP, PROTO_UDP, VipInfo, VipKey, limits::TABLES_PER_VIP,
+    MODE_TUN, PROTO_TCP, PROTO_UDP, VIP_PREVIOUS, VipInfo, VipKey, limits::TABLES_PER_VIP,
 };
 
 use crate::model::{Forward, Protocol, VipAddr};
@@ -58,12 +58,24 @@ pub fn table_number(vip: VipId, side: Side) -> u32 {
     vip * TABLES_PER_VIP + side.offset()
 }
 
-/// `VIPS` value: the VIP's id, the table packets use, its mode.
+/// `VIPS` value: the VIP's id, the table packets use, its mode, and
+/// whether its other table still holds the one before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VipEntry {
     pub id: VipId,
     pub live: Side,
     pub forward: Forward,
+    pub previous: Previous,
+}
+
+/// What the VIP's other table means to packets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Previous {
+    /// Nothing: being rewritten, or kept past its window.
+    #[default]
+    Forgotten,
+    /// The table in force before the last switch: second chance (TUN).
+    Kept,
 }
 
 /// What a backend's entry lets packets do.
@@ -164,7 +176,11 @@ impl TryFrom<&VipKey> for VipAddr {
 
 impl From<&VipEntry> for VipInfo {
     fn from(v: &VipEntry) -> VipInfo {
-        VipInfo { id: v.id, table: table_number(v.id, v.live), mode: mode(v.forward), _pad: [0; 3] }
+        let flags = match v.previous {
+            Previous::Forgotten => 0,
+            Previous::Kept => VIP_PREVIOUS,
+        };
+        VipInfo { id: v.id, table: table_number(v.id, v.live), mode: mode(v.forward), flags, _pad: [0; 2] }
     }
 }
 
@@ -181,7 +197,8 @@ impl TryFrom<&VipInfo> for VipEntry {
             MODE_TUN => Forward::Tun,
             other => return Err(WireError::Mode(other)),
         };
-        Ok(VipEntry { id: v.id, live, forward })
+        let previous = if v.flags & VIP_PREVIOUS != 0 { Previous::Kept } else { Previous::Forgotten };
+        Ok(VipEntry { id: v.id, live, forward, previous })
     }
 }
 
@@ -243,7 +260,7 @@ mod tests {
         let vip = VipAddr { ip: "2001:db8::10".parse().unwrap(), port: 443, protocol: Protocol::Udp };
         assert_eq!(VipAddr::try_from(&VipKey::from(&vip)), Ok(vip));
         for live in [Side::First, Side::Second] {
-            let entry = VipEntry { id: 7, live, forward: Forward::Tun };
+            let entry = VipEntry { id: 7, live, forward: Forward::Tun, previous: Previous::Kept };
             assert_eq!(VipEntry::try_from(&VipInfo::from(&entry)), Ok(entry));
         }
         for (used, forward, hop_mtu) in [
@@ -268,7 +285,7 @@ mod tests {
 
     #[test]
     fn the_wire_layout_is_what_the_data_plane_reads() {
-        let info = VipInfo::from(&VipEntry { id: 5, live: Side::Second, forward: Forward::Tun });
+        let info = VipInfo::from(&VipEntry { id: 5, live: Side::Second, forward: Forward::Tun, previous: Previous::Forgotten });
         assert_eq!((info.table, info.mode), (11, MODE_TUN));
         let b = BackendInfo::from(&BackendEntry {
             addr: [10, 0, 0, 1].into(),
@@ -287,9 +304,9 @@ mod tests {
     fn values_that_do_not_decode_are_errors() {
         let key = VipKey { proto: 1, family: FAMILY_V4, ..VipKey::default() };
         assert_eq!(VipAddr::try_from(&key), Err(WireError::Protocol(1)));
-        let info = VipInfo { id: 2, table: 9, mode: MODE_DR, _pad: [0; 3] };
+        let info = VipInfo { id: 2, table: 9, mode: MODE_DR, flags: 0, _pad: [0; 2] };
         assert_eq!(VipEntry::try_from(&info), Err(WireError::Table { id: 2, table: 9 }));
-        let info = VipInfo { id: 2, table: 4, mode: 9, _pad: [0; 3] };
+        let info = VipInfo { id: 2, table: 4, mode: 9, flags: 0, _pad: [0; 2] };
         assert_eq!(VipEntry::try_from(&info), Err(WireError::Mode(9)));
         let b = BackendInfo { flags: BACKEND_ACTIVE, family: 0, ..BackendInfo::default() };
         assert_eq!(BackendEntry::try_from(&b), Err(WireError::Family(0)));

@@ -187,6 +187,63 @@ fn ipv4_in_ipv4_has_the_exact_outer_header_and_the_inner_packet_untouched() {
 }
 
 #[test]
+fn a_mid_flow_packet_whose_owner_moved_carries_the_previous_owner_inside() {
+    let (net, mut plane) = (fib_net(), plane());
+    let window = std::time::Duration::from_secs(30);
+    let v4 = |d: u8| IpAddr::from([10, 2, 0, d]);
+    let vip = |backends: &[IpAddr]| DesiredVip { second_chance: window, ..tun_vip("tun4", VIP4.into(), backends) };
+    let now = std::time::Instant::now();
+    plane.apply_at(&[vip(&[v4(11), v4(12)])], window, now).unwrap();
+    let ports: Vec<u16> = (42000..42100).collect();
+    let before: Vec<IpAddr> = ports.iter().map(|&p| backend_addr(&plane, &flow4(VIP4, p))).collect();
+    plane.apply_at(&[vip(&[v4(11), v4(12), v4(13)])], window, now).unwrap();
+
+    let mut moved = 0;
+    for (&sport, &old) in ports.iter().zip(&before) {
+        let now_owner = backend_addr(&plane, &flow4(VIP4, sport));
+        let plain = tcp4(VIP4, sport, 100, true);
+        let inner = &plain[14..];
+        // Twice: the first finds no record, the second the one it left.
+        for _ in 0..2 {
+            let out = run(&net, &plane, &plain);
+            assert_eq!(out.action, XDP_TX, "sport {sport}");
+            let id = [out.frame[18], out.frame[19]];
+            let mut expected = ROUTER_MAC.to_vec();
+            expected.extend(net.mac);
+            expected.extend([0x08, 0x00]);
+            if old == now_owner {
+                expected.extend(outer4(now_owner, inner, id));
+                expected.extend(inner);
+            } else {
+                // Inside: exactly what the previous owner would get.
+                let mut middle = outer4(old, inner, id);
+                middle.extend(inner);
+                expected.extend(outer4(now_owner, &middle, id));
+                expected.extend(middle);
+            }
+            assert_eq!(out.frame, expected, "sport {sport}: {old} then {now_owner}");
+        }
+        moved += usize::from(old != now_owner);
+        // A SYN opens a connection where the current table says, alone.
+        let syn = v4_frame(CLIENT4, VIP4, PROTO_TCP, &tcp(sport, 80, TCP_SYN, b""));
+        let out = run(&net, &plane, &syn);
+        assert_eq!(out.frame.len(), syn.len() + 20, "sport {sport}: a SYN is wrapped once");
+    }
+    // A third backend takes about a third of the flows.
+    assert!((15..=55).contains(&moved), "{moved} of 100 flows moved");
+    assert_eq!(plane.event(Event::SecondChance).unwrap(), 2 * moved as u64);
+
+    // Once the window is over the previous table is forgotten: a new
+    // mid-flow packet goes to its owner alone.
+    plane.apply_at(&[vip(&[v4(11), v4(12), v4(13)])], window, now + window).unwrap();
+    for sport in 43000..43100 {
+        let out = run(&net, &plane, &tcp4(VIP4, sport, 100, true));
+        assert_eq!(out.frame.len(), 14 + 20 + 100, "sport {sport}: wrapped once");
+    }
+    assert_eq!(plane.event(Event::SecondChance).unwrap(), 2 * moved as u64);
+}
+
+#[test]
 fn ipv6_in_ipv6_has_the_exact_outer_header_and_the_inner_packet_untouched() {
     let (net, plane) = (fib_net(), plane());
     let mut labels = std::collections::BTreeSet::new();

@@ -30,13 +30,14 @@ use std::{
 
 use ids::IdPool;
 use tracing::{info, warn};
-use vip::{free_expired, mark_leavers, switch_table, update_backend};
+use vip::{forget_previous, free_expired, mark_leavers, switch_table, update_backend};
 
 use crate::{
     config::Capacities,
     control::desired::{Claim, Desired, DesiredVip, Leave, NextHop},
     dataplane::{
-        BackendEntry, BackendId, BackendUse, DataplaneError, Maps, NO_BACKEND, Side, StatsOf, Store, VipId,
+        BackendEntry, BackendId, BackendUse, DataplaneError, Maps, NO_BACKEND, Previous, Side, StatsOf, Store,
+        VipId,
     },
     model::{BackendRole, Forward, VipAddr},
 };
@@ -84,6 +85,10 @@ pub struct VipState {
     /// Table switches since this daemon started, and when the last was.
     pub generation: u64,
     pub swapped_at: Option<SystemTime>,
+    /// What the VIP entry says of the other table, and until when it is
+    /// kept (`None` while kept: adopted, the window starts at the next apply).
+    previous: Previous,
+    previous_until: Option<Instant>,
 }
 
 /// One active backend as the table was built from it: address (its
@@ -243,6 +248,8 @@ impl Reconciler {
                 backends: BTreeMap::new(),
                 generation: 0,
                 swapped_at: None,
+                previous: entry.previous,
+                previous_until: None,
             };
             *state.table_mut(entry.live) = Some(maps.read_table(entry.id, entry.live)?);
             by_id.insert(entry.id, addr);
@@ -310,16 +317,14 @@ impl Reconciler {
         self.caps
     }
 
-    /// When the next leaving backend is due to be freed.
+    /// When the next leaving backend is due to be freed, or the next
+    /// previous table forgotten.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.vips
-            .values()
-            .flat_map(|v| v.backends.values())
-            .filter_map(|b| match b.role {
-                Role::Leaving { until } => Some(until),
-                _ => None,
-            })
-            .min()
+        let leaving = self.vips.values().flat_map(|v| v.backends.values()).filter_map(|b| match b.role {
+            Role::Leaving { until } => Some(until),
+            _ => None,
+        });
+        leaving.chain(self.vips.values().filter_map(|v| v.previous_until)).min()
     }
 
     /// Makes the maps match `desired` as of `now`. On error the next call
@@ -443,6 +448,8 @@ impl Reconciler {
                 backends: BTreeMap::new(),
                 generation: 0,
                 swapped_at: None,
+                previous: Previous::Forgotten,
+                previous_until: None,
             };
             self.vips.insert(want.addr, state);
         }
@@ -504,6 +511,7 @@ impl Reconciler {
             update_backend(&vip.name, want.forward, b, state);
         }
         switch_table(vip, want, now, caps, maps)?;
+        forget_previous(vip, want, now, maps)?;
         free_expired(vip, now, maps, backend_ids, |_| true)
     }
 }

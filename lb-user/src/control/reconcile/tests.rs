@@ -32,6 +32,7 @@ fn vip(name: &str, last: u8, backends: &[(u8, u32)]) -> DesiredVip {
         failed: Vec::new(),
         hold: false,
         claim: Claim::Listed,
+        second_chance: Duration::ZERO,
         backends: backends
             .iter()
             .map(|&(b, weight)| DesiredBackend {

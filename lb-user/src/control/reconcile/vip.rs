@@ -16,7 +16,7 @@ use crate::{
         desired::{DesiredBackend, DesiredVip},
         maglev,
     },
-    dataplane::{BackendEntry, BackendId, DataplaneError, Maps, Store, VipEntry, VipId},
+    dataplane::{BackendEntry, BackendId, DataplaneError, Maps, Previous, Store, VipEntry, VipId},
     model::{Forward, format_mac},
 };
 
@@ -132,15 +132,29 @@ pub(super) fn switch_table(
             _ => build_table(&inputs, caps.table_size),
         };
         if vip.forward != forward || live != Some(&table[..]) {
+            // The table in force now stays readable for second chance
+            // (TUN to TUN, when it is known whole).
+            let keep = live.is_some()
+                && vip.forward == Forward::Tun
+                && forward == Forward::Tun
+                && !want.second_chance.is_zero();
             let target = vip.live.other();
-            let previous = vip.table_mut(target).take();
-            maps.write_table(vip.id, target, &table, previous.as_deref())?;
-            maps.put_vip(&want.addr, &VipEntry { id: vip.id, live: target, forward })?;
+            if vip.previous == Previous::Kept {
+                // Packets stop reading the other table before it is overwritten.
+                let entry = VipEntry { id: vip.id, live: vip.live, forward: vip.forward, previous: Previous::Forgotten };
+                maps.put_vip(&want.addr, &entry)?;
+                (vip.previous, vip.previous_until) = (Previous::Forgotten, None);
+            }
+            let before = vip.table_mut(target).take();
+            maps.write_table(vip.id, target, &table, before.as_deref())?;
+            let previous = if keep { Previous::Kept } else { Previous::Forgotten };
+            maps.put_vip(&want.addr, &VipEntry { id: vip.id, live: target, forward, previous })?;
             *vip.table_mut(target) = Some(table);
             vip.live = target;
             vip.forward = forward;
             vip.generation += 1;
             vip.swapped_at = Some(SystemTime::now());
+            (vip.previous, vip.previous_until) = (previous, keep.then(|| now + want.second_chance));
         }
         vip.built_from = Some(inputs);
         count_slots(vip, caps.max_backends);
@@ -152,6 +166,27 @@ pub(super) fn switch_table(
             write_backend(maps, (vip.id, forward), *addr, state)?;
         }
     }
+    Ok(())
+}
+
+/// Stops packets reading the previous table once its window is over (or
+/// second chance is off, or the VIP no longer tunnels).
+pub(super) fn forget_previous(
+    vip: &mut VipState,
+    want: &DesiredVip,
+    now: Instant,
+    maps: &mut Maps<impl Store>,
+) -> Result<(), DataplaneError> {
+    if vip.previous != Previous::Kept {
+        return Ok(());
+    }
+    let until = *vip.previous_until.get_or_insert(now + want.second_chance);
+    if until > now && vip.forward == Forward::Tun {
+        return Ok(());
+    }
+    let entry = VipEntry { id: vip.id, live: vip.live, forward: vip.forward, previous: Previous::Forgotten };
+    maps.put_vip(&want.addr, &entry)?;
+    (vip.previous, vip.previous_until) = (Previous::Forgotten, None);
     Ok(())
 }
 
