@@ -22,8 +22,8 @@ use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
-        bpf_sock_tuple, xdp_action,
+        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, bpf_sock_tuple, xdp_action,
     },
     helpers::{bpf_fib_lookup, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie},
     macros::{map, xdp},

@@ -96,7 +96,9 @@ fn previous_owner(vip: &VipInfo, slot: u32, current: BackendId) -> BackendId {
     // A VIP's two tables are neighbours: the other is `table ^ 1`.
     let chunk = (vip.table ^ 1) * TABLE_CHUNKS.load() + slot / MAGLEV_LANES;
     match MAGLEV.get(chunk) {
-        Some(lanes) if lanes[(slot % MAGLEV_LANES) as usize] != current => lanes[(slot % MAGLEV_LANES) as usize],
+        Some(lanes) if lanes[(slot % MAGLEV_LANES) as usize] != current => {
+            lanes[(slot % MAGLEV_LANES) as usize]
+        }
         _ => NO_BACKEND,
     }
 }

@@ -111,7 +111,10 @@ fn encapsulate(
         let src = TUN_SRC_V6.load();
         pkt.write(ETH_HLEN, encap::ipv6_outer(&src, &backend.addr, outer_len, tc, entropy))?;
         if let Some(second) = second {
-            pkt.write(ETH_HLEN + header, encap::ipv6_outer(&src, &second.addr, inner_len as u16, tc, entropy))?;
+            pkt.write(
+                ETH_HLEN + header,
+                encap::ipv6_outer(&src, &second.addr, inner_len as u16, tc, entropy),
+            )?;
         }
     }
     Ok(Tun::Sent(verdict))

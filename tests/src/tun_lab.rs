@@ -25,6 +25,9 @@ pub const LB4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 pub const LB6: Ipv6Addr = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 2);
 
 pub struct TunBackend {
+    /// On its port of the segment: frames its xlb_decap sends back out
+    /// (second chance) are delivered only to a veth peer running XDP.
+    _pass: aux::Attached,
     pub ns: Netns,
     pub name: String,
     pub v4: Ipv4Addr,
@@ -80,6 +83,10 @@ pub(crate) fn tun_backend(
     plug(seg2, &ns, "eth0", &name, v4, v6)?;
     ns.ip("route add default via 10.2.0.254")?;
     ns.ip("-6 route add default via fd02::fe")?;
+    // Second chance sends packets on to another backend: the FIB helper
+    // answers only where the interface forwards.
+    ns.sysctl(&["net.ipv4.conf.eth0.forwarding=1", "net.ipv6.conf.all.forwarding=1"])?;
+    let pass = aux::attach("xdp_pass", &name, seg2)?;
     let mut args = vec!["decap".to_owned(), "attach".into(), "-i".into(), "eth0".into(), "--pin-dir".into()];
     let pin_dir = format!("/sys/fs/bpf/xlb-decap/{}", ns.name);
     args.push(pin_dir.clone());
@@ -93,7 +100,7 @@ pub(crate) fn tun_backend(
     for source in from {
         args.extend(["--from".to_owned(), source.to_string()]);
     }
-    let backend = TunBackend { ns, name, v4, v6, pin_dir };
+    let backend = TunBackend { _pass: pass, ns, name, v4, v6, pin_dir };
     backend.xlb(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     Ok(backend)
 }
@@ -152,9 +159,15 @@ impl TunLab {
     }
 
     pub fn backend_list(&self, v6: bool) -> String {
+        self.list_of(v6, self.backends.len())
+    }
+
+    /// [`TunLab::backend_list`] of the first `n` backends.
+    pub fn list_of(&self, v6: bool, n: usize) -> String {
         let items: Vec<String> = self
             .backends
             .iter()
+            .take(n)
             .map(|b| {
                 let a: IpAddr = if v6 { b.v6.into() } else { b.v4.into() };
                 format!("{{ address = \"{a}\" }}")

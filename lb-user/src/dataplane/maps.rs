@@ -246,7 +246,8 @@ mod tests {
     fn the_filter_follows_the_vips_and_bits_precede_entries() {
         let mut maps = Maps::new(MemoryStore::default(), CAPS);
         maps.store_mut().log_writes = true;
-        let entry = VipEntry { id: 0, live: Side::First, forward: Forward::Dr, previous: Previous::Forgotten };
+        let entry =
+            VipEntry { id: 0, live: Side::First, forward: Forward::Dr, previous: Previous::Forgotten };
         maps.put_vip(&vip(1), &entry).unwrap();
         let writes = &maps.store().writes;
         assert_eq!(writes.last(), Some(&lb_common::maps::VIPS), "the entry after its bit: {writes:?}");
@@ -291,7 +292,8 @@ mod tests {
     #[test]
     fn strays_and_undecodable_vip_entries_are_deleted() {
         let mut maps = Maps::new(MemoryStore::default(), CAPS);
-        let entry = VipEntry { id: 0, live: Side::First, forward: Forward::Dr, previous: Previous::Forgotten };
+        let entry =
+            VipEntry { id: 0, live: Side::First, forward: Forward::Dr, previous: Previous::Forgotten };
         maps.put_vip(&vip(1), &entry).unwrap();
         maps.put_vip(&vip(2), &entry).unwrap();
         let garbage = VipKey { proto: 99, family: 4, ..VipKey::default() };

@@ -285,7 +285,12 @@ mod tests {
 
     #[test]
     fn the_wire_layout_is_what_the_data_plane_reads() {
-        let info = VipInfo::from(&VipEntry { id: 5, live: Side::Second, forward: Forward::Tun, previous: Previous::Forgotten });
+        let info = VipInfo::from(&VipEntry {
+            id: 5,
+            live: Side::Second,
+            forward: Forward::Tun,
+            previous: Previous::Forgotten,
+        });
         assert_eq!((info.table, info.mode), (11, MODE_TUN));
         let b = BackendInfo::from(&BackendEntry {
             addr: [10, 0, 0, 1].into(),

@@ -18,6 +18,7 @@ mod health_e2e;
 mod hitless_e2e;
 mod page_e2e;
 mod restart_e2e;
+mod second_chance_e2e;
 mod systemd_e2e;
 mod tun_datapath;
 mod tun_e2e;

@@ -191,7 +191,8 @@ fn a_mid_flow_packet_whose_owner_moved_carries_the_previous_owner_inside() {
     let (net, mut plane) = (fib_net(), plane());
     let window = std::time::Duration::from_secs(30);
     let v4 = |d: u8| IpAddr::from([10, 2, 0, d]);
-    let vip = |backends: &[IpAddr]| DesiredVip { second_chance: window, ..tun_vip("tun4", VIP4.into(), backends) };
+    let vip =
+        |backends: &[IpAddr]| DesiredVip { second_chance: window, ..tun_vip("tun4", VIP4.into(), backends) };
     let now = std::time::Instant::now();
     plane.apply_at(&[vip(&[v4(11), v4(12)])], window, now).unwrap();
     let ports: Vec<u16> = (42000..42100).collect();

@@ -36,8 +36,8 @@ use crate::{
     config::Capacities,
     control::desired::{Claim, Desired, DesiredVip, Leave, NextHop},
     dataplane::{
-        BackendEntry, BackendId, BackendUse, DataplaneError, Maps, NO_BACKEND, Previous, Side, StatsOf, Store,
-        VipId,
+        BackendEntry, BackendId, BackendUse, DataplaneError, Maps, NO_BACKEND, Previous, Side, StatsOf,
+        Store, VipId,
     },
     model::{BackendRole, Forward, VipAddr},
 };

@@ -141,7 +141,12 @@ pub(super) fn switch_table(
             let target = vip.live.other();
             if vip.previous == Previous::Kept {
                 // Packets stop reading the other table before it is overwritten.
-                let entry = VipEntry { id: vip.id, live: vip.live, forward: vip.forward, previous: Previous::Forgotten };
+                let entry = VipEntry {
+                    id: vip.id,
+                    live: vip.live,
+                    forward: vip.forward,
+                    previous: Previous::Forgotten,
+                };
                 maps.put_vip(&want.addr, &entry)?;
                 (vip.previous, vip.previous_until) = (Previous::Forgotten, None);
             }
