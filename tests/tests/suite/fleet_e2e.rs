@@ -352,3 +352,106 @@ fn announcing_copes_with_no_bird_a_table_in_use_and_someone_elses_route() {
     drop(daemon);
     lab.lb.ip(&format!("-6 route del {VIP6}/128 dev lo table {TABLE} proto static")).unwrap();
 }
+
+/// The TUN VIPs only, with the TUN backends of `order` (every node the
+/// same), and a 20 s drain and second-chance window.
+fn tun_config(fleet: &Fleet, i: usize, order: &[usize]) -> String {
+    let vip = |name: &str, addr: IpAddr| {
+        format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"{addr}\"\nport = 80\nprotocol = \"tcp\"\nforward = \"tun\"\n{}\n",
+            fleet.tun_backend_list(addr.is_ipv6(), order)
+        )
+    };
+    let vips = vip("tun", TUN_VIP4.into()) + &vip("tun6", TUN_VIP6.into());
+    fleet.config(i, 1, &vips).replace("drain_timeout = 5", "drain_timeout = 20")
+}
+
+/// 20 conversations to each TUN VIP.
+fn tun_talks(fleet: &Fleet, stop: &Arc<AtomicBool>) -> Vec<Conversation> {
+    [SocketAddr::from((TUN_VIP4, 80)), SocketAddr::from((TUN_VIP6, 80))]
+        .iter()
+        .flat_map(|&vip| (0..20).map(move |_| vip).collect::<Vec<_>>())
+        .map(|vip| Conversation::start(&fleet.client, vip, stop))
+        .collect()
+}
+
+/// The live node that forwarded the most TUN packets over a second.
+fn busiest(fleet: &Fleet, alive: &[usize]) -> usize {
+    let count =
+        |i: usize| fleet.nodes[i].forwarded("tun").unwrap() + fleet.nodes[i].forwarded("tun6").unwrap();
+    let before: Vec<u64> = alive.iter().map(|&i| count(i)).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let (i, _) = alive.iter().zip(before).map(|(&i, b)| (i, count(i) - b)).max_by_key(|&(_, n)| n).unwrap();
+    i
+}
+
+/// Applies `order` on the `alive` nodes, kills the busiest, and lets the
+/// conversations talk on; those that broke.
+fn change_then_kill(
+    fleet: &mut Fleet,
+    alive: &mut Vec<usize>,
+    order: &[usize],
+    talks: Vec<Conversation>,
+    stop: &Arc<AtomicBool>,
+) -> (usize, Vec<String>) {
+    for &i in alive.iter() {
+        let config = tun_config(fleet, i, order);
+        fleet.nodes[i].xlb_mut().apply_config(&config).unwrap();
+    }
+    let victim = busiest(fleet, alive);
+    alive.retain(|&i| i != victim);
+    fleet.nodes[victim].die().unwrap();
+    fleet.wait_paths(TUN_VIP4.into(), alive.len(), Duration::from_secs(10)).unwrap();
+    fleet.wait_paths(TUN_VIP6.into(), alive.len(), Duration::from_secs(10)).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    (victim, talks.into_iter().filter_map(|t| t.finish().err()).collect())
+}
+
+fn passed_on(fleet: &Fleet) -> u64 {
+    let count = |b: &xlb_tests::tun_lab::TunBackend| {
+        b.decap_status().unwrap()["second_chance_forwarded"].as_u64().unwrap()
+    };
+    fleet.tun_backends.iter().map(count).sum()
+}
+
+#[test]
+fn a_node_dies_after_the_backends_changed_and_no_tun_flow_breaks() {
+    let mut fleet = Fleet::new(3, 0, 4).unwrap();
+    let _servers = tun_servers(&fleet);
+    for i in 0..3 {
+        let config = tun_config(&fleet, i, &[0, 1, 2]);
+        fleet.start_xlb(i, &config).unwrap();
+    }
+    fleet.wait_sessions().unwrap();
+    for vip in [IpAddr::from(TUN_VIP4), IpAddr::from(TUN_VIP6)] {
+        fleet.wait_paths(vip, 3, Duration::from_secs(15)).unwrap();
+    }
+    let mut alive = vec![0, 1, 2];
+
+    // A fourth backend joins (a quarter of each table moves), then the
+    // node carrying most flows dies: the others never saw its flows.
+    let stop = Arc::new(AtomicBool::new(false));
+    let talks = tun_talks(&fleet, &stop);
+    let (victim, broken) = change_then_kill(&mut fleet, &mut alive, &[0, 1, 2, 3], talks, &stop);
+    let after_join = passed_on(&fleet);
+    eprintln!(
+        "backend joined, node {victim} died: 40 TUN flows, {} broke; {after_join} packets passed on",
+        broken.len()
+    );
+    assert!(broken.is_empty(), "long flows broke: {broken:#?}");
+    assert!(after_join > 0, "the moved flows were passed on to their previous owner");
+
+    // A backend drains out (its slots move), then the busier of the two
+    // nodes left dies.
+    let stop = Arc::new(AtomicBool::new(false));
+    let talks = tun_talks(&fleet, &stop);
+    let (victim, broken) = change_then_kill(&mut fleet, &mut alive, &[0, 2, 3], talks, &stop);
+    let after_drain = passed_on(&fleet) - after_join;
+    eprintln!(
+        "backend drained, node {victim} died: 40 TUN flows, {} broke; {after_drain} packets passed on",
+        broken.len()
+    );
+    assert!(broken.is_empty(), "long flows broke: {broken:#?}");
+    assert!(after_drain > 0, "the drained backend's flows were passed on to it");
+}
