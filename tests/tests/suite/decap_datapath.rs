@@ -5,7 +5,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::PerCpuArray;
-use lb_common::{DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_UNTRUSTED, maps};
+use lb_common::{
+    DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_SECOND_CHANCE_KEPT, DECAP_SECOND_CHANCE_NO_ROUTE,
+    DECAP_UNTRUSTED, maps,
+};
 use xlb::dataplane::decap::{self, Accept};
 use xlb_tests::{
     frames::*,
@@ -46,10 +49,13 @@ impl Decap {
 
     /// (decapsulated, passed, not ours, untrusted), summed over CPUs.
     fn counters(&self) -> [u64; 4] {
+        [DECAP_DONE, DECAP_PASSED, DECAP_NOT_OURS, DECAP_UNTRUSTED].map(|slot| self.count(slot))
+    }
+
+    fn count(&self, slot: u32) -> u64 {
         let stats: PerCpuArray<_, u64> =
             self.ebpf.map(maps::DECAP_STATS).expect("DECAP_STATS").try_into().expect("per-CPU array");
-        let sum = |slot: u32| stats.get(&slot, 0).expect("read").iter().sum();
-        [sum(DECAP_DONE), sum(DECAP_PASSED), sum(DECAP_NOT_OURS), sum(DECAP_UNTRUSTED)]
+        stats.get(&slot, 0).expect("read").iter().sum()
     }
 }
 
@@ -161,4 +167,53 @@ fn fragments_wrong_inner_versions_and_plain_traffic_pass_untouched() {
         assert_eq!(decap.run(frame), Outcome { action: XDP_PASS, frame: frame.clone() }, "{name}");
     }
     assert_eq!(decap.counters(), [0, cases.len() as u64, 0, 0]);
+}
+
+const OTHER_BACKEND4: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 6);
+
+/// A second-chance packet: to this backend, holding the tunnel to the
+/// previous owner.
+fn wrapped_twice(inner: &[u8]) -> Vec<u8> {
+    let middle = &ipip_from_to(LB4, OTHER_BACKEND4, inner)[14..];
+    ipip(middle, DF)
+}
+
+fn ipip_from_to(src: Ipv4Addr, dst: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    let mut f = eth(ETH_P_IP);
+    f.extend(ipv4(src, dst, IPPROTO_IPIP, &[], inner.len(), DF));
+    f.extend_from_slice(inner);
+    f
+}
+
+fn ack_v4() -> Vec<u8> {
+    let l4 = tcp(40000, 80, TCP_ACK, b"data");
+    let mut p = ipv4(CLIENT4, VIP4, 6, &[], l4.len(), DF);
+    p.extend(l4);
+    p
+}
+
+#[test]
+fn a_second_chance_packet_is_passed_on_at_most_once() {
+    // Run outside any lab the FIB knows no route out of "interface 0":
+    // with no socket here, the packet is delivered here, stripped whole.
+    let mut decap = Decap::new();
+    let inner = ack_v4();
+    let frame = wrapped_twice(&inner);
+    assert_eq!(decap.run(&frame), Outcome { action: XDP_PASS, frame: stripped(&frame, &inner) });
+    assert_eq!(decap.count(DECAP_SECOND_CHANCE_NO_ROUTE), 1);
+
+    // A SYN stays where the current table sent it.
+    let syn = inner_v4(VIP4);
+    let frame = wrapped_twice(&syn);
+    assert_eq!(decap.run(&frame), Outcome { action: XDP_PASS, frame: stripped(&frame, &syn) });
+    assert_eq!(decap.count(DECAP_SECOND_CHANCE_KEPT), 1);
+
+    // Wrapped three times is nobody's: a passed-on packet has one header
+    // left, so it can never be passed on again.
+    let thrice = wrapped_twice(&ipip_from_to(LB4, OTHER_BACKEND4, &inner)[14..]);
+    assert_eq!(decap.run(&thrice), Outcome { action: XDP_PASS, frame: thrice.clone() });
+    // From anyone but the balancer: dropped like any forged tunnel.
+    let middle = &ipip_from_to(LB4, OTHER_BACKEND4, &inner)[14..];
+    assert_eq!(decap.run(&ipip_from(CLIENT4, middle, DF)).action, XDP_DROP);
+    assert_eq!(decap.counters(), [0, 0, 1, 1]);
 }
