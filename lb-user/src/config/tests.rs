@@ -19,6 +19,14 @@ fn parse(text: &str) -> Result<Config, String> {
 }
 
 #[test]
+fn second_chance_is_live_and_zero_turns_it_off() {
+    let c = parse(&format!("drain_timeout = 10\nsecond_chance = 0\n{GOOD}")).unwrap();
+    assert_eq!((c.live.drain_timeout, c.live.second_chance), (Duration::from_secs(10), Duration::ZERO));
+    let c = parse(&format!("drain_timeout = 10\n{GOOD}")).unwrap();
+    assert_eq!(c.live.second_chance, Duration::from_secs(10));
+}
+
+#[test]
 fn the_documented_example_parses_with_defaults() {
     let c = parse(GOOD).unwrap();
     assert_eq!(c.start.interface, "eth0");
@@ -26,6 +34,7 @@ fn the_documented_example_parses_with_defaults() {
     assert_eq!(c.start.xdp_mode, XdpMode::Auto);
     assert_eq!(c.start.pin_dir, Path::new("/sys/fs/bpf/xlb/eth0"));
     assert_eq!(c.live.drain_timeout, Duration::from_secs(30));
+    assert_eq!(c.live.second_chance, c.live.drain_timeout, "second chance lasts a drain unless set");
     let web = &c.live.vips[0];
     assert_eq!(web.addr, VipAddr { ip: [192, 0, 2, 10].into(), port: 80, protocol: Protocol::Tcp });
     let weights: Vec<u32> = web.backends.listed().iter().map(|b| b.weight).collect();
@@ -120,6 +129,16 @@ fn every_invalid_config_is_rejected_naming_the_field() {
         ),
         ("backends over max_backends", format!("max_backends = 2\n{GOOD}"), &["max_backends"]),
         ("drain timeout over a day", format!("drain_timeout = 86401\n{GOOD}"), &["drain_timeout"]),
+        (
+            "second chance over a day",
+            format!("second_chance = 86401\n{GOOD}"),
+            &["second_chance", "over a day"],
+        ),
+        (
+            "second chance defaulting to a drain over a day",
+            format!("drain_timeout = 86401\nsecond_chance = 60\n{GOOD}"),
+            &["drain_timeout"],
+        ),
         ("bad interface name", GOOD.replace("eth0", "a-name-longer-than-15"), &["interface"]),
         ("unknown xdp_mode", format!("xdp_mode = \"turbo\"\n{GOOD}"), &["unknown variant `turbo`"]),
         (

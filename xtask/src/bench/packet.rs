@@ -13,7 +13,10 @@
 //! frame (action and every byte), and the counters must show the path the
 //! case claims (new flow, connection-table hit, not a VIP).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail, ensure};
 use aya::{
@@ -46,6 +49,12 @@ const VIP6_DR: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 const VIP6_TUN: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
 const VIP4_TUN_FIB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 21);
 const VIP6_TUN_FIB: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x21);
+/// A TUN VIP whose every backend changed, the old ones still draining:
+/// every flow has a previous owner elsewhere (second chance).
+const VIP4_TUN_SC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 22);
+/// How long the second-chance VIP's old backends drain and its previous
+/// table is kept: past the benchmark.
+const SECOND_CHANCE: Duration = Duration::from_secs(3600);
 const NOT_VIP4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
 const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 254);
 const LB4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
@@ -83,6 +92,9 @@ enum Kind {
     /// ICMP "fragmentation needed" quoting an established flow of a VIP:
     /// sent on to the flow's backend.
     IcmpSteered,
+    /// A TCP ACK of a flow first seen mid-flow after a table change, its
+    /// record naming the previous owner: wrapped twice (second chance).
+    SecondChance,
 }
 
 #[derive(Clone, Copy)]
@@ -108,6 +120,7 @@ impl Case {
             Kind::UdpEst => format!("{mode} {fam} UDP, established"),
             Kind::NotVip => format!("{fam} TCP to a non-VIP address"),
             Kind::IcmpSteered => format!("{mode} {fam} ICMP frag-needed to a VIP, to the flow's backend"),
+            Kind::SecondChance => format!("{mode} {fam} TCP ACK, established, second chance (wrapped twice)"),
         }
     }
 
@@ -117,6 +130,9 @@ impl Case {
     }
 
     fn vip(&self) -> IpAddr {
+        if self.kind == Kind::SecondChance {
+            return VIP4_TUN_SC.into();
+        }
         match (self.mode, self.v6) {
             (Mode::Dr, false) => VIP4_DR.into(),
             (Mode::Tun, false) => VIP4_TUN.into(),
@@ -153,7 +169,7 @@ impl Case {
         let sport = Self::sport(k);
         let (proto, l4) = match self.kind {
             Kind::Syn | Kind::SynEvict => (PROTO_TCP, tcp(sport, 80, TCP_SYN, b"")),
-            Kind::Ack | Kind::NotVip => (PROTO_TCP, tcp(sport, 80, TCP_ACK, b"")),
+            Kind::Ack | Kind::NotVip | Kind::SecondChance => (PROTO_TCP, tcp(sport, 80, TCP_ACK, b"")),
             Kind::UdpNew | Kind::UdpEst => (PROTO_UDP, udp(sport, 53, &[0x61; 18])),
             Kind::IcmpSteered => {
                 return icmp_frag_needed(self.vip(), self.client(k), sport);
@@ -193,6 +209,7 @@ impl Case {
             Kind::Syn | Kind::SynEvict | Kind::UdpNew => (vec![Event::ConnNew], Reason::Forwarded),
             Kind::Ack | Kind::UdpEst => (vec![Event::ConnHit], Reason::Forwarded),
             Kind::IcmpSteered => (vec![Event::IcmpSteered, Event::ConnHit], Reason::Forwarded),
+            Kind::SecondChance => (vec![Event::ConnHit, Event::SecondChance], Reason::Forwarded),
             Kind::NotVip => (vec![], Reason::PassNotVip),
         };
         let mut never = vec![];
@@ -207,7 +224,7 @@ impl Case {
     /// (Katran measured beside xlb on this machine); cold ones: what xlb
     /// reached before.
     fn target(&self, cache: Cache) -> Option<Target> {
-        if self.mode == Mode::TunFib || self.kind == Kind::IcmpSteered {
+        if self.mode == Mode::TunFib || matches!(self.kind, Kind::IcmpSteered | Kind::SecondChance) {
             return None;
         }
         let new = matches!(self.kind, Kind::Syn | Kind::SynEvict | Kind::UdpNew);
@@ -286,6 +303,7 @@ fn all_cases() -> Vec<Case> {
     for mode in [Mode::Dr, Mode::Tun] {
         cases.push(Case { mode, v6: false, kind: Kind::IcmpSteered });
     }
+    cases.push(Case { mode: Mode::Tun, v6: false, kind: Kind::SecondChance });
     cases
 }
 
@@ -297,6 +315,24 @@ fn params(conntrack_size: u32) -> Params {
         tun_source_v4: LB4,
         tun_source_v6: LB6,
     }
+}
+
+/// Every VIP as the benchmark has it: the second-chance VIP's backends
+/// replaced by others (the old ones draining), the rest as `vips` says.
+fn apply_vips(plane: &mut Plane) -> anyhow::Result<()> {
+    let now = Instant::now();
+    let old = (11..21).map(|i| IpAddr::from([10, 5, 0, i])).collect();
+    plane.apply_at(&[vips(), vec![second_chance_vip(old)]].concat(), SECOND_CHANCE, now)?;
+    let new = (21..31).map(|i| IpAddr::from([10, 5, 0, i])).collect();
+    plane.apply_at(&[vips(), vec![second_chance_vip(new)]].concat(), SECOND_CHANCE, now)
+}
+
+fn second_chance_vip(addrs: Vec<IpAddr>) -> DesiredVip {
+    let mut list = backends(addrs);
+    let hop = Some(NextHop { mac: ROUTER_MAC, mtu: 1500 });
+    list.iter_mut().for_each(|b| (b.mac, b.hop) = (None, hop));
+    let vip = plane::dr_vip("tun4-sc", VIP4_TUN_SC.into(), 80, Protocol::Tcp, list);
+    DesiredVip { forward: Forward::Tun, second_chance: SECOND_CHANCE, ..vip }
 }
 
 fn vips() -> Vec<DesiredVip> {
@@ -444,7 +480,7 @@ fn measure_all(
 ) -> anyhow::Result<Vec<Row>> {
     let pinned = kit::pin_thread(kit::bench_cpu());
     let mut reference = Plane::new(params(262_144))?;
-    reference.apply(&vips())?;
+    apply_vips(&mut reference)?;
     let mut attached = 0;
     let mut baselines = Vec::new();
     for name in ["xdp_tx", "xdp_macswap"] {
@@ -458,7 +494,7 @@ fn measure_all(
     for case in all_cases() {
         let conntrack = if case.kind == Kind::SynEvict { SMALL_CONNTRACK } else { 262_144 };
         let mut plane = Plane::new(params(conntrack))?;
-        plane.apply(&vips())?;
+        apply_vips(&mut plane)?;
         plane.attach(ns, &attach_point(ns, attached)?)?;
         attached += 1;
         prepare(&case, &plane, &reference, packets, ifindex, t0_mac)
@@ -611,7 +647,9 @@ fn prepare(
             let syn = Case { kind: Kind::Syn, ..*case };
             (0..packets).try_for_each(|k| establish(syn.frame(k)))?;
         }
-        Kind::UdpEst => (0..packets).try_for_each(|k| establish(case.frame(k)))?,
+        // The first packet of each finds no record: it leaves one naming
+        // the previous owner.
+        Kind::UdpEst | Kind::SecondChance => (0..packets).try_for_each(|k| establish(case.frame(k)))?,
         Kind::SynEvict => (0..SMALL_CONNTRACK * 2).try_for_each(|k| establish(case.frame(FILL_BASE + k)))?,
         _ => {}
     }
@@ -637,6 +675,15 @@ fn check_model(case: &Case, reference: &Plane, ifindex: u32, t0_mac: [u8; 6]) ->
             want.extend(LB_MAC);
             want.extend(&frame[12..]);
             ensure!(*f == want, "{}: DR frame differs from the model", case.name());
+        }
+        (Mode::Tun, IpAddr::V4(b)) if case.kind == Kind::SecondChance => {
+            let old = |a: &[u8]| a[..3] == [10, 5, 0] && (11..21).contains(&a[3]);
+            ensure!(
+                f[23] == 4 && f[30..34] == b.octets() && f[43] == 4 && old(&f[50..54]),
+                "{}: outer header to the owner, inner one to a previous owner",
+                case.name()
+            );
+            ensure!(f[54..] == frame[14..], "{}: inner packet changed", case.name());
         }
         (Mode::Tun | Mode::TunFib, IpAddr::V4(b)) => {
             ensure!(f[..12] == tun_macs(case.mode, t0_mac), "{}: TUN MACs", case.name());

@@ -1,5 +1,5 @@
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_HOP, BACKEND_TUN, BackendInfo, VipInfo, VipKey,
+    BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_HOP, BACKEND_TUN, BackendInfo, VIP_PREVIOUS, VipInfo, VipKey,
     maps::{BACKENDS, VIPS},
 };
 
@@ -511,4 +511,49 @@ fn nodes_with_other_histories_and_orders_build_the_same_tables() {
     let ids =
         |r: &Reconciler| -> Vec<BackendId> { r.vips()[&addr(1)].backends.values().map(|b| b.id).collect() };
     assert_ne!(ids(&node_one), ids(&node_two), "though the ids differ");
+}
+
+#[test]
+fn a_tun_vip_keeps_its_previous_table_for_the_window_and_forgets_it_before_rewriting_it() {
+    let (mut maps, mut r) = (mem(), Reconciler::new(G));
+    let window = Duration::from_secs(30);
+    let t0 = Instant::now();
+    let want = |backends: &[(u8, u32)]| DesiredVip { second_chance: window, ..tun(&vip("a", 1, backends)) };
+    let dr = |backends: &[(u8, u32)]| DesiredVip { second_chance: window, ..vip("b", 2, backends) };
+    let mut at = |r: &mut Reconciler, maps: &mut MemoryMaps, vips: Vec<DesiredVip>, when: Instant| {
+        r.apply(&Desired { vips, drain_timeout: Duration::ZERO }, when, maps).unwrap();
+    };
+    let flags = |maps: &MemoryMaps, last: u8| maps.store().vips[&VipKey::from(&addr(last))].flags;
+    // (live, other) table of VIP a.
+    let tables = |maps: &MemoryMaps| {
+        let info = maps.store().vips[&VipKey::from(&addr(1))];
+        let (live, other) =
+            if info.table % 2 == 0 { (Side::First, Side::Second) } else { (Side::Second, Side::First) };
+        (maps.read_table(info.id, live).unwrap(), maps.read_table(info.id, other).unwrap())
+    };
+
+    at(&mut r, &mut maps, vec![want(&[(1, 1), (2, 1)]), dr(&[(1, 1)])], t0);
+    assert_eq!(flags(&maps, 1), 0, "nothing before the first table");
+    let first = tables(&maps).0;
+    at(&mut r, &mut maps, vec![want(&[(1, 1), (2, 1), (3, 1)]), dr(&[(1, 1), (2, 1)])], t0);
+    assert_eq!((flags(&maps, 1), flags(&maps, 2)), (VIP_PREVIOUS, 0), "kept for TUN only");
+    assert_eq!(tables(&maps).1, first, "the other slot holds the table before");
+    assert_eq!(r.next_deadline(), Some(t0 + window));
+
+    // The next switch stops packets reading the other slot before writing it.
+    maps.store_mut().log_writes = true;
+    at(&mut r, &mut maps, vec![want(&[(1, 1), (3, 1)]), dr(&[(1, 1), (2, 1)])], t0 + Duration::from_secs(1));
+    let writes = &maps.store().writes;
+    let first_chunk = writes.iter().position(|w| *w == lb_common::maps::MAGLEV).unwrap();
+    assert_eq!(writes[0], VIPS, "forgotten first: {writes:?}");
+    assert!(writes[first_chunk..].contains(&VIPS), "then switched: {writes:?}");
+    assert_eq!(flags(&maps, 1), VIP_PREVIOUS);
+    assert_eq!(r.next_deadline(), Some(t0 + Duration::from_secs(1) + window));
+
+    // The window over, it is forgotten without a table write.
+    maps.store_mut().writes.clear();
+    at(&mut r, &mut maps, vec![want(&[(1, 1), (3, 1)]), dr(&[(1, 1), (2, 1)])], t0 + 2 * window);
+    assert_eq!(flags(&maps, 1), 0);
+    assert!(!maps.store().writes.contains(&lb_common::maps::MAGLEV), "{:?}", maps.store().writes);
+    assert_eq!(r.next_deadline(), None);
 }
