@@ -520,15 +520,18 @@ fn a_tun_vip_keeps_its_previous_table_for_the_window_and_forgets_it_before_rewri
     let t0 = Instant::now();
     let want = |backends: &[(u8, u32)]| DesiredVip { second_chance: window, ..tun(&vip("a", 1, backends)) };
     let dr = |backends: &[(u8, u32)]| DesiredVip { second_chance: window, ..vip("b", 2, backends) };
-    let mut at = |r: &mut Reconciler, maps: &mut MemoryMaps, vips: Vec<DesiredVip>, when: Instant| {
+    let at = |r: &mut Reconciler, maps: &mut MemoryMaps, vips: Vec<DesiredVip>, when: Instant| {
         r.apply(&Desired { vips, drain_timeout: Duration::ZERO }, when, maps).unwrap();
     };
     let flags = |maps: &MemoryMaps, last: u8| maps.store().vips[&VipKey::from(&addr(last))].flags;
     // (live, other) table of VIP a.
     let tables = |maps: &MemoryMaps| {
         let info = maps.store().vips[&VipKey::from(&addr(1))];
-        let (live, other) =
-            if info.table % 2 == 0 { (Side::First, Side::Second) } else { (Side::Second, Side::First) };
+        let (live, other) = if info.table.is_multiple_of(2) {
+            (Side::First, Side::Second)
+        } else {
+            (Side::Second, Side::First)
+        };
         (maps.read_table(info.id, live).unwrap(), maps.read_table(info.id, other).unwrap())
     };
 
