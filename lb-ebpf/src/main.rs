@@ -65,11 +65,14 @@ fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
         if !target.backend.has_hop() {
             stats::count_event(stats, Event::TunFibLookup);
         }
-        let second = select::second(&target);
-        if second.is_some() {
-            stats::count_event(stats, Event::SecondChance);
-        }
-        match xmit::to_backend_tun(pkt, parsed, target.backend, second) {
+        let tun = match select::second(&target) {
+            None => xmit::to_backend_tun(pkt, parsed, target.backend),
+            Some(second) => {
+                stats::count_event(stats, Event::SecondChance);
+                xmit::to_backend_tun_twice(pkt, parsed, target.backend, second)
+            }
+        };
+        match tun {
             Tun::Sent(reason) => reason,
             // No ICMP error about an ICMP error (RFC 1122).
             Tun::TooBig { .. } if parsed.icmp_error => return Err(Reason::DropTooBig),

@@ -69,7 +69,7 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     if p.icmp_error {
         count_event(stats, Event::IcmpSteered);
     }
-    let (backend_id, backend, slot) = maglev(vip, &p.flow)?;
+    let (backend_id, backend) = maglev(vip, &p.flow)?;
     // An ICMP error is about a flow, not part of it: it records nothing.
     if p.icmp_error {
         return Ok(Target { backend_id, backend, second: NO_BACKEND });
@@ -77,8 +77,8 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     // A SYN stays where the current table sends it; a mid-flow packet this
     // node has no record of may belong to the previous table's owner.
     let mut second_id = NO_BACKEND;
-    if !p.opens_connection() && vip.flags & VIP_PREVIOUS != 0 && p.flow.proto == PROTO_TCP {
-        second_id = previous_owner(vip, slot, backend_id);
+    if vip.flags & VIP_PREVIOUS != 0 && !p.opens_connection() && p.flow.proto == PROTO_TCP {
+        second_id = previous_owner(vip, &p.flow, backend_id);
     }
     let second = if second_owner(second_id, backend).is_some() { second_id } else { NO_BACKEND };
     let chosen = ConnEntry { backend_id, second, generation: backend.generation };
@@ -90,9 +90,12 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     Ok(Target { backend_id, backend, second })
 }
 
-/// The previous table's entry at `slot`, if it names another backend.
+/// The previous table's owner of `flow`, if another backend. The slot is
+/// hashed again rather than kept from `maglev`: one more live value there
+/// costs every new flow, this only the rare packet that gets here.
 #[inline(always)]
-fn previous_owner(vip: &VipInfo, slot: u32, current: BackendId) -> BackendId {
+fn previous_owner(vip: &VipInfo, flow: &FlowKey, current: BackendId) -> BackendId {
+    let Some(slot) = flow_hash(flow).checked_rem(TABLE_SIZE.load()) else { return NO_BACKEND };
     // A VIP's two tables are neighbours: the other is `table ^ 1`.
     let chunk = (vip.table ^ 1) * TABLE_CHUNKS.load() + slot / MAGLEV_LANES;
     match MAGLEV.get(chunk) {
@@ -176,9 +179,8 @@ fn recorded(entry: &ConnEntry) -> Option<&'static BackendInfo> {
     (backend.generation == entry.generation && backend.takes_established()).then_some(backend)
 }
 
-/// The live table's backend for `flow`, and the slot it sits in.
 #[inline(always)]
-fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendInfo, u32), Reason> {
+fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendInfo), Reason> {
     let slot = flow_hash(flow).checked_rem(TABLE_SIZE.load()).ok_or(Reason::DropNoBackend)?;
     let chunk = vip.table * TABLE_CHUNKS.load() + slot / MAGLEV_LANES;
     let lanes = MAGLEV.get(chunk).ok_or(Reason::DropNoBackend)?;
@@ -193,7 +195,7 @@ fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendI
     if u32::from(backend.vip_id) != vip.id || !backend.takes_established() {
         return Err(Reason::DropNoBackend);
     }
-    Ok((backend_id, backend, slot))
+    Ok((backend_id, backend))
 }
 
 /// Records a flow that has no entry yet, unless new flows arrive on this

@@ -47,27 +47,37 @@ pub enum Tun {
 }
 
 /// TUN: wraps the IP packet for `backend` and sends it to the next hop.
-/// With a `second` chance the packet is wrapped twice: inside the header
-/// to `backend`, one to `second`, which is exactly what `second` would get
-/// from us, so `backend` can pass it on by dropping the outer header.
 #[inline(never)]
-pub fn to_backend_tun(pkt: &Packet, p: &Parsed, backend: &BackendInfo, second: Option<&BackendInfo>) -> Tun {
-    match encapsulate(pkt, p, backend, second) {
+pub fn to_backend_tun(pkt: &Packet, p: &Parsed, backend: &BackendInfo) -> Tun {
+    match encapsulate::<false>(pkt, p, backend, backend) {
         Ok(tun) => tun,
         Err(reason) => Tun::Failed(reason),
     }
 }
 
+/// Second chance: the same, wrapped twice. Inside the header to `backend`
+/// goes one to `second`, exactly what `second` would get from us, so
+/// `backend` can pass it on by dropping the outer header. A function of
+/// its own, so the common path's code is what it was without it.
+#[inline(never)]
+pub fn to_backend_tun_twice(pkt: &Packet, p: &Parsed, backend: &BackendInfo, second: &BackendInfo) -> Tun {
+    match encapsulate::<true>(pkt, p, backend, second) {
+        Ok(tun) => tun,
+        Err(reason) => Tun::Failed(reason),
+    }
+}
+
+/// `second` is read only when `TWICE`.
 #[inline(always)]
-fn encapsulate(
+fn encapsulate<const TWICE: bool>(
     pkt: &Packet,
     p: &Parsed,
     backend: &BackendInfo,
-    second: Option<&BackendInfo>,
+    second: &BackendInfo,
 ) -> Result<Tun, Reason> {
     let v4 = p.flow.family == FAMILY_V4;
     let header = if v4 { lb_common::TUN_OVERHEAD_V4 } else { lb_common::TUN_OVERHEAD_V6 } as usize;
-    let overhead = if second.is_some() { 2 * header } else { header };
+    let overhead = if TWICE { 2 * header } else { header };
     let inner_len = p.l3_len;
     let (verdict, dst_mac, src_mac) = if backend.has_hop() {
         // Resolved by the daemon: out of this interface, to this MAC.
@@ -100,17 +110,18 @@ fn encapsulate(
     let outer_len = (inner_len + overhead - header) as u16;
     if v4 {
         let src = TUN_SRC_V4.load();
-        let v4 = |b: &BackendInfo| [b.addr[0], b.addr[1], b.addr[2], b.addr[3]];
-        pkt.write(ETH_HLEN, encap::ipv4_outer(src, v4(backend), outer_len, first[1], entropy as u16))?;
-        if let Some(second) = second {
-            let middle = encap::ipv4_outer(src, v4(second), inner_len as u16, first[1], entropy as u16);
+        let dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+        pkt.write(ETH_HLEN, encap::ipv4_outer(src, dst, outer_len, first[1], entropy as u16))?;
+        if TWICE {
+            let dst = [second.addr[0], second.addr[1], second.addr[2], second.addr[3]];
+            let middle = encap::ipv4_outer(src, dst, inner_len as u16, first[1], entropy as u16);
             pkt.write(ETH_HLEN + header, middle)?;
         }
     } else {
         let tc = (first[0] << 4) | (first[1] >> 4);
         let src = TUN_SRC_V6.load();
         pkt.write(ETH_HLEN, encap::ipv6_outer(&src, &backend.addr, outer_len, tc, entropy))?;
-        if let Some(second) = second {
+        if TWICE {
             pkt.write(
                 ETH_HLEN + header,
                 encap::ipv6_outer(&src, &second.addr, inner_len as u16, tc, entropy),
