@@ -129,6 +129,9 @@ impl<S: Store, R: Host> Daemon<S, R> {
             id: vip.id,
             generation: vip.generation,
             swapped_at: vip.swapped_at.map(unix_secs),
+            previous_until: vip
+                .previous_until()
+                .map(|t| unix_secs(SystemTime::now() + t.saturating_duration_since(Instant::now()))),
             packets: 0,
             bytes: 0,
             backends: vip

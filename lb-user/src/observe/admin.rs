@@ -398,6 +398,7 @@ mod tests {
                 id: 3,
                 generation: 1,
                 swapped_at: None,
+                previous_until: None,
                 packets: 0,
                 bytes: 0,
                 backends: vec![BackendStatus {

@@ -121,6 +121,7 @@ fn vip_status(
         id: entry.id,
         generation: label.map_or(0, |l| l.generation),
         swapped_at: label.and_then(|l| l.swapped_at),
+        previous_until: label.and_then(|l| l.previous_until),
         packets: 0,
         bytes: 0,
         backends,

@@ -1,8 +1,8 @@
 //! `xlb status` as text.
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::{fmt::Write as _, net::IpAddr, time::SystemTime};
 
-use super::status::{SourceStatus, Status, VipStatus};
+use super::status::{SourceStatus, Status, VipStatus, unix_secs};
 use crate::{config::SourceKind, control::announce::Switch, model::Forward};
 
 pub fn render(s: &Status) -> String {
@@ -93,6 +93,10 @@ fn vip(out: &mut String, v: &VipStatus, s: &Status) {
     for note in &v.notes {
         let _ = writeln!(out, "  left out: {note}");
     }
+    if let Some(until) = v.previous_until {
+        let left = until - unix_secs(SystemTime::now());
+        let _ = writeln!(out, "  second chance: the table before the last switch is kept {left:.0} s more");
+    }
     let _ = writeln!(
         out,
         "  {:<40} {:<10} {:>6} {:>17} {:>7} {:>12} {:>14}",
@@ -132,7 +136,7 @@ fn vip(out: &mut String, v: &VipStatus, s: &Status) {
             "health check", "state", "for", "latency", "fails"
         );
     }
-    let now = super::status::unix_secs(std::time::SystemTime::now());
+    let now = unix_secs(SystemTime::now());
     for c in &v.checks {
         let _ = writeln!(
             out,

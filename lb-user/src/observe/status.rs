@@ -180,6 +180,10 @@ pub struct VipStatus {
     /// (seconds since the Unix epoch).
     pub generation: u64,
     pub swapped_at: Option<f64>,
+    /// Second chance (TUN): until when the table before the last switch
+    /// stays readable (seconds since the Unix epoch); `None` when it is not.
+    #[serde(default)]
+    pub previous_until: Option<f64>,
     pub packets: u64,
     pub bytes: u64,
     pub backends: Vec<BackendStatus>,

@@ -44,6 +44,11 @@ fn flush_connection_table(lab: &TunLab) -> usize {
     keys.len()
 }
 
+fn previous_until(status: &serde_json::Value, vip: &str) -> Option<f64> {
+    let vips = status["vips"].as_array().unwrap();
+    vips.iter().find(|v| v["name"] == vip).unwrap()["previous_until"].as_f64()
+}
+
 fn decap_sum(lab: &TunLab, field: &str) -> u64 {
     lab.backends.iter().map(|b| b.decap_status().unwrap()[field].as_u64().unwrap()).sum()
 }
@@ -80,6 +85,12 @@ fn flows_survive_a_table_change_on_a_node_that_never_saw_them() {
     assert!(forwarded > 0, "some packets were passed on to their previous owner");
     assert_eq!(decap_sum(&lab, "second_chance_no_route"), 0);
     let sent = daemon.status().unwrap()["events"]["second_chance"].as_u64().unwrap();
+    let status = daemon.status().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let until = previous_until(&status, "web4").expect("the table before the switch is kept");
+    assert!(until > now + 20.0 && until < now + 31.0, "kept for about drain_timeout (30 s): {}", until - now);
+    let text = daemon.xlb(&["status"]).unwrap();
+    assert!(text.contains("second chance: the table before the last switch is kept"), "{text}");
     let exchanges: usize = outcome.iter().flatten().sum();
     eprintln!(
         "second chance: 40 conversations, {exchanges} exchanges; {sent} packets wrapped, {forwarded} passed on"
@@ -91,6 +102,7 @@ fn flows_survive_a_table_change_on_a_node_that_never_saw_them() {
 fn without_second_chance_the_moved_flows_break() {
     // The same churn with the window at zero: the test above can fail.
     let (_lab, _daemon, outcome) = churn(Some(0));
+    assert_eq!(previous_until(&_daemon.status().unwrap(), "web4"), None, "nothing kept");
     let broken = outcome.iter().filter(|o| o.is_err()).count();
     eprintln!("without second chance: {broken} of 40 conversations broke");
     assert!(broken > 0, "no conversation moved: the churn proves nothing");

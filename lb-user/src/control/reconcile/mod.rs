@@ -103,6 +103,12 @@ fn side_index(side: Side) -> usize {
 }
 
 impl VipState {
+    /// Until when the table before the last switch stays readable for
+    /// second chance, if it does (a window not started yet reads as none).
+    pub fn previous_until(&self) -> Option<Instant> {
+        self.previous_until.filter(|_| self.previous == Previous::Kept)
+    }
+
     /// The table packets are balanced with, as written to the kernel.
     pub fn live_table(&self) -> Option<&[BackendId]> {
         self.tables[side_index(self.live)].as_deref()
