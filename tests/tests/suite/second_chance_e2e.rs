@@ -89,7 +89,7 @@ fn flows_survive_a_table_change_on_a_node_that_never_saw_them() {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let until = previous_until(&status, "web4").expect("the table before the switch is kept");
     assert!(until > now + 20.0 && until < now + 31.0, "kept for about drain_timeout (30 s): {}", until - now);
-    let text = daemon.xlb(&["status"]).unwrap();
+    let text = daemon.xlb(&["status", "--interface", &lab.lb_if]).unwrap();
     assert!(text.contains("second chance: the table before the last switch is kept"), "{text}");
     let exchanges: usize = outcome.iter().flatten().sum();
     eprintln!(
