@@ -36,7 +36,7 @@ use lb_common::{
     PROTO_TCP,
 };
 use lb_ebpf::{
-    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6},
+    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, words},
     parse::Frame as _,
     ptr::Packet,
 };
@@ -339,16 +339,6 @@ fn hop(pkt: &Packet, dmac: [u8; 6], smac: [u8; 6], family: u8) -> Option<()> {
         ip[7] -= 1;
     }
     Some(())
-}
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
 }
 
 #[cfg(not(test))]

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use lb_common::{BackendInfo, FAMILY_V4, Reason};
 use lb_ebpf::{
-    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6},
+    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, words},
     parse::{Frame as _, Parsed},
     ptr::Packet,
 };
@@ -209,15 +209,5 @@ pub fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16) -> [u8; 14] {
     [
         dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], src[0], src[1], src[2], src[3], src[4], src[5], t[0],
         t[1],
-    ]
-}
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
     ]
 }

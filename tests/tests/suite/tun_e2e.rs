@@ -153,24 +153,24 @@ fn a_backend_takes_tunnels_to_its_vip_only_from_the_load_balancer() {
 
     // The client forges what the load balancer would send: the same inner
     // packet, its own outer source. Dropped, counted, never answered.
+    // Until `field` counts `n` (or 5 s), then a moment for stragglers.
+    let settle = |field: &str, n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count(field) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let answers = syn_acks().unwrap();
     send_ipip(&lab.client, be.v4, N);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while count("untrusted") < u64::from(N) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    settle("untrusted", u64::from(N));
     assert_eq!((count("untrusted"), count("decapsulated")), (u64::from(N), 0));
     assert_eq!(answers.stop().unwrap().len(), 0, "a forged tunnel reached the server");
 
     // The same packets from the load balancer's address are the service's.
     let answers = syn_acks().unwrap();
     send_ipip(&lab.lb, be.v4, N);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while count("decapsulated") < u64::from(N) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    settle("decapsulated", u64::from(N));
     assert_eq!((count("untrusted"), count("decapsulated")), (u64::from(N), u64::from(N)));
     let ports: std::collections::BTreeSet<u16> =
         answers.stop().unwrap().iter().map(|f| u16::from_be_bytes([f[36], f[37]])).collect();
