@@ -104,19 +104,35 @@ fn floods_break_no_flow_and_each_is_counted_under_its_reason() {
     let arrivals = Arrivals::start(&lab.client, vip, Duration::from_millis(20), &stop);
 
     // SYNs from random sources (198.18.0.0/15) and ports, with valid
-    // checksums: the backends answer them as they would a real flood.
+    // checksums, as a real flood has (the backends answer them; the answers go nowhere).
     let before = daemon.globals().unwrap();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let sent = flood::send(&lab.client, "eth0", SYNS, |_, buf| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let [a, b, c, d, ..] = rng.to_le_bytes();
-        let src = Ipv4Addr::new(198, 18 | (a & 1), b, c);
-        let syn = v4_frame(src, VIP4, PROTO_TCP, &tcp(u16::from_le_bytes([d, a]) | 1024, 80, TCP_SYN, b""));
-        buf.extend(addressed(with_tcp_checksum_v4(syn)));
-    })
-    .unwrap();
+    // The conversations' records are sampled while the flood runs: one
+    // evicted mid-flood would be recorded again by its next packet.
+    let flooding = AtomicBool::new(true);
+    let (sent, (fewest, samples)) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let (mut fewest, mut samples) = (CONVERSATIONS, 0);
+            while flooding.load(Ordering::Relaxed) {
+                fewest = fewest.min(recorded(&lab, &talks));
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (fewest, samples)
+        });
+        let sent = flood::send(&lab.client, "eth0", SYNS, |_, buf| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let [a, b, c, d, ..] = rng.to_le_bytes();
+            let src = Ipv4Addr::new(198, 18 | (a & 1), b, c);
+            let syn =
+                v4_frame(src, VIP4, PROTO_TCP, &tcp(u16::from_le_bytes([d, a]) | 1024, 80, TCP_SYN, b""));
+            buf.extend(addressed(with_tcp_checksum_v4(syn)));
+        });
+        flooding.store(false, Ordering::Relaxed);
+        (sent.unwrap(), sampler.join().unwrap())
+    });
     std::thread::sleep(Duration::from_millis(200));
     let after = daemon.globals().unwrap();
     let (forwarded, skipped) =
@@ -133,9 +149,11 @@ fn floods_break_no_flow_and_each_is_counted_under_its_reason() {
     assert!(forwarded >= SYNS / 2, "only {forwarded} of {SYNS} SYNs forwarded");
     assert!(others < 1000, "{others} frames counted under other reasons during the SYN flood");
     assert!(skipped >= forwarded / 2, "the flood guard held back only {skipped} inserts");
-    let kept = recorded(&lab, &talks);
-    eprintln!("  conversations still in the connection table: {kept} of {CONVERSATIONS}");
-    assert_eq!(kept, CONVERSATIONS, "the flood pushed conversations out of the connection table");
+    eprintln!(
+        "  conversations in the connection table during the flood: at least {fewest} of {CONVERSATIONS} ({samples} samples)"
+    );
+    assert!(samples >= 3, "the flood was over before the table could be sampled ({samples})");
+    assert_eq!(fewest, CONVERSATIONS, "the flood pushed conversations out of the connection table");
 
     // Every malformed class (and the truncated frames of each protocol), in
     // turn; what xlb forwards (options, padding, short extension chains)
