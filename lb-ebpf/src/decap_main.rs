@@ -153,6 +153,11 @@ fn decap(pkt: &Packet) -> (u32, u32) {
     let Some(middle) = middle else {
         return (strip(pkt, outer.len, DECAP_DONE), PASS);
     };
+    // The balancer writes the same source into both headers. Anything else
+    // would make this host a relay for whoever forged the outer one.
+    if middle.src != outer.src {
+        return (DECAP_UNTRUSTED, xdp_action::XDP_DROP);
+    }
     let vip_packet = inner + middle.len;
     if has_socket(pkt, vip_packet, family) != Some(false) {
         return (strip(pkt, outer.len + middle.len, DECAP_SECOND_CHANCE_KEPT), PASS);
@@ -263,8 +268,9 @@ fn syncookie_ok(
 
 /// Sends the packet on to the previous owner: the outer header (`outer`
 /// bytes) goes, the `middle` one stays, toward the next hop the FIB names.
-/// Without a resolved neighbour the kernel forwards it; without a route
-/// out of this interface it is delivered here.
+/// Without a resolved neighbour the kernel forwards it. Only out of the
+/// interface it came in on, where the backends are: without such a route
+/// it is delivered here.
 #[inline(always)]
 fn pass_on(pkt: &Packet, outer: usize, middle: &Tunnel, family: u8) -> (u32, u32) {
     let total = pkt.len() - outer - ETH_HLEN;
@@ -299,9 +305,8 @@ fn pass_on(pkt: &Packet, outer: usize, middle: &Tunnel, family: u8) -> (u32, u32
             }
             (DECAP_SECOND_CHANCE_FORWARDED, xdp_action::XDP_TX)
         }
-        // The kernel resolves the neighbour and forwards it (or routes it
-        // out of another interface).
-        BPF_FIB_LKUP_RET_NO_NEIGH | BPF_FIB_LKUP_RET_SUCCESS => (strip(pkt, outer, sent.0), sent.1),
+        // The kernel resolves the neighbour and forwards it.
+        BPF_FIB_LKUP_RET_NO_NEIGH if fib.ifindex == ingress => (strip(pkt, outer, sent.0), sent.1),
         _ => (strip(pkt, outer + middle.len, DECAP_SECOND_CHANCE_NO_ROUTE), xdp_action::XDP_PASS),
     }
 }

@@ -67,10 +67,15 @@ fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
         }
         let tun = match select::second(&target) {
             None => xmit::to_backend_tun(pkt, parsed, target.backend),
-            Some(second) => {
-                stats::count_event(stats, Event::SecondChance);
-                xmit::to_backend_tun_twice(pkt, parsed, target.backend, second)
-            }
+            // Too big wrapped twice: wrapped once, rather than lower the
+            // client's path MTU for a hint (the packet is unchanged).
+            Some(second) => match xmit::to_backend_tun_twice(pkt, parsed, target.backend, second) {
+                Tun::TooBig { .. } => xmit::to_backend_tun(&pkt.reload(), parsed, target.backend),
+                sent => {
+                    stats::count_event(stats, Event::SecondChance);
+                    sent
+                }
+            },
         };
         match tun {
             Tun::Sent(reason) => reason,

@@ -27,6 +27,9 @@ pub async fn decap(cmd: DecapCommand) -> anyhow::Result<()> {
                 join(&accept.vips),
                 join(&accept.sources)
             );
+            for warning in forwarding_off(&iface.name, &accept.vips) {
+                eprintln!("warning: {warning}");
+            }
         }
         DecapCommand::Status(args) => {
             let s = decap::status(&pin_dir(&args))?;
@@ -59,6 +62,32 @@ pub async fn decap(cmd: DecapCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The forwarding switches second chance needs that are off: without them
+/// the FIB helper gives no next hop, and a packet whose flow lives on
+/// another backend is delivered here, which resets it.
+fn forwarding_off(interface: &str, vips: &[std::net::IpAddr]) -> Vec<String> {
+    let mut keys = Vec::new();
+    if vips.iter().any(|v| v.is_ipv4()) {
+        let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
+        keys.push((format!("net.ipv4.conf.{interface}.forwarding"), path));
+    }
+    if vips.iter().any(|v| v.is_ipv6()) {
+        keys.push((
+            "net.ipv6.conf.all.forwarding".to_owned(),
+            "/proc/sys/net/ipv6/conf/all/forwarding".to_owned(),
+        ));
+    }
+    keys.into_iter()
+        .filter(|(_, path)| std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0"))
+        .map(|(key, _)| {
+            format!(
+                "{key} is 0: second chance cannot pass packets on to the backend that has their flow, so they \
+                 are reset here (set it to 1; see the README's second chance section)"
+            )
+        })
+        .collect()
 }
 
 fn join(items: &[impl ToString]) -> String {

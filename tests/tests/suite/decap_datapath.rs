@@ -6,13 +6,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::PerCpuArray;
 use lb_common::{
-    DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_SECOND_CHANCE_KEPT, DECAP_SECOND_CHANCE_NO_ROUTE,
-    DECAP_UNTRUSTED, maps,
+    DECAP_DONE, DECAP_NOT_OURS, DECAP_PASSED, DECAP_SECOND_CHANCE_FORWARDED, DECAP_SECOND_CHANCE_KEPT,
+    DECAP_SECOND_CHANCE_NO_ROUTE, DECAP_UNTRUSTED, maps,
 };
 use xlb::dataplane::decap::{self, Accept};
 use xlb_tests::{
     frames::*,
-    plane::{Outcome, XDP_DROP, XDP_PASS, outcome},
+    plane::{Outcome, XDP_DROP, XDP_PASS, XDP_TX, outcome},
 };
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -212,8 +212,38 @@ fn a_second_chance_packet_is_passed_on_at_most_once() {
     // left, so it can never be passed on again.
     let thrice = wrapped_twice(&ipip_from_to(LB4, OTHER_BACKEND4, &inner)[14..]);
     assert_eq!(decap.run(&thrice), Outcome { action: XDP_PASS, frame: thrice.clone() });
-    // From anyone but the balancer: dropped like any forged tunnel.
+    // From anyone but the balancer: dropped like any forged tunnel; and
+    // a trusted outer header around someone else's inner one would make
+    // this host a relay: dropped too.
     let middle = &ipip_from_to(LB4, OTHER_BACKEND4, &inner)[14..];
     assert_eq!(decap.run(&ipip_from(CLIENT4, middle, DF)).action, XDP_DROP);
-    assert_eq!(decap.counters(), [0, 0, 1, 1]);
+    let relayed = &ipip_from_to(CLIENT4, OTHER_BACKEND4, &inner)[14..];
+    assert_eq!(decap.run(&ipip(relayed, DF)).action, XDP_DROP);
+    assert_eq!(decap.counters(), [0, 0, 1, 2]);
+}
+
+#[test]
+fn a_second_chance_packet_goes_on_as_one_router_hop() {
+    // In a namespace whose FIB routes 10.2.0.0/24 through a router with a
+    // known MAC, out of the interface the packet came in on.
+    let name = format!("xt{:06x}-dfib", xlb_tests::unique_id());
+    let (ns, ifindex, mac) = xlb_tests::netns::Netns::fib(&name, &[]).unwrap();
+    let mut decap = Decap::new();
+    let inner = ack_v4();
+    let frame = wrapped_twice(&inner);
+    let out = ns.run(|| outcome(decap::program_mut(&mut decap.ebpf), &frame, ifindex)).unwrap();
+    assert_eq!(out.action, XDP_TX);
+    let mut middle = ipip_from_to(LB4, OTHER_BACKEND4, &inner)[14..34].to_vec();
+    middle[8] -= 1;
+    middle[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&middle).to_be_bytes();
+    middle[10..12].copy_from_slice(&c);
+    let mut expected = vec![0x02, 0, 0, 0, 0xfe, 0xfe];
+    expected.extend(mac);
+    expected.extend([0x08, 0x00]);
+    expected.extend(&middle);
+    expected.extend(&inner);
+    assert_eq!(out.frame, expected, "the router's MAC, TTL one less, the checksum redone");
+    assert_eq!(checksum(&out.frame[14..34]), 0);
+    assert_eq!(decap.count(DECAP_SECOND_CHANCE_FORWARDED), 1);
 }

@@ -230,6 +230,13 @@ fn a_mid_flow_packet_whose_owner_moved_carries_the_previous_owner_inside() {
         let out = run(&net, &plane, &syn);
         assert_eq!(out.frame.len(), syn.len() + 20, "sport {sport}: a SYN is wrapped once");
     }
+    // One that fits wrapped once but not twice goes wrapped once: a hint
+    // is not worth lowering the client's path MTU.
+    let (&sport, _) =
+        ports.iter().zip(&before).find(|(p, old)| backend_addr(&plane, &flow4(VIP4, **p)) != **old).unwrap();
+    let big = tcp4(VIP4, sport, MTU - 30, true);
+    let out = run(&net, &plane, &big);
+    assert_eq!((out.action, out.frame.len()), (XDP_TX, big.len() + 20), "sport {sport}: wrapped once");
     // A third backend takes about a third of the flows.
     assert!((15..=55).contains(&moved), "{moved} of 100 flows moved");
     assert_eq!(plane.event(Event::SecondChance).unwrap(), 2 * moved as u64);

@@ -85,9 +85,11 @@ pub struct VipState {
     /// Table switches since this daemon started, and when the last was.
     pub generation: u64,
     pub swapped_at: Option<SystemTime>,
-    /// What the VIP entry says of the other table, and until when it is
-    /// kept (`None` while kept: adopted, the window starts at the next apply).
+    /// What the VIP entry says of the other table; since when it is kept
+    /// (`None` while kept: adopted, the window starts at the next apply)
+    /// and until when, as of the last apply's `second_chance`.
     previous: Previous,
+    previous_since: Option<Instant>,
     previous_until: Option<Instant>,
 }
 
@@ -255,6 +257,7 @@ impl Reconciler {
                 generation: 0,
                 swapped_at: None,
                 previous: entry.previous,
+                previous_since: None,
                 previous_until: None,
             };
             *state.table_mut(entry.live) = Some(maps.read_table(entry.id, entry.live)?);
@@ -414,7 +417,8 @@ impl Reconciler {
             && let Some(state) = self.vips.get_mut(&vip.addr)
         {
             state.name.clone_from(&vip.name);
-            return Ok(());
+            // Its window ends all the same (or every tick would be due).
+            return forget_previous(state, vip, now, maps);
         }
         let drain = match vip.leave {
             Leave::Drain => desired.drain_timeout,
@@ -455,6 +459,7 @@ impl Reconciler {
                 generation: 0,
                 swapped_at: None,
                 previous: Previous::Forgotten,
+                previous_since: None,
                 previous_until: None,
             };
             self.vips.insert(want.addr, state);

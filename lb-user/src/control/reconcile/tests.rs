@@ -560,3 +560,36 @@ fn a_tun_vip_keeps_its_previous_table_for_the_window_and_forgets_it_before_rewri
     assert!(!maps.store().writes.contains(&lb_common::maps::MAGLEV), "{:?}", maps.store().writes);
     assert_eq!(r.next_deadline(), None);
 }
+
+#[test]
+fn a_reload_that_shortens_or_ends_the_window_applies_and_a_held_vip_forgets_too() {
+    let (mut maps, mut r) = (mem(), Reconciler::new(G));
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let want = |backends: &[(u8, u32)], window: u64| DesiredVip {
+        second_chance: s(window),
+        ..tun(&vip("a", 1, backends))
+    };
+    let at = |r: &mut Reconciler, maps: &mut MemoryMaps, v: DesiredVip, when: Instant| {
+        r.apply(&Desired { vips: vec![v], drain_timeout: Duration::ZERO }, when, maps).unwrap();
+    };
+    let kept = |maps: &MemoryMaps| maps.store().vips[&VipKey::from(&addr(1))].flags == VIP_PREVIOUS;
+    at(&mut r, &mut maps, want(&[(1, 1)], 30), t0);
+    at(&mut r, &mut maps, want(&[(1, 1), (2, 1)], 30), t0);
+    assert!(kept(&maps));
+    at(&mut r, &mut maps, want(&[(1, 1), (2, 1)], 10), t0 + s(5));
+    assert!(kept(&maps) && r.next_deadline() == Some(t0 + s(10)), "shortened to 10 s");
+    at(&mut r, &mut maps, want(&[(1, 1), (2, 1)], 10), t0 + s(11));
+    assert!(!kept(&maps), "over after 10 s");
+
+    at(&mut r, &mut maps, want(&[(1, 1), (2, 1), (3, 1)], 30), t0 + s(12));
+    assert!(kept(&maps));
+    at(&mut r, &mut maps, want(&[(1, 1), (2, 1), (3, 1)], 0), t0 + s(13));
+    assert!(!kept(&maps), "second_chance = 0 ends it at once");
+
+    at(&mut r, &mut maps, want(&[(1, 1), (2, 1)], 30), t0 + s(14));
+    assert!(kept(&maps));
+    let held = DesiredVip { hold: true, ..want(&[], 30) };
+    at(&mut r, &mut maps, held, t0 + s(45));
+    assert!(!kept(&maps) && r.next_deadline().is_none(), "a held VIP's window ends too");
+}

@@ -140,7 +140,10 @@ pub(super) fn switch_table(
                 && !want.second_chance.is_zero();
             let target = vip.live.other();
             if vip.previous == Previous::Kept {
-                // Packets stop reading the other table before it is overwritten.
+                // Packets stop reading the other table before it is
+                // overwritten, and those that read the flag just before
+                // finish first: an XDP run is bounded and not preempted,
+                // so a millisecond is far past the longest.
                 let entry = VipEntry {
                     id: vip.id,
                     live: vip.live,
@@ -148,7 +151,8 @@ pub(super) fn switch_table(
                     previous: Previous::Forgotten,
                 };
                 maps.put_vip(&want.addr, &entry)?;
-                (vip.previous, vip.previous_until) = (Previous::Forgotten, None);
+                (vip.previous, vip.previous_since, vip.previous_until) = (Previous::Forgotten, None, None);
+                std::thread::sleep(PREVIOUS_GRACE);
             }
             let before = vip.table_mut(target).take();
             maps.write_table(vip.id, target, &table, before.as_deref())?;
@@ -159,7 +163,8 @@ pub(super) fn switch_table(
             vip.forward = forward;
             vip.generation += 1;
             vip.swapped_at = Some(SystemTime::now());
-            (vip.previous, vip.previous_until) = (previous, keep.then(|| now + want.second_chance));
+            (vip.previous, vip.previous_since, vip.previous_until) =
+                (previous, keep.then_some(now), keep.then(|| now + want.second_chance));
         }
         vip.built_from = Some(inputs);
         count_slots(vip, caps.max_backends);
@@ -174,8 +179,13 @@ pub(super) fn switch_table(
     Ok(())
 }
 
-/// Stops packets reading the previous table once its window is over (or
-/// second chance is off, or the VIP no longer tunnels).
+/// How long a packet that read the previous-table flag may still be
+/// reading that table after the flag is cleared.
+const PREVIOUS_GRACE: Duration = Duration::from_millis(1);
+
+/// Stops packets reading the previous table once its window is over (the
+/// window as the config says now: a reload can shorten it or turn it
+/// off), or when the VIP no longer tunnels.
 pub(super) fn forget_previous(
     vip: &mut VipState,
     want: &DesiredVip,
@@ -185,13 +195,15 @@ pub(super) fn forget_previous(
     if vip.previous != Previous::Kept {
         return Ok(());
     }
-    let until = *vip.previous_until.get_or_insert(now + want.second_chance);
+    // Adopted from a previous run: the window starts now.
+    let until = *vip.previous_since.get_or_insert(now) + want.second_chance;
+    vip.previous_until = Some(until);
     if until > now && vip.forward == Forward::Tun {
         return Ok(());
     }
     let entry = VipEntry { id: vip.id, live: vip.live, forward: vip.forward, previous: Previous::Forgotten };
     maps.put_vip(&want.addr, &entry)?;
-    (vip.previous, vip.previous_until) = (Previous::Forgotten, None);
+    (vip.previous, vip.previous_since, vip.previous_until) = (Previous::Forgotten, None, None);
     Ok(())
 }
 
