@@ -23,7 +23,8 @@ use core::mem::{MaybeUninit, size_of};
 use aya_ebpf::{
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        bpf_fib_lookup as FibParams, bpf_sock_tuple, xdp_action,
+        bpf_fib_lookup as FibParams, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, xdp_action,
     },
     helpers::{bpf_fib_lookup, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie},
     macros::{map, xdp},
@@ -183,28 +184,16 @@ fn strip(pkt: &Packet, len: usize, slot: u32) -> u32 {
 /// truncated): such packets stay here, as the current table wants.
 #[inline(always)]
 fn has_socket(pkt: &Packet, off: usize, family: u8) -> Option<bool> {
-    let mut tuple = MaybeUninit::<bpf_sock_tuple>::zeroed();
     let (ip_len, tuple_len) = if family == FAMILY_V4 {
         let ip = pkt.at::<[u8; 20]>(off)?;
         if ip[9] != PROTO_TCP || ip[6] & 0x3f != 0 || ip[7] != 0 {
             return None;
         }
-        // SAFETY: the IPv4 variant of a zeroed tuple, written field by field.
-        let t = unsafe { &mut (*tuple.as_mut_ptr()).__bindgen_anon_1.ipv4 };
-        t.saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
-        t.daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
         (usize::from(ip[0] & 0x0f) * 4, 12)
     } else {
         let ip = pkt.at::<[u8; 40]>(off)?;
         if ip[6] != PROTO_TCP {
             return None;
-        }
-        // SAFETY: as above, the IPv6 variant.
-        let t = unsafe { &mut (*tuple.as_mut_ptr()).__bindgen_anon_1.ipv6 };
-        for i in 0..4 {
-            let (s, d) = (8 + 4 * i, 24 + 4 * i);
-            t.saddr[i] = u32::from_ne_bytes([ip[s], ip[s + 1], ip[s + 2], ip[s + 3]]);
-            t.daddr[i] = u32::from_ne_bytes([ip[d], ip[d + 1], ip[d + 2], ip[d + 3]]);
         }
         (40, 36)
     };
@@ -219,14 +208,20 @@ fn has_socket(pkt: &Packet, off: usize, family: u8) -> Option<bool> {
         return None;
     }
     let (sport, dport) = (u16::from_ne_bytes([tcp[0], tcp[1]]), u16::from_ne_bytes([tcp[2], tcp[3]]));
-    // SAFETY: the variant written above.
-    unsafe {
-        let u = &mut (*tuple.as_mut_ptr()).__bindgen_anon_1;
-        if family == FAMILY_V4 {
-            (u.ipv4.sport, u.ipv4.dport) = (sport, dport);
-        } else {
-            (u.ipv6.sport, u.ipv6.dport) = (sport, dport);
-        }
+    let mut tuple = MaybeUninit::<bpf_sock_tuple>::zeroed();
+    // SAFETY: one variant of a zeroed tuple, written whole.
+    let u = unsafe { &mut (*tuple.as_mut_ptr()).__bindgen_anon_1 };
+    if family == FAMILY_V4 {
+        let addr = |at: usize| pkt.at::<[u8; 4]>(at).map(|a| u32::from_ne_bytes(*a));
+        u.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: addr(off + 12)?,
+            daddr: addr(off + 16)?,
+            sport,
+            dport,
+        };
+    } else {
+        let (saddr, daddr) = (words(pkt.at(off + 8)?), words(pkt.at(off + 24)?));
+        u.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 { saddr, daddr, sport, dport };
     }
     // SAFETY: a valid tuple on the stack of the length given; the socket
     // is released on every path below.
@@ -281,9 +276,9 @@ fn pass_on(pkt: &Packet, outer: usize, middle: &Tunnel, family: u8) -> (u32, u32
     fib.__bindgen_anon_1.tot_len = total as u16;
     if family == FAMILY_V4 {
         fib.family = AF_INET;
-        let (s, d) = (&middle.src, &middle.dst);
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([d[0], d[1], d[2], d[3]]);
+        // An IPv4 address is the first word of its 16-byte form.
+        fib.__bindgen_anon_3.ipv4_src = words(&middle.src)[0];
+        fib.__bindgen_anon_4.ipv4_dst = words(&middle.dst)[0];
     } else {
         fib.family = AF_INET6;
         fib.__bindgen_anon_3.ipv6_src = words(&middle.src);
@@ -292,7 +287,6 @@ fn pass_on(pkt: &Packet, outer: usize, middle: &Tunnel, family: u8) -> (u32, u32
     // SAFETY: fib is a valid, correctly sized parameter block.
     let rc = unsafe { bpf_fib_lookup(pkt.ctx().cast(), fib, size_of::<FibParams>() as i32, 0) } as u32;
     let ingress = pkt.ingress_ifindex();
-    let sent = (DECAP_SECOND_CHANCE_FORWARDED, xdp_action::XDP_PASS);
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS if fib.ifindex == ingress => {
             let (dmac, smac) = (fib.dmac, fib.smac);
@@ -306,7 +300,9 @@ fn pass_on(pkt: &Packet, outer: usize, middle: &Tunnel, family: u8) -> (u32, u32
             (DECAP_SECOND_CHANCE_FORWARDED, xdp_action::XDP_TX)
         }
         // The kernel resolves the neighbour and forwards it.
-        BPF_FIB_LKUP_RET_NO_NEIGH if fib.ifindex == ingress => (strip(pkt, outer, sent.0), sent.1),
+        BPF_FIB_LKUP_RET_NO_NEIGH if fib.ifindex == ingress => {
+            (strip(pkt, outer, DECAP_SECOND_CHANCE_FORWARDED), xdp_action::XDP_PASS)
+        }
         _ => (strip(pkt, outer + middle.len, DECAP_SECOND_CHANCE_NO_ROUTE), xdp_action::XDP_PASS),
     }
 }
@@ -314,9 +310,7 @@ fn pass_on(pkt: &Packet, outer: usize, middle: &Tunnel, family: u8) -> (u32, u32
 /// One router hop for the frame now led by the middle header: our MACs,
 /// TTL / hop limit one less (`None` when it has run out).
 #[inline(always)]
-fn hop(pkt: &Packet, dmac: [u8; 6], smac: [u8; 6], family: u8) -> Option<()> {
-    let d = dmac;
-    let s = smac;
+fn hop(pkt: &Packet, d: [u8; 6], s: [u8; 6], family: u8) -> Option<()> {
     pkt.write(0, [d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5]]).ok()?;
     if family == FAMILY_V4 {
         let ip = pkt.at_mut::<[u8; 20]>(ETH_HLEN)?;

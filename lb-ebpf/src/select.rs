@@ -53,11 +53,7 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
                 count_event(stats, Event::IcmpSteered);
                 return Ok(Target { backend_id: recorded_entry.backend_id, backend, second: NO_BACKEND });
             }
-            let second = if second_owner(recorded_entry.second, backend).is_some() {
-                recorded_entry.second
-            } else {
-                NO_BACKEND
-            };
+            let second = second_chance(recorded_entry.second, backend);
             return Ok(Target { backend_id: recorded_entry.backend_id, backend, second });
         }
     }
@@ -80,7 +76,7 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     if vip.flags & VIP_PREVIOUS != 0 && !p.opens_connection() && p.flow.proto == PROTO_TCP {
         second_id = previous_owner(vip, &p.flow, backend_id);
     }
-    let second = if second_owner(second_id, backend).is_some() { second_id } else { NO_BACKEND };
+    let second = second_chance(second_id, backend);
     let chosen = ConnEntry { backend_id, second, generation: backend.generation };
     match entry {
         Some(entry) => rewrite(entry, chosen),
@@ -112,17 +108,19 @@ pub fn second(target: &Target) -> Option<&'static BackendInfo> {
     if target.second == NO_BACKEND { None } else { BACKENDS.get(target.second as u32) }
 }
 
-/// Backend `id` as a second chance for `owner`'s packet: another TUN
-/// backend of the same VIP that still takes established flows. A hint,
-/// not a record: an id handed on since at worst reaches a backend without
-/// the flow, which resets it as the owner would have.
+/// `id` if backend `id` can be a second chance for `owner`'s packet:
+/// another TUN backend of the same VIP that still takes established flows;
+/// else `NO_BACKEND`. A hint, not a record: an id handed on since at worst
+/// reaches a backend without the flow, which resets it as the owner would.
 #[inline(always)]
-fn second_owner(id: BackendId, owner: &BackendInfo) -> Option<&'static BackendInfo> {
+fn second_chance(id: BackendId, owner: &BackendInfo) -> BackendId {
     if id == NO_BACKEND || owner.mode() != MODE_TUN {
-        return None;
+        return NO_BACKEND;
     }
-    let b = BACKENDS.get(id as u32)?;
-    (b.vip_id == owner.vip_id && b.mode() == MODE_TUN && b.takes_established()).then_some(b)
+    match BACKENDS.get(id as u32) {
+        Some(b) if b.vip_id == owner.vip_id && b.mode() == MODE_TUN && b.takes_established() => id,
+        _ => NO_BACKEND,
+    }
 }
 
 /// Points an existing record at `chosen`, writing only when it differs

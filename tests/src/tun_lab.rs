@@ -140,9 +140,8 @@ impl TunLab {
 
         let mut list = Vec::new();
         for i in 0..backends {
-            let from = [LB4.to_string(), LB6.to_string()];
-            let from: Vec<&str> = from.iter().map(String::as_str).collect();
-            list.push(tun_backend(&seg2, &prefix, i, &[VIP4.into(), VIP6.into()], &from)?);
+            let from: &[&str] = &[&LB4.to_string(), &LB6.to_string()];
+            list.push(tun_backend(&seg2, &prefix, i, &[VIP4.into(), VIP6.into()], from)?);
         }
         let pass = aux::attach("xdp_pass", "lb", &seg1)?;
         Ok(TunLab { _pass: pass, backends: list, lb, client, router, seg1, seg2, lb_if })

@@ -111,12 +111,7 @@ fn forget_stale_maps(pin_dir: &Path) -> Result<(), DecapError> {
         return Ok(());
     }
     for m in maps::DECAP_ALL {
-        match std::fs::remove_file(pin_dir.join(m)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(LoaderError::Remove { path: pin_dir.join(m), source: e }.into());
-            }
-            _ => {}
-        }
+        loader::remove_pin(pin_dir.join(m))?;
     }
     Ok(())
 }
@@ -139,13 +134,27 @@ fn sources_mut(ebpf: &mut aya::Ebpf) -> Result<LpmTrie<&mut MapData, DecapSource
     map.try_into().map_err(map_err(maps::DECAP_SOURCES, "open"))
 }
 
+/// A source key as comparable parts (the trie's key type has no equality).
+type SourceParts = (u32, DecapSource);
+
 /// Makes the VIP and source sets exactly `accept`'s. Sources go first and
 /// are removed last, so a replaced list never drops a balancer's packets.
 fn set_accept(ebpf: &mut aya::Ebpf, accept: &Accept) -> Result<(), DecapError> {
+    let stale = add_sources(ebpf, &accept.sources)?;
+    set_vips(ebpf, &accept.vips)?;
     let mut sources = sources_mut(ebpf)?;
-    let wanted: Vec<(u32, DecapSource)> =
-        accept.sources.iter().map(|p| source_key(*p)).map(|k| (k.prefix_len(), k.data())).collect();
-    let present: Vec<(u32, DecapSource)> = sources
+    for (len, data) in stale {
+        sources.remove(&Key::new(len, data)).map_err(map_err(maps::DECAP_SOURCES, "delete"))?;
+    }
+    Ok(())
+}
+
+/// Adds `wanted` to the trusted sources; returns those present and not wanted.
+fn add_sources(ebpf: &mut aya::Ebpf, wanted: &[Prefix]) -> Result<Vec<SourceParts>, DecapError> {
+    let mut sources = sources_mut(ebpf)?;
+    let wanted: Vec<SourceParts> =
+        wanted.iter().map(|p| source_key(*p)).map(|k| (k.prefix_len(), k.data())).collect();
+    let present: Vec<SourceParts> = sources
         .keys()
         .map(|k| k.map(|k| (k.prefix_len(), k.data())))
         .collect::<Result<_, _>>()
@@ -153,12 +162,15 @@ fn set_accept(ebpf: &mut aya::Ebpf, accept: &Accept) -> Result<(), DecapError> {
     for (len, data) in &wanted {
         sources.insert(&Key::new(*len, *data), 1, 0).map_err(map_err(maps::DECAP_SOURCES, "write"))?;
     }
-    let stale: Vec<&(u32, DecapSource)> = present.iter().filter(|k| !wanted.contains(k)).collect();
+    Ok(present.into_iter().filter(|k| !wanted.contains(k)).collect())
+}
 
+/// Makes the VIP set exactly `vips`.
+fn set_vips(ebpf: &mut aya::Ebpf, vips: &[IpAddr]) -> Result<(), DecapError> {
     let map = ebpf.map_mut(maps::DECAP_VIPS).expect("object defines DECAP_VIPS");
     let mut set: HashMap<&mut MapData, DecapKey, u8> =
         map.try_into().map_err(map_err(maps::DECAP_VIPS, "open"))?;
-    let wanted: Vec<DecapKey> = accept.vips.iter().map(|a| key(*a)).collect();
+    let wanted: Vec<DecapKey> = vips.iter().map(|a| key(*a)).collect();
     let present: Vec<DecapKey> =
         set.keys().collect::<Result<_, _>>().map_err(map_err(maps::DECAP_VIPS, "iterate"))?;
     for k in wanted.iter() {
@@ -166,11 +178,6 @@ fn set_accept(ebpf: &mut aya::Ebpf, accept: &Accept) -> Result<(), DecapError> {
     }
     for k in present.iter().filter(|k| !wanted.contains(k)) {
         set.remove(k).map_err(map_err(maps::DECAP_VIPS, "delete"))?;
-    }
-
-    let mut sources = sources_mut(ebpf)?;
-    for (len, data) in stale {
-        sources.remove(&Key::new(*len, *data)).map_err(map_err(maps::DECAP_SOURCES, "delete"))?;
     }
     Ok(())
 }

@@ -402,20 +402,24 @@ pub fn detach(pin_dir: &Path) -> Result<bool, LoaderError> {
     remove_pins(pin_dir, &maps::ALL)
 }
 
+/// Removes one pin, if it is there.
+pub(crate) fn remove_pin(path: PathBuf) -> Result<(), LoaderError> {
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LoaderError::Remove { path, source: e }),
+        _ => Ok(()),
+    }
+}
+
 /// Removes the link pin (which detaches the program) and the pinned `maps`
 /// under `pin_dir`. Returns whether there was anything to remove.
 pub(crate) fn remove_pins(pin_dir: &Path, maps: &[&str]) -> Result<bool, LoaderError> {
     if !pin_dir.exists() {
         return Ok(false);
     }
-    let remove = |path: PathBuf| match fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LoaderError::Remove { path, source: e }),
-        _ => Ok(()),
-    };
     // The link first: once it goes, packets stop reaching the program.
-    remove(pin_dir.join(LINK_PIN))?;
+    remove_pin(pin_dir.join(LINK_PIN))?;
     for m in maps {
-        remove(pin_dir.join(m))?;
+        remove_pin(pin_dir.join(m))?;
     }
     fs::remove_dir(pin_dir).map_err(|source| LoaderError::Remove { path: pin_dir.to_owned(), source })?;
     // Leave no empty /sys/fs/bpf/xlb* behind; it fails harmlessly if others remain.

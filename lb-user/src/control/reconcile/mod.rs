@@ -85,12 +85,24 @@ pub struct VipState {
     /// Table switches since this daemon started, and when the last was.
     pub generation: u64,
     pub swapped_at: Option<SystemTime>,
-    /// What the VIP entry says of the other table; since when it is kept
-    /// (`None` while kept: adopted, the window starts at the next apply)
-    /// and until when, as of the last apply's `second_chance`.
-    previous: Previous,
-    previous_since: Option<Instant>,
-    previous_until: Option<Instant>,
+    /// Whether the VIP entry says the other table is the one before the
+    /// last switch (second chance), and for how long.
+    previous: Option<Kept>,
+}
+
+/// A previous table kept for second chance: since the switch, and until
+/// the window the last apply saw ends.
+#[derive(Clone, Copy, Debug)]
+struct Kept {
+    since: Instant,
+    until: Instant,
+}
+
+impl Kept {
+    /// Kept from `t`, due for a look at once (the next apply sets `until`).
+    fn since(t: Instant) -> Kept {
+        Kept { since: t, until: t }
+    }
 }
 
 /// One active backend as the table was built from it: address (its
@@ -108,7 +120,7 @@ impl VipState {
     /// Until when the table before the last switch stays readable for
     /// second chance, if it does (a window not started yet reads as none).
     pub fn previous_until(&self) -> Option<Instant> {
-        self.previous_until.filter(|_| self.previous == Previous::Kept)
+        self.previous.map(|k| k.until)
     }
 
     /// The table packets are balanced with, as written to the kernel.
@@ -256,9 +268,8 @@ impl Reconciler {
                 backends: BTreeMap::new(),
                 generation: 0,
                 swapped_at: None,
-                previous: entry.previous,
-                previous_since: None,
-                previous_until: None,
+                // Its switch time is not in the maps: the window starts again.
+                previous: (entry.previous == Previous::Kept).then(|| Kept::since(Instant::now())),
             };
             *state.table_mut(entry.live) = Some(maps.read_table(entry.id, entry.live)?);
             by_id.insert(entry.id, addr);
@@ -333,7 +344,7 @@ impl Reconciler {
             Role::Leaving { until } => Some(until),
             _ => None,
         });
-        leaving.chain(self.vips.values().filter_map(|v| v.previous_until)).min()
+        leaving.chain(self.vips.values().filter_map(VipState::previous_until)).min()
     }
 
     /// Makes the maps match `desired` as of `now`. On error the next call
@@ -458,9 +469,7 @@ impl Reconciler {
                 backends: BTreeMap::new(),
                 generation: 0,
                 swapped_at: None,
-                previous: Previous::Forgotten,
-                previous_since: None,
-                previous_until: None,
+                previous: None,
             };
             self.vips.insert(want.addr, state);
         }

@@ -9,7 +9,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{BackendState, IdPool, MaglevInput, Role, VipState};
+use super::{BackendState, IdPool, Kept, MaglevInput, Role, VipState};
 use crate::{
     config::Capacities,
     control::{
@@ -139,19 +139,12 @@ pub(super) fn switch_table(
                 && forward == Forward::Tun
                 && !want.second_chance.is_zero();
             let target = vip.live.other();
-            if vip.previous == Previous::Kept {
+            if vip.previous.is_some() {
                 // Packets stop reading the other table before it is
                 // overwritten, and those that read the flag just before
                 // finish first: an XDP run is bounded and not preempted,
                 // so a millisecond is far past the longest.
-                let entry = VipEntry {
-                    id: vip.id,
-                    live: vip.live,
-                    forward: vip.forward,
-                    previous: Previous::Forgotten,
-                };
-                maps.put_vip(&want.addr, &entry)?;
-                (vip.previous, vip.previous_since, vip.previous_until) = (Previous::Forgotten, None, None);
+                forget(vip, want, maps)?;
                 std::thread::sleep(PREVIOUS_GRACE);
             }
             let before = vip.table_mut(target).take();
@@ -163,8 +156,7 @@ pub(super) fn switch_table(
             vip.forward = forward;
             vip.generation += 1;
             vip.swapped_at = Some(SystemTime::now());
-            (vip.previous, vip.previous_since, vip.previous_until) =
-                (previous, keep.then_some(now), keep.then(|| now + want.second_chance));
+            vip.previous = keep.then_some(Kept { since: now, until: now + want.second_chance });
         }
         vip.built_from = Some(inputs);
         count_slots(vip, caps.max_backends);
@@ -192,18 +184,19 @@ pub(super) fn forget_previous(
     now: Instant,
     maps: &mut Maps<impl Store>,
 ) -> Result<(), DataplaneError> {
-    if vip.previous != Previous::Kept {
+    let Some(kept) = &mut vip.previous else { return Ok(()) };
+    kept.until = kept.since + want.second_chance;
+    if kept.until > now && vip.forward == Forward::Tun {
         return Ok(());
     }
-    // Adopted from a previous run: the window starts now.
-    let until = *vip.previous_since.get_or_insert(now) + want.second_chance;
-    vip.previous_until = Some(until);
-    if until > now && vip.forward == Forward::Tun {
-        return Ok(());
-    }
+    forget(vip, want, maps)
+}
+
+/// Writes the VIP entry without the previous-table flag.
+fn forget(vip: &mut VipState, want: &DesiredVip, maps: &mut Maps<impl Store>) -> Result<(), DataplaneError> {
     let entry = VipEntry { id: vip.id, live: vip.live, forward: vip.forward, previous: Previous::Forgotten };
     maps.put_vip(&want.addr, &entry)?;
-    (vip.previous, vip.previous_since, vip.previous_until) = (Previous::Forgotten, None, None);
+    vip.previous = None;
     Ok(())
 }
 
