@@ -27,8 +27,9 @@ pub const MAGLEV_LANES: u32 = 4;
 pub type MaglevChunk = [BackendId; MAGLEV_LANES as usize];
 
 /// `VIPS` key: what a packet must be addressed to. IPv4 addresses sit in the
-/// first four bytes of `addr`, the rest zero.
-#[repr(C)]
+/// first four bytes of `addr`, the rest zero. Aligned to 4 so the data
+/// plane builds it in words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     pub addr: [u8; 16],
@@ -177,7 +178,8 @@ impl core::ops::AddAssign for Counter {
 }
 
 /// A parsed flow: the 5-tuple plus family, ports in network order.
-#[repr(C)]
+/// Aligned to 8 so the data plane reads and writes it in words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: [u8; 16],

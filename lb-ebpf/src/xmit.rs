@@ -170,7 +170,9 @@ fn fib_next_hop(
         bpf_fib_lookup(pkt.ctx().cast(), fib, size_of::<FibParams>() as i32, BPF_FIB_LOOKUP_OUTPUT)
     } as u32;
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS if fib.ifindex == ingress => Ok((Reason::Forwarded, fib.dmac, fib.smac)),
+        BPF_FIB_LKUP_RET_SUCCESS if fib.ifindex == ingress => {
+            Ok((Reason::Forwarded, mac_of(&fib.dmac), mac_of(&fib.smac)))
+        }
         // For the kernel: addressed to us, or it would not route the packet.
         BPF_FIB_LKUP_RET_NO_NEIGH if fib.ifindex == ingress => {
             Ok((Reason::PassNoNeigh, IFACE_MAC.load(), IFACE_MAC.load()))
@@ -181,6 +183,19 @@ fn fib_next_hop(
         }
         _ => Err(FibMiss::NoRoute),
     }
+}
+
+/// A MAC of the parameter block, read in halfwords: the block's MACs sit
+/// at offsets that are not multiples of 4, and a wider read of the stack
+/// there is misaligned, which the verifier rejects.
+#[inline(always)]
+fn mac_of(mac: &[u8; 6]) -> [u8; 6] {
+    const _: () = assert!(core::mem::offset_of!(FibParams, smac) % 2 == 0);
+    const _: () = assert!(core::mem::offset_of!(FibParams, dmac) % 2 == 0);
+    let h = mac.as_ptr().cast::<u16>();
+    // SAFETY: three halfwords of the array, 2-aligned (asserted above).
+    let [a, b, c] = unsafe { [0, 1, 2].map(|i| core::ptr::read_volatile(h.add(i)).to_ne_bytes()) };
+    [a[0], a[1], b[0], b[1], c[0], c[1]]
 }
 
 /// All zeroes, the parameter block's initial state, stored word by word:
