@@ -7,7 +7,8 @@ fn main() {
     // misaligned packet and map-value access where the CPU does (x86-64,
     // arm64), but never on the stack: what lives there is aligned by type
     // (`FlowKey`, `VipKey`) or read in aligned pieces (`xmit::mac_of`).
-    println!("cargo:rustc-link-arg=--cpu-features=+allows-misaligned-mem-access");
+    // Program `xlb` only: the others' stack objects are not laid out for it.
+    println!("cargo:rustc-link-arg-bin=lb-ebpf=--cpu-features=+allows-misaligned-mem-access");
     // Rebuild when bpf-linker changes: it is an undeclared dependency of
     // the eBPF build (cargo cannot express binary dependencies yet).
     if let Ok(linker) = which("bpf-linker") {

@@ -5,12 +5,12 @@
 
 use lb_common::{FAMILY_V4, Reason};
 use lb_ebpf::{
-    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6},
+    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, Mac, eth},
     parse::{Frame as _, Parsed},
     ptr::Packet,
 };
 
-use crate::{csum, maps::IFACE_MAC, xmit::eth};
+use crate::{csum, maps::IFACE_MAC};
 
 /// IPv4 header plus 8 bytes of the original datagram (RFC 792).
 const QUOTE_V4: usize = 28;
@@ -25,10 +25,10 @@ const TAGGED: usize = ETH_HLEN + 4;
 #[inline(always)]
 fn write_l2<const L2: usize>(pkt: &Packet, client_mac: [u8; 6], tag: [u8; 4], ether_type: u16) -> Option<()> {
     if L2 == ETH_HLEN {
-        return pkt.write(0, eth(client_mac, IFACE_MAC.load(), ether_type)).ok();
+        return pkt.write(0, eth(Mac::from_bytes(&client_mac), IFACE_MAC.load(), ether_type)).ok();
     }
     let tpid = u16::from_be_bytes([tag[0], tag[1]]);
-    pkt.write(0, eth(client_mac, IFACE_MAC.load(), tpid)).ok()?;
+    pkt.write(0, eth(Mac::from_bytes(&client_mac), IFACE_MAC.load(), tpid)).ok()?;
     let t = ether_type.to_be_bytes();
     pkt.write(ETH_HLEN, [tag[2], tag[3], t[0], t[1]]).ok()
 }

@@ -12,6 +12,7 @@ use lb_common::{
     VipKey,
     limits::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS},
 };
+use lb_ebpf::net::Mac;
 
 #[map(name = "VIPS")]
 pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
@@ -53,14 +54,17 @@ pub static TABLE_SIZE: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static TABLE_CHUNKS: Global<u32> = Global::new(0);
 
+/// The loader writes the MAC's six bytes; read as halfwords (see `Mac`).
 #[unsafe(no_mangle)]
-pub static IFACE_MAC: Global<[u8; 6]> = Global::new([0; 6]);
+pub static IFACE_MAC: Global<Mac> = Global::new(Mac([0; 3]));
 
 #[unsafe(no_mangle)]
 pub static CONN_INSERT_LIMIT: Global<u64> = Global::new(0);
 
+/// The outer source addresses: the loader writes their octets, read here
+/// as words in memory order.
 #[unsafe(no_mangle)]
-pub static TUN_SRC_V4: Global<[u8; 4]> = Global::new([0; 4]);
+pub static TUN_SRC_V4: Global<u32> = Global::new(0);
 
 #[unsafe(no_mangle)]
-pub static TUN_SRC_V6: Global<[u8; 16]> = Global::new([0; 16]);
+pub static TUN_SRC_V6: Global<[u32; 4]> = Global::new([0; 4]);

@@ -21,3 +21,27 @@ pub fn words(a: &[u8; 16]) -> [u32; 4] {
         u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
     ]
 }
+
+/// A MAC address as three halfwords in memory order: copied with three
+/// 2-byte accesses rather than six 1-byte ones.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub struct Mac(pub [u16; 3]);
+
+impl Mac {
+    #[inline(always)]
+    pub fn from_bytes(b: &[u8; 6]) -> Self {
+        Mac([
+            u16::from_ne_bytes([b[0], b[1]]),
+            u16::from_ne_bytes([b[2], b[3]]),
+            u16::from_ne_bytes([b[4], b[5]]),
+        ])
+    }
+}
+
+/// An Ethernet header as halfwords in memory order.
+#[inline(always)]
+pub fn eth(dst: Mac, src: Mac, ether_type: u16) -> [u16; 7] {
+    let (d, s) = (dst.0, src.0);
+    [d[0], d[1], d[2], s[0], s[1], s[2], ether_type.to_be()]
+}

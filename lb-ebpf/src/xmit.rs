@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use lb_common::{BackendInfo, FAMILY_V4, Reason};
 use lb_ebpf::{
-    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, words},
+    net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, Mac, eth, words},
     parse::{Frame as _, Parsed},
     ptr::Packet,
 };
@@ -29,10 +29,8 @@ const AF_INET6: u8 = 10;
 /// DR: same frame, addressed to the backend's MAC from ours.
 #[inline(always)]
 pub fn to_backend_l2(pkt: &Packet, backend: &BackendInfo) -> Result<(), Reason> {
-    // Byte by byte from locals: copying the MAC straight from the map value
-    // into the packet compiles to an out-of-line memmove loop.
-    let (d, s) = (backend.mac, IFACE_MAC.load());
-    pkt.write(0, [d[0], d[1], d[2], d[3], d[4], d[5], s[0], s[1], s[2], s[3], s[4], s[5]])
+    let (d, s) = (Mac::from_bytes(&backend.mac), IFACE_MAC.load());
+    pkt.write(0, [d.0[0], d.0[1], d.0[2], s.0[0], s.0[1], s.0[2]])
 }
 
 /// What became of a packet for a TUN VIP.
@@ -84,7 +82,7 @@ fn encapsulate<const TWICE: bool>(
         if inner_len + overhead > backend.mtu as usize {
             return Ok(Tun::TooBig { mtu: (backend.mtu as u32).saturating_sub(overhead as u32) });
         }
-        (Reason::Forwarded, backend.mac, IFACE_MAC.load())
+        (Reason::Forwarded, Mac::from_bytes(&backend.mac), IFACE_MAC.load())
     } else {
         match fib_next_hop(pkt, backend, v4, inner_len + overhead) {
             Ok(hop) => hop,
@@ -110,22 +108,20 @@ fn encapsulate<const TWICE: bool>(
     let outer_len = (inner_len + overhead - header) as u16;
     if v4 {
         let src = TUN_SRC_V4.load();
-        let dst = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+        let dst = words(&backend.addr)[0];
         pkt.write(ETH_HLEN, encap::ipv4_outer(src, dst, outer_len, first[1], entropy as u16))?;
         if TWICE {
-            let dst = [second.addr[0], second.addr[1], second.addr[2], second.addr[3]];
+            let dst = words(&second.addr)[0];
             let middle = encap::ipv4_outer(src, dst, inner_len as u16, first[1], entropy as u16);
             pkt.write(ETH_HLEN + header, middle)?;
         }
     } else {
         let tc = (first[0] << 4) | (first[1] >> 4);
         let src = TUN_SRC_V6.load();
-        pkt.write(ETH_HLEN, encap::ipv6_outer(&src, &backend.addr, outer_len, tc, entropy))?;
+        pkt.write(ETH_HLEN, encap::ipv6_outer(&src, &words(&backend.addr), outer_len, tc, entropy))?;
         if TWICE {
-            pkt.write(
-                ETH_HLEN + header,
-                encap::ipv6_outer(&src, &second.addr, inner_len as u16, tc, entropy),
-            )?;
+            let middle = encap::ipv6_outer(&src, &words(&second.addr), inner_len as u16, tc, entropy);
+            pkt.write(ETH_HLEN + header, middle)?;
         }
     }
     Ok(Tun::Sent(verdict))
@@ -149,7 +145,7 @@ fn fib_next_hop(
     backend: &BackendInfo,
     v4: bool,
     outer_len: usize,
-) -> Result<(Reason, [u8; 6], [u8; 6]), FibMiss> {
+) -> Result<(Reason, Mac, Mac), FibMiss> {
     let ingress = pkt.ingress_ifindex();
     let mut fib = MaybeUninit::uninit();
     let fib = zeroed_fib_params(&mut fib);
@@ -157,12 +153,11 @@ fn fib_next_hop(
     fib.__bindgen_anon_1.tot_len = outer_len as u16;
     if v4 {
         fib.family = AF_INET;
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(TUN_SRC_V4.load());
-        fib.__bindgen_anon_4.ipv4_dst =
-            u32::from_ne_bytes([backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]]);
+        fib.__bindgen_anon_3.ipv4_src = TUN_SRC_V4.load();
+        fib.__bindgen_anon_4.ipv4_dst = words(&backend.addr)[0];
     } else {
         fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = words(&TUN_SRC_V6.load());
+        fib.__bindgen_anon_3.ipv6_src = TUN_SRC_V6.load();
         fib.__bindgen_anon_4.ipv6_dst = words(&backend.addr);
     }
     // SAFETY: fib is a valid, correctly sized parameter block.
@@ -189,13 +184,12 @@ fn fib_next_hop(
 /// at offsets that are not multiples of 4, and a wider read of the stack
 /// there is misaligned, which the verifier rejects.
 #[inline(always)]
-fn mac_of(mac: &[u8; 6]) -> [u8; 6] {
+fn mac_of(mac: &[u8; 6]) -> Mac {
     const _: () = assert!(core::mem::offset_of!(FibParams, smac) % 2 == 0);
     const _: () = assert!(core::mem::offset_of!(FibParams, dmac) % 2 == 0);
     let h = mac.as_ptr().cast::<u16>();
     // SAFETY: three halfwords of the array, 2-aligned (asserted above).
-    let [a, b, c] = unsafe { [0, 1, 2].map(|i| core::ptr::read_volatile(h.add(i)).to_ne_bytes()) };
-    [a[0], a[1], b[0], b[1], c[0], c[1]]
+    Mac(unsafe { [0, 1, 2].map(|i| core::ptr::read_volatile(h.add(i))) })
 }
 
 /// All zeroes, the parameter block's initial state, stored word by word:
@@ -215,14 +209,4 @@ fn zeroed_fib_params(fib: &mut MaybeUninit<FibParams>) -> &mut FibParams {
     }
     // SAFETY: every byte is written, and all zeroes is a valid FibParams.
     unsafe { fib.assume_init_mut() }
-}
-
-/// An Ethernet header as bytes.
-#[inline(always)]
-pub fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16) -> [u8; 14] {
-    let t = ether_type.to_be_bytes();
-    [
-        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], src[0], src[1], src[2], src[3], src[4], src[5], t[0],
-        t[1],
-    ]
 }
