@@ -47,7 +47,8 @@ pub mod globals {
     pub const IFACE_MAC: &str = "IFACE_MAC";
     /// Connection-table inserts allowed per CPU per second (0: no limit).
     pub const CONN_INSERT_LIMIT: &str = "CONN_INSERT_LIMIT";
-    /// TUN mode's outer source addresses ([u8; 4] and [u8; 16]).
+    /// TUN mode's outer source addresses: the loader writes their octets
+    /// ([u8; 4] and [u8; 16]), the program reads them as words.
     pub const TUN_SRC_V4: &str = "TUN_SRC_V4";
     pub const TUN_SRC_V6: &str = "TUN_SRC_V6";
 }

@@ -28,7 +28,7 @@ fn add<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
 
 /// Folds a running sum of big-endian words into the checksum.
 #[inline(always)]
-fn finish(mut sum: u32) -> u16 {
+pub fn finish(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)

@@ -5,6 +5,8 @@
 
 use lb_ebpf::net::{IPPROTO_IPIP, IPPROTO_IPV6};
 
+use crate::csum;
+
 const TTL: u8 = 64;
 
 /// Outer IPv4 header for an IPv4 packet of `inner_len` bytes: protocol 4,
@@ -19,7 +21,7 @@ pub fn ipv4_outer(src: u32, dst: u32, inner_len: u16, tos: u8, entropy: u16) -> 
     let w2 = (TTL as u32) << 24 | (IPPROTO_IPIP as u32) << 16;
     let (s, d) = (u32::from_be(src), u32::from_be(dst));
     let sum = halves(w0) + halves(w1) + halves(w2) + halves(s) + halves(d);
-    let check = ipv4_checksum(sum);
+    let check = csum::finish(sum);
     [w0.to_be(), w1.to_be(), (w2 | check as u32).to_be(), src, dst]
 }
 
@@ -27,14 +29,6 @@ pub fn ipv4_outer(src: u32, dst: u32, inner_len: u16, tos: u8, entropy: u16) -> 
 #[inline(always)]
 fn halves(w: u32) -> u32 {
     (w >> 16) + (w & 0xffff)
-}
-
-/// The one's complement of a sum of big-endian 16-bit words (RFC 1071).
-#[inline(always)]
-fn ipv4_checksum(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }
 
 /// Outer IPv6 header for an IPv6 packet of `inner_len` bytes: next header

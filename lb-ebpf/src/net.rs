@@ -11,7 +11,7 @@ pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6: u8 = 41;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
-/// An IPv6 address as the four words the FIB helper's parameters take.
+/// An address field (IPv4 in the first word) as four words in memory order.
 #[inline(always)]
 pub fn words(a: &[u8; 16]) -> [u32; 4] {
     [

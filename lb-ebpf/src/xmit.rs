@@ -180,9 +180,9 @@ fn fib_next_hop(
     }
 }
 
-/// A MAC of the parameter block, read in halfwords: the block's MACs sit
-/// at offsets that are not multiples of 4, and a wider read of the stack
-/// there is misaligned, which the verifier rejects.
+/// A MAC of the parameter block, read in halfwords: `dmac` sits at an
+/// offset that is not a multiple of 4, and a wider read of the stack there
+/// is misaligned, which the verifier rejects.
 #[inline(always)]
 fn mac_of(mac: &[u8; 6]) -> Mac {
     const _: () = assert!(core::mem::offset_of!(FibParams, smac) % 2 == 0);
