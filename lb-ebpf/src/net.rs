@@ -1,4 +1,5 @@
-//! Protocol numbers the programs share.
+//! Protocol numbers the programs share, and addresses and the Ethernet
+//! header as words and halfwords in memory order.
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IPV4: u16 = 0x0800;
