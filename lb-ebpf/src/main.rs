@@ -40,9 +40,10 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 /// The verdict for a packet: forwarded (or handed to the kernel on its way
 /// to a backend) in `Ok`, anything else in `Err`.
 ///
-/// Parsing, backend selection, TUN encapsulation and ICMP errors run as
-/// separate BPF functions, each with its own stack frame: inlined into one,
-/// they would not fit the 512-byte stack.
+/// Parsing, a new flow's choice of backend, TUN encapsulation and ICMP
+/// errors run as separate BPF functions, each with its own stack frame:
+/// inlined into one, they would not fit the 512-byte stack. An
+/// established flow's lookup is inlined (`select::backend`).
 #[inline(always)]
 fn balance(pkt: &Packet, stats: &mut GlobalStats) -> Result<Reason, Reason> {
     // The host's own traffic leaves here, before the parse; a malformed
