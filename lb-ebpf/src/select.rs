@@ -35,9 +35,10 @@ pub struct Target {
 /// Every packet looks its flow up once. Only flows to a VIP are recorded,
 /// and a valid entry's backend names the VIP and its mode, so an
 /// established flow costs one hash lookup, not two. That path is inlined
-/// into the caller, which saves a BPF call and return per packet (about
-/// 15 ns on a CPU whose kernel sends every return through a thunk, as
-/// with AMD's safe-return mitigation); anything else calls `choose`.
+/// into the caller, which saves a BPF-to-BPF call and return per
+/// established packet (about 15 ns on a CPU whose kernel sends every
+/// return through a thunk, as with AMD's safe-return mitigation);
+/// anything else calls `choose`.
 #[inline(always)]
 pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     #[expect(clippy::needless_borrows_for_generic_args, reason = "a borrow avoids copying the 40-byte key")]
@@ -60,11 +61,11 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     choose(p, entry, stats)
 }
 
-/// A fresh choice for a flow whose record (`entry`) is missing or stale,
-/// or that opens a connection. A SYN always gets a fresh
-/// choice, but a record that exists (a retransmitted SYN, a reused port)
-/// is rewritten in place: an LRU insert costs several times a lookup, and
-/// in place is not an insert the flood guard needs to hold back.
+/// A fresh choice (VIP lookup, Maglev) for a flow with no valid record,
+/// or a SYN. A record that exists (stale, a retransmitted SYN, a reused
+/// port) is rewritten in place: an LRU insert costs several times a
+/// lookup, and in place is not an insert the flood guard needs to hold
+/// back.
 #[inline(never)]
 fn choose(p: &Parsed, entry: Option<*mut ConnEntry>, stats: &mut GlobalStats) -> Result<Target, Reason> {
     // SAFETY: the value is only read, and VIPS entries are replaced whole.
