@@ -6,10 +6,12 @@
 //! from a map is a valid value.
 #![no_std]
 
+mod conntrack;
 mod hash;
 mod reason;
 mod types;
 
+pub use conntrack::{CONN_WAYS, ConnSet, ConnSlot, conn_seal, conn_set_index, conn_set_index2, conn_sets};
 pub use hash::{VIP_FILTER_WORDS, flow_hash, vip_filter_bit, vip_filter_bit_v4};
 pub use reason::{Action, EVENT_SLOTS, Event, REASON_SLOTS, Reason};
 pub use types::*;
@@ -51,6 +53,8 @@ pub mod globals {
     /// ([u8; 4] and [u8; 16]), the program reads them as words.
     pub const TUN_SRC_V4: &str = "TUN_SRC_V4";
     pub const TUN_SRC_V6: &str = "TUN_SRC_V6";
+    /// Sets in `CONNTRACK` (`conn_sets(conntrack_size)`).
+    pub const CONNTRACK_SETS: &str = "CONNTRACK_SETS";
 }
 
 /// Capacity defaults and hard limits; the config may lower or raise the

@@ -119,10 +119,13 @@ pub enum Event {
     /// A TUN packet carried a second-chance address (the previous table's
     /// owner of its flow) to its backend.
     SecondChance = 6,
+    /// A new flow's record replaced another flow's, its set being full of
+    /// records in use: a sign the table is too small for the flows.
+    ConnEvicted = 7,
 }
 
 impl Event {
-    pub const ALL: [Event; 7] = [
+    pub const ALL: [Event; 8] = [
         Event::ConnHit,
         Event::ConnNew,
         Event::ConnRebalanced,
@@ -130,6 +133,7 @@ impl Event {
         Event::IcmpSteered,
         Event::TunFibLookup,
         Event::SecondChance,
+        Event::ConnEvicted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -141,6 +145,7 @@ impl Event {
             Event::IcmpSteered => "icmp_to_backend",
             Event::TunFibLookup => "tun_fib_lookup",
             Event::SecondChance => "second_chance",
+            Event::ConnEvicted => "conntrack_evicted",
         }
     }
 }

@@ -121,7 +121,7 @@ impl BackendInfo {
     }
 }
 
-/// `CONNTRACK` value: the backend a flow was sent to.
+/// A connection-table record: the backend a flow was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
@@ -197,12 +197,20 @@ impl FlowKey {
     pub fn vip_key(&self) -> VipKey {
         VipKey { addr: self.dst, port_be: self.dport_be, proto: self.proto, family: self.family }
     }
+
+    /// The key as five words, for compares that cost five loads.
+    #[inline(always)]
+    pub fn words(&self) -> &[u64; 5] {
+        // SAFETY: 40 bytes aligned to 8 with no implicit padding (`_pad` is a
+        // field), so every byte is initialised and any bit pattern is a u64.
+        unsafe { &*(self as *const Self).cast::<[u64; 5]>() }
+    }
 }
 
 /// Layout of the maps this build creates. Bump it whenever a map's key,
 /// value, kind or meaning changes, so a daemon never misreads pinned maps
 /// left by another version.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// `META` value (a single entry): the version stamp and the capacities the
 /// maps were created with. The data plane never reads it.
@@ -270,6 +278,7 @@ mod pod {
     unsafe impl aya::Pod for super::DecapSource {}
     unsafe impl aya::Pod for super::Meta {}
     unsafe impl aya::Pod for super::ConnEntry {}
+    unsafe impl aya::Pod for crate::ConnSet {}
     unsafe impl aya::Pod for super::GlobalStats {}
     unsafe impl aya::Pod for super::DecapKey {}
 }

@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod csum;
 mod encap;
 mod icmp;

@@ -3,13 +3,13 @@
 
 use aya_ebpf::{
     Global,
-    bindings::BPF_F_NO_COMMON_LRU,
+    bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, ConnEntry, Counter, FlowKey, GlobalStats, MaglevChunk, Meta, VIP_FILTER_WORDS, VipInfo,
-    VipKey,
+    BackendInfo, ConnSet, Counter, GlobalStats, MaglevChunk, Meta, VIP_FILTER_WORDS, VipInfo, VipKey,
+    conn_sets,
     limits::{DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS},
 };
 use lb_ebpf::net::Mac;
@@ -28,11 +28,13 @@ pub static BACKENDS: Array<BackendInfo> = Array::with_max_entries(DEFAULT_MAX_BA
 #[map(name = "MAGLEV")]
 pub static MAGLEV: Array<MaglevChunk> = Array::with_max_entries(1, 0);
 
-/// Flow → backend. One hash table, with an LRU list per CPU (no lock shared
-/// between CPUs on eviction); a flow seen on another CPU still hits.
+/// Flow → backend, in sets of slots (see `lb_common::ConnSet`); one table
+/// for every CPU, so a flow seen on another CPU still hits. Mappable, so
+/// the value area starts on a page (every slot on a line of its own) and
+/// the daemon reads the table without a syscall per set.
 #[map(name = "CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+pub static CONNTRACK: Array<ConnSet> =
+    Array::with_max_entries(conn_sets(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
 
 /// One `GlobalStats` per CPU, at index 0.
 #[map(name = "STATS")]
@@ -57,6 +59,9 @@ pub static TABLE_CHUNKS: Global<u32> = Global::new(0);
 /// The loader writes the MAC's six bytes; read as halfwords (see `Mac`).
 #[unsafe(no_mangle)]
 pub static IFACE_MAC: Global<Mac> = Global::new(Mac([0; 3]));
+
+#[unsafe(no_mangle)]
+pub static CONNTRACK_SETS: Global<u32> = Global::new(0);
 
 #[unsafe(no_mangle)]
 pub static CONN_INSERT_LIMIT: Global<u64> = Global::new(0);

@@ -4,8 +4,9 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BackendId, BackendInfo, ConnEntry, Event, FAMILY_V6, FlowKey, GlobalStats, MAGLEV_LANES, MODE_TUN,
-    NO_BACKEND, PROTO_TCP, Reason, VIP_PREVIOUS, VipInfo, flow_hash, vip_filter_bit, vip_filter_bit_v4,
+    BackendId, BackendInfo, ConnEntry, ConnSlot, Event, FAMILY_V6, FlowKey, GlobalStats, MAGLEV_LANES,
+    MODE_TUN, NO_BACKEND, PROTO_TCP, Reason, VIP_PREVIOUS, VipInfo, flow_hash, vip_filter_bit,
+    vip_filter_bit_v4,
 };
 use lb_ebpf::{
     net::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6},
@@ -14,7 +15,8 @@ use lb_ebpf::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONN_INSERT_LIMIT, CONNTRACK, MAGLEV, TABLE_CHUNKS, TABLE_SIZE, VIP_FILTER, VIPS},
+    conntrack,
+    maps::{BACKENDS, CONN_INSERT_LIMIT, MAGLEV, TABLE_CHUNKS, TABLE_SIZE, VIP_FILTER, VIPS},
     stats::count_event,
 };
 
@@ -34,49 +36,52 @@ pub struct Target {
 ///
 /// Every packet looks its flow up once. Only flows to a VIP are recorded,
 /// and a valid entry's backend names the VIP and its mode, so an
-/// established flow costs one hash lookup, not two. That path is inlined
-/// into the caller, which saves a BPF-to-BPF call and return per
-/// established packet (about 15 ns on a CPU whose kernel sends every
-/// return through a thunk, as with AMD's safe-return mitigation);
-/// anything else calls `choose`.
+/// established flow costs one set of the connection table, not a VIP
+/// lookup too. That path is inlined into the caller, which saves a
+/// BPF-to-BPF call and return per established packet (about 15 ns on a
+/// CPU whose kernel sends every return through a thunk, as with AMD's
+/// safe-return mitigation); anything else calls `choose`.
 #[inline(always)]
 pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
-    #[expect(clippy::needless_borrows_for_generic_args, reason = "a borrow avoids copying the 40-byte key")]
-    let entry = CONNTRACK.get_ptr_mut(&p.flow);
-    if let Some(entry) = entry {
+    let hash = flow_hash(&p.flow);
+    let slot = conntrack::find(hash, &p.flow);
+    if let Some(slot) = slot
         // SAFETY: a map value pointer is valid while the program runs.
-        let recorded_entry = unsafe { *entry };
-        if !p.opens_connection()
-            && let Some(backend) = recorded(&recorded_entry)
-        {
-            count_event(stats, Event::ConnHit);
-            if p.icmp_error {
-                count_event(stats, Event::IcmpSteered);
-                return Ok(Target { backend_id: recorded_entry.backend_id, backend, second: NO_BACKEND });
-            }
-            let second = second_chance(recorded_entry.second, backend);
-            return Ok(Target { backend_id: recorded_entry.backend_id, backend, second });
+        && let Some(recorded_entry) = unsafe { (*slot).sealed_entry(hash) }
+        && !p.opens_connection()
+        && let Some(backend) = recorded(&recorded_entry)
+    {
+        conntrack::touch(slot);
+        count_event(stats, Event::ConnHit);
+        if p.icmp_error {
+            count_event(stats, Event::IcmpSteered);
+            return Ok(Target { backend_id: recorded_entry.backend_id, backend, second: NO_BACKEND });
         }
+        let second = second_chance(recorded_entry.second, backend);
+        return Ok(Target { backend_id: recorded_entry.backend_id, backend, second });
     }
-    choose(p, entry, stats)
+    choose(p, hash, stats)
 }
 
 /// A fresh choice (VIP lookup, Maglev) for a flow with no valid record,
-/// or a SYN. A record that exists (stale, a retransmitted SYN, a reused
-/// port) is rewritten in place: an LRU insert costs several times a
-/// lookup, and in place is not an insert the flood guard needs to hold
-/// back.
+/// or a SYN (`hash`: its flow hash). A flow that has a slot (stale, a
+/// retransmitted SYN, a reused port, caught mid-write) has it rewritten in
+/// place, which is not an insert the flood guard needs to hold back. The
+/// slot is found again here rather than passed: one more argument would
+/// not fit BPF's five registers beside the returned value's pointer, and
+/// the lines are in cache.
 #[inline(never)]
-fn choose(p: &Parsed, entry: Option<*mut ConnEntry>, stats: &mut GlobalStats) -> Result<Target, Reason> {
+fn choose(p: &Parsed, hash: u32, stats: &mut GlobalStats) -> Result<Target, Reason> {
+    let slot = conntrack::find(hash, &p.flow);
     // SAFETY: the value is only read, and VIPS entries are replaced whole.
     let vip = unsafe { VIPS.get(p.flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
-    if entry.is_some() && !p.opens_connection() {
+    if slot.is_some() && !p.opens_connection() {
         count_event(stats, Event::ConnRebalanced);
     }
     if p.icmp_error {
         count_event(stats, Event::IcmpSteered);
     }
-    let (backend_id, backend) = maglev(vip, &p.flow)?;
+    let (backend_id, backend) = maglev(vip, hash)?;
     // An ICMP error is about a flow, not part of it: it records nothing.
     if p.icmp_error {
         return Ok(Target { backend_id, backend, second: NO_BACKEND });
@@ -85,24 +90,25 @@ fn choose(p: &Parsed, entry: Option<*mut ConnEntry>, stats: &mut GlobalStats) ->
     // node has no record of may belong to the previous table's owner.
     let mut second_id = NO_BACKEND;
     if vip.flags & VIP_PREVIOUS != 0 && !p.opens_connection() && p.flow.proto == PROTO_TCP {
-        second_id = previous_owner(vip, &p.flow, backend_id);
+        second_id = previous_owner(vip, hash, backend_id);
     }
     let second = second_chance(second_id, backend);
     let chosen = ConnEntry { backend_id, second, generation: backend.generation };
-    match entry {
-        Some(entry) => rewrite(entry, chosen),
-        None => insert(&p.flow, chosen, stats),
+    match slot {
+        Some(slot) => rewrite(slot, &p.flow, hash, chosen),
+        None => insert(&p.flow, hash, chosen, stats),
     }
     count_event(stats, Event::ConnNew);
     Ok(Target { backend_id, backend, second })
 }
 
-/// The previous table's owner of `flow`, if another backend. The slot is
-/// hashed again rather than kept from `maglev`: one more live value there
-/// costs every new flow, this only the rare packet that gets here.
+/// The previous table's owner of the flow whose hash is `hash`, if another
+/// backend. The slot is computed again rather than kept from `maglev`:
+/// one more live value there costs every new flow, this only the rare
+/// packet that gets here.
 #[inline(always)]
-fn previous_owner(vip: &VipInfo, flow: &FlowKey, current: BackendId) -> BackendId {
-    let Some(slot) = flow_hash(flow).checked_rem(TABLE_SIZE.load()) else { return NO_BACKEND };
+fn previous_owner(vip: &VipInfo, hash: u32, current: BackendId) -> BackendId {
+    let Some(slot) = hash.checked_rem(TABLE_SIZE.load()) else { return NO_BACKEND };
     // A VIP's two tables are neighbours: the other is `table ^ 1`.
     let chunk = (vip.table ^ 1) * TABLE_CHUNKS.load() + slot / MAGLEV_LANES;
     match MAGLEV.get(chunk) {
@@ -135,17 +141,13 @@ fn second_chance(id: BackendId, owner: &BackendInfo) -> BackendId {
 }
 
 /// Points an existing record at `chosen`, writing only when it differs
-/// (a store dirties a cache line other CPUs may be reading). A reader on
-/// another CPU may see the old or the new entry, or, mid-store, a backend
-/// id with the other's generation: that never matches a live backend, so
-/// it takes a fresh Maglev choice, which is `chosen`'s.
+/// or its seal does not match (a store dirties a cache line other CPUs
+/// may be reading).
 #[inline(always)]
-fn rewrite(entry: *mut ConnEntry, chosen: ConnEntry) {
+fn rewrite(slot: *mut ConnSlot, flow: &FlowKey, hash: u32, chosen: ConnEntry) {
     // SAFETY: a map value pointer from this program's lookup; plain data.
-    unsafe {
-        if *entry != chosen {
-            *entry = chosen;
-        }
+    if unsafe { (*slot).sealed_entry(hash) } != Some(chosen) {
+        conntrack::write(slot, flow, hash, chosen);
     }
 }
 
@@ -189,8 +191,8 @@ fn recorded(entry: &ConnEntry) -> Option<&'static BackendInfo> {
 }
 
 #[inline(always)]
-fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendInfo), Reason> {
-    let slot = flow_hash(flow).checked_rem(TABLE_SIZE.load()).ok_or(Reason::DropNoBackend)?;
+fn maglev(vip: &VipInfo, hash: u32) -> Result<(BackendId, &'static BackendInfo), Reason> {
+    let slot = hash.checked_rem(TABLE_SIZE.load()).ok_or(Reason::DropNoBackend)?;
     let chunk = vip.table * TABLE_CHUNKS.load() + slot / MAGLEV_LANES;
     let lanes = MAGLEV.get(chunk).ok_or(Reason::DropNoBackend)?;
     let backend_id = lanes[(slot % MAGLEV_LANES) as usize];
@@ -209,10 +211,10 @@ fn maglev(vip: &VipInfo, flow: &FlowKey) -> Result<(BackendId, &'static BackendI
 
 /// Records a flow that has no entry yet, unless new flows arrive on this
 /// CPU faster than the configured limit: a flood of new flows must not
-/// push established ones out of the LRU. Unrecorded flows still land on
+/// push established ones out of the table. Unrecorded flows still land on
 /// the same backend while the table does not change.
 #[inline(always)]
-fn insert(flow: &FlowKey, entry: ConnEntry, stats: &mut GlobalStats) {
+fn insert(flow: &FlowKey, hash: u32, entry: ConnEntry, stats: &mut GlobalStats) {
     let limit = CONN_INSERT_LIMIT.load();
     if limit != 0 {
         // The coarse clock (one tick's resolution) is plenty for a one-second
@@ -229,8 +231,9 @@ fn insert(flow: &FlowKey, entry: ConnEntry, stats: &mut GlobalStats) {
         }
         stats.window_inserts += 1;
     }
-    // A full table evicts its least recently used entry; failure is not
-    // possible for an LRU map short of memory pressure, and then the flow
-    // still has its Maglev backend.
-    let _ = CONNTRACK.insert(flow, entry, 0);
+    let Some((slot, evicted)) = conntrack::victim(hash) else { return };
+    if evicted {
+        count_event(stats, Event::ConnEvicted);
+    }
+    conntrack::write(slot, flow, hash, entry);
 }

@@ -8,13 +8,11 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
-use lb_common::{
-    BackendId, BackendInfo, ConnEntry, Counter, FlowKey, GlobalStats, MaglevChunk, Meta, VipInfo, VipKey,
-    maps,
-};
+use lb_common::{BackendId, BackendInfo, Counter, GlobalStats, MaglevChunk, Meta, VipInfo, VipKey, maps};
 
 use super::{
     Maps,
+    conntrack::ConnTable,
     counters::Counters,
     store::{DataplaneError, StatsOf, Store, map_err},
     wire::VipId,
@@ -36,7 +34,7 @@ pub struct KernelCounters {
     stats: PerCpuArray<MapData, GlobalStats>,
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
-    conntrack: HashMap<MapData, FlowKey, ConnEntry>,
+    conntrack: ConnTable,
 }
 
 /// Opens map `name` as type `T`, from `get`.
@@ -80,7 +78,7 @@ impl KernelStore {
         let store = Self::build(&mut get)?;
         let counters = KernelCounters {
             stats: typed(&mut get, maps::STATS)?,
-            conntrack: typed(&mut get, maps::CONNTRACK)?,
+            conntrack: ConnTable::map(&typed(&mut get, maps::CONNTRACK)?)?,
             vip_stats: dup(&store.vip_stats, maps::VIP_STATS)?,
             backend_stats: dup(&store.backend_stats, maps::BACKEND_STATS)?,
         };
@@ -196,7 +194,7 @@ impl KernelCounters {
             stats: typed(&mut get, maps::STATS)?,
             vip_stats: typed(&mut get, maps::VIP_STATS)?,
             backend_stats: typed(&mut get, maps::BACKEND_STATS)?,
-            conntrack: typed(&mut get, maps::CONNTRACK)?,
+            conntrack: ConnTable::map(&typed(&mut get, maps::CONNTRACK)?)?,
         })
     }
 
@@ -238,6 +236,6 @@ impl Counters for KernelCounters {
     }
 
     fn conntrack_entries(&self) -> usize {
-        self.conntrack.keys().filter(Result::is_ok).count()
+        self.conntrack.entries()
     }
 }

@@ -20,7 +20,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{LAYOUT_VERSION, Meta, globals, maps};
+use lb_common::{LAYOUT_VERSION, Meta, conn_sets, globals, maps};
 
 use super::{
     kernel::{KernelCounters, KernelStore},
@@ -247,6 +247,7 @@ fn load_program(pin_dir: Option<&Path>, params: Params, iface_mac: [u8; 6]) -> R
         None => Vec::new(),
     };
     let chunks = table_chunks(&caps);
+    let conntrack_sets = conn_sets(caps.conntrack_size);
     let mut loader = EbpfLoader::new();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
@@ -257,7 +258,8 @@ fn load_program(pin_dir: Option<&Path>, params: Params, iface_mac: [u8; 6]) -> R
         .map_max_entries(maps::BACKENDS, caps.max_backends)
         .map_max_entries(maps::BACKEND_STATS, caps.max_backends)
         .map_max_entries(maps::MAGLEV, maglev_entries(&caps))
-        .map_max_entries(maps::CONNTRACK, caps.conntrack_size)
+        .map_max_entries(maps::CONNTRACK, conntrack_sets)
+        .override_global(globals::CONNTRACK_SETS, &conntrack_sets, true)
         .override_global(globals::TABLE_SIZE, &caps.table_size, true)
         .override_global(globals::TABLE_CHUNKS, &chunks, true)
         .override_global(globals::IFACE_MAC, &iface_mac, true)

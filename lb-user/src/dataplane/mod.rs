@@ -6,6 +6,7 @@
 //! Nothing above this module sees a wire value, a table number or a flag
 //! bit.
 
+pub mod conntrack;
 pub mod counters;
 pub mod decap;
 pub mod kernel;

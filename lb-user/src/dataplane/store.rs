@@ -35,6 +35,12 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot map {map} into memory")]
+    Mmap {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
 }

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{ConnEntry, Event, FAMILY_V4, FlowKey, GlobalStats, PROTO_TCP, Reason};
+use lb_common::{Event, FAMILY_V4, FlowKey, GlobalStats, PROTO_TCP, Reason};
 use xlb_tests::{
     daemon::Daemon,
     flood,
@@ -54,9 +54,7 @@ fn vips(lab: &Lab, backends: usize) -> String {
 /// How many of `talks` have a record in the connection table.
 fn recorded(lab: &Lab, talks: &[Conversation]) -> usize {
     let pin = xlb::config::default_pin_dir(&lab.lb_if).join(lb_common::maps::CONNTRACK);
-    let data = aya::maps::MapData::from_pin(&pin).unwrap();
-    let table: aya::maps::HashMap<_, FlowKey, ConnEntry> =
-        aya::maps::Map::from_map_data(data).unwrap().try_into().unwrap();
+    let table = xlb::dataplane::conntrack::ConnTable::from_pin(&pin).unwrap();
     let flow = |local: SocketAddr| {
         let mut f = FlowKey {
             proto: PROTO_TCP,
@@ -69,7 +67,7 @@ fn recorded(lab: &Lab, talks: &[Conversation]) -> usize {
         f.dst[..4].copy_from_slice(&VIP4.octets());
         f
     };
-    talks.iter().filter(|t| table.get(&flow(t.local), 0).is_ok()).count()
+    talks.iter().filter(|t| table.get(&flow(t.local)).is_some()).count()
 }
 
 fn moved(before: &GlobalStats, after: &GlobalStats, reason: Reason) -> u64 {

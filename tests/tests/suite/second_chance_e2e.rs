@@ -10,8 +10,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{ConnEntry, FlowKey};
+use xlb::dataplane::conntrack::ConnTable;
 use xlb_tests::{
     daemon::Daemon,
     lab::{VIP4, VIP6},
@@ -35,13 +34,7 @@ fn config(lab: &TunLab, backends: usize, second_chance: Option<u64>) -> String {
 /// Empties the balancer's connection table; how many records it held.
 fn flush_connection_table(lab: &TunLab) -> usize {
     let pin = xlb::config::default_pin_dir(&lab.lb_if).join(lb_common::maps::CONNTRACK);
-    let mut table: HashMap<_, FlowKey, ConnEntry> =
-        Map::from_map_data(MapData::from_pin(&pin).unwrap()).unwrap().try_into().unwrap();
-    let keys: Vec<FlowKey> = table.keys().filter_map(Result::ok).collect();
-    for k in &keys {
-        table.remove(k).unwrap();
-    }
-    keys.len()
+    ConnTable::from_pin(&pin).unwrap().clear()
 }
 
 fn previous_until(status: &serde_json::Value, vip: &str) -> Option<f64> {

@@ -1,0 +1,128 @@
+//! The connection table's layout, shared by the data plane that writes it
+//! and the daemon that reads it: an array of sets of `CONN_WAYS` slots,
+//! one cache line per slot. A flow has two sets, both from its flow hash:
+//! it is recorded in its first set while that has a free slot, else in its
+//! second. Slots fill in order and are never emptied, so a first set with
+//! a free slot ends the search at that slot: at low load a lookup reads
+//! one set, and a miss stops at the first free line.
+//!
+//! An array, not a kernel LRU hash map: an array lookup is inlined by the
+//! verifier (no helper call, no second hash), a lookup reads the lines of
+//! one set and nothing else (an LRU hash reads a bucket, then an element,
+//! and an insert takes a lock and list nodes), and a set is replaced by
+//! a per-set clock instead of a global LRU list.
+
+use crate::{ConnEntry, FlowKey};
+
+/// Slots per set: four lines in one 256-byte block, never across a page.
+pub const CONN_WAYS: usize = 4;
+
+/// One flow's record. `seal` ties `entry` to `key`: slots are written by
+/// any CPU without a lock, and a reader that catches a slot mid-write
+/// (one flow's key with another's entry) finds a seal that does not match
+/// and treats the slot as empty.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnSlot {
+    /// All zero for a slot never written (no flow has family 0).
+    pub key: FlowKey,
+    pub entry: ConnEntry,
+    pub seal: u64,
+    /// The set's clock: set by a packet that finds the record, cleared by
+    /// an insert passing over it. An insert takes the first free slot,
+    /// else the first one not used since the last pass.
+    pub used: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ConnSlot>() == 64);
+
+/// `CONNTRACK` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnSet {
+    pub slots: [ConnSlot; CONN_WAYS],
+}
+const _: () = assert!(size_of::<ConnSet>() == 64 * CONN_WAYS);
+
+/// Sets for a table of `slots` slots (rounded up to whole sets).
+pub const fn conn_sets(slots: u32) -> u32 {
+    slots.div_ceil(CONN_WAYS as u32)
+}
+
+/// The first set of a flow whose `flow_hash` is `hash`, in `0..sets`: the
+/// hash scaled to the range (a multiply, not a division; its top bits,
+/// where Maglev's slot takes the remainder).
+#[inline(always)]
+pub fn conn_set_index(hash: u32, sets: u32) -> u32 {
+    ((hash as u64 * sets as u64) >> 32) as u32
+}
+
+/// The second set: the hash's halves swapped and multiplied, so its top
+/// bits depend on every bit of the hash, then scaled alike.
+#[inline(always)]
+pub fn conn_set_index2(hash: u32, sets: u32) -> u32 {
+    conn_set_index(hash.rotate_left(16).wrapping_mul(0x9e37_79b1), sets)
+}
+
+/// The seal of `entry` recorded for a flow whose hash is `hash`. Never 0
+/// for a real flow but with odds of 2^-64; multiplying by an odd constant
+/// is a bijection, so two entries of one flow never share a seal.
+#[inline(always)]
+pub fn conn_seal(hash: u32, entry: &ConnEntry) -> u64 {
+    let bits = entry.backend_id as u64 | (entry.second as u64) << 16 | (entry.generation as u64) << 32;
+    (hash as u64) << 32 ^ hash as u64 ^ bits.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+impl ConnSlot {
+    /// Whether the slot holds `key` (sealed or not).
+    #[inline(always)]
+    pub fn holds(&self, key: &FlowKey) -> bool {
+        let (a, b) = (self.key.words(), key.words());
+        a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4]
+    }
+
+    /// The entry, if its seal matches (`hash`: the flow's hash).
+    #[inline(always)]
+    pub fn sealed_entry(&self, hash: u32) -> Option<ConnEntry> {
+        let entry = self.entry;
+        (self.seal == conn_seal(hash, &entry)).then_some(entry)
+    }
+
+    /// Whether the slot was ever written.
+    #[inline(always)]
+    pub fn is_free(&self) -> bool {
+        self.key.family == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FAMILY_V4, flow_hash};
+
+    #[test]
+    fn set_index_spans_the_range() {
+        assert_eq!(conn_set_index(0, 1000), 0);
+        assert_eq!(conn_set_index(u32::MAX, 1000), 999);
+        assert_eq!(conn_set_index(u32::MAX / 2, 1000), 499);
+        assert_eq!(conn_sets(1025), 257);
+        let mut covered = [false; 64];
+        (0..1000u32).for_each(|k| covered[conn_set_index2(k.wrapping_mul(0x0100_0193), 64) as usize] = true);
+        assert!(covered.iter().all(|&c| c), "the second set covers the range");
+    }
+
+    #[test]
+    fn seal_binds_entry_to_flow() {
+        let key = FlowKey { family: FAMILY_V4, proto: 6, sport_be: 1, dport_be: 80, ..FlowKey::default() };
+        let hash = flow_hash(&key);
+        let entry = ConnEntry { backend_id: 3, second: 0, generation: 7 };
+        let slot = ConnSlot { key, entry, seal: conn_seal(hash, &entry), ..ConnSlot::default() };
+        assert!(slot.holds(&key));
+        assert_eq!(slot.sealed_entry(hash), Some(entry));
+        // Another flow's entry under this key, or this entry under another hash: no match.
+        let torn = ConnSlot { entry: ConnEntry { backend_id: 4, ..entry }, ..slot };
+        assert_eq!(torn.sealed_entry(hash), None);
+        assert_eq!(slot.sealed_entry(hash ^ 1), None);
+        assert!(ConnSlot::default().is_free() && !ConnSlot::default().holds(&key));
+    }
+}
