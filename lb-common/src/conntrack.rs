@@ -10,7 +10,7 @@
 //! verifier (no helper call, no second hash), a lookup reads the lines of
 //! one set and nothing else (an LRU hash reads a bucket, then an element,
 //! and an insert takes a lock and list nodes), and a set is replaced by
-//! a per-set clock instead of a global LRU list.
+//! marks of use in the slots instead of a global LRU list.
 
 use crate::{ConnEntry, FlowKey};
 
@@ -28,9 +28,9 @@ pub struct ConnSlot {
     pub key: FlowKey,
     pub entry: ConnEntry,
     pub seal: u64,
-    /// The set's clock: set by a packet that finds the record, cleared by
-    /// an insert passing over it. An insert takes the first free slot,
-    /// else the first one not used since the last pass.
+    /// In use: set by a packet that finds the record; a new flow replaces
+    /// an unmarked record first, and clears its sets' marks when every
+    /// slot is marked.
     pub used: u32,
     pub _pad: u32,
 }

@@ -1,5 +1,5 @@
 //! The connection table (layout in `lb_common::ConnSet`): find a flow's
-//! slot in its two sets, record a flow, keep the sets' clock.
+//! slot in its two sets, record a flow, mark records in use.
 
 use core::{
     ptr::{addr_of_mut, write_volatile},
@@ -103,27 +103,27 @@ fn first_free(set: *mut ConnSet) -> Option<*mut ConnSlot> {
     (0..CONN_WAYS).map(|w| way(set, w)).find(|&slot| unsafe { (*slot).is_free() })
 }
 
-/// The clock's pass over `set`: the first slot not used since the last
-/// pass, clearing the marks it passes.
+/// The first slot of `set` not used since the marks were last cleared.
 #[inline(always)]
 fn unused(set: *mut ConnSet) -> Option<*mut ConnSlot> {
+    // SAFETY: valid slots of a map value; plain data.
+    (0..CONN_WAYS).map(|w| way(set, w)).find(|&slot| unsafe { (*slot).used == 0 })
+}
+
+#[inline(always)]
+fn clear_marks(set: *mut ConnSet) {
     for w in 0..CONN_WAYS {
-        let slot = way(set, w);
         // SAFETY: a valid slot of a map value; plain data.
-        unsafe {
-            if (*slot).used == 0 {
-                return Some(slot);
-            }
-            (*slot).used = 0;
-        }
+        unsafe { (*way(set, w)).used = 0 };
     }
-    None
 }
 
 /// The slot a new flow takes, and whether it held another flow: a free
-/// slot of the first set, else of the second, else the first slot either
-/// set's clock finds unused, else (every slot used since the last pass)
-/// the first set's slot the hash's low bits pick.
+/// slot of the first set, else of the second; else the first slot of
+/// either not used since the marks were cleared (a flow that only ever
+/// sent its SYN goes before one that is talking); else, every slot used,
+/// both sets' marks are cleared and the first set's slot the hash's low
+/// bits pick is taken.
 #[inline(always)]
 pub fn victim(hash: u32) -> Option<(*mut ConnSlot, bool)> {
     let first = first_set(hash)?;
@@ -134,7 +134,10 @@ pub fn victim(hash: u32) -> Option<(*mut ConnSlot, bool)> {
     if let Some(slot) = first_free(second) {
         return Some((slot, false));
     }
-    let slot =
-        unused(first).or_else(|| unused(second)).unwrap_or_else(|| way(first, hash as usize % CONN_WAYS));
+    let slot = unused(first).or_else(|| unused(second)).unwrap_or_else(|| {
+        clear_marks(first);
+        clear_marks(second);
+        way(first, hash as usize % CONN_WAYS)
+    });
     Some((slot, true))
 }

@@ -162,3 +162,32 @@ fn the_flood_guard_stops_recording_new_flows_beyond_the_limit() {
     assert_eq!(plane.event(Event::ConnInsertSkipped).unwrap(), 15);
     assert_eq!(plane.counters.conntrack_entries(), 5, "established entries are not pushed out");
 }
+
+#[test]
+fn a_full_table_replaces_flows_that_never_talked_before_those_that_do() {
+    // 1024 slots: 256 sets of four, two sets per flow.
+    let capacities = Capacities { table_size: 251, max_vips: 4, max_backends: 32, conntrack_size: 1024 };
+    let mut plane = Plane::new(params(capacities)).expect("load program xlb");
+    let before = web(&[(1, 1), (2, 1)]);
+    plane.apply(std::slice::from_ref(&before)).unwrap();
+    let talking: Vec<u16> = (1024..1040).collect();
+    let owner: Vec<u8> = talking.iter().map(|&p| sent_to(&plane, &tcp_frame(p, TCP_SYN))).collect();
+    talking.iter().for_each(|&p| drop(sent_to(&plane, &tcp_frame(p, TCP_ACK))));
+    // A SYN flood four times the table's size, the talking flows going on
+    // between its waves.
+    for wave in 0..8u16 {
+        for p in 0..512 {
+            sent_to(&plane, &tcp_frame(10_000 + wave * 512 + p, TCP_SYN));
+        }
+        talking.iter().for_each(|&p| drop(sent_to(&plane, &tcp_frame(p, TCP_ACK))));
+    }
+    let evicted = plane.event(Event::ConnEvicted).unwrap();
+    assert!(evicted >= 4096 - 1024, "the flood replaced records: {evicted} counted");
+    assert_eq!(plane.counters.conntrack_entries(), 1024, "every slot holds a record");
+    // A new table moves flows; the talking ones keep their recorded backend.
+    plane.apply(&[web(&[(1, 1), (2, 1), (3, 1), (4, 1)])]).unwrap();
+    let hits = plane.event(Event::ConnHit).unwrap();
+    let now: Vec<u8> = talking.iter().map(|&p| sent_to(&plane, &tcp_frame(p, TCP_ACK))).collect();
+    assert_eq!(now, owner, "no talking flow lost its record");
+    assert_eq!(plane.event(Event::ConnHit).unwrap(), hits + talking.len() as u64);
+}
