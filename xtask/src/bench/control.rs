@@ -343,9 +343,7 @@ fn memory(section: &mut Section) -> anyhow::Result<()> {
         Capacities { conntrack_size: base.conntrack_size * 2, ..base },
         base.conntrack_size,
         "map memory per connection-table entry",
-        "Preallocated LRU hash element: 40-byte key, 8-byte value, the kernel's element header and \
-         per-CPU LRU bookkeeping."
-            .into(),
+        "One 64-byte slot: 40-byte key, 8-byte entry, its seal and its mark of use.".into(),
     )?);
     Ok(())
 }

@@ -607,8 +607,8 @@ fn measure_all(
                 }
                 Kind::SynEvict => {
                     row = row.note(format!(
-                        "Connection table of {SMALL_CONNTRACK} entries filled first: every insert evicts the \
-                         least recently used entry (steady state of a busy balancer)."
+                        "Connection table of {SMALL_CONNTRACK} entries filled first: every insert replaces \
+                         another flow's record (steady state of a busy balancer)."
                     ))
                 }
                 _ => {}
