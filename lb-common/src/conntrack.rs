@@ -84,8 +84,12 @@ impl ConnSlot {
     /// The entry, if its seal matches (`hash`: the flow's hash).
     #[inline(always)]
     pub fn sealed_entry(&self, hash: u32) -> Option<ConnEntry> {
-        let entry = self.entry;
-        (self.seal == conn_seal(hash, &entry)).then_some(entry)
+        // Each read once: other CPUs write the slot, and the entry returned
+        // must be the one checked.
+        // SAFETY: plain data behind a reference.
+        let (entry, seal) =
+            unsafe { (core::ptr::read_volatile(&self.entry), core::ptr::read_volatile(&self.seal)) };
+        (seal == conn_seal(hash, &entry)).then_some(entry)
     }
 
     /// Whether the slot was ever written.

@@ -277,7 +277,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::DecapSource {}
     unsafe impl aya::Pod for super::Meta {}
-    unsafe impl aya::Pod for super::ConnEntry {}
     unsafe impl aya::Pod for crate::ConnSet {}
     unsafe impl aya::Pod for super::GlobalStats {}
     unsafe impl aya::Pod for super::DecapKey {}

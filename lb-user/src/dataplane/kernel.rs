@@ -78,7 +78,7 @@ impl KernelStore {
         let store = Self::build(&mut get)?;
         let counters = KernelCounters {
             stats: typed(&mut get, maps::STATS)?,
-            conntrack: ConnTable::map(&typed(&mut get, maps::CONNTRACK)?)?,
+            conntrack: ConnTable::new(&typed(&mut get, maps::CONNTRACK)?)?,
             vip_stats: dup(&store.vip_stats, maps::VIP_STATS)?,
             backend_stats: dup(&store.backend_stats, maps::BACKEND_STATS)?,
         };
@@ -194,7 +194,7 @@ impl KernelCounters {
             stats: typed(&mut get, maps::STATS)?,
             vip_stats: typed(&mut get, maps::VIP_STATS)?,
             backend_stats: typed(&mut get, maps::BACKEND_STATS)?,
-            conntrack: ConnTable::map(&typed(&mut get, maps::CONNTRACK)?)?,
+            conntrack: ConnTable::new(&typed(&mut get, maps::CONNTRACK)?)?,
         })
     }
 
@@ -236,6 +236,10 @@ impl Counters for KernelCounters {
     }
 
     fn conntrack_entries(&self) -> usize {
-        self.conntrack.entries()
+        // A table that cannot be mapped counts as empty; the failure is logged.
+        self.conntrack.entries().unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            0
+        })
     }
 }

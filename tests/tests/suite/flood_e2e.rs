@@ -67,7 +67,7 @@ fn recorded(lab: &Lab, talks: &[Conversation]) -> usize {
         f.dst[..4].copy_from_slice(&VIP4.octets());
         f
     };
-    talks.iter().filter(|t| table.get(&flow(t.local)).is_some()).count()
+    talks.iter().filter(|t| table.get(&flow(t.local)).unwrap().is_some()).count()
 }
 
 fn moved(before: &GlobalStats, after: &GlobalStats, reason: Reason) -> u64 {

@@ -607,7 +607,7 @@ fn measure_all(
                 }
                 Kind::SynEvict => {
                     row = row.note(format!(
-                        "Connection table of {SMALL_CONNTRACK} entries filled first: every insert replaces \
+                        "Connection table of {SMALL_CONNTRACK} slots filled first: every insert replaces \
                          another flow's record (steady state of a busy balancer)."
                     ))
                 }
