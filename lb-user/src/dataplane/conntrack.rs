@@ -4,7 +4,7 @@
 //! and the table's pages count in the daemon's memory only while it reads.
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
     ptr::NonNull,
 };
@@ -16,9 +16,9 @@ use lb_common::{
 
 use super::store::{DataplaneError, map_err};
 
-/// A descriptor of the table and its size in sets.
+/// The table's map and its size in sets.
 pub struct ConnTable {
-    fd: OwnedFd,
+    array: Array<MapData, ConnSet>,
     sets: u32,
 }
 
@@ -29,15 +29,9 @@ struct Mapping {
 }
 
 impl ConnTable {
-    /// The table behind `array`, through a descriptor of its own.
-    pub fn new(array: &Array<MapData, ConnSet>) -> Result<Self, DataplaneError> {
-        let fd = array
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| DataplaneError::Dup { map: maps::CONNTRACK, source })?;
-        Ok(ConnTable { fd, sets: array.len() })
+    /// The table behind `array`.
+    pub fn new(array: Array<MapData, ConnSet>) -> Self {
+        ConnTable { sets: array.len(), array }
     }
 
     /// The table pinned at `path`.
@@ -46,15 +40,23 @@ impl ConnTable {
             .map_err(|source| DataplaneError::Pinned { path: path.to_path_buf(), source })?;
         let array =
             Map::from_map_data(data).and_then(Array::try_from).map_err(map_err(maps::CONNTRACK, "open"))?;
-        Self::new(&array)
+        Ok(Self::new(array))
     }
 
     fn mapping(&self, prot: libc::c_int) -> Result<Mapping, DataplaneError> {
         let len = self.sets as usize * size_of::<ConnSet>();
         // SAFETY: a fresh shared mapping of a map descriptor; the kernel checks
         // the length against the array's size.
-        let addr =
-            unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, self.fd.as_raw_fd(), 0) };
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                self.array.map().fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
         if addr == libc::MAP_FAILED {
             return Err(DataplaneError::Mmap {
                 map: maps::CONNTRACK,

@@ -78,7 +78,7 @@ impl KernelStore {
         let store = Self::build(&mut get)?;
         let counters = KernelCounters {
             stats: typed(&mut get, maps::STATS)?,
-            conntrack: ConnTable::new(&typed(&mut get, maps::CONNTRACK)?)?,
+            conntrack: ConnTable::new(typed(&mut get, maps::CONNTRACK)?),
             vip_stats: dup(&store.vip_stats, maps::VIP_STATS)?,
             backend_stats: dup(&store.backend_stats, maps::BACKEND_STATS)?,
         };
@@ -194,7 +194,7 @@ impl KernelCounters {
             stats: typed(&mut get, maps::STATS)?,
             vip_stats: typed(&mut get, maps::VIP_STATS)?,
             backend_stats: typed(&mut get, maps::BACKEND_STATS)?,
-            conntrack: ConnTable::new(&typed(&mut get, maps::CONNTRACK)?)?,
+            conntrack: ConnTable::new(typed(&mut get, maps::CONNTRACK)?),
         })
     }
 
