@@ -34,7 +34,7 @@ pub struct Target {
 
 /// The backend for a flow that passed `may_be_vip`.
 ///
-/// Every packet looks its flow up once. Only flows to a VIP are recorded,
+/// Every packet but a SYN looks its flow up first. Only flows to a VIP are recorded,
 /// and a valid entry's backend names the VIP and its mode, so an
 /// established flow costs one set of the connection table, not a VIP
 /// lookup too. That path is inlined into the caller, which saves a
@@ -44,11 +44,12 @@ pub struct Target {
 #[inline(always)]
 pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
     let hash = flow_hash(&p.flow);
-    let slot = conntrack::find(hash, &p.flow);
-    if let Some(slot) = slot
+    // A SYN chooses afresh whatever its record says: its set is read in
+    // `choose`, after the Maglev table.
+    if !p.opens_connection()
+        && let Some(slot) = conntrack::find(hash, &p.flow)
         // SAFETY: a map value pointer is valid while the program runs.
         && let Some(recorded_entry) = unsafe { (*slot).sealed_entry(hash) }
-        && !p.opens_connection()
         && let Some(backend) = recorded(&recorded_entry)
     {
         conntrack::touch(slot);
@@ -66,18 +67,18 @@ pub fn backend(p: &Parsed, stats: &mut GlobalStats) -> Result<Target, Reason> {
 /// A fresh choice (VIP lookup, Maglev) for a flow with no valid record,
 /// or a SYN (`hash`: its flow hash). A flow that has a slot (stale, a
 /// retransmitted SYN, a reused port, caught mid-write) has it rewritten in
-/// place, which is not an insert the flood guard needs to hold back. The
-/// slot is found again here rather than passed: one more argument would
-/// not fit BPF's five registers beside the returned value's pointer, and
-/// the lines are in cache.
+/// place, which is not an insert the flood guard needs to hold back.
+///
+/// The slot is looked for after the Maglev table is read: for a SYN,
+/// whose set nothing has read yet, the CPU then fetches both lines at
+/// once instead of one after the other (a set of a large table is most
+/// often in memory, not cache). Other packets found their slot in
+/// `backend` (it is in cache): one more argument would not fit BPF's
+/// five registers beside the returned value's pointer.
 #[inline(never)]
 fn choose(p: &Parsed, hash: u32, stats: &mut GlobalStats) -> Result<Target, Reason> {
-    let slot = conntrack::find(hash, &p.flow);
     // SAFETY: the value is only read, and VIPS entries are replaced whole.
     let vip = unsafe { VIPS.get(p.flow.vip_key()) }.ok_or(Reason::PassNotVip)?;
-    if slot.is_some() && !p.opens_connection() {
-        count_event(stats, Event::ConnRebalanced);
-    }
     if p.icmp_error {
         count_event(stats, Event::IcmpSteered);
     }
@@ -85,6 +86,15 @@ fn choose(p: &Parsed, hash: u32, stats: &mut GlobalStats) -> Result<Target, Reas
     // An ICMP error is about a flow, not part of it: it records nothing.
     if p.icmp_error {
         return Ok(Target { backend_id, backend, second: NO_BACKEND });
+    }
+    let slot = conntrack::find(hash, &p.flow);
+    // A record `backend` did not follow, whole (not caught mid-write):
+    // its backend is gone.
+    if !p.opens_connection()
+        // SAFETY: a map value pointer is valid while the program runs.
+        && slot.is_some_and(|slot| unsafe { (*slot).sealed_entry(hash) }.is_some())
+    {
+        count_event(stats, Event::ConnRebalanced);
     }
     // A SYN stays where the current table sends it; a mid-flow packet this
     // node has no record of may belong to the previous table's owner.

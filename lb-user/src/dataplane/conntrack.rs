@@ -107,9 +107,35 @@ impl ConnTable {
         }
         Ok(held)
     }
+
+    /// Writes a record of `flow` with `seal` as given into the first slot
+    /// of its first set that holds it or is free (the set's first slot if
+    /// neither). For tests: a seal that does not match `entry` is a slot
+    /// another CPU was caught writing.
+    pub fn plant(&self, flow: &FlowKey, entry: ConnEntry, seal: u64) -> Result<(), DataplaneError> {
+        let m = self.mapping(libc::PROT_READ | libc::PROT_WRITE)?;
+        let set = conn_set_index(flow_hash(flow), self.sets);
+        let way = (0..CONN_WAYS)
+            .find(|&way| {
+                let slot = m.slot(set, way);
+                slot.holds(flow) || slot.is_free()
+            })
+            .unwrap_or(0);
+        m.put(set, way, ConnSlot { key: *flow, entry, seal, ..ConnSlot::default() });
+        Ok(())
+    }
 }
 
 impl Mapping {
+    /// Writes one slot whole (volatile, as in `slot`).
+    fn put(&self, set: u32, way: usize, slot: ConnSlot) {
+        assert!(set < self.sets && way < CONN_WAYS);
+        // SAFETY: in bounds (checked above), mapped writable by the caller.
+        unsafe {
+            std::ptr::addr_of_mut!((*self.base.as_ptr().add(set as usize)).slots[way]).write_volatile(slot)
+        }
+    }
+
     /// A copy of one slot, as the data plane left it.
     fn slot(&self, set: u32, way: usize) -> ConnSlot {
         assert!(set < self.sets && way < CONN_WAYS);

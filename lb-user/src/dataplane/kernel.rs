@@ -187,6 +187,11 @@ impl Store for KernelStore {
 }
 
 impl KernelCounters {
+    /// The connection table.
+    pub fn conntrack(&self) -> &ConnTable {
+        &self.conntrack
+    }
+
     /// Opens the counting maps pinned under `dir`.
     pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
         let mut get = pinned(dir);

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{Event, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{ConnEntry, Event, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, Reason, conn_seal, flow_hash};
 use xlb::{
     config::Capacities, control::desired::DesiredVip, dataplane::Counters as _, dataplane::loader::Params,
     model::Protocol,
@@ -149,6 +149,61 @@ fn a_table_entry_naming_another_vips_backend_is_neither_used_nor_recorded() {
     assert_eq!(out.action, XDP_DROP);
     assert_eq!(plane.reason(Reason::DropNoBackend).unwrap().packets, 1);
     assert_eq!(plane.counters.conntrack_entries(), 0, "nothing recorded for the flow");
+}
+
+fn tcp_flow(sport: u16) -> FlowKey {
+    let mut f = FlowKey {
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        sport_be: sport.to_be(),
+        dport_be: 80u16.to_be(),
+        ..FlowKey::default()
+    };
+    f.src[..4].copy_from_slice(&CLIENT.octets());
+    f.dst[..4].copy_from_slice(&VIP.octets());
+    f
+}
+
+#[test]
+fn a_record_caught_mid_write_reads_as_empty_and_only_a_whole_stale_one_counts_as_rebalanced() {
+    let mut plane = plane(0);
+    plane.apply(&[web(&[(1, 1), (2, 1), (3, 1)])]).unwrap();
+    let table = plane.counters.conntrack();
+    // A real record of backend `b` (from its SYN), and three flows that
+    // Maglev sends elsewhere, each given a copy of that record.
+    let b_port = 40_000;
+    let b = sent_to(&plane, &tcp_frame(b_port, TCP_SYN));
+    let record = table.get(&tcp_flow(b_port)).unwrap().expect("the SYN was recorded");
+    let mut elsewhere = (b_port + 1..u16::MAX).filter(|&p| sent_to(&plane, &tcp_frame(p, TCP_SYN)) != b);
+    let [sealed, torn, stale] = [(); 3].map(|_| elsewhere.next().expect("Maglev spreads flows"));
+    // SYNs above recorded these flows: start them afresh.
+    table.clear().unwrap();
+    let seal = |port, entry| conn_seal(flow_hash(&tcp_flow(port)), &entry);
+    table.plant(&tcp_flow(sealed), record, seal(sealed, record)).unwrap();
+    table.plant(&tcp_flow(torn), record, seal(torn, record) ^ 1).unwrap();
+    let old = ConnEntry { generation: record.generation.wrapping_sub(1), ..record };
+    table.plant(&tcp_flow(stale), old, seal(stale, old)).unwrap();
+
+    let events = |plane: &Plane| {
+        [Event::ConnHit, Event::ConnNew, Event::ConnRebalanced].map(|e| plane.event(e).unwrap())
+    };
+    let before = events(&plane);
+    assert_eq!(sent_to(&plane, &tcp_frame(sealed, TCP_ACK)), b, "a whole record is followed");
+    let after_sealed = events(&plane);
+    assert_eq!(after_sealed, [before[0] + 1, before[1], before[2]], "hit, nothing chosen");
+
+    let chosen = sent_to(&plane, &tcp_frame(torn, TCP_ACK));
+    assert_ne!(chosen, b, "a slot whose seal does not match reads as empty: Maglev's choice");
+    let after_torn = events(&plane);
+    assert_eq!(after_torn, [after_sealed[0], after_sealed[1] + 1, after_sealed[2]], "chosen, not rebalanced");
+    let rewritten = table.get(&tcp_flow(torn)).unwrap().expect("rewritten in place, sealed");
+    assert_ne!(rewritten.backend_id, record.backend_id);
+    assert_eq!(sent_to(&plane, &tcp_frame(torn, TCP_ACK)), chosen, "and followed from then on");
+
+    assert_ne!(sent_to(&plane, &tcp_frame(stale, TCP_ACK)), b, "a record of a backend's old generation");
+    let after_stale = events(&plane);
+    assert_eq!(after_stale[1..], [after_torn[1] + 1, after_torn[2] + 1], "rebalanced");
+    assert_eq!(table.entries().unwrap(), 3, "every flow in the one slot it had");
 }
 
 #[test]
