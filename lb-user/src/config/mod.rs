@@ -130,6 +130,14 @@ pub struct Capacities {
     pub conntrack_size: u32,
 }
 
+impl Capacities {
+    /// The connection table's slots: `conntrack_size` rounded up to whole
+    /// sets, what the table holds and what status reports.
+    pub fn conntrack_slots(&self) -> u32 {
+        lb_common::conn_sets(self.conntrack_size) * lb_common::CONN_WAYS as u32
+    }
+}
+
 /// The admin HTTP API (metrics, status, drain).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminConfig {

@@ -327,3 +327,10 @@ fn the_top_level_check_applies_to_tcp_vips_without_their_own() {
     let bad_top = "interface = \"eth0\"\n[check]\nkind = \"tcp\"\nrise = 0\n";
     assert!(parse(bad_top).unwrap_err().contains("check.rise: 0 is outside 1..=100"));
 }
+
+#[test]
+fn the_connection_table_holds_whole_sets() {
+    let caps = |conntrack_size| Capacities { table_size: 13, max_vips: 1, max_backends: 1, conntrack_size };
+    assert_eq!(caps(1024).conntrack_slots(), 1024);
+    assert_eq!(caps(1025).conntrack_slots(), 1028, "rounded up to a set of four");
+}

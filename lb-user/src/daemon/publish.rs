@@ -92,7 +92,7 @@ impl<S: Store, R: Host> Daemon<S, R> {
             table_size: caps.table_size,
             max_vips: caps.max_vips,
             max_backends: caps.max_backends,
-            conntrack_size: caps.conntrack_size,
+            conntrack_size: caps.conntrack_slots(),
             vips: {
                 // One copy of the checker's table for every VIP's checks.
                 let progress = self.checker.progress();

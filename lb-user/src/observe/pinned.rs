@@ -42,7 +42,7 @@ pub fn read(pin_dir: &Path, interface: Option<&str>, files: Option<&RunFiles>) -
         table_size: caps.table_size,
         max_vips: caps.max_vips,
         max_backends: caps.max_backends,
-        conntrack_size: caps.conntrack_size,
+        conntrack_size: caps.conntrack_slots(),
         vips,
         ..Status::default()
     };

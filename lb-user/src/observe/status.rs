@@ -37,6 +37,7 @@ pub struct Status {
     pub table_size: u32,
     pub max_vips: u32,
     pub max_backends: u32,
+    /// Connection-table slots: `conntrack_size` rounded up to whole sets.
     pub conntrack_size: u32,
     pub conntrack_entries: usize,
     pub reasons: BTreeMap<String, Traffic>,
