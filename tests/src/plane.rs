@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{Ebpf, TestRun as _, TestRunOptions, programs::Xdp};
+use aya::{
+    Ebpf, TestRun as _, TestRunOptions,
+    programs::{Xdp, xdp::XdpLinkId},
+};
 use lb_common::{Counter, Event, FlowKey, Reason, flow_hash};
 use xlb::{
     config::Capacities,
@@ -25,6 +28,7 @@ use crate::{frames::LB_MAC, netns::Netns};
 
 pub struct Plane {
     ebpf: Ebpf,
+    link: Option<XdpLinkId>,
     pub maps: Maps<KernelStore>,
     pub counters: KernelCounters,
     pub reconciler: Reconciler,
@@ -61,7 +65,7 @@ impl Plane {
     pub fn with_mac(params: Params, iface_mac: [u8; 6]) -> anyhow::Result<Plane> {
         crate::require_root();
         let (ebpf, maps, counters) = loader::load_detached(params, iface_mac)?;
-        Ok(Plane { ebpf, maps, counters, reconciler: Reconciler::new(params.capacities) })
+        Ok(Plane { ebpf, link: None, maps, counters, reconciler: Reconciler::new(params.capacities) })
     }
 
     /// Applies `vips` at `now`; removed backends drain for `drain_timeout`.
@@ -86,12 +90,25 @@ impl Plane {
     }
 
     /// Attaches program `xlb` in native mode to `interface` of `ns`; it
-    /// stays attached until the plane is dropped.
+    /// stays attached until [`Plane::detach`] or the plane is dropped.
     pub fn attach(&mut self, ns: &Netns, interface: &str) -> anyhow::Result<()> {
-        let program: &mut Xdp =
-            self.ebpf.program_mut(loader::PROGRAM).expect("program xlb").try_into().expect("XDP program");
-        ns.run(|| program.attach(interface, aya::programs::XdpMode::Driver).map(drop))?;
+        let program = self.program_mut();
+        let link = ns.run(|| program.attach(interface, aya::programs::XdpMode::Driver))?;
+        self.link = Some(link);
         Ok(())
+    }
+
+    /// Detaches the program from the interface `attach` gave it, if any;
+    /// maps and their contents stay.
+    pub fn detach(&mut self) -> anyhow::Result<()> {
+        if let Some(link) = self.link.take() {
+            self.program_mut().detach(link)?;
+        }
+        Ok(())
+    }
+
+    fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf.program_mut(loader::PROGRAM).expect("program xlb").try_into().expect("XDP program")
     }
 
     /// Runs one frame through the program.

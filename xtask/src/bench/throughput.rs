@@ -111,10 +111,25 @@ impl Generator {
         std::fs::write(&conf, trafgen_config(pair, traffic))?;
         let log = conf.with_extension("log");
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &pair.gen_ns.name, "trafgen", "--dev", "g0", "--conf"])
-            .arg(&conf)
-            // One process; leave the host's socket memory and IRQ affinity alone.
-            .args(["--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"]);
+        // Pinned: the kernel runs both veth ends' receive work on the
+        // sender's CPU, so the whole path stays on one CPU instead of
+        // spreading over two at the scheduler's whim from window to window.
+        let cpu = kit::bench_cpu().to_string();
+        cmd.args([
+            "netns",
+            "exec",
+            &pair.gen_ns.name,
+            "taskset",
+            "-c",
+            &cpu,
+            "trafgen",
+            "--dev",
+            "g0",
+            "--conf",
+        ])
+        .arg(&conf)
+        // One process; leave the host's socket memory and IRQ affinity alone.
+        .args(["--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"]);
         Ok(Generator::Trafgen(Group::spawn(cmd, "trafgen", Some(&log))?, log))
     }
 
@@ -228,8 +243,11 @@ impl Drop for Pktgen {
 }
 
 /// What the program under test is.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Under {
     Helper(&'static str),
+    /// `xdp_line` over as many lines as xlb's connection table has slots.
+    Line,
     Xlb,
 }
 
@@ -241,13 +259,27 @@ struct Case {
     offered: bool,
 }
 
+/// What a case gave over its windows.
+#[derive(Default)]
 struct Measured {
     rates: Vec<f64>,
     offered: Vec<f64>,
     generator: &'static str,
-    /// Packets offered and returned over the whole case.
+    /// Packets offered and returned over every window.
     totals: (u64, u64),
-    stats: Option<(GlobalStats, GlobalStats)>,
+    /// xlb's counters before and after each window.
+    stats: Vec<(GlobalStats, GlobalStats)>,
+}
+
+impl Measured {
+    fn add(&mut self, w: Window, offered_only: bool) {
+        self.rates.push(if offered_only { w.offered } else { w.returned });
+        self.offered.push(w.offered);
+        self.generator = w.generator;
+        self.totals.0 += w.totals.0;
+        self.totals.1 += w.totals.1;
+        self.stats.extend(w.stats);
+    }
 }
 
 fn xlb_params() -> Params {
@@ -284,7 +316,9 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
     let mut section = Section::new(
         "2a. Throughput in namespaces (generator → veth → XDP_TX back)",
         &format!(
-            "{runs} windows of {window} s after {warmup} s warm-up per case; generator: {} (one process, \
+            "{runs} rounds of one {window} s window per case, cases interleaved so that other load on the \
+             host weighs on all alike; each window after {warmup} s of a fresh generator's warm-up; \
+             generator: {} (one process, \
              60-byte frames; pktgen would send UDP to the UDP VIPs, SYN floods always use trafgen). Figure = \
              frames returned to the generator side per second (XDP_DROP: frames offered). Generator, veth and \
              XDP share a CPU: compare by ratio to the MAC-swap bounce with the same traffic. Established: \
@@ -321,6 +355,18 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
             offered: false,
         },
         Case {
+            name: "memory floor bounce (a line of a 16 MB array read per frame)",
+            under: Under::Line,
+            traffic: Traffic::Established(VIP_DR),
+            offered: false,
+        },
+        Case {
+            name: "memory floor bounce, SYN-flood traffic",
+            under: Under::Line,
+            traffic: Traffic::SynFlood(VIP_DR),
+            offered: false,
+        },
+        Case {
             name: "xlb DR, established flows",
             under: Under::Xlb,
             traffic: Traffic::Established(VIP_DR),
@@ -345,46 +391,44 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
             offered: false,
         },
     ];
-    let mut results = Vec::new();
-    let mut xlb: Option<Plane> = None;
-    let mut helper: Option<(&str, aux::Attached)> = None;
-    for case in &cases {
-        match case.under {
-            Under::Helper(name) => {
-                if helper.as_ref().map(|h| h.0) != Some(name) {
-                    // One XDP program per interface: detach the previous one first.
-                    drop(helper.take());
-                    helper = Some((name, aux::attach(name, "x0", &pair.lb)?));
+    // Rounds of one window per case, so that whatever else loads the host
+    // in a round weighs on every case alike.
+    let mut results: Vec<Measured> = cases.iter().map(|_| Measured::default()).collect();
+    let mut xlb = Plane::with_mac(xlb_params(), pair.x0_mac)?;
+    xlb.apply(&xlb_vips(pair.g0_mac))?;
+    let mut on_x0: Option<OnX0> = None;
+    for _ in 0..runs {
+        for (case, m) in cases.iter().zip(&mut results) {
+            if on_x0.as_ref().map(|o| o.under) != Some(case.under) {
+                // One XDP program per interface: detach the previous one first.
+                if let Some(OnX0 { under: Under::Xlb, .. }) = on_x0.take() {
+                    xlb.detach()?;
                 }
+                let helper = match case.under {
+                    Under::Helper(name) => Some(aux::attach(name, "x0", &pair.lb)?),
+                    Under::Line => {
+                        let ebpf = aux::load_line(xlb_params().capacities.conntrack_size)?;
+                        Some(aux::attach_loaded(ebpf, "xdp_line", "x0", &pair.lb)?)
+                    }
+                    Under::Xlb => {
+                        xlb.attach(&pair.lb, "x0")?;
+                        None
+                    }
+                };
+                on_x0 = Some(OnX0 { under: case.under, _helper: helper });
             }
-            Under::Xlb => {
-                helper = None;
-                if xlb.is_none() {
-                    let mut loaded = Plane::with_mac(xlb_params(), pair.x0_mac)?;
-                    loaded.apply(&xlb_vips(pair.g0_mac))?;
-                    loaded.attach(&pair.lb, "x0")?;
-                    xlb = Some(loaded);
-                }
-            }
+            let under_xlb = matches!(case.under, Under::Xlb).then_some(&xlb);
+            let w = measure(&pair, case, under_xlb, &dir.0, use_pktgen, warmup, window)
+                .with_context(|| format!("throughput: {}", case.name))?;
+            m.add(w, case.offered);
         }
-        let m = measure(
-            &pair,
-            case,
-            xlb.as_ref().filter(|_| matches!(case.under, Under::Xlb)),
-            &dir.0,
-            use_pktgen,
-            warmup,
-            window,
-            runs,
-        )
-        .with_context(|| format!("throughput: {}", case.name))?;
-        results.push(m);
     }
+    drop(on_x0);
     drop(xlb);
-    drop(helper);
 
     let est_base = median(&results[1].rates);
     let syn_base = median(&results[2].rates);
+    let (est_floor, syn_floor) = (median(&results[3].rates), median(&results[4].rates));
     for (case, m) in cases.iter().zip(&results) {
         let samples: Vec<f64> = m.rates.iter().map(|r| r / 1e6).collect();
         let (base_name, base) = match case.traffic {
@@ -400,9 +444,22 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
         if case.offered {
             row = row.note("Frames offered to x0 and dropped there: the most the generator can push.");
         }
-        if let Some((before, after)) = &m.stats {
-            let d = |r: Reason| after.reasons[r as usize].packets - before.reasons[r as usize].packets;
-            let e = |ev: Event| after.events[ev as usize] - before.events[ev as usize];
+        if case.under == Under::Line {
+            row = row.note(
+                "The frame bounced unchanged after reading the line of an array as big as xlb's connection table that \
+                 the frame's flow picks: the least any program keeping state per flow costs.",
+            );
+        }
+        if !m.stats.is_empty() {
+            let d = |r: Reason| -> u64 {
+                m.stats
+                    .iter()
+                    .map(|(b, a)| a.reasons[r as usize].packets - b.reasons[r as usize].packets)
+                    .sum()
+            };
+            let e = |ev: Event| -> u64 {
+                m.stats.iter().map(|(b, a)| a.events[ev as usize] - b.events[ev as usize]).sum()
+            };
             let (fwd, hit, new, skipped) =
                 (d(Reason::Forwarded), e(Event::ConnHit), e(Event::ConnNew), e(Event::ConnInsertSkipped));
             // Every frame the program saw got exactly one reason.
@@ -416,13 +473,16 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
             let pct = |a: u64, b: u64| if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 };
             row = match case.traffic {
                 Traffic::Established(_) => row.target(Target::ratio_at_least(0.95)).note(format!(
-                    "xlb forwarded {:.2}% of the frames it saw; {:.2}% followed the connection table.",
+                    "{:.3}× the memory floor bounce. xlb forwarded {:.2}% of the frames it saw; {:.2}% \
+                     followed the connection table.",
+                    median(&m.rates) / est_floor,
                     pct(fwd, seen),
                     pct(hit, hit + new)
                 )),
                 Traffic::SynFlood(_) => row.target(Target::ratio_at_least(0.90)).note(format!(
-                    "xlb forwarded {:.2}% of the frames it saw; {new} new flows, {:.1}% of them not \
-                     recorded by the flood guard.",
+                    "{:.3}× the memory floor bounce. xlb forwarded {:.2}% of the frames it saw; {new} new \
+                     flows, {:.1}% of them not recorded by the flood guard.",
+                    median(&m.rates) / syn_floor,
                     pct(fwd, seen),
                     pct(skipped, new)
                 )),
@@ -433,7 +493,22 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
     Ok(section)
 }
 
-#[expect(clippy::too_many_arguments, reason = "a measurement's knobs, all used once")]
+/// What x0 runs.
+struct OnX0 {
+    under: Under,
+    /// Held for its Drop, which detaches the helper.
+    _helper: Option<aux::Attached>,
+}
+
+/// One window of the counters while the generator sends `case`'s traffic.
+struct Window {
+    returned: f64,
+    offered: f64,
+    generator: &'static str,
+    totals: (u64, u64),
+    stats: Option<(GlobalStats, GlobalStats)>,
+}
+
 fn measure(
     pair: &Pair,
     case: &Case,
@@ -442,8 +517,7 @@ fn measure(
     use_pktgen: bool,
     warmup: f64,
     window: f64,
-    runs: usize,
-) -> anyhow::Result<Measured> {
+) -> anyhow::Result<Window> {
     let mut generator = Generator::start(pair, case.traffic, dir, use_pktgen)?;
     std::thread::sleep(kit::secs(warmup));
     generator.check()?;
@@ -460,32 +534,24 @@ fn measure(
     }
     let stats_before = xlb.map(|x| x.counters.global()).transpose()?;
     let first = kit::counters(&pair.lb, "x0")?;
-    let mut last = first;
-    let (mut rates, mut offered) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        std::thread::sleep(kit::secs(window));
-        let now = kit::counters(&pair.lb, "x0")?;
-        let dt = (now.0 - last.0).as_secs_f64();
-        let rx = (now.1 - last.1) as f64 / dt;
-        let tx = (now.2 - last.2) as f64 / dt;
-        offered.push(rx);
-        rates.push(if case.offered { rx } else { tx });
-        last = now;
-    }
+    std::thread::sleep(kit::secs(window));
+    let last = kit::counters(&pair.lb, "x0")?;
     generator.check()?;
     let stats_after = xlb.map(|x| x.counters.global()).transpose()?;
     let name = generator.name();
     drop(generator);
-    if rates.iter().all(|r| *r == 0.0) {
+    let dt = (last.0 - first.0).as_secs_f64();
+    let (offered, returned) = (last.1 - first.1, last.2 - first.2);
+    if (if case.offered { offered } else { returned }) == 0 {
         bail!("nothing came back: is the XDP program bouncing frames?");
     }
-    // Let the last frames drain before the next case.
+    // Let the last frames drain before the next window.
     std::thread::sleep(Duration::from_millis(50));
-    Ok(Measured {
-        rates,
-        offered,
+    Ok(Window {
+        returned: returned as f64 / dt,
+        offered: offered as f64 / dt,
         generator: name,
-        totals: (last.1 - first.1, last.2 - first.2),
+        totals: (offered, returned),
         stats: stats_before.zip(stats_after),
     })
 }
