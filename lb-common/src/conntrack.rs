@@ -1,8 +1,8 @@
 //! The connection table's layout, shared by the data plane that writes it
 //! and the daemon that reads it: an array of sets of `CONN_WAYS` slots,
-//! one cache line per slot. A flow has two sets, both from its flow hash:
-//! it is recorded in its first set while that has a free slot, else in its
-//! second. Slots fill in order and are never emptied, so a first set with
+//! one cache line per slot. A flow has two sets, both from its flow hash
+//! mixed with the table's seed: it is recorded in its first set while that
+//! has a free slot, else in its second. Slots fill in order and are never emptied, so a first set with
 //! a free slot ends the search at that slot: at low load a lookup reads
 //! one set, and a miss stops at the first free line.
 //!
@@ -49,19 +49,40 @@ pub const fn conn_sets(slots: u32) -> u32 {
     slots.div_ceil(CONN_WAYS as u32)
 }
 
-/// The first set of a flow whose `flow_hash` is `hash`, in `0..sets`: the
-/// hash scaled to the range (a multiply, not a division; its top bits,
-/// where Maglev's slot takes the remainder).
+/// The flow hash mixed with the table's seed (MurmurHash3's finalizer
+/// over both). The flow hash has no secret (every node of a fleet must
+/// compute it alike for Maglev), so sets taken from it straight would let
+/// anyone who picks source ports aim new flows at another flow's sets;
+/// with a seed of the table's own, only flows whose whole flow hash is
+/// equal share their sets on every table.
 #[inline(always)]
-pub fn conn_set_index(hash: u32, sets: u32) -> u32 {
-    ((hash as u64 * sets as u64) >> 32) as u32
+fn seeded(hash: u32, seed: u32) -> u32 {
+    let mut h = hash ^ seed;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
-/// The second set: the hash's halves swapped and multiplied, so its top
-/// bits depend on every bit of the hash, then scaled alike.
+/// Scales `h` to `0..sets` (a multiply, not a division).
 #[inline(always)]
-pub fn conn_set_index2(hash: u32, sets: u32) -> u32 {
-    conn_set_index(hash.rotate_left(16).wrapping_mul(0x9e37_79b1), sets)
+fn scaled(h: u32, sets: u32) -> u32 {
+    ((h as u64 * sets as u64) >> 32) as u32
+}
+
+/// The first set, in `0..sets`, of a flow whose `flow_hash` is `hash` in a
+/// table whose seed is `seed`.
+#[inline(always)]
+pub fn conn_set_index(hash: u32, seed: u32, sets: u32) -> u32 {
+    scaled(seeded(hash, seed), sets)
+}
+
+/// The second set: the seeded hash's halves swapped and multiplied, so its
+/// top bits depend on every bit, then scaled alike.
+#[inline(always)]
+pub fn conn_set_index2(hash: u32, seed: u32, sets: u32) -> u32 {
+    scaled(seeded(hash, seed).rotate_left(16).wrapping_mul(0x9e37_79b1), sets)
 }
 
 /// The seal of `entry` recorded for a flow whose hash is `hash`. Never 0
@@ -106,13 +127,29 @@ mod tests {
 
     #[test]
     fn set_index_spans_the_range() {
-        assert_eq!(conn_set_index(0, 1000), 0);
-        assert_eq!(conn_set_index(u32::MAX, 1000), 999);
-        assert_eq!(conn_set_index(u32::MAX / 2, 1000), 499);
+        assert_eq!(scaled(0, 1000), 0);
+        assert_eq!(scaled(u32::MAX, 1000), 999);
+        assert_eq!(scaled(u32::MAX / 2, 1000), 499);
         assert_eq!(conn_sets(1025), 257);
-        let mut covered = [false; 64];
-        (0..1000u32).for_each(|k| covered[conn_set_index2(k.wrapping_mul(0x0100_0193), 64) as usize] = true);
-        assert!(covered.iter().all(|&c| c), "the second set covers the range");
+        for index in [conn_set_index, conn_set_index2] {
+            let mut covered = [false; 64];
+            (0..1000u32).for_each(|k| covered[index(k, 7, 64) as usize] = true);
+            assert!(covered.iter().all(|&c| c), "every set is used");
+        }
+    }
+
+    #[test]
+    fn the_seed_decides_which_flows_share_a_set() {
+        // 64 flow hashes that share their first set in a table of 65,536
+        // sets whose seed is 1 are spread out when the seed is 2.
+        let sets = 65_536;
+        let home = conn_set_index(0, 1, sets);
+        let mut crowd = (0..).filter(|&h| conn_set_index(h, 1, sets) == home);
+        let mut elsewhere: [u32; 64] =
+            core::array::from_fn(|_| conn_set_index(crowd.next().unwrap(), 2, sets));
+        elsewhere.sort_unstable();
+        let distinct = 1 + elsewhere.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(distinct >= 60, "seed 2 puts seed 1's crowd in {distinct} sets");
     }
 
     #[test]

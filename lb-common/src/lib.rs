@@ -55,6 +55,8 @@ pub mod globals {
     pub const TUN_SRC_V6: &str = "TUN_SRC_V6";
     /// Sets in `CONNTRACK` (`conn_sets(conntrack_size)`).
     pub const CONNTRACK_SETS: &str = "CONNTRACK_SETS";
+    /// The connection table's seed (`Meta::conntrack_seed`).
+    pub const CONNTRACK_SEED: &str = "CONNTRACK_SEED";
 }
 
 /// Capacity defaults and hard limits; the config may lower or raise the

@@ -210,7 +210,7 @@ impl FlowKey {
 /// Layout of the maps this build creates. Bump it whenever a map's key,
 /// value, kind or meaning changes, so a daemon never misreads pinned maps
 /// left by another version.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// `META` value (a single entry): the version stamp and the capacities the
 /// maps were created with. The data plane never reads it.
@@ -222,7 +222,10 @@ pub struct Meta {
     pub max_vips: u32,
     pub max_backends: u32,
     pub conntrack_size: u32,
-    pub _pad: u32,
+    /// Mixed into the flow hash to pick a flow's connection-table sets
+    /// (`conn_set_index`): drawn at random when the table is created, kept
+    /// with it, so a restart that adopts the table finds its records.
+    pub conntrack_seed: u32,
 }
 const _: () = assert!(size_of::<Meta>() == 24);
 

@@ -10,7 +10,7 @@ use lb_common::{
     CONN_WAYS, ConnEntry, ConnSet, ConnSlot, FlowKey, conn_seal, conn_set_index, conn_set_index2,
 };
 
-use crate::maps::{CONNTRACK, CONNTRACK_SETS};
+use crate::maps::{CONNTRACK, CONNTRACK_SEED, CONNTRACK_SETS};
 
 /// What a set holds for a flow.
 enum InSet {
@@ -23,12 +23,12 @@ enum InSet {
 
 #[inline(always)]
 fn first_set(hash: u32) -> Option<*mut ConnSet> {
-    CONNTRACK.get_ptr_mut(conn_set_index(hash, CONNTRACK_SETS.load()))
+    CONNTRACK.get_ptr_mut(conn_set_index(hash, CONNTRACK_SEED.load(), CONNTRACK_SETS.load()))
 }
 
 #[inline(always)]
 fn second_set(hash: u32) -> Option<*mut ConnSet> {
-    CONNTRACK.get_ptr_mut(conn_set_index2(hash, CONNTRACK_SETS.load()))
+    CONNTRACK.get_ptr_mut(conn_set_index2(hash, CONNTRACK_SEED.load(), CONNTRACK_SETS.load()))
 }
 
 #[inline(always)]

@@ -64,6 +64,9 @@ pub static IFACE_MAC: Global<Mac> = Global::new(Mac([0; 3]));
 pub static CONNTRACK_SETS: Global<u32> = Global::new(0);
 
 #[unsafe(no_mangle)]
+pub static CONNTRACK_SEED: Global<u32> = Global::new(0);
+
+#[unsafe(no_mangle)]
 pub static CONN_INSERT_LIMIT: Global<u64> = Global::new(0);
 
 /// The outer source addresses: the loader writes their octets, read here

@@ -11,15 +11,16 @@ use std::{
 
 use aya::maps::{Array, IterableMap as _, Map, MapData};
 use lb_common::{
-    CONN_WAYS, ConnEntry, ConnSet, ConnSlot, FlowKey, conn_set_index, conn_set_index2, flow_hash, maps,
+    CONN_WAYS, ConnEntry, ConnSet, ConnSlot, FlowKey, Meta, conn_set_index, conn_set_index2, flow_hash, maps,
 };
 
 use super::store::{DataplaneError, map_err};
 
-/// The table's map and its size in sets.
+/// The table's map, its size in sets and its seed.
 pub struct ConnTable {
     array: Array<MapData, ConnSet>,
     sets: u32,
+    seed: u32,
 }
 
 /// One mapping of the whole table, unmapped on drop.
@@ -29,18 +30,25 @@ struct Mapping {
 }
 
 impl ConnTable {
-    /// The table behind `array`.
-    pub fn new(array: Array<MapData, ConnSet>) -> Self {
-        ConnTable { sets: array.len(), array }
+    /// The table behind `array`, whose sets the data plane picks with `seed`.
+    pub fn new(array: Array<MapData, ConnSet>, seed: u32) -> Self {
+        ConnTable { sets: array.len(), array, seed }
     }
 
-    /// The table pinned at `path`.
-    pub fn from_pin(path: &Path) -> Result<Self, DataplaneError> {
-        let data = MapData::from_pin(path)
-            .map_err(|source| DataplaneError::Pinned { path: path.to_path_buf(), source })?;
-        let array =
-            Map::from_map_data(data).and_then(Array::try_from).map_err(map_err(maps::CONNTRACK, "open"))?;
-        Ok(Self::new(array))
+    /// The table pinned under `dir`, with the seed its `META` records.
+    pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
+        let pinned = |name: &'static str| {
+            let path = dir.join(name);
+            MapData::from_pin(&path).map_err(|source| DataplaneError::Pinned { path, source })
+        };
+        let meta: Array<MapData, Meta> = Map::from_map_data(pinned(maps::META)?)
+            .and_then(Array::try_from)
+            .map_err(map_err(maps::META, "open"))?;
+        let seed = meta.get(&0, 0).map_err(map_err(maps::META, "read"))?.conntrack_seed;
+        let array = Map::from_map_data(pinned(maps::CONNTRACK)?)
+            .and_then(Array::try_from)
+            .map_err(map_err(maps::CONNTRACK, "open"))?;
+        Ok(Self::new(array, seed))
     }
 
     fn mapping(&self, prot: libc::c_int) -> Result<Mapping, DataplaneError> {
@@ -81,7 +89,7 @@ impl ConnTable {
     pub fn get(&self, flow: &FlowKey) -> Result<Option<ConnEntry>, DataplaneError> {
         let m = self.mapping(libc::PROT_READ)?;
         let hash = flow_hash(flow);
-        for set in [conn_set_index(hash, self.sets), conn_set_index2(hash, self.sets)] {
+        for set in [conn_set_index(hash, self.seed, self.sets), conn_set_index2(hash, self.seed, self.sets)] {
             for way in 0..CONN_WAYS {
                 let slot = m.slot(set, way);
                 if slot.holds(flow) {
@@ -114,7 +122,7 @@ impl ConnTable {
     /// another CPU was caught writing.
     pub fn plant(&self, flow: &FlowKey, entry: ConnEntry, seal: u64) -> Result<(), DataplaneError> {
         let m = self.mapping(libc::PROT_READ | libc::PROT_WRITE)?;
-        let set = conn_set_index(flow_hash(flow), self.sets);
+        let set = conn_set_index(flow_hash(flow), self.seed, self.sets);
         let way = (0..CONN_WAYS)
             .find(|&way| {
                 let slot = m.slot(set, way);

@@ -72,13 +72,13 @@ fn pinned(dir: &Path) -> impl FnMut(&'static str) -> Result<Map, DataplaneError>
 
 impl KernelStore {
     /// Takes the maps out of a freshly loaded object, with counters that
-    /// share them.
-    pub fn take(ebpf: &mut Ebpf) -> Result<(Self, KernelCounters), DataplaneError> {
+    /// share them (`conntrack_seed`: the one the program was loaded with).
+    pub fn take(ebpf: &mut Ebpf, conntrack_seed: u32) -> Result<(Self, KernelCounters), DataplaneError> {
         let mut get = |name| ebpf.take_map(name).ok_or(DataplaneError::Missing { map: name });
         let store = Self::build(&mut get)?;
         let counters = KernelCounters {
             stats: typed(&mut get, maps::STATS)?,
-            conntrack: ConnTable::new(typed(&mut get, maps::CONNTRACK)?),
+            conntrack: ConnTable::new(typed(&mut get, maps::CONNTRACK)?, conntrack_seed),
             vip_stats: dup(&store.vip_stats, maps::VIP_STATS)?,
             backend_stats: dup(&store.backend_stats, maps::BACKEND_STATS)?,
         };
@@ -199,7 +199,7 @@ impl KernelCounters {
             stats: typed(&mut get, maps::STATS)?,
             vip_stats: typed(&mut get, maps::VIP_STATS)?,
             backend_stats: typed(&mut get, maps::BACKEND_STATS)?,
-            conntrack: ConnTable::new(typed(&mut get, maps::CONNTRACK)?),
+            conntrack: ConnTable::open(dir)?,
         })
     }
 

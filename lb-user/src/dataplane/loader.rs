@@ -55,6 +55,8 @@ pub enum LoaderError {
     NotBpffs { path: PathBuf },
     #[error("cannot mount bpffs at {BPFFS_ROOT}")]
     Mount(#[source] std::io::Error),
+    #[error("cannot draw the connection table's seed from the kernel's random source")]
+    Seed(#[source] std::io::Error),
     #[error(
         "another `xlb run` holds {path}: two daemons on one data plane would undo each other's writes; \
          stop the other one first"
@@ -164,16 +166,28 @@ impl Params {
     }
 }
 
-/// `META`'s stamp for maps of `caps` made by this build.
-pub fn meta(caps: &Capacities) -> Meta {
+/// `META`'s stamp for maps of `caps` made by this build, whose connection
+/// table has seed `conntrack_seed`.
+pub fn meta(caps: &Capacities, conntrack_seed: u32) -> Meta {
     Meta {
         layout: LAYOUT_VERSION,
         table_size: caps.table_size,
         max_vips: caps.max_vips,
         max_backends: caps.max_backends,
         conntrack_size: caps.conntrack_size,
-        _pad: 0,
+        conntrack_seed,
     }
+}
+
+/// A new connection table's seed, from the kernel's random source.
+fn new_seed() -> Result<u32, LoaderError> {
+    let mut seed = [0u8; 4];
+    // SAFETY: writes at most `seed.len()` bytes into `seed`.
+    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+    if n != seed.len() as isize {
+        return Err(LoaderError::Seed(std::io::Error::last_os_error()));
+    }
+    Ok(u32::from_ne_bytes(seed))
 }
 
 /// The capacities `META` records.
@@ -197,13 +211,19 @@ pub fn load(
     let caps = params.capacities;
     prepare_pin_dir(pin_dir)?;
     let lock = lock_pin_dir(pin_dir)?;
-    let adopted = check_pinned(pin_dir, caps)?;
+    let pinned = check_pinned(pin_dir, caps)?;
+    let adopted = pinned.is_some();
+    // An adopted table keeps its seed: its records are where it put them.
+    let seed = match pinned {
+        Some(meta) => meta.conntrack_seed,
+        None => new_seed()?,
+    };
 
-    let mut ebpf = load_program(Some(pin_dir), params, iface.mac)?;
+    let mut ebpf = load_program(Some(pin_dir), params, iface.mac, seed)?;
     // Stamped at once: pins left by a start that fails later are still
     // recognised as ours.
-    let (mut store, counters) = KernelStore::take(&mut ebpf)?;
-    store.set_meta(&meta(&caps))?;
+    let (mut store, counters) = KernelStore::take(&mut ebpf, seed)?;
+    store.set_meta(&meta(&caps, seed))?;
 
     let program: &mut Xdp = ebpf.program_mut(PROGRAM).expect("loaded").try_into().expect("XDP");
     let attachment = attach(program, iface, &pin_dir.join(LINK_PIN), mode)?;
@@ -231,15 +251,21 @@ pub fn load_detached(
     params: Params,
     iface_mac: [u8; 6],
 ) -> Result<(Ebpf, Maps<KernelStore>, KernelCounters), LoaderError> {
-    let mut ebpf = load_program(None, params, iface_mac)?;
-    let (mut store, counters) = KernelStore::take(&mut ebpf)?;
-    store.set_meta(&meta(&params.capacities))?;
+    let seed = new_seed()?;
+    let mut ebpf = load_program(None, params, iface_mac, seed)?;
+    let (mut store, counters) = KernelStore::take(&mut ebpf, seed)?;
+    store.set_meta(&meta(&params.capacities, seed))?;
     Ok((ebpf, Maps::new(store, params.capacities), counters))
 }
 
 /// Sizes the maps (pinned under `pin_dir` if given), sets the globals, and
 /// loads program `xlb` into the kernel.
-fn load_program(pin_dir: Option<&Path>, params: Params, iface_mac: [u8; 6]) -> Result<Ebpf, LoaderError> {
+fn load_program(
+    pin_dir: Option<&Path>,
+    params: Params,
+    iface_mac: [u8; 6],
+    conntrack_seed: u32,
+) -> Result<Ebpf, LoaderError> {
     let Params { capacities: caps, conn_insert_limit, tun_source_v4, tun_source_v6 } = params;
     let (tun_v4, tun_v6) = (tun_source_v4.octets(), tun_source_v6.octets());
     let pins: Vec<(&str, PathBuf)> = match pin_dir {
@@ -260,6 +286,7 @@ fn load_program(pin_dir: Option<&Path>, params: Params, iface_mac: [u8; 6]) -> R
         .map_max_entries(maps::MAGLEV, maglev_entries(&caps))
         .map_max_entries(maps::CONNTRACK, conntrack_sets)
         .override_global(globals::CONNTRACK_SETS, &conntrack_sets, true)
+        .override_global(globals::CONNTRACK_SEED, &conntrack_seed, true)
         .override_global(globals::TABLE_SIZE, &caps.table_size, true)
         .override_global(globals::TABLE_CHUNKS, &chunks, true)
         .override_global(globals::IFACE_MAC, &iface_mac, true)
@@ -334,10 +361,10 @@ pub(crate) fn attach(
 
 /// Whether `pin_dir` already holds maps, after checking they are ones this
 /// build can use with `geometry`.
-fn check_pinned(pin_dir: &Path, caps: Capacities) -> Result<bool, LoaderError> {
+fn check_pinned(pin_dir: &Path, caps: Capacities) -> Result<Option<Meta>, LoaderError> {
     let any_pinned = maps::ALL.iter().any(|m| pin_dir.join(m).exists());
     if !any_pinned {
-        return Ok(false);
+        return Ok(None);
     }
     let wanted = describe_layout(LAYOUT_VERSION, caps);
     let incompatible =
@@ -349,7 +376,7 @@ fn check_pinned(pin_dir: &Path, caps: Capacities) -> Result<bool, LoaderError> {
     if meta.layout != LAYOUT_VERSION || found != caps {
         return Err(incompatible(describe_layout(meta.layout, found)));
     }
-    Ok(true)
+    Ok(Some(meta))
 }
 
 fn describe_layout(layout: u32, g: Capacities) -> String {

@@ -53,8 +53,8 @@ fn vips(lab: &Lab, backends: usize) -> String {
 
 /// How many of `talks` have a record in the connection table.
 fn recorded(lab: &Lab, talks: &[Conversation]) -> usize {
-    let pin = xlb::config::default_pin_dir(&lab.lb_if).join(lb_common::maps::CONNTRACK);
-    let table = xlb::dataplane::conntrack::ConnTable::from_pin(&pin).unwrap();
+    let pin_dir = xlb::config::default_pin_dir(&lab.lb_if);
+    let table = xlb::dataplane::conntrack::ConnTable::open(&pin_dir).unwrap();
     let flow = |local: SocketAddr| {
         let mut f = FlowKey {
             proto: PROTO_TCP,

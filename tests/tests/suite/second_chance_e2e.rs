@@ -33,8 +33,7 @@ fn config(lab: &TunLab, backends: usize, second_chance: Option<u64>) -> String {
 
 /// Empties the balancer's connection table; how many records it held.
 fn flush_connection_table(lab: &TunLab) -> usize {
-    let pin = xlb::config::default_pin_dir(&lab.lb_if).join(lb_common::maps::CONNTRACK);
-    ConnTable::from_pin(&pin).unwrap().clear().unwrap()
+    ConnTable::open(&xlb::config::default_pin_dir(&lab.lb_if)).unwrap().clear().unwrap()
 }
 
 fn previous_until(status: &serde_json::Value, vip: &str) -> Option<f64> {
