@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use xlb::dataplane::KernelStore;
+
 use xlb_tests::{
     daemon::{Daemon, run_refused},
     lab::{Lab, VIP4},
@@ -80,6 +82,9 @@ fn forwarding_survives_the_daemon_and_a_restart_adopts_it() {
     let _servers = servers::start(&lab.backends, 80, 53);
     let mut daemon = Daemon::start(&lab.lb, &lab.lb_if, &lab.config(&web(&lab.backend_list(false)))).unwrap();
     let table = daemon.status().unwrap()["vips"][0]["backends"].clone();
+    let pin_dir = xlb::config::default_pin_dir(&lab.lb_if);
+    let seed = || KernelStore::open(&pin_dir).and_then(|s| s.meta()).unwrap().conntrack_seed;
+    let first_seed = seed();
 
     daemon.stop().unwrap();
     assert_eq!(lab.spread(60), ["be1", "be2", "be3"], "forwarding continues without the daemon");
@@ -87,6 +92,7 @@ fn forwarding_survives_the_daemon_and_a_restart_adopts_it() {
 
     daemon.restart(&lab.lb).unwrap();
     assert!(daemon.log().contains("adopted=true"), "{}", daemon.log());
+    assert_eq!(seed(), first_seed, "the adopted connection table keeps its seed (its records stay findable)");
     let status = daemon.status().unwrap();
     let after = &status["vips"][0]["backends"];
     for (a, b) in after.as_array().unwrap().iter().zip(table.as_array().unwrap()) {
