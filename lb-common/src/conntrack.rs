@@ -49,20 +49,16 @@ pub const fn conn_sets(slots: u32) -> u32 {
     slots.div_ceil(CONN_WAYS as u32)
 }
 
-/// The flow hash mixed with the table's seed (MurmurHash3's finalizer
-/// over both). The flow hash has no secret (every node of a fleet must
-/// compute it alike for Maglev), so sets taken from it straight would let
-/// anyone who picks source ports aim new flows at another flow's sets;
-/// with a seed of the table's own, only flows whose whole flow hash is
-/// equal share their sets on every table.
+/// The flow hash multiplied by the table's seed, made odd. The flow hash
+/// has no secret (every node of a fleet must compute it alike for
+/// Maglev), so sets taken from it straight would let anyone who picks
+/// source ports aim new flows at another flow's sets. Multiplied by a
+/// random odd seed, the top bits that pick a set are multiply-shift
+/// hashing: two distinct flow hashes share them with odds of at most 2 in
+/// 2^bits over the seeds. One multiply per lookup.
 #[inline(always)]
 fn seeded(hash: u32, seed: u32) -> u32 {
-    let mut h = hash ^ seed;
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    hash.wrapping_mul(seed | 1)
 }
 
 /// Scales `h` to `0..sets` (a multiply, not a division).
@@ -133,7 +129,8 @@ mod tests {
         assert_eq!(conn_sets(1025), 257);
         for index in [conn_set_index, conn_set_index2] {
             let mut covered = [false; 64];
-            (0..1000u32).for_each(|k| covered[index(k, 7, 64) as usize] = true);
+            (0..1000u32)
+                .for_each(|k| covered[index(k.wrapping_mul(0x0100_0193), 0x2545_f491, 64) as usize] = true);
             assert!(covered.iter().all(|&c| c), "every set is used");
         }
     }
@@ -141,15 +138,15 @@ mod tests {
     #[test]
     fn the_seed_decides_which_flows_share_a_set() {
         // 64 flow hashes that share their first set in a table of 65,536
-        // sets whose seed is 1 are spread out when the seed is 2.
-        let sets = 65_536;
-        let home = conn_set_index(0, 1, sets);
-        let mut crowd = (0..).filter(|&h| conn_set_index(h, 1, sets) == home);
+        // sets with one seed are spread out with another.
+        let (sets, one, another) = (65_536, 0x2545_f491, 0x9e37_79b9);
+        let home = conn_set_index(1, one, sets);
+        let mut crowd = (1..).filter(|&h| conn_set_index(h, one, sets) == home);
         let mut elsewhere: [u32; 64] =
-            core::array::from_fn(|_| conn_set_index(crowd.next().unwrap(), 2, sets));
+            core::array::from_fn(|_| conn_set_index(crowd.next().unwrap(), another, sets));
         elsewhere.sort_unstable();
         let distinct = 1 + elsewhere.windows(2).filter(|w| w[0] != w[1]).count();
-        assert!(distinct >= 60, "seed 2 puts seed 1's crowd in {distinct} sets");
+        assert!(distinct >= 60, "another seed puts one seed's crowd in {distinct} sets");
     }
 
     #[test]

@@ -222,9 +222,10 @@ pub struct Meta {
     pub max_vips: u32,
     pub max_backends: u32,
     pub conntrack_size: u32,
-    /// Mixed into the flow hash to pick a flow's connection-table sets
-    /// (`conn_set_index`): drawn at random when the table is created, kept
-    /// with it, so a restart that adopts the table finds its records.
+    /// Multiplies the flow hash (made odd) to pick a flow's
+    /// connection-table sets (`conn_set_index`): drawn at random when the
+    /// table is created, kept with it, so a restart that adopts the table
+    /// finds its records.
     pub conntrack_seed: u32,
 }
 const _: () = assert!(size_of::<Meta>() == 24);
