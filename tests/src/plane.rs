@@ -18,7 +18,7 @@ use xlb::{
         desired::{Claim, Desired, DesiredBackend, DesiredVip, Leave},
         reconcile::Reconciler,
     },
-    dataplane::{BackendId, Counters as _, KernelCounters, KernelStore, Maps, loader},
+    dataplane::{BackendId, Counters as _, KernelCounters, KernelStore, Maps, loader, wire::addr_to_wire},
     model::{Forward, Protocol, VipAddr},
 };
 
@@ -174,6 +174,13 @@ pub fn outcome(program: &Xdp, frame: &[u8], ifindex: u32) -> anyhow::Result<Outc
 }
 
 /// Parameters with no flood guard and no TUN sources.
+/// The connection-table key of a flow from `src:sport` to `dst:dport`
+/// (one family).
+pub fn flow_key(proto: u8, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> FlowKey {
+    let ((src, family), (dst, _)) = (addr_to_wire(src), addr_to_wire(dst));
+    FlowKey { src, dst, sport_be: sport.to_be(), dport_be: dport.to_be(), proto, family, _pad: [0; 2] }
+}
+
 pub fn params(capacities: Capacities) -> Params {
     Params::plain(capacities)
 }

@@ -8,14 +8,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{ConnEntry, Event, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, Reason, conn_seal, flow_hash};
+use lb_common::{ConnEntry, Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason, conn_seal, flow_hash};
 use xlb::{
     config::Capacities, control::desired::DesiredVip, dataplane::Counters as _, dataplane::loader::Params,
     model::Protocol,
 };
 use xlb_tests::{
     frames::*,
-    plane::{Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, params},
+    plane::{Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, flow_key, params},
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -152,16 +152,7 @@ fn a_table_entry_naming_another_vips_backend_is_neither_used_nor_recorded() {
 }
 
 fn tcp_flow(sport: u16) -> FlowKey {
-    let mut f = FlowKey {
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        sport_be: sport.to_be(),
-        dport_be: 80u16.to_be(),
-        ..FlowKey::default()
-    };
-    f.src[..4].copy_from_slice(&CLIENT.octets());
-    f.dst[..4].copy_from_slice(&VIP.octets());
-    f
+    flow_key(PROTO_TCP, CLIENT.into(), sport, VIP.into(), 80)
 }
 
 #[test]

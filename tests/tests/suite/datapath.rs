@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 use xlb::{
     config::Capacities,
     control::desired::DesiredBackend,
@@ -12,7 +12,7 @@ use xlb::{
 };
 use xlb_tests::{
     frames::*,
-    plane::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip as vip, params},
+    plane::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, dr_vip as vip, flow_key, params},
 };
 
 const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -43,28 +43,11 @@ fn plane() -> Plane {
 }
 
 fn flow4(proto: u8, sport: u16, dst: Ipv4Addr, dport: u16) -> FlowKey {
-    let mut f = FlowKey {
-        proto,
-        family: FAMILY_V4,
-        sport_be: sport.to_be(),
-        dport_be: dport.to_be(),
-        ..FlowKey::default()
-    };
-    f.src[..4].copy_from_slice(&CLIENT4.octets());
-    f.dst[..4].copy_from_slice(&dst.octets());
-    f
+    flow_key(proto, CLIENT4.into(), sport, dst.into(), dport)
 }
 
 fn flow6(proto: u8, sport: u16, dport: u16) -> FlowKey {
-    FlowKey {
-        src: CLIENT6.octets(),
-        dst: VIP6.octets(),
-        proto,
-        family: FAMILY_V6,
-        sport_be: sport.to_be(),
-        dport_be: dport.to_be(),
-        ..FlowKey::default()
-    }
+    flow_key(proto, CLIENT6.into(), sport, VIP6.into(), dport)
 }
 
 enum Expect {

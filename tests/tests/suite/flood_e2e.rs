@@ -12,14 +12,14 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{Event, FAMILY_V4, FlowKey, GlobalStats, PROTO_TCP, Reason};
+use lb_common::{Event, GlobalStats, PROTO_TCP, Reason};
 use xlb_tests::{
     daemon::Daemon,
     flood,
     frames::{TCP_SYN, tcp, v4_frame, with_tcp_checksum_v4},
     lab::{CLIENT4, Lab, VIP4, VIP6},
     malformed::{self, tcp4, tcp6, udp4},
-    plane::XDP_TX,
+    plane::{XDP_TX, flow_key},
     servers,
     traffic::{Arrivals, Conversation, finish_all},
 };
@@ -55,18 +55,7 @@ fn vips(lab: &Lab, backends: usize) -> String {
 fn recorded(lab: &Lab, talks: &[Conversation]) -> usize {
     let pin_dir = xlb::config::default_pin_dir(&lab.lb_if);
     let table = xlb::dataplane::conntrack::ConnTable::open(&pin_dir).unwrap();
-    let flow = |local: SocketAddr| {
-        let mut f = FlowKey {
-            proto: PROTO_TCP,
-            family: FAMILY_V4,
-            sport_be: local.port().to_be(),
-            dport_be: 80u16.to_be(),
-            ..FlowKey::default()
-        };
-        f.src[..4].copy_from_slice(&CLIENT4.octets());
-        f.dst[..4].copy_from_slice(&VIP4.octets());
-        f
-    };
+    let flow = |local: SocketAddr| flow_key(PROTO_TCP, CLIENT4.into(), local.port(), VIP4.into(), 80);
     talks.iter().filter(|t| table.get(&flow(t.local)).unwrap().is_some()).count()
 }
 

@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use lb_common::{Event, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, Reason};
+use lb_common::{Event, FlowKey, PROTO_TCP, Reason};
 use xlb::{
     config::Capacities,
     control::desired::{DesiredBackend, DesiredVip, NextHop},
@@ -19,7 +19,7 @@ use xlb::{
 use xlb_tests::{
     frames::*,
     netns::Netns,
-    plane::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, params},
+    plane::{Outcome, Plane, XDP_DROP, XDP_PASS, XDP_TX, backend, backend_mac, dr_vip, flow_key, params},
     unique_id,
 };
 
@@ -73,16 +73,7 @@ fn plane() -> Plane {
 }
 
 fn flow4(dst: Ipv4Addr, sport: u16) -> FlowKey {
-    let mut f = FlowKey {
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        sport_be: sport.to_be(),
-        dport_be: 80u16.to_be(),
-        ..FlowKey::default()
-    };
-    f.src[..4].copy_from_slice(&CLIENT4.octets());
-    f.dst[..4].copy_from_slice(&dst.octets());
-    f
+    flow_key(PROTO_TCP, CLIENT4.into(), sport, dst.into(), 80)
 }
 
 /// An IPv4 TCP frame of exactly `ip_len` IP bytes, with DF as given.
@@ -259,15 +250,7 @@ fn ipv6_in_ipv6_has_the_exact_outer_header_and_the_inner_packet_untouched() {
         let frame = tcp6(sport, 120);
         let out = run(&net, &plane, &frame);
         assert_eq!(out.action, XDP_TX);
-        let flow = FlowKey {
-            src: CLIENT6.octets(),
-            dst: VIP6.octets(),
-            proto: PROTO_TCP,
-            family: FAMILY_V6,
-            sport_be: sport.to_be(),
-            dport_be: 80u16.to_be(),
-            ..FlowKey::default()
-        };
+        let flow = flow_key(PROTO_TCP, CLIENT6.into(), sport, VIP6.into(), 80);
         let IpAddr::V6(backend) = backend_addr(&plane, &flow) else { panic!("v6 backend") };
         let inner = &frame[14..];
         let got = &out.frame;

@@ -23,11 +23,11 @@ use aya::{
     Ebpf,
     programs::{Xdp, XdpMode},
 };
-use lb_common::{Event, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 use xlb::{
     config::Capacities,
     control::desired::{DesiredVip, NextHop},
-    dataplane::{Counters as _, wire::addr_to_wire},
+    dataplane::Counters as _,
     model::{Forward, Protocol},
 };
 use xlb_tests::{
@@ -195,17 +195,7 @@ impl Case {
         } else {
             (PROTO_TCP, 80)
         };
-        let mut f = FlowKey {
-            proto,
-            family: if self.v6 { FAMILY_V6 } else { FAMILY_V4 },
-            sport_be: Self::sport(k).to_be(),
-            dport_be: dport.to_be(),
-            ..FlowKey::default()
-        };
-        let (s, d) = (addr_to_wire(self.client(k)).0, addr_to_wire(self.vip()).0);
-        f.src = s;
-        f.dst = d;
-        f
+        plane::flow_key(proto, self.client(k), Self::sport(k), self.vip(), dport)
     }
 
     /// The events every measured packet must add, those it must not, and
