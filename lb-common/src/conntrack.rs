@@ -49,13 +49,14 @@ pub const fn conn_sets(slots: u32) -> u32 {
     slots.div_ceil(CONN_WAYS as u32)
 }
 
-/// The flow hash multiplied by the table's seed, made odd. The flow hash
-/// has no secret (every node of a fleet must compute it alike for
-/// Maglev), so sets taken from it straight would let anyone who picks
-/// source ports aim new flows at another flow's sets. Multiplied by a
-/// random odd seed, the top bits that pick a set are multiply-shift
-/// hashing: two distinct flow hashes share them with odds of at most 2 in
-/// 2^bits over the seeds. One multiply per lookup.
+/// The flow hash multiplied by the table's seed (made odd, should it not
+/// be). The flow hash has no secret (every node of a fleet must compute
+/// it alike for Maglev), so sets taken from it straight would let anyone
+/// who picks source ports aim new flows at another flow's sets.
+/// Multiplied by a random odd seed, the top bits that pick a set are
+/// multiply-shift hashing: two distinct flow hashes share them with odds
+/// of at most 2 in 2^bits over the seeds. Equal flow hashes still share
+/// them (see the README's connection-table note). One multiply per lookup.
 #[inline(always)]
 fn seeded(hash: u32, seed: u32) -> u32 {
     hash.wrapping_mul(seed | 1)

@@ -173,7 +173,6 @@ pub fn outcome(program: &Xdp, frame: &[u8], ifindex: u32) -> anyhow::Result<Outc
     Ok(Outcome { action, frame: out })
 }
 
-/// Parameters with no flood guard and no TUN sources.
 /// The connection-table key of a flow from `src:sport` to `dst:dport`
 /// (one family).
 pub fn flow_key(proto: u8, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> FlowKey {
@@ -181,6 +180,7 @@ pub fn flow_key(proto: u8, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> 
     FlowKey { src, dst, sport_be: sport.to_be(), dport_be: dport.to_be(), proto, family, _pad: [0; 2] }
 }
 
+/// Parameters with no flood guard and no TUN sources.
 pub fn params(capacities: Capacities) -> Params {
     Params::plain(capacities)
 }

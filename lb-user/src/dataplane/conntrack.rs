@@ -9,12 +9,16 @@ use std::{
     ptr::NonNull,
 };
 
-use aya::maps::{Array, IterableMap as _, Map, MapData};
+use aya::maps::{Array, IterableMap as _, MapData};
 use lb_common::{
-    CONN_WAYS, ConnEntry, ConnSet, ConnSlot, FlowKey, Meta, conn_set_index, conn_set_index2, flow_hash, maps,
+    CONN_WAYS, ConnEntry, ConnSet, ConnSlot, FlowKey, LAYOUT_VERSION, Meta, conn_set_index, conn_set_index2,
+    flow_hash, maps,
 };
 
-use super::store::{DataplaneError, map_err};
+use super::{
+    kernel::{pinned, typed},
+    store::{DataplaneError, map_err},
+};
 
 /// The table's map, its size in sets and its seed.
 pub struct ConnTable {
@@ -35,20 +39,20 @@ impl ConnTable {
         ConnTable { sets: array.len(), array, seed }
     }
 
-    /// The table pinned under `dir`, with the seed its `META` records.
+    /// The table pinned under `dir`, with the seed its `META` records;
+    /// refused if `META` is of another layout (its seed would be misread).
     pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
-        let pinned = |name: &'static str| {
-            let path = dir.join(name);
-            MapData::from_pin(&path).map_err(|source| DataplaneError::Pinned { path, source })
-        };
-        let meta: Array<MapData, Meta> = Map::from_map_data(pinned(maps::META)?)
-            .and_then(Array::try_from)
-            .map_err(map_err(maps::META, "open"))?;
-        let seed = meta.get(&0, 0).map_err(map_err(maps::META, "read"))?.conntrack_seed;
-        let array = Map::from_map_data(pinned(maps::CONNTRACK)?)
-            .and_then(Array::try_from)
-            .map_err(map_err(maps::CONNTRACK, "open"))?;
-        Ok(Self::new(array, seed))
+        let mut get = pinned(dir);
+        let meta: Array<MapData, Meta> = typed(&mut get, maps::META)?;
+        let meta = meta.get(&0, 0).map_err(map_err(maps::META, "read"))?;
+        if meta.layout != LAYOUT_VERSION {
+            return Err(DataplaneError::Layout {
+                dir: dir.to_owned(),
+                found: meta.layout,
+                wanted: LAYOUT_VERSION,
+            });
+        }
+        Ok(Self::new(typed(&mut get, maps::CONNTRACK)?, meta.conntrack_seed))
     }
 
     fn mapping(&self, prot: libc::c_int) -> Result<Mapping, DataplaneError> {

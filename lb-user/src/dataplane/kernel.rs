@@ -38,7 +38,7 @@ pub struct KernelCounters {
 }
 
 /// Opens map `name` as type `T`, from `get`.
-fn typed<T: TryFrom<Map, Error = MapError>>(
+pub(super) fn typed<T: TryFrom<Map, Error = MapError>>(
     get: &mut impl FnMut(&'static str) -> Result<Map, DataplaneError>,
     name: &'static str,
 ) -> Result<T, DataplaneError> {
@@ -61,7 +61,7 @@ fn dup<K: aya::Pod, V, M: IterableMap<K, V>, T: TryFrom<Map, Error = MapError>>(
 }
 
 /// Opens the maps pinned under `dir`, by name.
-fn pinned(dir: &Path) -> impl FnMut(&'static str) -> Result<Map, DataplaneError> + '_ {
+pub(super) fn pinned(dir: &Path) -> impl FnMut(&'static str) -> Result<Map, DataplaneError> + '_ {
     move |name| {
         let path = dir.join(name);
         MapData::from_pin(&path)

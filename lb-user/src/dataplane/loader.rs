@@ -179,15 +179,23 @@ pub fn meta(caps: &Capacities, conntrack_seed: u32) -> Meta {
     }
 }
 
-/// A new connection table's seed, from the kernel's random source.
+/// A new connection table's seed: a random odd number, from the kernel's
+/// random source (which may block early in boot until it is ready).
 fn new_seed() -> Result<u32, LoaderError> {
     let mut seed = [0u8; 4];
-    // SAFETY: writes at most `seed.len()` bytes into `seed`.
-    let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-    if n != seed.len() as isize {
-        return Err(LoaderError::Seed(std::io::Error::last_os_error()));
+    let mut filled = 0;
+    while filled < seed.len() {
+        let rest = &mut seed[filled..];
+        // SAFETY: writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        let error = std::io::Error::last_os_error();
+        match n {
+            n if n > 0 => filled += n as usize,
+            n if n < 0 && error.kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return Err(LoaderError::Seed(error)),
+        }
     }
-    Ok(u32::from_ne_bytes(seed))
+    Ok(u32::from_ne_bytes(seed) | 1)
 }
 
 /// The capacities `META` records.

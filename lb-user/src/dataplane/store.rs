@@ -43,6 +43,11 @@ pub enum DataplaneError {
     },
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
+    #[error(
+        "the maps pinned under {dir} have layout {found}, this xlb reads layout {wanted} \
+         (see Upgrading in the README: `xlb detach` once)"
+    )]
+    Layout { dir: std::path::PathBuf, found: u32, wanted: u32 },
 }
 
 pub(crate) fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DataplaneError {

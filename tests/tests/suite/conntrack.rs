@@ -160,13 +160,13 @@ fn a_record_caught_mid_write_reads_as_empty_and_only_a_whole_stale_one_counts_as
     let mut plane = plane(0);
     plane.apply(&[web(&[(1, 1), (2, 1), (3, 1)])]).unwrap();
     let table = plane.counters.conntrack();
-    // A real record of backend `b` (from its SYN), and three flows that
-    // Maglev sends elsewhere, each given a copy of that record.
+    // A real record of backend `b` (from its SYN), and four flows that
+    // Maglev sends elsewhere, given copies of that record.
     let b_port = 40_000;
     let b = sent_to(&plane, &tcp_frame(b_port, TCP_SYN));
     let record = table.get(&tcp_flow(b_port)).unwrap().expect("the SYN was recorded");
     let mut elsewhere = (b_port + 1..u16::MAX).filter(|&p| sent_to(&plane, &tcp_frame(p, TCP_SYN)) != b);
-    let [sealed, torn, stale] = [(); 3].map(|_| elsewhere.next().expect("Maglev spreads flows"));
+    let [sealed, torn, stale, syn] = [(); 4].map(|_| elsewhere.next().expect("Maglev spreads flows"));
     // SYNs above recorded these flows: start them afresh.
     table.clear().unwrap();
     let seal = |port, entry| conn_seal(flow_hash(&tcp_flow(port)), &entry);
@@ -191,10 +191,24 @@ fn a_record_caught_mid_write_reads_as_empty_and_only_a_whole_stale_one_counts_as
     assert_ne!(rewritten.backend_id, record.backend_id);
     assert_eq!(sent_to(&plane, &tcp_frame(torn, TCP_ACK)), chosen, "and followed from then on");
 
+    // A SYN meeting a torn record: chosen afresh, the record made whole.
+    table.plant(&tcp_flow(syn), record, seal(syn, record) ^ 1).unwrap();
+    assert_ne!(sent_to(&plane, &tcp_frame(syn, TCP_SYN)), b);
+    assert_eq!(events(&plane)[2], after_torn[2], "a SYN rebalances nothing");
+    assert_ne!(table.get(&tcp_flow(syn)).unwrap().expect("sealed").backend_id, record.backend_id);
+    let after_torn = events(&plane);
+
     assert_ne!(sent_to(&plane, &tcp_frame(stale, TCP_ACK)), b, "a record of a backend's old generation");
     let after_stale = events(&plane);
     assert_eq!(after_stale[1..], [after_torn[1] + 1, after_torn[2] + 1], "rebalanced");
-    assert_eq!(table.entries().unwrap(), 3, "every flow in the one slot it had");
+    assert_eq!(table.entries().unwrap(), 4, "every flow in the one slot it had");
+}
+
+#[test]
+fn every_new_table_draws_its_own_odd_seed() {
+    let seeds: Vec<u32> = (0..3).map(|_| plane(0).maps.store().meta().unwrap().conntrack_seed).collect();
+    assert!(seeds.iter().all(|s| s % 2 == 1), "{seeds:x?}");
+    assert!(seeds[0] != seeds[1] && seeds[1] != seeds[2] && seeds[0] != seeds[2], "{seeds:x?}");
 }
 
 #[test]

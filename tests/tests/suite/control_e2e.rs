@@ -1,14 +1,22 @@
 //! The daemon's life: live config changes, rejected configs, restarts.
 //! Needs root.
 
-use std::time::Duration;
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
-use xlb::dataplane::KernelStore;
-
+use lb_common::Event;
+use xlb::dataplane::{Counters as _, KernelCounters, KernelStore};
 use xlb_tests::{
     daemon::{Daemon, run_refused},
     lab::{Lab, VIP4},
     servers,
+    traffic::Conversation,
 };
 
 fn web(backends: &str) -> String {
@@ -85,14 +93,26 @@ fn forwarding_survives_the_daemon_and_a_restart_adopts_it() {
     let pin_dir = xlb::config::default_pin_dir(&lab.lb_if);
     let seed = || KernelStore::open(&pin_dir).and_then(|s| s.meta()).unwrap().conntrack_seed;
     let first_seed = seed();
+    // A connection that talks across the restart: the new program must
+    // find its record where the old one put it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let talk = Conversation::start(&lab.client, SocketAddr::from((VIP4, 80)), &stop);
+    let events = || KernelCounters::open(&pin_dir).and_then(|c| c.global()).unwrap().events;
 
     daemon.stop().unwrap();
     assert_eq!(lab.spread(60), ["be1", "be2", "be3"], "forwarding continues without the daemon");
     assert!(daemon.status().unwrap()["daemon_pid"].is_null(), "status says the daemon is down");
+    let before = events();
 
     daemon.restart(&lab.lb).unwrap();
     assert!(daemon.log().contains("adopted=true"), "{}", daemon.log());
-    assert_eq!(seed(), first_seed, "the adopted connection table keeps its seed (its records stay findable)");
+    std::thread::sleep(Duration::from_millis(500));
+    let after = events();
+    stop.store(true, Ordering::Relaxed);
+    assert!(talk.finish().unwrap() > 5, "the connection talked across the restart");
+    assert_eq!(seed(), first_seed, "the adopted connection table keeps its seed");
+    assert_eq!(after[Event::ConnNew as usize], before[Event::ConnNew as usize], "no record was missed");
+    assert!(after[Event::ConnHit as usize] > before[Event::ConnHit as usize], "its record was found");
     let status = daemon.status().unwrap();
     let after = &status["vips"][0]["backends"];
     for (a, b) in after.as_array().unwrap().iter().zip(table.as_array().unwrap()) {

@@ -23,7 +23,7 @@ use aya::{
     Ebpf,
     programs::{Xdp, XdpMode},
 };
-use lb_common::{Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{ConnSlot, Event, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
 use xlb::{
     config::Capacities,
     control::desired::{DesiredVip, NextHop},
@@ -576,9 +576,12 @@ fn measure_all(
             baselines.iter().find(|b| b.name == FLOOR).map_or(0.0, |b| median(&b.series(cache).kernel));
         for b in &baselines {
             let label = match b.name {
-                BASELINE => "baseline: XDP_TX, nothing else (trivial)",
-                FLOOR => "baseline: one line of a 16 MB array read + XDP_TX (memory floor)",
-                _ => "baseline: MAC swap + XDP_TX",
+                BASELINE => "baseline: XDP_TX, nothing else (trivial)".to_owned(),
+                FLOOR => format!(
+                    "baseline: one line of a {} MiB array read + XDP_TX (memory floor)",
+                    (CONNTRACK_SLOTS as usize * size_of::<ConnSlot>()) >> 20
+                ),
+                _ => "baseline: MAC swap + XDP_TX".to_owned(),
             };
             let s = b.series(cache);
             rows.push(
@@ -663,7 +666,7 @@ fn prepare(
             // Flows until every slot is taken (twice the slots fill nearly
             // all; a set that both choices of few flows pick fills last).
             let mut k = 0;
-            while plane.counters.conntrack_entries() < SMALL_CONNTRACK as usize {
+            while plane.counters.conntrack().entries()? < SMALL_CONNTRACK as usize {
                 ensure!(k < SMALL_CONNTRACK * 16, "the small table does not fill");
                 (k..k + SMALL_CONNTRACK).try_for_each(|k| establish(case.frame(FILL_BASE + k)))?;
                 k += SMALL_CONNTRACK;

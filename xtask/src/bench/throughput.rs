@@ -111,25 +111,13 @@ impl Generator {
         std::fs::write(&conf, trafgen_config(pair, traffic))?;
         let log = conf.with_extension("log");
         let mut cmd = Command::new("ip");
-        // Pinned: the kernel runs both veth ends' receive work on the
-        // sender's CPU, so the whole path stays on one CPU instead of
-        // spreading over two at the scheduler's whim from window to window.
-        let cpu = kit::bench_cpu().to_string();
-        cmd.args([
-            "netns",
-            "exec",
-            &pair.gen_ns.name,
-            "taskset",
-            "-c",
-            &cpu,
-            "trafgen",
-            "--dev",
-            "g0",
-            "--conf",
-        ])
-        .arg(&conf)
-        // One process; leave the host's socket memory and IRQ affinity alone.
-        .args(["--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"]);
+        cmd.args(["netns", "exec", &pair.gen_ns.name, "trafgen", "--dev", "g0", "--conf"])
+            .arg(&conf)
+            // One process, which trafgen pins to CPU 0: the kernel runs both
+            // veth ends' receive work on the sender's CPU, so the whole path
+            // stays on that CPU in every window. Leave the host's socket
+            // memory and IRQ affinity alone.
+            .args(["--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"]);
         Ok(Generator::Trafgen(Group::spawn(cmd, "trafgen", Some(&log))?, log))
     }
 
@@ -272,8 +260,8 @@ struct Measured {
 }
 
 impl Measured {
-    fn add(&mut self, w: Window, offered_only: bool) {
-        self.rates.push(if offered_only { w.offered } else { w.returned });
+    fn add(&mut self, w: Window, case: &Case) {
+        self.rates.push(if case.offered { w.offered } else { w.returned });
         self.offered.push(w.offered);
         self.generator = w.generator;
         self.totals.0 += w.totals.0;
@@ -355,7 +343,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
             offered: false,
         },
         Case {
-            name: "memory floor bounce (a line of a 16 MB array read per frame)",
+            name: "memory floor bounce (a line of an array as big as the connection table read per frame)",
             under: Under::Line,
             traffic: Traffic::Established(VIP_DR),
             offered: false,
@@ -420,15 +408,22 @@ pub fn run(opts: &Opts) -> anyhow::Result<Section> {
             let under_xlb = matches!(case.under, Under::Xlb).then_some(&xlb);
             let w = measure(&pair, case, under_xlb, &dir.0, use_pktgen, warmup, window)
                 .with_context(|| format!("throughput: {}", case.name))?;
-            m.add(w, case.offered);
+            m.add(w, case);
         }
     }
     drop(on_x0);
     drop(xlb);
 
-    let est_base = median(&results[1].rates);
-    let syn_base = median(&results[2].rates);
-    let (est_floor, syn_floor) = (median(&results[3].rates), median(&results[4].rates));
+    // A baseline's median, by what runs and the traffic it gets.
+    let baseline = |under: Under, syn_flood: bool| {
+        let found = cases.iter().zip(&results).find(|(c, _)| {
+            c.under == under && !c.offered && matches!(c.traffic, Traffic::SynFlood(_)) == syn_flood
+        });
+        found.map_or(f64::NAN, |(_, m)| median(&m.rates))
+    };
+    let macswap = Under::Helper("xdp_macswap");
+    let (est_base, syn_base) = (baseline(macswap, false), baseline(macswap, true));
+    let (est_floor, syn_floor) = (baseline(Under::Line, false), baseline(Under::Line, true));
     for (case, m) in cases.iter().zip(&results) {
         let samples: Vec<f64> = m.rates.iter().map(|r| r / 1e6).collect();
         let (base_name, base) = match case.traffic {
