@@ -1,10 +1,11 @@
 //! The connection table's layout, shared by the data plane that writes it
 //! and the daemon that reads it: an array of sets of `CONN_WAYS` slots,
 //! one cache line per slot. A flow has two sets, both from its flow hash
-//! mixed with the table's seed: it is recorded in its first set while that
-//! has a free slot, else in its second. Slots fill in order and are never emptied, so a first set with
-//! a free slot ends the search at that slot: at low load a lookup reads
-//! one set, and a miss stops at the first free line.
+//! multiplied by the table's seed: it is recorded in its first set while
+//! that has a free slot, else in its second. Slots fill in order and are
+//! never emptied, so a first set with a free slot ends the search at that
+//! slot: at low load a lookup reads one set, and a miss stops at the first
+//! free line.
 //!
 //! An array, not a kernel LRU hash map: an array lookup is inlined by the
 //! verifier (no helper call, no second hash), a lookup reads the lines of

@@ -34,10 +34,10 @@ pub struct Target {
 
 /// The backend for a flow that passed `may_be_vip`.
 ///
-/// Every packet but a SYN looks its flow up first. Only flows to a VIP are recorded,
-/// and a valid entry's backend names the VIP and its mode, so an
-/// established flow costs one set of the connection table, not a VIP
-/// lookup too. That path is inlined into the caller, which saves a
+/// Every packet but a SYN looks its flow up first. Only flows to a VIP
+/// are recorded, and a valid entry's backend names the VIP and its mode,
+/// so an established flow costs one set of the connection table, not a
+/// VIP lookup too. That path is inlined into the caller, which saves a
 /// BPF-to-BPF call and return per established packet (about 15 ns on a
 /// CPU whose kernel sends every return through a thunk, as with AMD's
 /// safe-return mitigation); anything else calls `choose`.
