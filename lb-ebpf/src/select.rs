@@ -152,7 +152,10 @@ fn second_chance(id: BackendId, owner: &BackendInfo) -> BackendId {
 
 /// Points an existing record at `chosen`, writing only when it differs
 /// or its seal does not match (a store dirties a cache line other CPUs
-/// may be reading).
+/// may be reading). The record is read here again rather than kept from
+/// `choose`'s rebalance check: kept alive across the second-chance
+/// branches, it took the verifier from 199,248 processed instructions
+/// to 324,512.
 #[inline(always)]
 fn rewrite(slot: *mut ConnSlot, flow: &FlowKey, hash: u32, chosen: ConnEntry) {
     // SAFETY: a map value pointer from this program's lookup; plain data.

@@ -487,7 +487,7 @@ fn measure_all(
     apply_vips(&mut reference)?;
     let mut attached = 0;
     let mut baselines = Vec::new();
-    for name in ["xdp_tx", "xdp_macswap", FLOOR] {
+    for name in [BASELINE, "xdp_macswap", FLOOR] {
         let ebpf = if name == FLOOR { aux::load_line(CONNTRACK_SLOTS) } else { aux::load(name) };
         let mut ebpf = ebpf.with_context(|| format!("cannot load {name}"))?;
         let point = attach_point(ns, attached)?;
